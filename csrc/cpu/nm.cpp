@@ -1,0 +1,1266 @@
+// N:M-structured linear kernels for CPU (see nm.h for the storage format).
+//
+// Design. The forward and the weight gradient multiply only the kept weights; the input gradient
+// expands the weight panel by panel into small dense tiles. No dense weight or dense weight
+// gradient of the full layer is ever formed.
+//
+// * Forward, small batches (M < kSmallBatch): a GEMV per output row. Sixteen kept values are
+//   handled at a time: their packed positions are decoded in registers and the matching
+//   activations fetched from the x rows (vector permutes of a loaded window when n divides 16 and
+//   the window is at most 64 columns, gathers otherwise). x is a few KiB per row and stays in
+//   cache, so at M = 1 the kernel streams values + positions at memory bandwidth.
+//
+// * Forward, larger batches, and grad_values work on activations transposed into "batch lanes":
+//   a copy of x (and of grad_out) stored as [column][batch row], the batch cut into blocks of at
+//   most 128 rows padded with zeros to whole 16-lane vectors. A kept weight w at (o, k) then pairs
+//   with one contiguous row of that copy:
+//     forward      acc[o][m] += w * xT[k][m]               broadcast w, FMA into registers
+//     grad_values  g[o][j]    = sum_m dyT[o][m] * xT[k][m]  dot products along the batch
+//   so only kept values are multiplied (n/m of the FMAs of a dense GEMM). Output rows go in
+//   blocks whose kept values and decoded columns are first unpacked, reading the weight rows
+//   sequentially, into panel-major scratch; the inner loops then stream contiguous arrays while
+//   one panel of transposed activations (about 32 KiB) stays in L1.
+//
+// * grad_input (dX = dY W) is decompress-and-multiply: each task owns a panel of input columns,
+//   expands the kept weights of a block of output rows into a dense [rows x 128] fp32 tile and
+//   runs a register-blocked GEMM micro-kernel (12 batch rows x 32 columns) over it.
+//
+// Parallelism: forward and grad_values split the output rows, grad_input the input columns, so
+// every task writes a disjoint region, and each output element is reduced over all of M by one
+// task in a fixed order (results are deterministic and independent of the thread count). Scratch
+// is allocated inside the task body; the activation copies are built by a separate parallel pass
+// first and only read afterwards.
+//
+// ISA: the inner loops exist as portable C++ and as AVX-512 code compiled through a target
+// attribute (the library itself is built without -march). The AVX-512 set is chosen at run time
+// when the CPU supports it, unless SPARSEKERNELS_CPU_ISA=generic is set.
+#include "nm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+// GCC 12 reports the self-initialised placeholders of _mm512_undefined_*() inside the intrinsic
+// headers as maybe-uninitialized (GCC bug 105593); the state at the header's lines decides.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
+
+namespace sparsekernels::cpu {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Tuning constants and blocking geometry.
+
+constexpr int64_t kLanes = 16;                                // floats per AVX-512 vector
+constexpr int kMaxBlockVectors = 8;                           // batch block: up to 8 vectors ...
+constexpr int64_t kMaxBlockRows = kLanes * kMaxBlockVectors;  // ... = 128 batch rows
+constexpr int64_t kTileFloats = 8192;                         // 32 KiB of L1 per activation panel
+constexpr int64_t kUnpackFloats = int64_t{1} << 16;           // 256 KiB of unpacked values per row block
+constexpr int64_t kSmallBatch = 8;                            // forward: GEMV path below this M
+constexpr int64_t kDecodeRows = 32;                           // rows decoded per call (grad_input)
+// grad_input: a register-blocked micro-kernel of 12 batch rows x 32 columns (24 zmm accumulators)
+// over a dense tile of the weight, [depth rows x span columns] stored as 32-column strips.
+constexpr int64_t kStripRows = 12;
+constexpr int64_t kStripColumns = 32;
+constexpr int64_t kDensePanel = 128;               // parallel work unit: input columns
+constexpr int64_t kDenseBatch = 64 * kStripRows;   // batch rows per accumulator pass
+constexpr int64_t kDenseAccFloats = int64_t{1} << 17;   // fp32 accumulators per pass, 512 KiB
+constexpr int64_t kDenseTileFloats = int64_t{1} << 16;  // dense weight tile, 256 KiB (L2)
+// Rows of the dense tile and of the accumulators are padded by one cache line, so that a column
+// strip walked down the rows does not keep hitting one L1 set when the row length is a multiple
+// of 4 KiB.
+constexpr int64_t kRowPadding = 16;
+
+// Batch rows are split into blocks of kMaxBlockRows; block b covers rows [128 b, 128 b + rows(b))
+// and occupies width(b) lanes (rows rounded up to whole vectors, padding lanes zero). In a
+// transposed copy of a [M x C] matrix, block b starts at b * 128 * C floats (earlier blocks are all
+// full width) and holds original column c at offset c * width(b).
+struct BatchBlocks {
+  int64_t batch;
+  int64_t count() const { return (batch + kMaxBlockRows - 1) / kMaxBlockRows; }
+  int64_t first_row(int64_t block) const { return block * kMaxBlockRows; }
+  int64_t rows(int64_t block) const { return std::min(kMaxBlockRows, batch - first_row(block)); }
+  int vectors(int64_t block) const { return static_cast<int>((rows(block) + kLanes - 1) / kLanes); }
+  int64_t width(int64_t block) const { return vectors(block) * kLanes; }
+  int64_t offset(int64_t block, int64_t columns) const { return block * kMaxBlockRows * columns; }
+  int64_t packed_size(int64_t columns) const {
+    return count() == 0 ? 0 : offset(count() - 1, columns) + width(count() - 1) * columns;
+  }
+};
+
+// Input columns per panel for a batch block of `vectors` vectors: the [panel x width] fp32 slice
+// of the transposed activations fills kTileFloats. A multiple of 32 keeps panels group aligned
+// for every m and makes the first kept value of a panel, j = column / m * n, start on a byte of
+// the packed positions: j * bits is then a multiple of 8 for every m and n (m = 16 with odd n
+// needs the 32).
+int64_t panel_columns(int vectors) {
+  const int64_t columns = kTileFloats / (kLanes * vectors);
+  return std::max<int64_t>(32, columns - columns % 32);
+}
+
+// Kept-value range [first, first + count) of the input columns [column_begin, column_end).
+struct KeptRange {
+  int64_t first;
+  int64_t count;
+};
+KeptRange kept_range(const NMShape& shape, int64_t column_begin, int64_t column_end) {
+  const int64_t first = column_begin / shape.m * shape.n;
+  return {first, column_end / shape.m * shape.n - first};
+}
+
+// Column of the first member of the group that kept value j belongs to, (j / n) * m. It is the
+// same for every row, so it is tabulated once per call and turns position decoding into one add.
+std::vector<int32_t> make_group_base(const NMShape& shape) {
+  std::vector<int32_t> base(static_cast<size_t>(shape.kept_per_row()));
+  for (int64_t j = 0; j < shape.kept_per_row(); ++j) base[j] = static_cast<int32_t>(j / shape.n * shape.m);
+  return base;
+}
+
+// 64-byte aligned scratch, so full-vector loads never straddle cache lines.
+template <typename T>
+class AlignedArray {
+ public:
+  explicit AlignedArray(int64_t size)
+      : data_(static_cast<T*>(::operator new(sizeof(T) * static_cast<size_t>(std::max<int64_t>(size, 1)),
+                                             std::align_val_t{64}))) {}
+  ~AlignedArray() { ::operator delete(data_, std::align_val_t{64}); }
+  AlignedArray(const AlignedArray&) = delete;
+  AlignedArray& operator=(const AlignedArray&) = delete;
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+
+ private:
+  T* data_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// The kernel table: everything whose best form depends on the ISA.
+
+// columns[r][i] = absolute input column of kept value first_kept + i of row r.
+using DecodeRowsFn = void (*)(const uint8_t* positions, int64_t position_stride, int bits, int64_t rows,
+                              int64_t first_kept, int64_t count, const int32_t* group_base, int32_t* columns,
+                              int64_t columns_stride);
+// acc[r][lane] += sum_i values[r][i] * activations[columns[r][i] * width + lane]; values, columns
+// are [rows x count], acc [rows x width], width = 16 * vectors.
+using ForwardPanelFn = void (*)(const float* values, const int32_t* columns, int64_t count, int64_t rows,
+                                const float* activations, float* acc);
+// out[r][i] (+)= sum_lane grad[r][lane] * activations[columns[r][i] * width + lane]; grad is
+// [rows x width], columns and out [rows x count].
+using GradValuesPanelFn = void (*)(const float* grad, const int32_t* columns, int64_t count, int64_t rows,
+                                   const float* activations, float* out, bool accumulate);
+// c[i][col] (+)= sum_d a[d][i] * b[d * b_stride + col] for i < rows (<= kStripRows) and
+// col < 32 * strips: a is one strip of the packed batch ([depth][kStripRows]), b the dense tile.
+using DenseStripFn = void (*)(const float* a, int64_t rows, int64_t depth, const float* b, int64_t b_stride,
+                              int64_t strips, float* c, int64_t c_stride, bool accumulate);
+
+template <typename scalar_t>
+struct KernelSet {
+  void (*to_float)(const scalar_t* source, float* destination, int64_t count);
+  void (*from_float)(const float* source, scalar_t* destination, int64_t count);
+  // Forward for M < kSmallBatch over output rows [row_begin, row_end); x is fp32 [M x in_features].
+  void (*forward_small_batch)(const float* x, int64_t M, const scalar_t* values, const uint8_t* positions,
+                              const NMShape& shape, const int32_t* group_base, const scalar_t* bias, scalar_t* y,
+                              int64_t row_begin, int64_t row_end);
+  DecodeRowsFn decode_rows;
+  // Output rows [first_row, first_row + rows) regrouped panel-major (see UnpackedRows): panel p
+  // holds [rows x count(p)] absolute columns (and fp32 values when values_out is not null) at
+  // offset p * rows * panel_kept.
+  void (*unpack_rows)(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                      const int32_t* group_base, int64_t first_row, int64_t rows, int64_t panel_kept,
+                      float* values_out, int32_t* columns_out);
+  // Dense rows of the weight: tile[r * tile_stride + c - origin] for c in [origin, origin + width)
+  // gets W[first_row + r][c], i.e. zeros and the kept values [first_kept, first_kept + count).
+  void (*expand_rows)(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                      const int32_t* group_base, int64_t first_row, int64_t rows, int64_t first_kept,
+                      int64_t count, int64_t origin, int64_t width, float* tile, int64_t tile_stride);
+  ForwardPanelFn forward_panel[kMaxBlockVectors + 1];  // indexed by block vectors (1..8)
+  GradValuesPanelFn grad_values_panel[kMaxBlockVectors + 1];
+  DenseStripFn dense_strip;
+};
+
+// Fills the per-vector-count entries of a table from a template over the vector count.
+#define SPARSEKERNELS_BY_VECTORS(fn) \
+  { nullptr, &fn<1>, &fn<2>, &fn<3>, &fn<4>, &fn<5>, &fn<6>, &fn<7>, &fn<8> }
+
+// ------------------------------------------------------------------------------------------------
+// Portable implementation. Loops over a compile-time number of lanes so that the compiler can
+// vectorise them with whatever the baseline ISA offers.
+
+namespace generic {
+
+inline int32_t position_at(const uint8_t* row_positions, int bits, int64_t j) {
+  const int per_byte = 8 / bits;
+  return (row_positions[j / per_byte] >> ((j % per_byte) * bits)) & ((1 << bits) - 1);
+}
+
+template <typename scalar_t>
+void to_float_array(const scalar_t* source, float* destination, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) destination[i] = to_float(source[i]);
+}
+
+template <typename scalar_t>
+void from_float_array(const float* source, scalar_t* destination, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) destination[i] = from_float<scalar_t>(source[i]);
+}
+
+template <typename scalar_t>
+void forward_small_batch(const float* x, int64_t M, const scalar_t* values, const uint8_t* positions,
+                         const NMShape& shape, const int32_t* group_base, const scalar_t* bias, scalar_t* y,
+                         int64_t row_begin, int64_t row_end) {
+  const int64_t kept = shape.kept_per_row();
+  const int bits = bits_per_position(shape.m);
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const scalar_t* row_values = values + o * kept;
+    const uint8_t* row_positions = positions + o * shape.position_bytes();
+    float acc[kSmallBatch] = {};
+    for (int64_t j = 0; j < kept; ++j) {
+      const int64_t column = group_base[j] + position_at(row_positions, bits, j);
+      const float weight = to_float(row_values[j]);
+      for (int64_t r = 0; r < M; ++r) acc[r] += weight * x[r * shape.in_features + column];
+    }
+    const float bias_value = bias ? to_float(bias[o]) : 0.0f;
+    for (int64_t r = 0; r < M; ++r) y[r * shape.out_features + o] = from_float<scalar_t>(acc[r] + bias_value);
+  }
+}
+
+void decode_rows(const uint8_t* positions, int64_t position_stride, int bits, int64_t rows, int64_t first_kept,
+                 int64_t count, const int32_t* group_base, int32_t* columns, int64_t columns_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row_positions = positions + r * position_stride;
+    int32_t* row_columns = columns + r * columns_stride;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t j = first_kept + i;
+      row_columns[i] = group_base[j] + position_at(row_positions, bits, j);
+    }
+  }
+}
+
+template <typename scalar_t>
+void unpack_rows(const scalar_t* values, const uint8_t* positions, const NMShape& shape, const int32_t* group_base,
+                 int64_t first_row, int64_t rows, int64_t panel_kept, float* values_out, int32_t* columns_out) {
+  const int64_t kept = shape.kept_per_row();
+  const int bits = bits_per_position(shape.m);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row_values = values != nullptr ? values + (first_row + r) * kept : nullptr;
+    const uint8_t* row_positions = positions + (first_row + r) * shape.position_bytes();
+    for (int64_t first = 0; first < kept; first += panel_kept) {
+      const int64_t count = std::min(panel_kept, kept - first);
+      const int64_t offset = first * rows + r * count;  // = p * rows * panel_kept + r * count
+      for (int64_t i = 0; i < count; ++i) {
+        columns_out[offset + i] = group_base[first + i] + position_at(row_positions, bits, first + i);
+        if (values_out != nullptr) values_out[offset + i] = to_float(row_values[first + i]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void expand_rows(const scalar_t* values, const uint8_t* positions, const NMShape& shape, const int32_t* group_base,
+                 int64_t first_row, int64_t rows, int64_t first_kept, int64_t count, int64_t origin, int64_t width,
+                 float* tile, int64_t tile_stride) {
+  const int bits = bits_per_position(shape.m);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row_values = values + (first_row + r) * shape.kept_per_row();
+    const uint8_t* row_positions = positions + (first_row + r) * shape.position_bytes();
+    float* tile_row = tile + r * tile_stride - origin;
+    std::fill_n(tile_row + origin, width, 0.0f);
+    for (int64_t j = first_kept; j < first_kept + count; ++j) {
+      tile_row[group_base[j] + position_at(row_positions, bits, j)] = to_float(row_values[j]);
+    }
+  }
+}
+
+template <int kVectors>
+void forward_panel(const float* values, const int32_t* columns, int64_t count, int64_t rows,
+                   const float* activations, float* acc) {
+  constexpr int64_t kWidth = kVectors * kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    float sums[kWidth] = {};
+    for (int64_t i = 0; i < count; ++i) {
+      const float weight = values[r * count + i];
+      const float* source = activations + static_cast<int64_t>(columns[r * count + i]) * kWidth;
+      for (int64_t lane = 0; lane < kWidth; ++lane) sums[lane] += weight * source[lane];
+    }
+    for (int64_t lane = 0; lane < kWidth; ++lane) acc[r * kWidth + lane] += sums[lane];
+  }
+}
+
+template <int kVectors>
+void grad_values_panel(const float* grad, const int32_t* columns, int64_t count, int64_t rows,
+                       const float* activations, float* out, bool accumulate) {
+  constexpr int64_t kWidth = kVectors * kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* grad_row = grad + r * kWidth;
+    for (int64_t i = 0; i < count; ++i) {
+      const float* source = activations + static_cast<int64_t>(columns[r * count + i]) * kWidth;
+      // Lane-wise partial sums first (vectorisable), then one reduction.
+      float partial[kLanes] = {};
+      for (int64_t v = 0; v < kVectors; ++v) {
+        for (int64_t lane = 0; lane < kLanes; ++lane) partial[lane] += grad_row[v * kLanes + lane] * source[v * kLanes + lane];
+      }
+      float sum = 0.0f;
+      for (int64_t lane = 0; lane < kLanes; ++lane) sum += partial[lane];
+      float& destination = out[r * count + i];
+      destination = accumulate ? destination + sum : sum;
+    }
+  }
+}
+
+void dense_strip(const float* a, int64_t rows, int64_t depth, const float* b, int64_t b_stride, int64_t strips,
+                 float* c, int64_t c_stride, bool accumulate) {
+  for (int64_t strip = 0; strip < strips; ++strip) {
+    const float* b_strip = b + strip * kStripColumns;
+    for (int64_t i = 0; i < rows; ++i) {
+      float sums[kStripColumns] = {};
+      for (int64_t d = 0; d < depth; ++d) {
+        const float scale = a[d * kStripRows + i];
+        for (int64_t col = 0; col < kStripColumns; ++col) sums[col] += scale * b_strip[d * b_stride + col];
+      }
+      float* c_row = c + i * c_stride + strip * kStripColumns;
+      for (int64_t col = 0; col < kStripColumns; ++col) c_row[col] = accumulate ? c_row[col] + sums[col] : sums[col];
+    }
+  }
+}
+
+template <typename scalar_t>
+const KernelSet<scalar_t> kernels = {
+    &to_float_array<scalar_t>,
+    &from_float_array<scalar_t>,
+    &forward_small_batch<scalar_t>,
+    &decode_rows,
+    &unpack_rows<scalar_t>,
+    &expand_rows<scalar_t>,
+    SPARSEKERNELS_BY_VECTORS(forward_panel),
+    SPARSEKERNELS_BY_VECTORS(grad_values_panel),
+    &dense_strip,
+};
+
+}  // namespace generic
+
+// ------------------------------------------------------------------------------------------------
+// AVX-512 implementation (x86-64 only, selected at run time).
+
+#if defined(__x86_64__)
+#define SPARSEKERNELS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+
+namespace avx512 {
+
+SPARSEKERNELS_AVX512 inline __mmask16 first_lanes(int64_t count) {
+  return count >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Loads up to 16 values of any storage type as fp32 (masked-off lanes read as zero).
+SPARSEKERNELS_AVX512 inline __m512 load_as_float(const float* source, __mmask16 lanes) {
+  return _mm512_maskz_loadu_ps(lanes, source);
+}
+SPARSEKERNELS_AVX512 inline __m512 load_as_float(const bfloat16* source, __mmask16 lanes) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(lanes, source);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+SPARSEKERNELS_AVX512 inline __m512 load_as_float(const float16* source, __mmask16 lanes) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, source));
+}
+
+// Stores fp32 lanes rounded to the storage type, bit-identical to from_float() in common.h.
+SPARSEKERNELS_AVX512 inline void store_from_float(float* destination, __m512 value, __mmask16 lanes) {
+  _mm512_mask_storeu_ps(destination, lanes, value);
+}
+SPARSEKERNELS_AVX512 inline void store_from_float(bfloat16* destination, __m512 value, __mmask16 lanes) {
+  // Integer round-to-nearest-even on the float bits (vcvtneps2bf16 would flush subnormals).
+  const __m512i word = _mm512_castps_si512(value);
+  const __m512i round_bias =
+      _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(word, 16), _mm512_set1_epi32(1)));
+  __m512i half = _mm512_srli_epi32(_mm512_add_epi32(word, round_bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+  half = _mm512_mask_mov_epi32(half, nan, _mm512_or_si512(_mm512_srli_epi32(word, 16), _mm512_set1_epi32(0x40)));
+  _mm256_mask_storeu_epi16(destination, lanes, _mm512_cvtepi32_epi16(half));
+}
+SPARSEKERNELS_AVX512 inline void store_from_float(float16* destination, __m512 value, __mmask16 lanes) {
+  // vcvtps2ph rounds to nearest even with gradual underflow, like from_float(); only NaN payloads
+  // differ, so NaNs are replaced by the canonical quiet NaN that from_float() produces.
+  __m256i half = _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(value), 16), _mm512_set1_epi32(0x8000));
+  const __m256i canonical_nan = _mm512_cvtepi32_epi16(_mm512_or_si512(sign, _mm512_set1_epi32(0x7e00)));
+  half = _mm256_mask_mov_epi16(half, nan, canonical_nan);
+  _mm256_mask_storeu_epi16(destination, lanes, half);
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX512 void to_float_array(const scalar_t* source, float* destination, int64_t count) {
+  for (int64_t i = 0; i < count; i += kLanes) {
+    const __mmask16 lanes = first_lanes(count - i);
+    _mm512_mask_storeu_ps(destination + i, lanes, load_as_float(source + i, lanes));
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX512 void from_float_array(const float* source, scalar_t* destination, int64_t count) {
+  for (int64_t i = 0; i < count; i += kLanes) {
+    const __mmask16 lanes = first_lanes(count - i);
+    store_from_float(destination + i, _mm512_maskz_loadu_ps(lanes, source + i), lanes);
+  }
+}
+
+// Decodes the positions of 16 consecutive kept values. A chunk starts on a byte and spans
+// 16 * kBits bits (2, 4 or 8 bytes), read as one little-endian word: lane i shifts the 32-bit half
+// holding its field down by (i * kBits) % 32 and masks it. Below 4 bits the whole chunk is one
+// dword and a broadcast suffices; at 4 bits a permute hands each lane its half of the qword. Only
+// bytes that exist are read, so the last chunk of the last row never reads past the array.
+template <int kBits>
+class PositionDecoder {
+ public:
+  SPARSEKERNELS_AVX512 PositionDecoder() {
+    constexpr int kShift = kBits == 1 ? 0 : (kBits == 2 ? 1 : 2);  // log2(kBits)
+    const __m512i bit_offset = _mm512_slli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), kShift);
+    half_select_ = _mm512_srli_epi32(bit_offset, 5);
+    shift_ = _mm512_and_si512(bit_offset, _mm512_set1_epi32(31));
+    field_mask_ = _mm512_set1_epi32((1 << kBits) - 1);
+  }
+
+  // Offsets inside their groups of kept values [chunk_first, chunk_first + count), count <= 16;
+  // chunk_bytes points at the byte holding value chunk_first.
+  SPARSEKERNELS_AVX512 __m512i decode(const uint8_t* chunk_bytes, int64_t count) const {
+    uint64_t word = 0;
+    if (count == kLanes) {
+      std::memcpy(&word, chunk_bytes, 2 * kBits);
+    } else {
+      const int64_t bytes = (count * kBits + 7) / 8;
+      for (int64_t b = 0; b < bytes; ++b) word |= static_cast<uint64_t>(chunk_bytes[b]) << (8 * b);
+    }
+    __m512i halves;
+    if constexpr (kBits <= 2) {
+      halves = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(word)));
+    } else {
+      halves = _mm512_permutexvar_epi32(half_select_, _mm512_set1_epi64(static_cast<long long>(word)));
+    }
+    return _mm512_and_si512(_mm512_srlv_epi32(halves, shift_), field_mask_);
+  }
+
+ private:
+  __m512i half_select_;
+  __m512i shift_;
+  __m512i field_mask_;
+};
+
+template <int kBits>
+SPARSEKERNELS_AVX512 void decode_rows_bits(const uint8_t* positions, int64_t position_stride, int64_t rows,
+                                           int64_t first_kept, int64_t count, const int32_t* group_base,
+                                           int32_t* columns, int64_t columns_stride) {
+  const PositionDecoder<kBits> decoder;
+  const int32_t* base = group_base + first_kept;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row_bytes = positions + r * position_stride + first_kept * kBits / 8;
+    int32_t* row_columns = columns + r * columns_stride;
+    for (int64_t i = 0; i < count; i += kLanes) {
+      const int64_t chunk = std::min(kLanes, count - i);
+      const __mmask16 lanes = first_lanes(chunk);
+      const __m512i offsets = decoder.decode(row_bytes + i * kBits / 8, chunk);
+      _mm512_mask_storeu_epi32(row_columns + i, lanes, _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, base + i), offsets));
+    }
+  }
+}
+
+SPARSEKERNELS_AVX512 void decode_rows(const uint8_t* positions, int64_t position_stride, int bits, int64_t rows,
+                                      int64_t first_kept, int64_t count, const int32_t* group_base,
+                                      int32_t* columns, int64_t columns_stride) {
+  switch (bits) {
+    case 1:
+      return decode_rows_bits<1>(positions, position_stride, rows, first_kept, count, group_base, columns, columns_stride);
+    case 2:
+      return decode_rows_bits<2>(positions, position_stride, rows, first_kept, count, group_base, columns, columns_stride);
+    default:
+      return decode_rows_bits<4>(positions, position_stride, rows, first_kept, count, group_base, columns, columns_stride);
+  }
+}
+
+template <typename scalar_t, int kBits>
+SPARSEKERNELS_AVX512 void unpack_rows_bits(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                           const int32_t* group_base, int64_t first_row, int64_t rows,
+                                           int64_t panel_kept, float* values_out, int32_t* columns_out) {
+  const PositionDecoder<kBits> decoder;
+  const int64_t kept = shape.kept_per_row();
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row_values = values != nullptr ? values + (first_row + r) * kept : nullptr;
+    const uint8_t* row_bytes = positions + (first_row + r) * shape.position_bytes();
+    for (int64_t first = 0; first < kept; first += panel_kept) {
+      const int64_t count = std::min(panel_kept, kept - first);
+      const int64_t offset = first * rows + r * count;  // = p * rows * panel_kept + r * count
+      for (int64_t i = 0; i < count; i += kLanes) {
+        const __mmask16 lanes = first_lanes(count - i);
+        const __m512i offsets = decoder.decode(row_bytes + (first + i) * kBits / 8, std::min(kLanes, count - i));
+        const __m512i columns = _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, group_base + first + i), offsets);
+        _mm512_mask_storeu_epi32(columns_out + offset + i, lanes, columns);
+        if (values_out != nullptr) {
+          _mm512_mask_storeu_ps(values_out + offset + i, lanes, load_as_float(row_values + first + i, lanes));
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX512 void unpack_rows(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                      const int32_t* group_base, int64_t first_row, int64_t rows, int64_t panel_kept,
+                                      float* values_out, int32_t* columns_out) {
+  switch (bits_per_position(shape.m)) {
+    case 1:
+      return unpack_rows_bits<scalar_t, 1>(values, positions, shape, group_base, first_row, rows, panel_kept, values_out, columns_out);
+    case 2:
+      return unpack_rows_bits<scalar_t, 2>(values, positions, shape, group_base, first_row, rows, panel_kept, values_out, columns_out);
+    default:
+      return unpack_rows_bits<scalar_t, 4>(values, positions, shape, group_base, first_row, rows, panel_kept, values_out, columns_out);
+  }
+}
+
+// Expansion into the grad_input tile: clear the row, decode 16 positions, scatter the 16 values
+// (the columns of one row are distinct, so lanes never clash). A row's slice of the tile is a
+// few KiB written just before, so the scattered stores hit L1.
+template <typename scalar_t, int kBits>
+SPARSEKERNELS_AVX512 void expand_rows_bits(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                           const int32_t* group_base, int64_t first_row, int64_t rows,
+                                           int64_t first_kept, int64_t count, int64_t origin, int64_t width,
+                                           float* tile, int64_t tile_stride) {
+  const PositionDecoder<kBits> decoder;
+  const __m512i origin_vector = _mm512_set1_epi32(static_cast<int32_t>(origin));
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row_values = values + (first_row + r) * shape.kept_per_row() + first_kept;
+    const uint8_t* row_bytes = positions + (first_row + r) * shape.position_bytes() + first_kept * kBits / 8;
+    float* tile_row = tile + r * tile_stride;
+    for (int64_t c = 0; c < width; c += kLanes) _mm512_mask_storeu_ps(tile_row + c, first_lanes(width - c), _mm512_setzero_ps());
+    for (int64_t i = 0; i < count; i += kLanes) {
+      const __mmask16 lanes = first_lanes(count - i);
+      const __m512i offsets = decoder.decode(row_bytes + i * kBits / 8, std::min(kLanes, count - i));
+      const __m512i local = _mm512_sub_epi32(
+          _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, group_base + first_kept + i), offsets), origin_vector);
+      _mm512_mask_i32scatter_ps(tile_row, lanes, local, load_as_float(row_values + i, lanes), 4);
+    }
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX512 void expand_rows(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                      const int32_t* group_base, int64_t first_row, int64_t rows, int64_t first_kept,
+                                      int64_t count, int64_t origin, int64_t width, float* tile,
+                                      int64_t tile_stride) {
+  switch (bits_per_position(shape.m)) {
+    case 1:
+      return expand_rows_bits<scalar_t, 1>(values, positions, shape, group_base, first_row, rows, first_kept, count,
+                                           origin, width, tile, tile_stride);
+    case 2:
+      return expand_rows_bits<scalar_t, 2>(values, positions, shape, group_base, first_row, rows, first_kept, count,
+                                           origin, width, tile, tile_stride);
+    default:
+      return expand_rows_bits<scalar_t, 4>(values, positions, shape, group_base, first_row, rows, first_kept, count,
+                                           origin, width, tile, tile_stride);
+  }
+}
+
+// How the small-batch forward fetches the 16 activations that a chunk of 16 kept values needs.
+// When n divides 16 a chunk covers 16 / n whole groups, i.e. a window of 16 / n * m consecutive
+// columns; windows of 32 or 64 columns are loaded whole and permuted into place (vpermt2ps picks
+// from 32 floats; a 64-column window takes two and a blend on bit 5 of the index). Other patterns
+// gather. Permutes cost one shuffle per 16 values where a gather issues 16 loads.
+enum class Fetch { kWindow32, kWindow64, kGather };
+
+// Dot products of one output row with kRows rows of x (fp32, row stride in_features), added to
+// sums[0 .. kRows). Two accumulator sets (even / odd chunks) hide the FMA latency.
+template <typename scalar_t, int kBits, Fetch kFetch, int kRows>
+SPARSEKERNELS_AVX512 inline void small_batch_dots(const float* x, int64_t in_features, const scalar_t* row_values,
+                                                  const uint8_t* row_bytes, int64_t kept, const int32_t* group_base,
+                                                  const PositionDecoder<kBits>& decoder, __m512i window_base,
+                                                  float* sums) {
+  constexpr int64_t kSpan = kFetch == Fetch::kWindow32 ? 32 : 64;  // window columns
+  __m512 acc[2][kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+  const int64_t full_chunks = kept / kLanes;
+  for (int64_t pair = 0; pair + 2 <= full_chunks; pair += 2) {
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      const int64_t chunk = pair + half;
+      const __m512i offsets = decoder.decode(row_bytes + chunk * 2 * kBits, kLanes);
+      const __m512 weights = load_as_float(row_values + chunk * kLanes, first_lanes(kLanes));
+      if constexpr (kFetch == Fetch::kGather) {
+        const __m512i columns = _mm512_add_epi32(_mm512_loadu_si512(group_base + chunk * kLanes), offsets);
+#pragma GCC unroll 4
+        for (int r = 0; r < kRows; ++r) {
+          acc[half][r] = _mm512_fmadd_ps(weights, _mm512_i32gather_ps(columns, x + r * in_features, 4), acc[half][r]);
+        }
+      } else {
+        const __m512i index = _mm512_add_epi32(window_base, offsets);
+        const __mmask16 upper = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
+#pragma GCC unroll 4
+        for (int r = 0; r < kRows; ++r) {
+          const float* window = x + r * in_features + chunk * kSpan;
+          __m512 fetched = _mm512_permutex2var_ps(_mm512_loadu_ps(window), index, _mm512_loadu_ps(window + 16));
+          if constexpr (kSpan == 64) {
+            const __m512 high = _mm512_permutex2var_ps(_mm512_loadu_ps(window + 32), index, _mm512_loadu_ps(window + 48));
+            fetched = _mm512_mask_blend_ps(upper, fetched, high);
+          }
+          acc[half][r] = _mm512_fmadd_ps(weights, fetched, acc[half][r]);
+        }
+      }
+    }
+  }
+  // The odd full chunk and the partial last chunk: masked gathers.
+  for (int64_t first = full_chunks / 2 * 2 * kLanes; first < kept; first += kLanes) {
+    const int64_t count = std::min(kLanes, kept - first);
+    const __mmask16 lanes = first_lanes(count);
+    const __m512i columns = _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, group_base + first),
+                                             decoder.decode(row_bytes + first * kBits / 8, count));
+    const __m512 weights = load_as_float(row_values + first, lanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 gathered = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, columns, x + r * in_features, 4);
+      acc[0][r] = _mm512_fmadd_ps(weights, gathered, acc[0][r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) sums[r] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]));
+}
+
+// Output rows [row_begin, row_end) for M < kSmallBatch. Batch rows go four at a time, so the
+// decode and conversion of a chunk serve four rows, and the weight row stays in L1 between passes.
+template <typename scalar_t, int kBits, Fetch kFetch>
+SPARSEKERNELS_AVX512 void small_batch_rows(const float* x, int64_t M, const scalar_t* values,
+                                           const uint8_t* positions, const NMShape& shape,
+                                           const int32_t* group_base, const scalar_t* bias, scalar_t* y,
+                                           int64_t row_begin, int64_t row_end) {
+  const PositionDecoder<kBits> decoder;
+  const int64_t kept = shape.kept_per_row();
+  const int64_t in_features = shape.in_features;
+  int32_t window_columns[kLanes];  // first column of each lane's group, relative to the window
+  for (int64_t lane = 0; lane < kLanes; ++lane) window_columns[lane] = static_cast<int32_t>(lane / shape.n * shape.m);
+  const __m512i window_base = _mm512_loadu_si512(window_columns);
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const scalar_t* row_values = values + o * kept;
+    const uint8_t* row_bytes = positions + o * shape.position_bytes();
+    float sums[kSmallBatch] = {};
+    for (int64_t r = 0; r < M; r += 4) {
+      const float* x_rows = x + r * in_features;
+      switch (std::min<int64_t>(4, M - r)) {
+        case 1:
+          small_batch_dots<scalar_t, kBits, kFetch, 1>(x_rows, in_features, row_values, row_bytes, kept, group_base,
+                                                       decoder, window_base, sums + r);
+          break;
+        case 2:
+          small_batch_dots<scalar_t, kBits, kFetch, 2>(x_rows, in_features, row_values, row_bytes, kept, group_base,
+                                                       decoder, window_base, sums + r);
+          break;
+        case 3:
+          small_batch_dots<scalar_t, kBits, kFetch, 3>(x_rows, in_features, row_values, row_bytes, kept, group_base,
+                                                       decoder, window_base, sums + r);
+          break;
+        default:
+          small_batch_dots<scalar_t, kBits, kFetch, 4>(x_rows, in_features, row_values, row_bytes, kept, group_base,
+                                                       decoder, window_base, sums + r);
+          break;
+      }
+    }
+    const float bias_value = bias ? to_float(bias[o]) : 0.0f;
+    for (int64_t r = 0; r < M; ++r) y[r * shape.out_features + o] = from_float<scalar_t>(sums[r] + bias_value);
+  }
+}
+
+template <typename scalar_t, int kBits>
+SPARSEKERNELS_AVX512 void forward_small_batch_bits(const float* x, int64_t M, const scalar_t* values,
+                                                   const uint8_t* positions, const NMShape& shape,
+                                                   const int32_t* group_base, const scalar_t* bias, scalar_t* y,
+                                                   int64_t row_begin, int64_t row_end) {
+  const int64_t window = kLanes % shape.n == 0 ? kLanes / shape.n * shape.m : 0;
+  if (window == 32) {
+    small_batch_rows<scalar_t, kBits, Fetch::kWindow32>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+  } else if (window == 64) {
+    small_batch_rows<scalar_t, kBits, Fetch::kWindow64>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+  } else {
+    small_batch_rows<scalar_t, kBits, Fetch::kGather>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX512 void forward_small_batch(const float* x, int64_t M, const scalar_t* values,
+                                              const uint8_t* positions, const NMShape& shape,
+                                              const int32_t* group_base, const scalar_t* bias, scalar_t* y,
+                                              int64_t row_begin, int64_t row_end) {
+  switch (bits_per_position(shape.m)) {
+    case 1:
+      return forward_small_batch_bits<scalar_t, 1>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+    case 2:
+      return forward_small_batch_bits<scalar_t, 2>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+    default:
+      return forward_small_batch_bits<scalar_t, 4>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+  }
+}
+
+// Forward panel: broadcast each kept weight and FMA it with the activation row of its column.
+// Each accumulator set takes one kept value; kSets independent sets keep at least 8 FMAs in
+// flight (two FMA ports x 4 cycles latency) whatever the block width.
+template <int kVectors>
+SPARSEKERNELS_AVX512 void forward_panel(const float* values, const int32_t* columns, int64_t count, int64_t rows,
+                                        const float* activations, float* acc) {
+  constexpr int kSets = kVectors >= 8 ? 2 : (8 + kVectors - 1) / kVectors;
+  constexpr int64_t kWidth = kVectors * kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row_values = values + r * count;
+    const int32_t* row_columns = columns + r * count;
+    __m512 sums[kSets][kVectors];
+#pragma GCC unroll 8
+    for (int s = 0; s < kSets; ++s) {
+#pragma GCC unroll 8
+      for (int v = 0; v < kVectors; ++v) sums[s][v] = _mm512_setzero_ps();
+    }
+    int64_t i = 0;
+    for (; i + kSets <= count; i += kSets) {
+#pragma GCC unroll 8
+      for (int s = 0; s < kSets; ++s) {
+        const __m512 weight = _mm512_set1_ps(row_values[i + s]);
+        const float* source = activations + static_cast<int64_t>(row_columns[i + s]) * kWidth;
+#pragma GCC unroll 8
+        for (int v = 0; v < kVectors; ++v) sums[s][v] = _mm512_fmadd_ps(weight, _mm512_load_ps(source + v * kLanes), sums[s][v]);
+      }
+    }
+    for (; i < count; ++i) {
+      const __m512 weight = _mm512_set1_ps(row_values[i]);
+      const float* source = activations + static_cast<int64_t>(row_columns[i]) * kWidth;
+#pragma GCC unroll 8
+      for (int v = 0; v < kVectors; ++v) sums[0][v] = _mm512_fmadd_ps(weight, _mm512_load_ps(source + v * kLanes), sums[0][v]);
+    }
+    float* row_acc = acc + r * kWidth;
+#pragma GCC unroll 8
+    for (int v = 0; v < kVectors; ++v) {
+      __m512 total = _mm512_load_ps(row_acc + v * kLanes);
+#pragma GCC unroll 8
+      for (int s = 0; s < kSets; ++s) total = _mm512_add_ps(total, sums[s][v]);
+      _mm512_store_ps(row_acc + v * kLanes, total);
+    }
+  }
+}
+
+// Horizontal sums of 16 vectors at once: lane i of the result is the sum of the lanes of sums[i].
+// Halving steps (256-bit halves, 128-bit quarters, pairs, single lanes) each fold two vectors into
+// one, 15 adds in all instead of 16 separate reductions; a final permute restores lane order.
+SPARSEKERNELS_AVX512 inline __m512 sum_each_of_16(const __m512 sums[16]) {
+  __m512 halves[8];  // 128-bit chunk q: 4 partials of sums[2i] (q < 2) or sums[2i + 1] (q >= 2)
+  for (int i = 0; i < 8; ++i) {
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], 0x44),
+                              _mm512_shuffle_f32x4(sums[2 * i], sums[2 * i + 1], 0xee));
+  }
+  __m512 quarters[4];  // chunk q: 4 partials of sums[4i + q]
+  for (int i = 0; i < 4; ++i) {
+    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                                _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xdd));
+  }
+  __m512 pairs[2];  // chunk q: [a, b, a, b] with a from sums[8i + q], b from sums[8i + 4 + q]
+  for (int i = 0; i < 2; ++i) {
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(quarters[2 * i], quarters[2 * i + 1]),
+                             _mm512_unpackhi_ps(quarters[2 * i], quarters[2 * i + 1]));
+  }
+  // chunk q, lane l: total of sums[4 l + q]
+  const __m512 totals = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                      _mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, totals);
+}
+
+// grad_values panel: 16 kept values at a time, each a dot product of the register-resident
+// gradient row with its activation row; the 16 independent FMA chains are then reduced together.
+template <int kVectors>
+SPARSEKERNELS_AVX512 void grad_values_panel(const float* grad, const int32_t* columns, int64_t count, int64_t rows,
+                                            const float* activations, float* out, bool accumulate) {
+  constexpr int64_t kWidth = kVectors * kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* row_columns = columns + r * count;
+    float* row_out = out + r * count;
+    __m512 grad_row[kVectors];
+#pragma GCC unroll 8
+    for (int v = 0; v < kVectors; ++v) grad_row[v] = _mm512_load_ps(grad + r * kWidth + v * kLanes);
+    for (int64_t i = 0; i < count; i += kLanes) {
+      const int64_t chunk = std::min(kLanes, count - i);
+      const __mmask16 lanes = first_lanes(chunk);
+      int32_t padded[kLanes] = {};  // a partial chunk reuses column 0 for its unused lanes
+      const int32_t* chunk_columns = row_columns + i;
+      if (chunk < kLanes) {
+        std::memcpy(padded, chunk_columns, sizeof(int32_t) * chunk);
+        chunk_columns = padded;
+      }
+      __m512 dots[kLanes];
+#pragma GCC unroll 16
+      for (int q = 0; q < kLanes; ++q) {
+        const float* source = activations + static_cast<int64_t>(chunk_columns[q]) * kWidth;
+        dots[q] = _mm512_mul_ps(grad_row[0], _mm512_load_ps(source));
+#pragma GCC unroll 8
+        for (int v = 1; v < kVectors; ++v) dots[q] = _mm512_fmadd_ps(grad_row[v], _mm512_load_ps(source + v * kLanes), dots[q]);
+      }
+      __m512 totals = sum_each_of_16(dots);
+      if (accumulate) totals = _mm512_add_ps(totals, _mm512_maskz_loadu_ps(lanes, row_out + i));
+      _mm512_mask_storeu_ps(row_out + i, lanes, totals);
+    }
+  }
+}
+
+// grad_input micro-kernel: kRows x 32 accumulators in registers over the whole depth; per depth
+// step two vector loads of the dense tile row and kRows broadcasts from the packed batch strip.
+template <int kRows>
+SPARSEKERNELS_AVX512 inline void dense_block(const float* a, int64_t depth, const float* b, int64_t b_stride,
+                                             float* c, int64_t c_stride, bool accumulate) {
+  __m512 acc[kRows][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < depth; ++d) {
+    const __m512 low = _mm512_load_ps(b + d * b_stride);
+    const __m512 high = _mm512_load_ps(b + d * b_stride + kLanes);
+#pragma GCC unroll 12
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 scale = _mm512_set1_ps(a[d * kStripRows + i]);
+      acc[i][0] = _mm512_fmadd_ps(scale, low, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(scale, high, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < kRows; ++i) {
+    float* c_row = c + i * c_stride;
+    if (accumulate) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(c_row));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(c_row + kLanes));
+    }
+    _mm512_storeu_ps(c_row, acc[i][0]);
+    _mm512_storeu_ps(c_row + kLanes, acc[i][1]);
+  }
+}
+
+template <int kRows>
+SPARSEKERNELS_AVX512 void dense_strip_rows(const float* a, int64_t depth, const float* b, int64_t b_stride,
+                                           int64_t strips, float* c, int64_t c_stride, bool accumulate) {
+  for (int64_t strip = 0; strip < strips; ++strip) {
+    dense_block<kRows>(a, depth, b + strip * kStripColumns, b_stride, c + strip * kStripColumns, c_stride, accumulate);
+  }
+}
+
+SPARSEKERNELS_AVX512 void dense_strip(const float* a, int64_t rows, int64_t depth, const float* b, int64_t b_stride,
+                                      int64_t strips, float* c, int64_t c_stride, bool accumulate) {
+  static_assert(kStripRows == 12, "one instantiation per row count");
+  using StripFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool);
+  static constexpr StripFn by_rows[kStripRows + 1] = {
+      nullptr,
+      &dense_strip_rows<1>,
+      &dense_strip_rows<2>,
+      &dense_strip_rows<3>,
+      &dense_strip_rows<4>,
+      &dense_strip_rows<5>,
+      &dense_strip_rows<6>,
+      &dense_strip_rows<7>,
+      &dense_strip_rows<8>,
+      &dense_strip_rows<9>,
+      &dense_strip_rows<10>,
+      &dense_strip_rows<11>,
+      &dense_strip_rows<12>,
+  };
+  by_rows[rows](a, depth, b, b_stride, strips, c, c_stride, accumulate);
+}
+
+template <typename scalar_t>
+const KernelSet<scalar_t> kernels = {
+    &to_float_array<scalar_t>,
+    &from_float_array<scalar_t>,
+    &forward_small_batch<scalar_t>,
+    &decode_rows,
+    &unpack_rows<scalar_t>,
+    &expand_rows<scalar_t>,
+    SPARSEKERNELS_BY_VECTORS(forward_panel),
+    SPARSEKERNELS_BY_VECTORS(grad_values_panel),
+    &dense_strip,
+};
+
+}  // namespace avx512
+#endif  // defined(__x86_64__)
+
+#undef SPARSEKERNELS_BY_VECTORS
+
+// ------------------------------------------------------------------------------------------------
+// ISA selection, decided once per process.
+
+bool avx512_enabled() {
+  static const bool enabled = [] {
+    const char* forced = std::getenv("SPARSEKERNELS_CPU_ISA");
+    if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return enabled;
+}
+
+template <typename scalar_t>
+const KernelSet<scalar_t>& kernels_for_this_cpu() {
+#if defined(__x86_64__)
+  if (avx512_enabled()) return avx512::kernels<scalar_t>;
+#endif
+  return generic::kernels<scalar_t>;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shared drivers: packing, blocking and the parallel loops.
+
+// Copies source [rows x columns] (row-major) into the transposed, batch-blocked fp32 layout
+// described at BatchBlocks, padding lanes with zeros. Parallel over columns (disjoint writes).
+template <typename scalar_t>
+void pack_transposed(const KernelSet<scalar_t>& kernels, const scalar_t* source, int64_t rows, int64_t columns,
+                     float* packed, const ParallelFor& parallel_for) {
+  const BatchBlocks blocks{rows};
+  if (columns == 0 || rows == 0) return;
+  parallel_for(0, columns, 64, [&](int64_t column_begin, int64_t column_end) {
+    // 16 columns of one block at a time: convert 16-element row segments (vectorised), then
+    // transpose from this small staging area.
+    std::vector<float> staging(static_cast<size_t>(kMaxBlockRows * kLanes));
+    for (int64_t c0 = column_begin; c0 < column_end; c0 += kLanes) {
+      const int64_t width_here = std::min(kLanes, column_end - c0);
+      for (int64_t block = 0; block < blocks.count(); ++block) {
+        const int64_t first_row = blocks.first_row(block);
+        const int64_t block_rows = blocks.rows(block);
+        const int64_t width = blocks.width(block);
+        for (int64_t r = 0; r < block_rows; ++r) {
+          kernels.to_float(source + (first_row + r) * columns + c0, staging.data() + r * kLanes, width_here);
+        }
+        float* destination = packed + blocks.offset(block, columns) + c0 * width;
+        for (int64_t c = 0; c < width_here; ++c) {
+          float* lane_row = destination + c * width;
+          for (int64_t r = 0; r < block_rows; ++r) lane_row[r] = staging[r * kLanes + c];
+          for (int64_t r = block_rows; r < width; ++r) lane_row[r] = 0.0f;
+        }
+      }
+    }
+  });
+}
+
+// Copies source [rows x columns] into strips of kStripRows rows, [strip][column][kStripRows] fp32
+// (missing rows of the last strip are zero), the broadcast operand of the grad_input kernel.
+template <typename scalar_t>
+void pack_row_strips(const KernelSet<scalar_t>& kernels, const scalar_t* source, int64_t rows, int64_t columns,
+                     float* packed, const ParallelFor& parallel_for) {
+  const int64_t strips = (rows + kStripRows - 1) / kStripRows;
+  if (columns == 0 || strips == 0) return;
+  parallel_for(0, strips, 1, [&](int64_t strip_begin, int64_t strip_end) {
+    std::vector<float> row(static_cast<size_t>(columns));
+    for (int64_t strip = strip_begin; strip < strip_end; ++strip) {
+      float* destination = packed + strip * columns * kStripRows;
+      for (int64_t i = 0; i < kStripRows; ++i) {
+        const int64_t r = strip * kStripRows + i;
+        if (r < rows) {
+          kernels.to_float(source + r * columns, row.data(), columns);
+        } else {
+          std::fill(row.begin(), row.end(), 0.0f);
+        }
+        for (int64_t c = 0; c < columns; ++c) destination[c * kStripRows + i] = row[c];
+      }
+    }
+  });
+}
+
+// The kept values (as fp32) and absolute input columns of a block of output rows, regrouped
+// panel-major: panel p holds [rows x count(p)] at offset p * rows * panel_kept, so a panel kernel
+// reads two contiguous arrays. Filled row by row, which reads the weight rows sequentially.
+template <typename scalar_t>
+class UnpackedRows {
+ public:
+  UnpackedRows(const NMShape& shape, int64_t panel, int64_t max_rows, bool with_values)
+      : shape_(shape),
+        panel_(panel),
+        panel_kept_(panel / shape.m * shape.n),
+        columns_(max_rows * shape.kept_per_row()),
+        values_(with_values ? max_rows * shape.kept_per_row() : 0),
+        with_values_(with_values) {}
+
+  void unpack(const KernelSet<scalar_t>& kernels, const scalar_t* values, const uint8_t* positions,
+              const int32_t* group_base, int64_t first_row, int64_t rows) {
+    rows_ = rows;
+    kernels.unpack_rows(values, positions, shape_, group_base, first_row, rows, panel_kept_,
+                        with_values_ ? values_.data() : nullptr, columns_.data());
+  }
+
+  int64_t panels() const { return (shape_.in_features + panel_ - 1) / panel_; }
+  int64_t count(int64_t p) const { return std::min(panel_kept_, shape_.kept_per_row() - p * panel_kept_); }
+  int64_t offset(int64_t p) const { return p * rows_ * panel_kept_; }
+  const int32_t* columns(int64_t p) const { return columns_.data() + offset(p); }
+  const float* values(int64_t p) const { return values_.data() + offset(p); }
+
+ private:
+  NMShape shape_;
+  int64_t panel_;
+  int64_t panel_kept_;
+  AlignedArray<int32_t> columns_;
+  AlignedArray<float> values_;
+  bool with_values_;
+  int64_t rows_ = 0;
+};
+
+// Prefetches (into L2) the kept values and positions of rows [first_row, first_row + rows) within
+// one kept range. grad_input walks the weight one panel at a time, a short segment per row, a
+// stride pattern the hardware prefetchers do not follow.
+template <typename scalar_t>
+void prefetch_segments(const scalar_t* values, const uint8_t* positions, const NMShape& shape, int64_t first_row,
+                       int64_t rows, const KeptRange& range) {
+  constexpr uintptr_t kLine = 64;
+  for (int64_t o = first_row; o < first_row + rows; ++o) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(values + o * shape.kept_per_row() + range.first);
+    const uintptr_t end = begin + sizeof(scalar_t) * static_cast<uintptr_t>(range.count);
+    for (uintptr_t line = begin & ~(kLine - 1); line < end; line += kLine) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
+    }
+    __builtin_prefetch(positions + o * shape.position_bytes() + range.first * bits_per_position(shape.m) / 8, 0, 2);
+  }
+}
+
+// Prefetches (into L2) part `part` of `parts` equal parts of the bytes [begin, begin + bytes). The
+// row-block drivers call it once per panel while computing on one block of weight rows, so the
+// next block streams in at a steady rate, overlapped with the arithmetic.
+inline void prefetch_part(const void* begin, int64_t bytes, int64_t part, int64_t parts) {
+  constexpr int64_t kLine = 64;
+  const int64_t lines = (bytes + kLine - 1) / kLine;
+  const char* base = static_cast<const char*>(begin);
+  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line) {
+    __builtin_prefetch(base + line * kLine, 0, 2);
+  }
+}
+
+// Output rows per block: the unpacked block (values + columns) stays around 512 KiB, in L2.
+int64_t unpack_block_rows(const NMShape& shape) {
+  return std::clamp<int64_t>(kUnpackFloats / std::max<int64_t>(shape.kept_per_row(), 1), 8, 64);
+}
+
+template <typename scalar_t>
+void forward_impl(const scalar_t* x, int64_t M, const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                  const scalar_t* bias, scalar_t* y, const ParallelFor& parallel_for) {
+  const int64_t out_features = shape.out_features;
+  const int64_t in_features = shape.in_features;
+  if (M <= 0 || out_features <= 0) return;
+  const KernelSet<scalar_t>& kernels = kernels_for_this_cpu<scalar_t>();
+  const std::vector<int32_t> group_base = make_group_base(shape);
+  const int64_t kept = shape.kept_per_row();
+
+  if (M < kSmallBatch) {
+    // x as fp32 rows for the GEMV (a few KiB per row).
+    std::vector<float> x_converted;
+    const float* x_float = nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      x_float = x;
+    } else {
+      x_converted.resize(static_cast<size_t>(M * in_features));
+      kernels.to_float(x, x_converted.data(), M * in_features);
+      x_float = x_converted.data();
+    }
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kept * M));
+    parallel_for(0, out_features, grain, [&](int64_t row_begin, int64_t row_end) {
+      kernels.forward_small_batch(x_float, M, values, positions, shape, group_base.data(), bias, y, row_begin, row_end);
+    });
+    return;
+  }
+
+  const BatchBlocks blocks{M};
+  AlignedArray<float> x_packed(blocks.packed_size(in_features));
+  pack_transposed(kernels, x, M, in_features, x_packed.data(), parallel_for);
+  const int64_t panel = panel_columns(blocks.vectors(0));
+  const int64_t block_rows_max = unpack_block_rows(shape);
+
+  parallel_for(0, out_features, 16, [&](int64_t row_begin, int64_t row_end) {
+    UnpackedRows<scalar_t> unpacked(shape, panel, block_rows_max, /*with_values=*/true);
+    AlignedArray<float> acc(block_rows_max * kMaxBlockRows);
+    std::vector<float> bias_float(static_cast<size_t>(block_rows_max), 0.0f);
+    std::vector<float> output_row(static_cast<size_t>(block_rows_max));
+    for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += block_rows_max) {
+      const int64_t block_rows = std::min(block_rows_max, row_end - block_begin);
+      unpacked.unpack(kernels, values, positions, group_base.data(), block_begin, block_rows);
+      if (bias != nullptr) kernels.to_float(bias + block_begin, bias_float.data(), block_rows);
+      for (int64_t block = 0; block < blocks.count(); ++block) {
+        const int64_t width = blocks.width(block);
+        const ForwardPanelFn panel_kernel = kernels.forward_panel[blocks.vectors(block)];
+        const float* activations = x_packed.data() + blocks.offset(block, in_features);
+        std::fill(acc.data(), acc.data() + block_rows * width, 0.0f);
+        const int64_t panels = unpacked.panels();
+        for (int64_t p = 0; p < panels; ++p) {
+          if (block == 0) {  // stream in the weights of the next row block
+            const int64_t next_begin = block_begin + block_rows;
+            const int64_t next_rows = std::max<int64_t>(0, std::min(block_rows_max, row_end - next_begin));
+            prefetch_part(values + next_begin * kept, next_rows * kept * static_cast<int64_t>(sizeof(scalar_t)), p, panels);
+            prefetch_part(positions + next_begin * shape.position_bytes(), next_rows * shape.position_bytes(), p, panels);
+          }
+          panel_kernel(unpacked.values(p), unpacked.columns(p), unpacked.count(p), block_rows, activations, acc.data());
+        }
+        // Transpose the accumulators back into rows of y, adding the bias.
+        for (int64_t lane = 0; lane < blocks.rows(block); ++lane) {
+          for (int64_t r = 0; r < block_rows; ++r) output_row[r] = acc.data()[r * width + lane] + bias_float[r];
+          kernels.from_float(output_row.data(), y + (blocks.first_row(block) + lane) * out_features + block_begin,
+                             block_rows);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
+                     const NMShape& shape, scalar_t* grad_input, const ParallelFor& parallel_for) {
+  const int64_t out_features = shape.out_features;
+  const int64_t in_features = shape.in_features;
+  if (M <= 0 || in_features <= 0) return;
+  const KernelSet<scalar_t>& kernels = kernels_for_this_cpu<scalar_t>();
+  const std::vector<int32_t> group_base = make_group_base(shape);
+
+  const int64_t strips_of_rows = (M + kStripRows - 1) / kStripRows;
+  AlignedArray<float> grad_packed(strips_of_rows * out_features * kStripRows);
+  pack_row_strips(kernels, grad_out, M, out_features, grad_packed.data(), parallel_for);
+  const int64_t batch_chunk = std::min(M, kDenseBatch);
+  // A task's columns are processed in spans as wide as the fp32 accumulators [batch_chunk x span]
+  // allow: each weight row is then read in one long segment per span (sequential reads, few TLB
+  // misses), and for small batches a task reads each of its weight rows once.
+  const int64_t span_max = std::max<int64_t>(kDensePanel, kDenseAccFloats / batch_chunk / kDensePanel * kDensePanel);
+  const int64_t panel_count = (in_features + kDensePanel - 1) / kDensePanel;
+
+  parallel_for(0, panel_count, 1, [&](int64_t panel_begin, int64_t panel_end) {
+    const int64_t task_begin = panel_begin * kDensePanel;
+    const int64_t task_end = std::min(in_features, panel_end * kDensePanel);
+    const int64_t span_strips_max = (std::min(span_max, task_end - task_begin) + kStripColumns - 1) / kStripColumns;
+    const int64_t row_stride = span_strips_max * kStripColumns + kRowPadding;  // of tile and accumulators
+    // Depth (weight rows per tile) so the tile stays about kDenseTileFloats.
+    const int64_t depth_max = std::clamp<int64_t>(kDenseTileFloats / row_stride, 16, 256);
+    AlignedArray<float> tile(depth_max * row_stride);
+    AlignedArray<float> acc(batch_chunk * row_stride);
+
+    for (int64_t span_begin = task_begin; span_begin < task_end; span_begin += span_max) {
+      const int64_t span_end = std::min(task_end, span_begin + span_max);
+      const int64_t span_strips = (span_end - span_begin + kStripColumns - 1) / kStripColumns;
+      const KeptRange range = kept_range(shape, span_begin, span_end);
+      for (int64_t batch_begin = 0; batch_begin < M; batch_begin += batch_chunk) {
+        const int64_t batch_rows = std::min(batch_chunk, M - batch_begin);
+        for (int64_t depth_begin = 0; depth_begin < out_features; depth_begin += depth_max) {
+          const int64_t depth = std::min(depth_max, out_features - depth_begin);
+          // The dense rows [depth_begin, depth_begin + depth) of the span, zero-padded to whole strips.
+          for (int64_t chunk_begin = 0; chunk_begin < depth; chunk_begin += kDecodeRows) {
+            const int64_t chunk_rows = std::min(kDecodeRows, depth - chunk_begin);
+            const int64_t first_row = depth_begin + chunk_begin;
+            const int64_t next_row = first_row + kDecodeRows;
+            prefetch_segments(values, positions, shape, next_row,
+                              std::max<int64_t>(0, std::min(kDecodeRows, out_features - next_row)), range);
+            kernels.expand_rows(values, positions, shape, group_base.data(), first_row, chunk_rows, range.first,
+                                range.count, span_begin, span_strips * kStripColumns,
+                                tile.data() + chunk_begin * row_stride, row_stride);
+          }
+          for (int64_t strip_row = 0; strip_row < batch_rows; strip_row += kStripRows) {
+            const int64_t row_strip = (batch_begin + strip_row) / kStripRows;
+            kernels.dense_strip(grad_packed.data() + (row_strip * out_features + depth_begin) * kStripRows,
+                                std::min(kStripRows, batch_rows - strip_row), depth, tile.data(), row_stride,
+                                span_strips, acc.data() + strip_row * row_stride, row_stride, depth_begin > 0);
+          }
+        }
+        for (int64_t r = 0; r < batch_rows; ++r) {
+          float* acc_row = acc.data() + r * row_stride;
+          if (out_features == 0) std::fill_n(acc_row, span_end - span_begin, 0.0f);  // an empty sum
+          kernels.from_float(acc_row, grad_input + (batch_begin + r) * in_features + span_begin, span_end - span_begin);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void grad_values_impl(const scalar_t* grad_out, const scalar_t* x, int64_t M, const uint8_t* positions,
+                      const NMShape& shape, scalar_t* grad_values, const ParallelFor& parallel_for) {
+  const int64_t out_features = shape.out_features;
+  const int64_t in_features = shape.in_features;
+  const int64_t kept = shape.kept_per_row();
+  if (out_features <= 0 || kept <= 0) return;
+  if (M <= 0) {  // an empty sum: all-zero gradient (zero bits are +0 in every storage type)
+    std::memset(static_cast<void*>(grad_values), 0, sizeof(scalar_t) * static_cast<size_t>(out_features * kept));
+    return;
+  }
+  const KernelSet<scalar_t>& kernels = kernels_for_this_cpu<scalar_t>();
+  const std::vector<int32_t> group_base = make_group_base(shape);
+
+  const BatchBlocks blocks{M};
+  AlignedArray<float> x_packed(blocks.packed_size(in_features));
+  AlignedArray<float> grad_packed(blocks.packed_size(out_features));
+  pack_transposed(kernels, x, M, in_features, x_packed.data(), parallel_for);
+  pack_transposed(kernels, grad_out, M, out_features, grad_packed.data(), parallel_for);
+  const int64_t panel = panel_columns(blocks.vectors(0));
+  const int64_t block_rows_max = unpack_block_rows(shape);
+
+  parallel_for(0, out_features, 16, [&](int64_t row_begin, int64_t row_end) {
+    UnpackedRows<scalar_t> unpacked(shape, panel, block_rows_max, /*with_values=*/false);
+    AlignedArray<float> partial(block_rows_max * kept);  // panel-major, like the unpacked columns
+    std::vector<float> output_row(static_cast<size_t>(kept));
+    for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += block_rows_max) {
+      const int64_t block_rows = std::min(block_rows_max, row_end - block_begin);
+      unpacked.unpack(kernels, nullptr, positions, group_base.data(), block_begin, block_rows);
+      for (int64_t block = 0; block < blocks.count(); ++block) {
+        const GradValuesPanelFn panel_kernel = kernels.grad_values_panel[blocks.vectors(block)];
+        const float* grad_block = grad_packed.data() + blocks.offset(block, out_features) + block_begin * blocks.width(block);
+        const float* activations = x_packed.data() + blocks.offset(block, in_features);
+        // Batch blocks are summed in order: the first one stores, later ones add.
+        const int64_t panels = unpacked.panels();
+        for (int64_t p = 0; p < panels; ++p) {
+          if (block == 0) {  // stream in the positions of the next row block
+            const int64_t next_begin = block_begin + block_rows;
+            const int64_t next_rows = std::max<int64_t>(0, std::min(block_rows_max, row_end - next_begin));
+            prefetch_part(positions + next_begin * shape.position_bytes(), next_rows * shape.position_bytes(), p, panels);
+          }
+          panel_kernel(grad_block, unpacked.columns(p), unpacked.count(p), block_rows, activations,
+                       partial.data() + unpacked.offset(p), block > 0);
+        }
+      }
+      for (int64_t r = 0; r < block_rows; ++r) {
+        for (int64_t p = 0, first = 0; p < unpacked.panels(); first += unpacked.count(p), ++p) {
+          std::memcpy(output_row.data() + first, partial.data() + unpacked.offset(p) + r * unpacked.count(p),
+                      sizeof(float) * unpacked.count(p));
+        }
+        kernels.from_float(output_row.data(), grad_values + (block_begin + r) * kept, kept);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void nm_linear_forward(const scalar_t* x, int64_t M, const scalar_t* values, const uint8_t* positions,
+                       const NMShape& shape, const scalar_t* bias, scalar_t* y, const ParallelFor& parallel_for) {
+  forward_impl(x, M, values, positions, shape, bias, y, parallel_for);
+}
+
+template <typename scalar_t>
+void nm_linear_grad_input(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
+                          const NMShape& shape, scalar_t* grad_input, const ParallelFor& parallel_for) {
+  grad_input_impl(grad_out, M, values, positions, shape, grad_input, parallel_for);
+}
+
+template <typename scalar_t>
+void nm_linear_grad_values(const scalar_t* grad_out, const scalar_t* x, int64_t M, const uint8_t* positions,
+                           const NMShape& shape, scalar_t* grad_values, const ParallelFor& parallel_for) {
+  grad_values_impl(grad_out, x, M, positions, shape, grad_values, parallel_for);
+}
+
+#define SPARSEKERNELS_INSTANTIATE_NM(scalar_t)                                                                    \
+  template void nm_linear_forward<scalar_t>(const scalar_t*, int64_t, const scalar_t*, const uint8_t*,           \
+                                            const NMShape&, const scalar_t*, scalar_t*, const ParallelFor&);     \
+  template void nm_linear_grad_input<scalar_t>(const scalar_t*, int64_t, const scalar_t*, const uint8_t*,        \
+                                               const NMShape&, scalar_t*, const ParallelFor&);                   \
+  template void nm_linear_grad_values<scalar_t>(const scalar_t*, const scalar_t*, int64_t, const uint8_t*,       \
+                                                const NMShape&, scalar_t*, const ParallelFor&);
+
+SPARSEKERNELS_INSTANTIATE_NM(float)
+SPARSEKERNELS_INSTANTIATE_NM(bfloat16)
+SPARSEKERNELS_INSTANTIATE_NM(float16)
+
+#undef SPARSEKERNELS_INSTANTIATE_NM
+
+}  // namespace sparsekernels::cpu
