@@ -1,0 +1,263 @@
+// CPU implementations of the sparsekernels ops: argument checks, then the C++ kernels of csrc/cpu/.
+//
+// This file is the only place where the CPU kernels meet ATen: it flattens leading dims, makes dense
+// operands contiguous, maps c10::BFloat16 / c10::Half storage onto the kernels' own 16-bit types and
+// hands at::parallel_for to them.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../cpu/bsr.h"
+#include "../cpu/nm.h"
+#include "checks.h"
+
+namespace sparsekernels::bindings {
+namespace {
+
+static_assert(sizeof(cpu::bfloat16) == sizeof(c10::BFloat16) && sizeof(cpu::float16) == sizeof(c10::Half),
+              "kernel storage types must match c10's");
+
+void torch_parallel_for(int64_t begin, int64_t end, int64_t grain_size, const cpu::ParallelBody& body) {
+  at::parallel_for(begin, end, grain_size, [&](int64_t chunk_begin, int64_t chunk_end) { body(chunk_begin, chunk_end); });
+}
+
+// Calls fn with a null pointer of the kernel storage type matching dtype (float, bfloat16, float16).
+template <typename Fn>
+void dispatch_float(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn(static_cast<float*>(nullptr));
+    case at::kBFloat16:
+      return fn(static_cast<cpu::bfloat16*>(nullptr));
+    case at::kHalf:
+      return fn(static_cast<cpu::float16*>(nullptr));
+    default:
+      TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype, "; expected float32, bfloat16 or float16");
+  }
+}
+
+template <typename T>
+const T* data_as(const at::Tensor& tensor) {
+  return reinterpret_cast<const T*>(tensor.const_data_ptr());
+}
+template <typename T>
+T* mutable_data_as(at::Tensor& tensor) {
+  return reinterpret_cast<T*>(tensor.mutable_data_ptr());
+}
+
+// [..., features] -> contiguous [M, features].
+at::Tensor as_matrix(const at::Tensor& operand) { return operand.reshape({-1, operand.size(-1)}).contiguous(); }
+
+template <typename index_t>
+cpu::BsrIndex<index_t> bsr_index(const BsrShape& shape, const at::Tensor& block_row_offsets,
+                                 const at::Tensor& block_col_indices, const at::Tensor& block_col_offsets,
+                                 const at::Tensor& block_row_indices, const at::Tensor& block_value_indices) {
+  return cpu::BsrIndex<index_t>{block_row_offsets.const_data_ptr<index_t>(),
+                                block_col_indices.const_data_ptr<index_t>(),
+                                block_col_offsets.const_data_ptr<index_t>(),
+                                block_row_indices.const_data_ptr<index_t>(),
+                                block_value_indices.const_data_ptr<index_t>(),
+                                shape.n_block_rows,
+                                shape.n_block_cols,
+                                shape.block_size,
+                                shape.nnz};
+}
+
+// Calls fn(BsrIndex<index_t>) for the index dtype of the (checked) index tensors.
+template <typename Fn>
+void with_bsr_index(const BsrShape& shape, const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
+                    const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
+                    const at::Tensor& block_value_indices, Fn&& fn) {
+  const auto offsets = block_row_offsets.contiguous(), cols = block_col_indices.contiguous(),
+             col_offsets = block_col_offsets.contiguous(), rows = block_row_indices.contiguous(),
+             value_indices = block_value_indices.contiguous();
+  if (offsets.scalar_type() == at::kInt) {
+    fn(bsr_index<int32_t>(shape, offsets, cols, col_offsets, rows, value_indices));
+  } else {
+    fn(bsr_index<int64_t>(shape, offsets, cols, col_offsets, rows, value_indices));
+  }
+}
+
+at::Tensor bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& block_row_offsets,
+                      const at::Tensor& block_col_indices, const at::Tensor& block_col_offsets,
+                      const at::Tensor& block_row_indices, const at::Tensor& block_value_indices,
+                      const std::optional<at::Tensor>& bias) {
+  const BsrShape shape = check_bsr_values(values, block_row_offsets, block_col_indices, block_col_offsets,
+                                          block_row_indices, block_value_indices);
+  check_same_dtype_and_device(input, "input", values, "values");
+  check_last_dim(input, "input", shape.in_features(), "in_features");
+  check_bias(bias, values, shape.out_features());
+
+  auto output = at::empty(with_last_dim(input, shape.out_features()), input.options());
+  if (output.numel() == 0) return output;
+  const auto x = as_matrix(input);
+  const auto weight_values = values.contiguous();
+  const auto bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
+  dispatch_float(input.scalar_type(), [&](auto* type_tag) {
+    using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
+    with_bsr_index(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+                   block_value_indices, [&](const auto& index) {
+                     cpu::bsr_linear_forward<scalar_t>(
+                         data_as<scalar_t>(x), x.size(0), data_as<scalar_t>(weight_values), index,
+                         bias_values.defined() ? data_as<scalar_t>(bias_values) : nullptr,
+                         mutable_data_as<scalar_t>(output), torch_parallel_for);
+                   });
+  });
+  return output;
+}
+
+at::Tensor bsr_linear_grad_input(const at::Tensor& grad_output, const at::Tensor& values,
+                                 const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
+                                 const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
+                                 const at::Tensor& block_value_indices) {
+  const BsrShape shape = check_bsr_values(values, block_row_offsets, block_col_indices, block_col_offsets,
+                                          block_row_indices, block_value_indices);
+  check_same_dtype_and_device(grad_output, "grad_output", values, "values");
+  check_last_dim(grad_output, "grad_output", shape.out_features(), "out_features");
+
+  auto grad_input = at::empty(with_last_dim(grad_output, shape.in_features()), grad_output.options());
+  if (grad_input.numel() == 0) return grad_input;
+  const auto dy = as_matrix(grad_output);
+  const auto weight_values = values.contiguous();
+  dispatch_float(values.scalar_type(), [&](auto* type_tag) {
+    using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
+    with_bsr_index(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+                   block_value_indices, [&](const auto& index) {
+                     cpu::bsr_linear_grad_input<scalar_t>(data_as<scalar_t>(dy), dy.size(0),
+                                                          data_as<scalar_t>(weight_values), index,
+                                                          mutable_data_as<scalar_t>(grad_input), torch_parallel_for);
+                   });
+  });
+  return grad_input;
+}
+
+at::Tensor bsr_linear_grad_values(const at::Tensor& grad_output, const at::Tensor& input,
+                                  const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
+                                  const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
+                                  const at::Tensor& block_value_indices, int64_t block_size) {
+  const BsrShape shape = check_bsr_index(block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+                                         block_value_indices, block_size, block_col_indices.numel());
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), "input must be float32, bfloat16 or float16, got ",
+                   input.scalar_type());
+  check_same_dtype_and_device(grad_output, "grad_output", input, "input");
+  check_last_dim(input, "input", shape.in_features(), "in_features");
+  check_last_dim(grad_output, "grad_output", shape.out_features(), "out_features");
+  const auto x = as_matrix(input);
+  const auto dy = as_matrix(grad_output);
+  TORCH_CHECK_VALUE(x.size(0) == dy.size(0), "grad_output and input must have the same leading dims, got ",
+                    grad_output.sizes(), " and ", input.sizes());
+
+  // With no rows to reduce over, the gradient of every kept block is zero.
+  if (x.size(0) == 0) return at::zeros({shape.nnz, block_size, block_size}, input.options());
+  auto grad_values = at::empty({shape.nnz, block_size, block_size}, input.options());
+  if (shape.nnz == 0) return grad_values;
+  dispatch_float(input.scalar_type(), [&](auto* type_tag) {
+    using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
+    with_bsr_index(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+                   block_value_indices, [&](const auto& index) {
+                     cpu::bsr_linear_grad_values<scalar_t>(data_as<scalar_t>(dy), data_as<scalar_t>(x), x.size(0),
+                                                           index, mutable_data_as<scalar_t>(grad_values),
+                                                           torch_parallel_for);
+                   });
+  });
+  return grad_values;
+}
+
+cpu::NMShape nm_kernel_shape(const NMShapeInfo& info, int64_t n, int64_t m) {
+  return cpu::NMShape{info.out_features, info.in_features, n, m};
+}
+
+at::Tensor nm_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& positions, int64_t n,
+                     int64_t m, const std::optional<at::Tensor>& bias) {
+  const NMShapeInfo info = check_nm_values(values, positions, n, m);
+  check_same_dtype_and_device(input, "input", values, "values");
+  check_last_dim(input, "input", info.in_features, "in_features");
+  check_bias(bias, values, info.out_features);
+
+  auto output = at::empty(with_last_dim(input, info.out_features), input.options());
+  if (output.numel() == 0) return output;
+  const auto x = as_matrix(input);
+  const auto weight_values = values.contiguous();
+  const auto packed_positions = positions.contiguous();
+  const auto bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
+  dispatch_float(input.scalar_type(), [&](auto* type_tag) {
+    using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
+    cpu::nm_linear_forward<scalar_t>(data_as<scalar_t>(x), x.size(0), data_as<scalar_t>(weight_values),
+                                     packed_positions.const_data_ptr<uint8_t>(), nm_kernel_shape(info, n, m),
+                                     bias_values.defined() ? data_as<scalar_t>(bias_values) : nullptr,
+                                     mutable_data_as<scalar_t>(output), torch_parallel_for);
+  });
+  return output;
+}
+
+at::Tensor nm_linear_grad_input(const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& positions,
+                                int64_t n, int64_t m) {
+  const NMShapeInfo info = check_nm_values(values, positions, n, m);
+  check_same_dtype_and_device(grad_output, "grad_output", values, "values");
+  check_last_dim(grad_output, "grad_output", info.out_features, "out_features");
+
+  auto grad_input = at::empty(with_last_dim(grad_output, info.in_features), grad_output.options());
+  if (grad_input.numel() == 0) return grad_input;
+  const auto dy = as_matrix(grad_output);
+  const auto weight_values = values.contiguous();
+  const auto packed_positions = positions.contiguous();
+  dispatch_float(values.scalar_type(), [&](auto* type_tag) {
+    using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
+    cpu::nm_linear_grad_input<scalar_t>(data_as<scalar_t>(dy), dy.size(0), data_as<scalar_t>(weight_values),
+                                        packed_positions.const_data_ptr<uint8_t>(), nm_kernel_shape(info, n, m),
+                                        mutable_data_as<scalar_t>(grad_input), torch_parallel_for);
+  });
+  return grad_input;
+}
+
+at::Tensor nm_linear_grad_values(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& positions,
+                                 int64_t n, int64_t m) {
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), "input must be float32, bfloat16 or float16, got ",
+                   input.scalar_type());
+  check_same_dtype_and_device(grad_output, "grad_output", input, "input");
+  TORCH_CHECK_VALUE(m == 2 || m == 4 || m == 8 || m == 16, "m must be one of 2, 4, 8, 16, got ", m);
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) % m == 0, "input.shape[-1] must be a multiple of m=", m,
+                    ", got shape ", input.sizes());
+  TORCH_CHECK_VALUE(grad_output.dim() >= 1, "grad_output must have at least 1 dimension");
+  TORCH_CHECK_VALUE(positions.device() == input.device(), "positions must be on the device of input (",
+                    input.device(), "), got ", positions.device());
+  const NMShapeInfo info = check_nm_positions(positions, grad_output.size(-1), input.size(-1) / m * n, n, m);
+  const auto x = as_matrix(input);
+  const auto dy = as_matrix(grad_output);
+  TORCH_CHECK_VALUE(x.size(0) == dy.size(0), "grad_output and input must have the same leading dims, got ",
+                    grad_output.sizes(), " and ", input.sizes());
+
+  if (x.size(0) == 0) return at::zeros({info.out_features, info.kept_per_row}, input.options());
+  auto grad_values = at::empty({info.out_features, info.kept_per_row}, input.options());
+  if (grad_values.numel() == 0) return grad_values;
+  const auto packed_positions = positions.contiguous();
+  dispatch_float(input.scalar_type(), [&](auto* type_tag) {
+    using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
+    cpu::nm_linear_grad_values<scalar_t>(data_as<scalar_t>(dy), data_as<scalar_t>(x), x.size(0),
+                                         packed_positions.const_data_ptr<uint8_t>(), nm_kernel_shape(info, n, m),
+                                         mutable_data_as<scalar_t>(grad_values), torch_parallel_for);
+  });
+  return grad_values;
+}
+
+at::Tensor linear_bias_grad(const at::Tensor& grad_output) {
+  TORCH_CHECK_TYPE(is_supported_float(grad_output.scalar_type()),
+                   "grad_output must be float32, bfloat16 or float16, got ", grad_output.scalar_type());
+  TORCH_CHECK_VALUE(grad_output.dim() >= 1, "grad_output must have at least 1 dimension");
+  // float32 accumulation over all leading dims, whatever the storage dtype.
+  return grad_output.reshape({-1, grad_output.size(-1)}).sum(0, /*keepdim=*/false, at::kFloat).to(grad_output.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekernels, CPU, m) {
+  m.impl("bsr_linear", &bsr_linear);
+  m.impl("bsr_linear_grad_input", &bsr_linear_grad_input);
+  m.impl("bsr_linear_grad_values", &bsr_linear_grad_values);
+  m.impl("nm_linear", &nm_linear);
+  m.impl("nm_linear_grad_input", &nm_linear_grad_input);
+  m.impl("nm_linear_grad_values", &nm_linear_grad_values);
+  m.impl("linear_bias_grad", &linear_bias_grad);
+}
+
+}  // namespace sparsekernels::bindings

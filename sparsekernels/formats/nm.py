@@ -1,0 +1,181 @@
+"""N:M-structured matrix format: n weights kept in every group of m along the input dimension.
+
+Storage, shared by every backend (see csrc/cpu/nm.h for the kernels' view of it):
+
+* ``values[out_features, in_features * n / m]``: kept values, group after group, in increasing
+  column order inside each group.
+* ``positions[out_features, ceil(kept / per_byte)]`` (uint8): the offset (0..m-1) of each kept
+  value inside its group, packed ``bits = {2: 1, 4: 2, 8: 4, 16: 4}[m]`` bits per value, low bits
+  first (value j in byte ``j // per_byte`` at bit ``(j % per_byte) * bits``).
+
+This portable encoding is what the CPU and Triton kernels read. The sparse tensor cores of NVIDIA
+GPUs want 2:4 metadata in their own interleaved layout; the CUDA kernels derive that from this
+format (``hardware_metadata`` slot below) rather than replacing it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..layouts import NM
+from ._common import check_dense_weight, check_mask
+
+__all__ = ["NMMatrix", "pack_positions", "unpack_positions", "validate_positions"]
+
+unpack_positions = reference.unpack_positions
+
+
+def pack_positions(offsets: Tensor, m: int) -> Tensor:
+    """Pack in-group offsets ``[rows, kept]`` (integers in 0..m-1) into uint8 (see module doc)."""
+    bits = reference.NM_BITS_PER_POSITION[m]
+    per_byte = 8 // bits
+    rows, kept = offsets.shape
+    padded = torch.zeros(rows, -(-kept // per_byte) * per_byte, dtype=torch.int32, device=offsets.device)
+    padded[:, :kept] = offsets.to(torch.int32)
+    shifts = torch.arange(per_byte, device=offsets.device, dtype=torch.int32) * bits
+    packed = (padded.reshape(rows, -1, per_byte) << shifts).sum(dim=-1)
+    return packed.to(torch.uint8)
+
+
+def validate_positions(positions: Tensor, out_features: int, kept_per_row: int, n: int, m: int) -> None:
+    """Raise ValueError unless ``positions`` is a valid packed N:M pattern.
+
+    Offsets must be strictly increasing inside every group (so each is < m and none repeats), and
+    the padding bits of the last byte must be zero.
+    """
+    if positions.dtype != torch.uint8:
+        raise TypeError(f"positions must be uint8, got {positions.dtype}")
+    per_byte = 8 // reference.NM_BITS_PER_POSITION[m]
+    expected = (out_features, -(-kept_per_row // per_byte))
+    if tuple(positions.shape) != expected:
+        raise ValueError(f"positions must have shape {list(expected)}, got {list(positions.shape)}")
+    if out_features == 0 or kept_per_row == 0:
+        return
+    offsets = reference.unpack_positions(positions, m, kept_per_row).reshape(out_features, -1, n)
+    if bool((offsets >= m).any()) or bool((offsets[..., 1:] <= offsets[..., :-1]).any()):
+        raise ValueError(f"positions must hold {n} strictly increasing offsets in [0, {m}) per group")
+    if not torch.equal(pack_positions(offsets.reshape(out_features, -1), m), positions):
+        raise ValueError("positions has non-zero padding bits after the last kept value of a row")
+
+
+class NMMatrix:
+    """An N:M-structured ``[out_features, in_features]`` weight: kept values plus packed positions.
+
+    Build one with :meth:`from_dense` (magnitude pruning or an explicit mask) or :meth:`random`;
+    :meth:`to_dense` gives the masked dense weight back.
+    """
+
+    def __init__(self, values: Tensor, positions: Tensor, n: int, m: int, *, validate: bool = True) -> None:
+        NM(n, m)  # validates n and m
+        if values.dim() != 2:
+            raise ValueError(f"values must be 2-D [out_features, in_features * n / m], got {tuple(values.shape)}")
+        out_features, kept_per_row = values.shape
+        if kept_per_row % n:
+            raise ValueError(f"values.shape[1]={kept_per_row} must be a multiple of n={n}")
+        if validate:
+            validate_positions(positions, out_features, kept_per_row, n, m)
+        self.values = values
+        self.positions = positions
+        self.n = n
+        self.m = m
+        # Reserved for the CUDA backend: 2:4 metadata in the sparse tensor core layout, derived from
+        # positions on demand and cached here (None until a backend asks for it).
+        self.hardware_metadata: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(
+        cls, weight: Tensor, n: int = 2, m: int = 4, *, mask: Optional[Tensor] = None
+    ) -> "NMMatrix":
+        """N:M copy of a dense ``weight``.
+
+        Without ``mask``: keep the n largest ``|w|`` of every group of m (ties to the lower column).
+        With ``mask``: a bool ``[out, in]`` mask with exactly n True in every group of m; kept
+        values are copied as they are (a kept weight may be 0).
+        """
+        check_dense_weight(weight)
+        layout = NM(n, m)
+        out_features, in_features = weight.shape
+        layout.check_shape(out_features, in_features)
+        weight = weight.detach()
+        groups = weight.reshape(out_features, in_features // m, m)
+        if mask is None:
+            scores = groups.abs().float()
+            # NaN counts as largest, so a NaN weight is kept and shows in the output, not hidden.
+            scores = torch.where(torch.isnan(scores), torch.full_like(scores, float("inf")), scores)
+        else:
+            mask = check_mask(mask, ((out_features, in_features),), "element mask")
+            mask_groups = mask.to(weight.device).reshape(out_features, in_features // m, m)
+            kept_counts = mask_groups.sum(dim=-1)
+            if not bool((kept_counts == n).all()):
+                bad = int((kept_counts != n).sum())
+                raise ValueError(f"mask must keep exactly n={n} of every m={m} weights; {bad} groups do not")
+            scores = mask_groups.float()
+        offsets = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :n].sort(dim=-1).values
+        values = torch.gather(groups, -1, offsets).reshape(out_features, -1).contiguous()
+        return cls(values, pack_positions(offsets.reshape(out_features, -1), m), n, m, validate=False)
+
+    @classmethod
+    def random(
+        cls,
+        shape: tuple[int, int],
+        n: int,
+        m: int,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> "NMMatrix":
+        """A uniformly random N:M pattern; values are uninitialised (``torch.empty``)."""
+        out_features, in_features = shape
+        NM(n, m).check_shape(out_features, in_features)
+        scores = torch.rand(out_features, in_features // m, m, generator=generator)
+        offsets = scores.argsort(dim=-1)[..., :n].sort(dim=-1).values.reshape(out_features, -1)
+        values = torch.empty(out_features, in_features // m * n, dtype=dtype, device=device)
+        return cls(values, pack_positions(offsets, m).to(values.device), n, m, validate=False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.values.shape[0], self.values.shape[1] // self.n * self.m))
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    # ------------------------------------------------------------------ conversion
+    def column_indices(self) -> Tensor:
+        """Input column of every kept value, ``[out_features, kept]`` int64."""
+        return reference.nm_column_indices(self.positions, self.n, self.m, self.values.shape[1])
+
+    def to_dense(self) -> Tensor:
+        """The masked dense weight ``[out_features, in_features]`` (differentiable in ``values``)."""
+        return reference.nm_to_dense(self.values, self.positions, self.n, self.m)
+
+    def mask(self) -> Tensor:
+        """Bool ``[out_features, in_features]``: True where a weight is kept (it may still be 0)."""
+        ones = torch.ones(self.values.shape, dtype=torch.bool, device=self.device)
+        return reference.nm_to_dense(ones, self.positions, self.n, self.m)
+
+    def to(self, *args, **kwargs) -> "NMMatrix":
+        """Like ``Tensor.to``: a dtype applies to ``values``, a device to every tensor."""
+        values = self.values.to(*args, **kwargs)
+        return NMMatrix(values, self.positions.to(values.device), self.n, self.m, validate=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"NMMatrix(shape={tuple(self.shape)}, n={self.n}, m={self.m}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )

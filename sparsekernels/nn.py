@@ -1,0 +1,284 @@
+"""``SparseLinear``, a drop-in ``nn.Linear`` with a block-sparse or N:M weight, and ``sparsify_``.
+
+A SparseLinear owns the kept weight values (an ``nn.Parameter``) and the pattern's index tensors
+(buffers, saved in the state dict); its forward is one op call (sparsekernels.ops). It follows
+``nn.Linear``'s rules: same forward signature (``[..., in_features] -> [..., out_features]``), no
+dtype promotion (input and weight dtypes must match), and the same initial scale: every kept weight
+and the bias are drawn from U(-1/sqrt(in_features), 1/sqrt(in_features)), as nn.Linear draws
+them, on a uniformly random pattern of the requested density.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .formats import BlockSparseMatrix, NMMatrix
+from .formats.block_sparse import validate_bsr_index
+from .formats.nm import validate_positions
+from .layouts import NM, BlockSparse, Layout
+from .ops import bsr_linear, nm_linear
+
+__all__ = ["SparseLinear", "sparsify_"]
+
+_BSR_INDEX_NAMES = (
+    "block_row_offsets",
+    "block_col_indices",
+    "block_col_offsets",
+    "block_row_indices",
+    "block_value_indices",
+)
+
+
+def _check_layout(layout: Layout) -> None:
+    if not isinstance(layout, (BlockSparse, NM)):
+        raise TypeError(
+            f"layout must be sparsekernels.BlockSparse(...) or sparsekernels.NM(...), got {type(layout).__name__}"
+        )
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with W stored sparse (block-sparse or N:M); a drop-in for ``nn.Linear``.
+
+    Args:
+        in_features, out_features: as nn.Linear. Must fit the layout (multiples of block_size, or
+            in_features a multiple of m).
+        layout: ``BlockSparse(block_size, density)`` or ``NM(n, m)``.
+        bias, device, dtype: as nn.Linear.
+
+    Attributes:
+        values: the kept weights (``[nnz_blocks, b, b]`` or ``[out, in * n / m]``), a Parameter.
+        bias: ``[out_features]`` Parameter or None.
+        Index buffers: ``block_row_offsets``, ``block_col_indices``, ``block_col_offsets``,
+            ``block_row_indices``, ``block_value_indices`` (block-sparse) or ``positions`` (N:M).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        layout: Layout,
+        bias: bool = True,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        _check_layout(layout)
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise TypeError(f"{name} must be an int, got {size!r}")
+        layout.check_shape(out_features, in_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.layout = layout
+        if isinstance(layout, BlockSparse):
+            matrix = BlockSparseMatrix.random(
+                (out_features, in_features), layout.block_size, layout.density, dtype=dtype, device=device
+            )
+        else:
+            matrix = NMMatrix.random((out_features, in_features), layout.n, layout.m, dtype=dtype, device=device)
+        self._register_matrix(matrix)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=matrix.dtype, device=matrix.device))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction
+    def _register_matrix(self, matrix: Union[BlockSparseMatrix, NMMatrix]) -> None:
+        """Adopt ``matrix``'s tensors as this layer's parameter and buffers (no copies)."""
+        self.values = nn.Parameter(matrix.values)
+        if isinstance(matrix, BlockSparseMatrix):
+            for name, tensor in zip(_BSR_INDEX_NAMES, matrix.index_tensors()):
+                self.register_buffer(name, tensor)
+        else:
+            self.register_buffer("positions", matrix.positions)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, applied to the kept weights: U(-1/sqrt(in), 1/sqrt(in))."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_matrix(
+        cls, matrix: Union[BlockSparseMatrix, NMMatrix], bias: Optional[Tensor] = None
+    ) -> "SparseLinear":
+        """A layer holding ``matrix`` (tensors adopted, not copied) and an optional bias."""
+        out_features, in_features = matrix.shape
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = in_features, out_features
+        if isinstance(matrix, BlockSparseMatrix):
+            layer.layout = BlockSparse(matrix.block_size, matrix.density)
+        elif isinstance(matrix, NMMatrix):
+            layer.layout = NM(matrix.n, matrix.m)
+        else:
+            raise TypeError(f"matrix must be a BlockSparseMatrix or NMMatrix, got {type(matrix).__name__}")
+        layer._register_matrix(matrix)
+        if bias is None:
+            layer.register_parameter("bias", None)
+        else:
+            if bias.shape != (out_features,):
+                raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
+            layer.bias = nn.Parameter(bias.detach().to(dtype=matrix.dtype, device=matrix.device).clone())
+        return layer
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, layout: Layout) -> "SparseLinear":
+        """Prune an ``nn.Linear`` by magnitude into ``layout`` (block Frobenius norm, or the n
+        largest |w| of every group of m). Keeps dtype, device, bias and training mode."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        _check_layout(layout)
+        weight = linear.weight.detach()
+        layout.check_shape(linear.out_features, linear.in_features)
+        if isinstance(layout, BlockSparse):
+            matrix = BlockSparseMatrix.from_dense(weight.clone(), layout.block_size, layout.density)
+        else:
+            matrix = NMMatrix.from_dense(weight.clone(), layout.n, layout.m)
+        layer = cls.from_matrix(matrix, None if linear.bias is None else linear.bias.detach())
+        layer.layout = layout
+        layer.values.requires_grad_(linear.weight.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer.train(linear.training)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def matrix(self) -> Union[BlockSparseMatrix, NMMatrix]:
+        """The weight as a format object sharing this layer's tensors (no copies, no checks)."""
+        if isinstance(self.layout, BlockSparse):
+            return BlockSparseMatrix(
+                self.values,
+                self.block_row_offsets,
+                self.block_col_indices,
+                (self.out_features, self.in_features),
+                block_col_offsets=self.block_col_offsets,
+                block_row_indices=self.block_row_indices,
+                block_value_indices=self.block_value_indices,
+                validate=False,
+            )
+        return NMMatrix(self.values, self.positions, self.layout.n, self.layout.m, validate=False)
+
+    @property
+    def density(self) -> float:
+        """Fraction of weights kept."""
+        return self.matrix.density
+
+    def dense_weight(self) -> Tensor:
+        """The masked dense weight ``[out_features, in_features]`` (differentiable in ``values``)."""
+        return self.matrix.to_dense()
+
+    def dense_mask(self) -> Tensor:
+        """Bool ``[out_features, in_features]``: the pattern (a kept weight may still be 0)."""
+        return self.matrix.mask()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(self.layout, BlockSparse):
+            return bsr_linear(
+                input,
+                self.values,
+                self.block_row_offsets,
+                self.block_col_indices,
+                self.block_col_offsets,
+                self.block_row_indices,
+                self.block_value_indices,
+                self.bias,
+            )
+        return nm_linear(input, self.values, self.positions, self.layout.n, self.layout.m, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"layout={self.layout}, density={self.density:.4f}"
+        )
+
+    # ------------------------------------------------------------------ state dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A saved pattern may hold a different number of kept blocks than this layer (a gradual
+        # pruning schedule changes it): resize values and the index buffers to the saved shapes
+        # before the default copy, then check the loaded pattern once.
+        names = ("values",) + (_BSR_INDEX_NAMES if isinstance(self.layout, BlockSparse) else ("positions",))
+        for name in names:
+            saved = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if isinstance(saved, Tensor) and saved.shape != current.shape:
+                if name == "values" and saved.dim() != current.dim():
+                    continue  # let the default loader report the mismatch
+                resized = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+                if name == "values":
+                    self.values = nn.Parameter(resized, requires_grad=current.requires_grad)
+                else:
+                    setattr(self, name, resized)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        try:
+            self._validate_pattern()
+        except (TypeError, ValueError) as error:
+            error_msgs.append(f"invalid sparse pattern for {prefix or 'SparseLinear'}: {error}")
+
+    def _validate_pattern(self) -> None:
+        if isinstance(self.layout, BlockSparse):
+            b = self.values.shape[-1]
+            validate_bsr_index(
+                self.block_row_offsets, self.block_col_indices, self.out_features // b, self.in_features // b,
+                self.values.shape[0],
+            )
+        else:
+            validate_positions(self.positions, self.out_features, self.values.shape[1], self.layout.n,
+                               self.layout.m)
+
+
+LayoutChoice = Union[Layout, Callable[[nn.Linear, str], Optional[Layout]]]
+
+
+def sparsify_(
+    model: nn.Module,
+    layout: LayoutChoice,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> nn.Module:
+    """Replace the ``nn.Linear`` modules of ``model`` by magnitude-pruned ``SparseLinear``, in place.
+
+    Args:
+        model: any module; returned for chaining.
+        layout: a layout for every swapped layer, or a callable ``(linear, fqn) -> layout | None``
+            choosing one per layer (None keeps that layer dense).
+        filter_fn: ``(module, fqn) -> bool``; only layers it accepts are swapped (default: all).
+
+    A layer whose shape does not fit its layout raises ValueError naming the layer; exclude it with
+    ``filter_fn``. ``nn.MultiheadAttention``'s output projection is left alone (it reads
+    ``.weight`` directly).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(layout):
+        _check_layout(layout)
+    swaps = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            continue
+        if filter_fn is not None and not filter_fn(module, fqn):
+            continue
+        layer_layout = layout(module, fqn) if callable(layout) else layout
+        if layer_layout is None:
+            continue
+        try:
+            swaps.append((fqn, SparseLinear.from_dense(module, layer_layout)))
+        except ValueError as error:
+            raise ValueError(f"cannot sparsify {fqn or 'the model'} ({module}): {error}") from error
+    for fqn, sparse in swaps:
+        if not fqn:
+            raise ValueError("model is itself an nn.Linear: use SparseLinear.from_dense(model, layout)")
+        parent_name, _, child_name = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, sparse)
+    return model
