@@ -1,0 +1,110 @@
+"""Test case builders and tolerances shared by the test modules.
+
+Every expectation is computed independently of the code under test: a random dense weight W and a
+mask are drawn first, the sparse format is built from them, and the expected results come from
+dense float32 PyTorch on ``W * mask`` (forward, and autograd for the gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix
+
+# Layouts of the sweep: every block size at low, middle and full density, and the N:M patterns.
+BLOCK_LAYOUTS = [
+    BlockSparse(16, 0.05),
+    BlockSparse(16, 0.5),
+    BlockSparse(32, 0.1),
+    BlockSparse(32, 1.0),
+    BlockSparse(64, 0.25),
+    BlockSparse(128, 0.5),
+]
+NM_LAYOUTS = [NM(1, 2), NM(2, 4), NM(1, 4), NM(2, 8), NM(4, 8)]
+LAYOUTS = BLOCK_LAYOUTS + NM_LAYOUTS
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BATCH_SIZES = [0, 1, 7, 64, 300]
+
+# Relative tolerance by dtype, applied against the scale of the expected tensor: the kernels and the
+# reference both accumulate in float32 and differ only by summation order and the final rounding.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def layout_id(layout) -> str:
+    if isinstance(layout, BlockSparse):
+        return f"block{layout.block_size}-d{layout.density}"
+    return f"nm{layout.n}:{layout.m}"
+
+
+def features_for(layout) -> tuple[int, int]:
+    """(out_features, in_features) that fit the layout and are not powers of two where possible."""
+    if isinstance(layout, BlockSparse):
+        return 3 * layout.block_size, 5 * layout.block_size
+    return 24, 7 * layout.m * 2
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
+    tolerance = TOLERANCE[dtype]
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.float(), expected.float(), atol=tolerance * scale, rtol=tolerance, msg=lambda m: f"{what}: {m}"
+    )
+
+
+@dataclass
+class SparseCase:
+    """A sparse weight together with the dense weight and mask it was built from."""
+
+    matrix: Union[BlockSparseMatrix, NMMatrix]
+    dense: Tensor  # W, unmasked
+    mask: Tensor  # bool [out, in]
+
+    @property
+    def masked(self) -> Tensor:
+        return self.dense * self.mask
+
+
+def random_mask(layout, out_features: int, in_features: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """A random element mask of the layout, with uneven block rows (one empty, one full if possible)."""
+    if isinstance(layout, BlockSparse):
+        b = layout.block_size
+        rows, cols = out_features // b, in_features // b
+        block_mask = torch.rand(rows, cols, generator=generator) < layout.density
+        if layout.density < 1.0 and rows >= 3:
+            block_mask[0] = False  # an empty block row
+            block_mask[1] = True  # a fully dense block row
+        if not block_mask.any():
+            block_mask[-1, -1] = True
+        return block_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    groups = torch.rand(out_features, in_features // layout.m, layout.m, generator=generator)
+    keep = groups.argsort(dim=-1)[..., : layout.n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.reshape(out_features, in_features)
+
+
+def make_case(layout, dtype=torch.float32, device="cpu", features: Optional[tuple[int, int]] = None) -> SparseCase:
+    out_features, in_features = features or features_for(layout)
+    dense = torch.randn(out_features, in_features, dtype=torch.float32).to(dtype)
+    mask = random_mask(layout, out_features, in_features)
+    if isinstance(layout, BlockSparse):
+        matrix = BlockSparseMatrix.from_dense(dense, layout.block_size, mask=mask)
+    else:
+        matrix = NMMatrix.from_dense(dense, layout.n, layout.m, mask=mask)
+    return SparseCase(matrix.to(device), dense.to(device), mask.to(device))
+
+
+def kept_values_of(case: SparseCase, dense_grad: Tensor) -> Tensor:
+    """Pick the entries of a dense [out, in] gradient at the kept positions, in values' layout."""
+    matrix = case.matrix
+    if isinstance(matrix, NMMatrix):
+        return dense_grad.gather(1, matrix.column_indices())
+    b = matrix.block_size
+    counts = (matrix.block_row_offsets[1:] - matrix.block_row_offsets[:-1]).long()
+    block_rows = torch.repeat_interleave(torch.arange(matrix.n_block_rows, device=dense_grad.device), counts)
+    blocks = dense_grad.reshape(matrix.n_block_rows, b, matrix.n_block_cols, b).permute(0, 2, 1, 3)
+    return blocks[block_rows, matrix.block_col_indices.long()]
