@@ -1,0 +1,223 @@
+"""The command line.
+
+    python -m bench [--suite quick|full] [--device cpu|cuda] [--shapes 4096x4096,...]
+                    [--layouts b64d0.1,2:4,...] [--dtype float32,bfloat16] [--m 1,16,256]
+                    [--ops forward,grad_input,grad_weight,train_step] [--peers dense,torch_bsr,...]
+                    [--repeats N] [--warmup N] [--threads N] [--out DIR] [--no-progress]
+    python -m bench compare OLD.json NEW.json [--threshold 0.1]
+
+A run measures the suite's cells (each axis given on the command line replaces the suite's), prints
+the table, and writes ``results.json`` and ``results.csv`` under ``--out``. It exits with status 1
+when a sparsekernels result is wrong or raised, so that ``make bench`` cannot pass on a broken kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
+
+import torch
+from rich.console import Console
+
+from . import compare
+from .cases import Case, Op, build_cases, dtype_name, layout_label, parse_dtype, parse_layout, parse_shape
+from .environment import collect_environment
+from .implementations import BASELINE, IMPLEMENTATIONS, OURS, PEERS, available_peers
+from .report import CSV_NAME, JSON_NAME, print_table, wide_console, write_csv, write_json
+from .results import CellResult, Status
+from .runner import run_cells
+from .suites import SUITES
+from .timing import TimingConfig
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+EXIT_INTERRUPTED = 130  # the shell's status for a run stopped by Ctrl-C
+
+Item = TypeVar("Item")
+
+
+def _comma_list(parse_item: Callable[[str], Item]) -> Callable[[str], list[Item]]:
+    """An argparse ``type`` for comma-separated lists; a bad item is reported by argparse."""
+
+    def parse(text: str) -> list[Item]:
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [parse_item(item) for item in items]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _peer_name(text: str) -> str:
+    if text not in PEERS:
+        raise ValueError(f"unknown peer {text!r}; peers are {', '.join(PEERS)}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Is sparse faster for my shape, and by how much? Times sparsekernels against dense "
+        "F.linear and other sparse libraries, checking every result against a float32 reference.",
+        epilog="Compare two runs: python -m bench compare OLD.json NEW.json [--threshold 0.1]",
+    )
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick", help="cells to measure (default quick)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default: cuda when available, else cpu",
+    )
+    parser.add_argument("--shapes", type=_comma_list(parse_shape), help="weights OUTxIN, e.g. 4096x4096,14336x4096")
+    parser.add_argument("--layouts", type=_comma_list(parse_layout), help="e.g. b64d0.1,b64d0.5,2:4")
+    parser.add_argument("--dtype", type=_comma_list(parse_dtype), help="e.g. float32,bfloat16 (or fp32,bf16,fp16)")
+    parser.add_argument("--m", type=_comma_list(_positive_int), help="rows M of the input, e.g. 1,16,256")
+    parser.add_argument("--ops", type=_comma_list(Op), help=f"any of {','.join(op.value for op in Op)}")
+    parser.add_argument(
+        "--peers",
+        type=_comma_list(_peer_name),
+        help=f"implementations to compare with, among {','.join(PEERS)} (default: all that run on the device); "
+        "dense, the baseline, and sparsekernels are always measured",
+    )
+    parser.add_argument("--repeats", type=_positive_int, help="most timed samples per measurement")
+    parser.add_argument("--warmup", type=int, help="untimed calls before timing")
+    parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads before running (CPU)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def _implementation_names(
+    parser: argparse.ArgumentParser, peers: Optional[list[str]], device: torch.device
+) -> list[str]:
+    """dense, sparsekernels, then the requested peers (all that can run on ``device`` by default)."""
+    requested = available_peers(device) if peers is None else peers
+    for name in requested:
+        reason = IMPLEMENTATIONS[name].unavailable_reason(device)
+        if reason is not None:
+            parser.error(f"peer {name} cannot run here: {reason}")
+    return [BASELINE, OURS, *(name for name in dict.fromkeys(requested) if name != BASELINE)]
+
+
+def _unique(values: Iterable[Item]) -> list[Item]:
+    return list(dict.fromkeys(values))
+
+
+def _summarize_failures(results: Sequence[CellResult], console: Console) -> int:
+    """Print how many results were wrong or raised, per implementation; the count of sparsekernels'."""
+    failures = Counter(
+        (name, measurement.status)
+        for result in results
+        for name, measurement in result.measurements.items()
+        if measurement.status in (Status.WRONG, Status.ERROR)
+    )
+    for (name, status), count in sorted(failures.items()):
+        style = "bold red" if name == OURS else "yellow"
+        console.print(f"[{style}]{name}: {count} cells {status.value.upper()}[/]")
+    return failures[(OURS, Status.WRONG)] + failures[(OURS, Status.ERROR)]
+
+
+def _plan(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console
+) -> tuple[list[Case], TimingConfig]:
+    """The cells and timing settings: the suite's, with each axis given on the command line replaced."""
+    grid = SUITES[args.suite](args.device)
+    timing = TimingConfig(
+        warmup=grid.timing.warmup if args.warmup is None else args.warmup,
+        repeats=grid.timing.repeats if args.repeats is None else args.repeats,
+        budget_s=grid.timing.budget_s,
+    )
+    cases, misfits = build_cases(
+        args.shapes or grid.shapes,
+        args.layouts or grid.layouts,
+        args.dtype or grid.dtypes,
+        args.m or grid.rows,
+        args.ops or grid.ops,
+    )
+    if misfits:
+        console.print(f"[yellow]skipped (shape does not fit the layout):[/] {', '.join(misfits)}", highlight=False)
+    if not cases:
+        parser.error("no cells to measure")
+    return cases, timing
+
+
+def _run_settings(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    cases: Sequence[Case],
+    names: list[str],
+    timing: TimingConfig,
+    complete: bool,
+) -> dict[str, Any]:
+    """What was asked for, stored in results.json next to the results."""
+    return {
+        "suite": args.suite,
+        "argv": list(argv),
+        "complete": complete,
+        "implementations": names,
+        "timing": asdict(timing),
+        "axes": {
+            "shapes": _unique(case.shape_label for case in cases),
+            "layouts": _unique(layout_label(case.layout) for case in cases),
+            "dtypes": _unique(dtype_name(case.dtype) for case in cases),
+            "M": _unique(case.rows for case in cases),
+            "ops": _unique(case.op.value for case in cases),
+        },
+    }
+
+
+def run(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    console = wide_console()
+    cases, timing = _plan(args, parser, console)
+    names = _implementation_names(parser, args.peers, device)
+    implementations = [IMPLEMENTATIONS[name] for name in names]
+    args.out.mkdir(parents=True, exist_ok=True)
+    environment = collect_environment(device)
+
+    results: list[CellResult] = []
+    interrupted = False
+    try:
+        for result in run_cells(cases, implementations, device, timing, progress=not args.no_progress):
+            results.append(result)
+    except KeyboardInterrupt:  # keep what was measured: the full suite takes hours
+        interrupted = True
+        console.print(f"[yellow]interrupted: keeping the {len(results)} of {len(cases)} cells measured[/]")
+
+    print_table(results, names, environment, console)
+    our_failures = _summarize_failures(results, console)
+    settings = _run_settings(args, argv, cases, names, timing, complete=not interrupted)
+    write_json(args.out / JSON_NAME, results, environment, settings)
+    write_csv(args.out / CSV_NAME, results)
+    console.print(f"wrote {args.out / JSON_NAME} and {args.out / CSV_NAME}", highlight=False)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return 1 if our_failures else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        return compare.main(argv[1:])
+    return run(argv)

@@ -1,0 +1,294 @@
+"""Who computes a cell: sparsekernels and its peers, behind one interface.
+
+An :class:`Implementation` is built once per weight (its constructor converts the masked dense weight
+into whatever it needs, untimed) and then runs the cell's op on the cell's inputs. Results come back
+in a canonical form, so that one reference checks them all: ``(y,)`` for the forward, ``(dx,)`` for
+the input gradient, ``(dW,)`` for the weight gradient as a dense ``[out, in]`` tensor that is zero off
+the pattern, and ``(y, dx, dW)`` for a training step. Converting to that form is not timed.
+
+Implementations, in table order:
+
+* ``dense``: ``F.linear`` on the masked dense weight. The baseline (1.00x), always measured.
+* ``sparsekernels``: this library, through its public front ends and raw ops (always measured).
+* ``torch_bsr``: torch's BSR tensors (``to_sparse_bsr``) in ``F.linear``; block layouts.
+* ``torch_semi_cusparselt`` / ``torch_semi_cutlass``: ``to_sparse_semi_structured`` with either
+  backend (``SparseSemiStructuredTensor._FORCE_CUTLASS``); 2:4 on CUDA only.
+* ``stk``: Stanford's block-sparse toolkit, when it is installed; block layouts on CUDA.
+
+When an implementation does not provide an op or a layout, the cell shows "n/a" (it is not an
+error); when it raises, the runner records the error in that cell and goes on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from functools import cached_property
+from typing import Callable, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import sparsekernels
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix, reference
+from sparsekernels.layouts import Layout
+
+from .cases import Op
+from .workloads import Inputs, SparseWeight
+
+BASELINE = "dense"
+OURS = "sparsekernels"
+
+Outputs = tuple[Tensor, ...]
+
+
+class Implementation:
+    """One way of computing a cell, bound to one weight.
+
+    Subclasses set ``name`` and ``ops``, convert the weight in ``__init__``, and define the methods of
+    the ops they list; ``train_step`` comes for free from ``differentiable_forward``.
+    """
+
+    name: ClassVar[str]
+    ops: ClassVar[frozenset[Op]]
+
+    def __init__(self, weight: SparseWeight) -> None:
+        self.weight = weight
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        """Why this implementation cannot run on ``device`` at all (None when it can)."""
+        return None
+
+    @classmethod
+    def unsupported_reason(cls, layout: Layout) -> Optional[str]:
+        """Why this implementation has nothing for ``layout`` (None when it does)."""
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def grad_input(self, grad_output: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def grad_weight(self, grad_output: Tensor, x: Tensor) -> object:
+        """The weight gradient in the implementation's own storage (see ``weight_grad_as_dense``)."""
+        raise NotImplementedError
+
+    def weight_grad_as_dense(self, grad: object) -> Tensor:
+        """A ``grad_weight`` result as a dense ``[out, in]`` tensor, zero off the pattern."""
+        raise NotImplementedError
+
+    def differentiable_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y, leaf)``: the forward, differentiable in ``x`` and in ``leaf``, the stored weight."""
+        raise NotImplementedError
+
+    def train_step(self, x: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor, object]:
+        """Forward, then backward through autograd: ``(y, dx, weight gradient)``."""
+        x = x.detach().requires_grad_()
+        y, weight_leaf = self.differentiable_forward(x)
+        grad_x, grad_weight = torch.autograd.grad(y, (x, weight_leaf), grad_output)
+        return y.detach(), grad_x, grad_weight
+
+    def runner(self, op: Op, inputs: Inputs) -> tuple[Callable[[], object], Callable[[object], Outputs]]:
+        """``(run, canonical)``: ``run()`` does the op (this is what is timed) and ``canonical``
+        turns its result into the form the correctness check expects."""
+        x, grad_output = inputs.x, inputs.grad_output
+        if op is Op.FORWARD:
+            return lambda: self.forward(x), lambda y: (y,)
+        if op is Op.GRAD_INPUT:
+            return lambda: self.grad_input(grad_output), lambda grad_x: (grad_x,)
+        if op is Op.GRAD_WEIGHT:
+            return lambda: self.grad_weight(grad_output, x), lambda grad: (self.weight_grad_as_dense(grad),)
+        return (
+            lambda: self.train_step(x, grad_output),
+            lambda result: (result[0], result[1], self.weight_grad_as_dense(result[2])),
+        )
+
+
+class Dense(Implementation):
+    """``F.linear`` on the masked dense weight; its backward is two dense matmuls (full dW)."""
+
+    name = BASELINE
+    ops = frozenset(Op)
+
+    def __init__(self, weight: SparseWeight) -> None:
+        super().__init__(weight)
+        self.dense = weight.masked_dense
+        self.leaf = weight.masked_dense.detach().requires_grad_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dense)
+
+    def grad_input(self, grad_output: Tensor) -> Tensor:
+        return grad_output @ self.dense
+
+    def grad_weight(self, grad_output: Tensor, x: Tensor) -> Tensor:
+        return grad_output.t() @ x
+
+    def weight_grad_as_dense(self, grad: Tensor) -> Tensor:
+        return grad.masked_fill(~self.weight.mask, 0)
+
+    def differentiable_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return F.linear(x, self.leaf), self.leaf
+
+
+class Sparsekernels(Implementation):
+    """This library: ``sparsekernels.ops`` front ends forward, ``torch.ops.sparsekernels`` backward."""
+
+    name = OURS
+    ops = frozenset(Op)
+
+    def __init__(self, weight: SparseWeight) -> None:
+        super().__init__(weight)
+        self.matrix = weight.matrix
+        self.is_block = isinstance(weight.matrix, BlockSparseMatrix)
+        self.leaf = weight.matrix.values.detach().requires_grad_()
+
+    def _linear(self, x: Tensor, values: Tensor) -> Tensor:
+        if self.is_block:
+            return sparsekernels.ops.bsr_linear(x, values, *self.matrix.index_tensors())
+        return sparsekernels.ops.nm_linear(x, values, self.matrix.positions, self.matrix.n, self.matrix.m)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._linear(x, self.matrix.values)
+
+    def grad_input(self, grad_output: Tensor) -> Tensor:
+        matrix = self.matrix
+        if self.is_block:
+            return torch.ops.sparsekernels.bsr_linear_grad_input(grad_output, matrix.values, *matrix.index_tensors())
+        return torch.ops.sparsekernels.nm_linear_grad_input(grad_output, matrix.values, matrix.positions, matrix.n,
+                                                            matrix.m)
+
+    def grad_weight(self, grad_output: Tensor, x: Tensor) -> Tensor:
+        matrix = self.matrix
+        if self.is_block:
+            return torch.ops.sparsekernels.bsr_linear_grad_values(grad_output, x, *matrix.index_tensors(),
+                                                                  matrix.block_size)
+        return torch.ops.sparsekernels.nm_linear_grad_values(grad_output, x, matrix.positions, matrix.n, matrix.m)
+
+    def weight_grad_as_dense(self, grad: Tensor) -> Tensor:
+        matrix = self.matrix
+        if self.is_block:
+            return reference.bsr_to_dense(grad, matrix.block_row_offsets, matrix.block_col_indices, *matrix.shape)
+        return reference.nm_to_dense(grad, matrix.positions, matrix.n, matrix.m)
+
+    def differentiable_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._linear(x, self.leaf), self.leaf
+
+
+class TorchBsr(Implementation):
+    """torch's BSR tensors in ``F.linear``; the input gradient uses a BSR copy of ``W.T``."""
+
+    name = "torch_bsr"
+    ops = frozenset({Op.FORWARD, Op.GRAD_INPUT})
+
+    def __init__(self, weight: SparseWeight) -> None:
+        super().__init__(weight)
+        self.block_size = weight.layout.block_size
+        self.bsr = self._to_bsr(weight.masked_dense)
+
+    @classmethod
+    def unsupported_reason(cls, layout: Layout) -> Optional[str]:
+        return None if isinstance(layout, BlockSparse) else "torch BSR needs a block-sparse layout"
+
+    def _to_bsr(self, dense: Tensor) -> Tensor:
+        with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            return dense.to_sparse_bsr((self.block_size, self.block_size))
+
+    @cached_property
+    def transposed_bsr(self) -> Tensor:
+        return self._to_bsr(self.weight.masked_dense.t().contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.bsr)
+
+    def grad_input(self, grad_output: Tensor) -> Tensor:
+        return F.linear(grad_output, self.transposed_bsr)  # dy @ W == dy @ (W.T).T
+
+
+class _TorchSemiStructured(Implementation):
+    """torch's 2:4 semi-structured tensors in ``F.linear`` (forward only)."""
+
+    ops = frozenset({Op.FORWARD})
+    force_cutlass: ClassVar[bool]
+
+    def __init__(self, weight: SparseWeight) -> None:
+        super().__init__(weight)
+        from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+        previous = SparseSemiStructuredTensor._FORCE_CUTLASS
+        SparseSemiStructuredTensor._FORCE_CUTLASS = self.force_cutlass
+        try:
+            self.semi_structured = to_sparse_semi_structured(weight.masked_dense)
+        finally:
+            SparseSemiStructuredTensor._FORCE_CUTLASS = previous
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        return None if device.type == "cuda" else "torch semi-structured sparsity needs CUDA"
+
+    @classmethod
+    def unsupported_reason(cls, layout: Layout) -> Optional[str]:
+        return None if layout == NM(2, 4) else "torch semi-structured sparsity is 2:4 only"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.semi_structured)
+
+
+class TorchSemiCusparselt(_TorchSemiStructured):
+    name = "torch_semi_cusparselt"
+    force_cutlass = False
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        if reason := super().unavailable_reason(device):
+            return reason
+        # Without cuSPARSELt, torch silently falls back to CUTLASS: that would be the other peer.
+        return None if torch.backends.cusparselt.is_available() else "this torch build has no cuSPARSELt"
+
+
+class TorchSemiCutlass(_TorchSemiStructured):
+    name = "torch_semi_cutlass"
+    force_cutlass = True
+
+
+class Stk(Implementation):
+    """stk (github.com/stanford-futuredata/stk): ``y = dds(x, W.T)`` with W an ``stk.Matrix``."""
+
+    name = "stk"
+    ops = frozenset({Op.FORWARD})
+
+    def __init__(self, weight: SparseWeight) -> None:
+        super().__init__(weight)
+        import stk
+
+        self.stk = stk
+        self.transposed = stk.ops.to_sparse(weight.masked_dense, weight.layout.block_size).t()
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        if importlib.util.find_spec("stk") is None:
+            return "stk is not installed"
+        return None if device.type == "cuda" else "stk needs CUDA"
+
+    @classmethod
+    def unsupported_reason(cls, layout: Layout) -> Optional[str]:
+        return None if isinstance(layout, BlockSparse) else "stk needs a block-sparse layout"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.stk.ops.dds(x, self.transposed)
+
+
+IMPLEMENTATIONS: dict[str, type[Implementation]] = {
+    implementation.name: implementation
+    for implementation in (Dense, Sparsekernels, TorchBsr, TorchSemiCusparselt, TorchSemiCutlass, Stk)
+}
+PEERS = tuple(name for name in IMPLEMENTATIONS if name != OURS)
+
+
+def available_peers(device: torch.device) -> list[str]:
+    """The peers that can run on ``device``: the default of ``--peers``."""
+    return [name for name in PEERS if IMPLEMENTATIONS[name].unavailable_reason(device) is None]

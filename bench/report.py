@@ -1,0 +1,166 @@
+"""Where results go: a ``rich`` table on the terminal, ``results.json`` and ``results.csv``.
+
+The table has one row per cell: the cell, the dense time, then per implementation its time and
+speedup over dense. A wrong result shows WRONG (never a time or a speedup), an error shows a
+numbered marker whose message is listed under the table, and "n/a" means the implementation has
+nothing for that cell. ``results.json`` holds every cell with all its numbers plus the environment
+and the run's settings; ``results.csv`` has one row per (cell, implementation), for spreadsheets.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .implementations import BASELINE
+from .results import CellResult, Measurement, Status
+
+SCHEMA_VERSION = 1
+JSON_NAME = "results.json"
+CSV_NAME = "results.csv"
+REDIRECTED_WIDTH = 200
+
+CSV_MEASUREMENT_FIELDS = (
+    "implementation",
+    "status",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "eager_median_ms",
+    "samples",
+    "timing_method",
+    "graph_failure",
+    "speedup",
+    "tflops",
+    "gbps",
+    "max_abs_error",
+    "max_rel_error",
+    "tolerance",
+    "detail",
+)
+
+
+def wide_console() -> Console:
+    """A rich console; when output is redirected, lines are 200 columns rather than rich's 80, so
+    that table rows stay on one line in logs."""
+    console = Console()
+    return console if console.is_terminal else Console(width=REDIRECTED_WIDTH)
+
+
+class _Footnotes:
+    """Numbers each distinct error message once, for the list under the table."""
+
+    def __init__(self) -> None:
+        self.messages: dict[str, int] = {}
+
+    def mark(self, message: str) -> int:
+        return self.messages.setdefault(message, len(self.messages) + 1)
+
+
+def _format_ms(milliseconds: float) -> str:
+    return f"{milliseconds:.3g}" if milliseconds < 1000 else f"{milliseconds:,.0f}"
+
+
+def _format_speedup(speedup: float) -> str:
+    digits = 2 if speedup < 10 else 1 if speedup < 100 else 0
+    return f"{speedup:.{digits}f}x"
+
+
+def _format_measurement(name: str, measurement: Optional[Measurement], footnotes: _Footnotes) -> str:
+    if measurement is None or measurement.status is Status.NOT_APPLICABLE:
+        return "[dim]n/a[/]"
+    if measurement.status is Status.WRONG:
+        return "[bold red]WRONG[/]"
+    if measurement.status is Status.ERROR or measurement.timing is None:
+        return f"[yellow]error \\[{footnotes.mark(f'{name}: {measurement.detail}')}][/]"
+    text = _format_ms(measurement.timing.median_ms)
+    if measurement.timing.graph_failure is not None:
+        note = f"{name}: no CUDA graph time ({measurement.timing.graph_failure}), eager time shown"
+        text += f" [yellow]\\[{footnotes.mark(note)}][/]"
+    if name != BASELINE and measurement.speedup is not None:
+        color = "green" if measurement.speedup >= 1.0 else "red"
+        text += f" [{color}]{_format_speedup(measurement.speedup)}[/]"
+    return text
+
+
+def print_table(
+    results: Sequence[CellResult], implementation_names: Sequence[str], environment: dict[str, Any], console: Console
+) -> None:
+    if environment["device"] == "cuda":
+        timing_note = "kernel time through CUDA graphs (eager time in results.json)"
+    else:
+        timing_note = f"wall time on {environment['torch_threads']} threads"
+    table = Table(
+        title="sparsekernels benchmark",
+        caption=f"median {timing_note}; speedup = dense time / implementation time; "
+        "WRONG = outside tolerance of the float32 reference (not timed)",
+    )
+    for column in ("shape", "layout", "dtype", "M", "op"):
+        table.add_column(column, justify="right" if column == "M" else "left")
+    for name in implementation_names:
+        table.add_column(f"{name} ms" if name == BASELINE else f"{name} ms, speedup", justify="right")
+    footnotes = _Footnotes()
+    previous_weight = None
+    for result in results:
+        if previous_weight is not None and result.case.weight_key != previous_weight:
+            table.add_section()
+        previous_weight = result.case.weight_key
+        cell = result.cell_dict()
+        row = [cell["shape"], cell["layout"], cell["dtype"], str(cell["M"]), cell["op"]]
+        row += [_format_measurement(name, result.measurements.get(name), footnotes) for name in implementation_names]
+        table.add_row(*row)
+    console.print(table)
+    for message, number in footnotes.messages.items():
+        console.print(f"[yellow]\\[{number}][/] {escape(message)}", highlight=False)
+
+
+def write_json(path: Path, results: Sequence[CellResult], environment: dict[str, Any], run: dict[str, Any]) -> None:
+    document = {
+        "schema_version": SCHEMA_VERSION,
+        "environment": environment,
+        "run": run,
+        "cells": [result.to_dict() for result in results],
+    }
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def _csv_row(cell: dict[str, Any], name: str, measurement: Measurement) -> dict[str, Any]:
+    timing = measurement.timing
+    return {
+        **cell,
+        "implementation": name,
+        "status": measurement.status.value,
+        "median_ms": timing.median_ms if timing else None,
+        "p20_ms": timing.p20_ms if timing else None,
+        "p80_ms": timing.p80_ms if timing else None,
+        "eager_median_ms": timing.eager_median_ms if timing else None,
+        "samples": timing.samples if timing else None,
+        "timing_method": timing.method if timing else None,
+        "graph_failure": timing.graph_failure if timing else None,
+        "speedup": measurement.speedup,
+        "tflops": measurement.tflops,
+        "gbps": measurement.gbps,
+        "max_abs_error": measurement.max_abs_error,
+        "max_rel_error": measurement.max_rel_error,
+        "tolerance": measurement.tolerance,
+        "detail": measurement.detail,
+    }
+
+
+def write_csv(path: Path, results: Sequence[CellResult]) -> None:
+    rows = [
+        _csv_row(result.cell_dict(), name, measurement)
+        for result in results
+        for name, measurement in result.measurements.items()
+    ]
+    cell_fields = list(results[0].cell_dict()) if results else []
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[*cell_fields, *CSV_MEASUREMENT_FIELDS])
+        writer.writeheader()
+        writer.writerows(rows)

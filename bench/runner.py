@@ -1,0 +1,154 @@
+"""Measures every implementation on every cell: build the tensors, check the result, time, derive.
+
+Cells sharing a weight (same shape, layout, dtype) are adjacent, so each weight is pruned, and
+converted by each implementation, once. For each implementation and cell:
+
+1. run the op once and check it against the float32 reference (this call is also the first warm-up);
+2. a wrong result is marked WRONG and not timed, so it can never look fast;
+3. a correct one is timed, then gets useful TFLOP/s, GB/s and its speedup over ``dense``.
+
+Anything an implementation raises (converting the weight, running, timing) is recorded in its cell
+and the run goes on; only KeyboardInterrupt and the like stop it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import replace
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from tqdm import tqdm
+
+from .cases import Case
+from .correctness import check, reference_outputs
+from .errors import describe_error
+from .implementations import BASELINE, Implementation
+from .metrics import bytes_needed, useful_flops
+from .results import CellResult, Measurement, Status
+from .timing import Timer, TimingConfig, timer_for
+from .workloads import Inputs, SparseWeight, build_inputs, build_weight
+
+# An implementation bound to the current weight, or the measurement every cell of it gets instead.
+Bound = Union[Implementation, Measurement]
+
+
+def run_cells(
+    cases: Sequence[Case],
+    implementations: Sequence[type[Implementation]],
+    device: torch.device,
+    timing: TimingConfig,
+    progress: bool = True,
+) -> Iterator[CellResult]:
+    """Measure ``implementations`` (the first must be ``dense``, the baseline) on ``cases``, yielding
+    each cell's result as soon as it is complete (so an interrupted run keeps what it measured)."""
+    if not implementations or implementations[0].name != BASELINE:
+        raise ValueError(f"the first implementation must be the baseline {BASELINE!r}")
+    timer = timer_for(device, timing)
+    with tqdm(total=len(cases), file=sys.stderr, disable=not progress, unit="cell", dynamic_ncols=True) as bar:
+        for weight_key, group in itertools.groupby(cases, key=lambda case: case.weight_key):
+            group = list(group)
+            bar.set_postfix_str(group[0].weight_label)
+            for result in _run_weight_group(group, weight_key, implementations, device, timer):
+                bar.update()
+                yield result
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next weight may be far larger
+
+
+def _run_weight_group(
+    cases: list[Case],
+    weight_key: tuple,
+    implementations: Sequence[type[Implementation]],
+    device: torch.device,
+    timer: Timer,
+) -> Iterator[CellResult]:
+    try:
+        weight = build_weight(*weight_key, device)
+    except Exception as error:
+        failure = Measurement(Status.ERROR, f"building the weight: {describe_error(error)}")
+        for case in cases:
+            yield CellResult(case, None, 0, 0, {cls.name: replace(failure) for cls in implementations})
+        return
+    bound = {cls.name: _bind(cls, weight) for cls in implementations}
+    for rows, row_cases in itertools.groupby(cases, key=lambda case: case.rows):
+        inputs = build_inputs(weight, rows)
+        for case in row_cases:
+            yield _run_cell(case, weight, inputs, bound, timer)
+
+
+def _bind(cls: type[Implementation], weight: SparseWeight) -> Bound:
+    reason = cls.unsupported_reason(weight.layout)
+    if reason is not None:
+        return Measurement(Status.NOT_APPLICABLE, reason)
+    try:
+        return cls(weight)
+    except Exception as error:
+        return Measurement(Status.ERROR, f"converting the weight: {describe_error(error)}")
+
+
+def _run_cell(case: Case, weight: SparseWeight, inputs: Inputs, bound: dict[str, Bound], timer: Timer) -> CellResult:
+    result = CellResult(case, weight.matrix.density, useful_flops(case, weight), bytes_needed(case, weight))
+    expected: Optional[tuple[torch.Tensor, ...]] = None
+
+    def reference() -> tuple[torch.Tensor, ...]:
+        nonlocal expected
+        if expected is None:
+            expected = reference_outputs(case.op, weight, inputs)
+        return expected
+
+    for name, implementation in bound.items():
+        if isinstance(implementation, Measurement):
+            result.measurements[name] = replace(implementation)
+        elif case.op not in implementation.ops:
+            result.measurements[name] = Measurement(Status.NOT_APPLICABLE, f"{name} has no {case.op.value}")
+        else:
+            result.measurements[name] = _measure(implementation, case, inputs, reference, timer)
+    _derive(result)
+    return result
+
+
+def _measure(
+    implementation: Implementation,
+    case: Case,
+    inputs: Inputs,
+    reference: Callable[[], tuple[torch.Tensor, ...]],
+    timer: Timer,
+) -> Measurement:
+    try:
+        run, canonical = implementation.runner(case.op, inputs)
+        verdict = check(canonical(run()), reference(), case.dtype)
+    except Exception as error:
+        return Measurement(Status.ERROR, describe_error(error))
+    errors = {
+        "max_abs_error": verdict.max_abs_error,
+        "max_rel_error": verdict.max_rel_error,
+        "tolerance": verdict.tolerance,
+    }
+    if not verdict.correct:
+        detail = (
+            "non-finite output"
+            if verdict.max_rel_error is None
+            else f"error {verdict.max_rel_error:.2e} of the output scale > tolerance {verdict.tolerance:.0e}"
+        )
+        return Measurement(Status.WRONG, detail, **errors)
+    try:
+        timing = timer.measure(run)
+    except Exception as error:
+        return Measurement(Status.ERROR, f"timing: {describe_error(error)}", **errors)
+    return Measurement(Status.OK, timing=timing, **errors)
+
+
+def _derive(result: CellResult) -> None:
+    """Fill TFLOP/s, GB/s and the speedup over dense of every correct, timed measurement."""
+    baseline = result.measurements.get(BASELINE)
+    baseline_ms = baseline.timing.median_ms if baseline is not None and baseline.timing is not None else None
+    for measurement in result.measurements.values():
+        if measurement.status is not Status.OK or measurement.timing is None:
+            continue
+        seconds = measurement.timing.median_ms * 1e-3
+        measurement.tflops = result.useful_flops / seconds / 1e12
+        measurement.gbps = result.bytes_needed / seconds / 1e9
+        if baseline_ms is not None:
+            measurement.speedup = baseline_ms / measurement.timing.median_ms

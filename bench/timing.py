@@ -1,0 +1,118 @@
+"""How long one call takes: wall clock on CPU; CUDA-graph kernel time plus eager time on CUDA.
+
+The runner only sees :func:`timer_for` and the :class:`Timer` protocol, so a better method (hardware
+counters, L2 flushing, a fixed clock) can be added here without touching anything else.
+
+* Wall clock (CPU, and the eager time on CUDA): after warm-up, each sample times a batch of calls
+  long enough (>= 1 ms) that the clock's resolution does not matter, and divides by the batch size;
+  on CUDA the batch ends with a synchronize, so host overhead (launches, argument checks) counts.
+* CUDA graphs (``triton.testing.do_bench_cudagraph``): the calls are captured into one graph and
+  replayed, which removes host overhead and leaves kernel time. If that fails (an op that syncs
+  with the host cannot be captured; triton may be missing), the eager time stands in, with
+  ``method="eager"`` and ``graph_failure`` saying why.
+
+Sampling stops after ``repeats`` samples, or earlier, once at least three are in and the
+measurement has used its time budget, which bounds the cost of slow cells.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+import torch
+
+from .errors import describe_error
+
+MIN_SAMPLES = 3
+MIN_SAMPLE_SECONDS = 1e-3
+MAX_CALLS_PER_SAMPLE = 1000
+CUDA_GRAPH_REPLAYS = 10  # do_bench_cudagraph replays its graph this many times
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    warmup: int  # untimed calls before sampling (the correctness call already ran once)
+    repeats: int  # most samples taken
+    budget_s: float  # stop sampling after this long, once MIN_SAMPLES are in
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median and the 20th / 80th percentiles of the samples."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    samples: int
+    method: str  # "wall_clock" (CPU), "cuda_graph", or "eager" when CUDA graph timing failed
+    eager_median_ms: Optional[float] = None  # CUDA only: host overhead included
+    graph_failure: Optional[str] = None  # CUDA only: why there is no CUDA graph time
+
+
+class Timer(Protocol):
+    def measure(self, fn: Callable[[], object]) -> Timing: ...
+
+
+def _summarize(samples_ms: list[float], method: str, eager_median_ms: Optional[float] = None) -> Timing:
+    median, p20, p80 = np.percentile(samples_ms, [50, 20, 80])
+    return Timing(float(median), float(p20), float(p80), len(samples_ms), method, eager_median_ms)
+
+
+def _wall_clock_samples(fn: Callable[[], object], config: TimingConfig, synchronize: Callable[[], None]) -> list[float]:
+    for _ in range(config.warmup):
+        fn()
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    one_call = time.perf_counter() - start
+    calls = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_SECONDS / max(one_call, 1e-9))))
+    deadline = time.perf_counter() + config.budget_s
+    samples_ms: list[float] = []
+    while len(samples_ms) < config.repeats:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize()
+        samples_ms.append((time.perf_counter() - start) * 1e3 / calls)
+        if len(samples_ms) >= MIN_SAMPLES and time.perf_counter() > deadline:
+            break
+    return samples_ms
+
+
+class WallClockTimer:
+    """CPU: wall time per call."""
+
+    def __init__(self, config: TimingConfig) -> None:
+        self.config = config
+
+    def measure(self, fn: Callable[[], object]) -> Timing:
+        return _summarize(_wall_clock_samples(fn, self.config, lambda: None), "wall_clock")
+
+
+class CudaTimer:
+    """CUDA: kernel time through CUDA graphs, and eager time (host overhead included) alongside."""
+
+    def __init__(self, config: TimingConfig) -> None:
+        self.config = config
+
+    def measure(self, fn: Callable[[], object]) -> Timing:
+        eager = _summarize(_wall_clock_samples(fn, self.config, torch.cuda.synchronize), "eager")
+        try:
+            from triton.testing import do_bench_cudagraph
+
+            # do_bench_cudagraph spends about CUDA_GRAPH_REPLAYS * rep milliseconds.
+            rep_ms = max(1.0, self.config.budget_s * 1e3 / CUDA_GRAPH_REPLAYS)
+            samples_ms = do_bench_cudagraph(fn, rep=rep_ms, return_mode="all")
+        except Exception as error:  # capture unsupported by this op, or no triton: keep the eager time
+            torch.cuda.synchronize()
+            return replace(eager, eager_median_ms=eager.median_ms, graph_failure=describe_error(error))
+        return _summarize(list(samples_ms), "cuda_graph", eager.median_ms)
+
+
+def timer_for(device: torch.device, config: TimingConfig) -> Timer:
+    return CudaTimer(config) if device.type == "cuda" else WallClockTimer(config)
