@@ -522,3 +522,23 @@ def test_fsdp2_shards_kept_values_and_trains(tmp_path):
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(result["reference_losses"]))
     for value, reference in zip(result["values"], result["reference_values"]):
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- example
+def test_example_runs_every_mode_at_a_tiny_size(tmp_path):
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_sparse_gpt.py")
+    spec = importlib.util.spec_from_file_location("train_sparse_gpt", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out, results = tmp_path / "curves.png", tmp_path / "results.json"
+    assert example.main(["--steps", "4", "--d-model", "128", "--layers", "1", "--batch", "2", "--seq", "16", "--eval-batches", "1",
+                         "--out", str(out), "--json", str(results)]) == 0
+    assert out.stat().st_size > 0
+    rows = {row["run"]: row for row in json.loads(results.read_text())["results"]}
+    assert set(rows) == set(example.RUNS)
+    assert all(math.isfinite(row["val_loss"]) and len(row["losses"]) == 4 for row in rows.values())
+    assert rows["block-static"]["mlp_density"] == pytest.approx(6 / 64)
+    assert rows["nm-srste"]["mlp_density"] == 0.5 and rows["dense"]["mlp_density"] == 1.0
