@@ -226,6 +226,20 @@ def test_gradual_pruner_hits_its_densities_and_keeps_training():
     assert all(math.isfinite(loss) for loss in losses)
 
 
+def test_gradual_pruner_taylor_scores_use_the_gradient():
+    layer = SparseLinear(32, 32, BlockSparse(16, 1.0), bias=False)
+    with torch.no_grad():
+        layer.values.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(4, 1, 1).expand(4, 16, 16))
+    layer.values.grad = torch.tensor([4.0, 0.1, 0.1, 0.1]).reshape(4, 1, 1).expand(4, 16, 16).clone()
+    GradualPruner(nn.Sequential(layer), 0.25, start_step=0, end_step=1, every=1, score="taylor").step()
+    assert layer.matrix.block_mask().flatten().tolist() == [True, False, False, False]  # |w*g|: 4, .2, .3, .4
+    magnitude = SparseLinear(32, 32, BlockSparse(16, 1.0), bias=False)
+    with torch.no_grad():
+        magnitude.values.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(4, 1, 1).expand(4, 16, 16))
+    GradualPruner(nn.Sequential(magnitude), 0.25, start_step=0, end_step=1, every=1).step()
+    assert magnitude.matrix.block_mask().flatten().tolist() == [False, False, False, True]
+
+
 def test_gradual_pruner_taylor_and_argument_errors():
     model = _mlp(BlockSparse(16, 1.0), NM(2, 4))
     pruner = GradualPruner(model, 0.5, start_step=0, end_step=1, every=1, score="taylor")
@@ -497,13 +511,18 @@ def _fsdp_worker(rank, world_size, store_path, out_dir):
             fully_shard(layer)
         fully_shard(model)
         local_shapes = [tuple(layer.values.to_local().shape) for layer in (model[0], model[2])]
+        try:
+            RigL(model, None)
+            refuses_sharded_updates = False
+        except NotImplementedError:
+            refuses_sharded_updates = True
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
         losses = _train(model, optimizer, [], 3)  # same data on both ranks: grads equal the single-process ones
         reference_losses = _train(reference, reference_optimizer, [], 3)
         full = [layer.values.full_tensor().detach() for layer in (model[0], model[2])]
         torch.save(
-            {"local_shapes": local_shapes, "losses": losses, "reference_losses": reference_losses, "values": full,
+            {"local_shapes": local_shapes, "refuses_sharded_updates": refuses_sharded_updates, "losses": losses, "reference_losses": reference_losses, "values": full,
              "reference_values": [layer.values.detach() for layer in (reference[0], reference[2])]},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -519,6 +538,7 @@ def test_fsdp2_shards_kept_values_and_trains(tmp_path):
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "rank0.pt")
     assert result["local_shapes"] == [(2, 16, 16), (16, 32)], "dim 0 of values is sharded over 2 ranks"
+    assert result["refuses_sharded_updates"], "RigL must refuse FSDP-sharded values with NotImplementedError"
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(result["reference_losses"]))
     for value, reference in zip(result["values"], result["reference_values"]):
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..formats import BlockSparseMatrix
 from ..layouts import BlockSparse
 from ..pruning import block_mask, magnitude_scores, taylor_scores
 from ._common import check_step_args, sparse_layers
@@ -112,8 +113,10 @@ class GradualPruner:
             if self.score == "taylor":
                 if layer.values.grad is None:
                     raise RuntimeError(f"{fqn}: score='taylor' needs values.grad at the pruning step")
-                grad = type(layer.matrix)(
-                    layer.values.grad, *layer.matrix.index_tensors()[:2], layer.matrix.shape, validate=False
+                pattern = layer.matrix
+                grad = BlockSparseMatrix(
+                    layer.values.grad, pattern.block_row_offsets, pattern.block_col_indices, pattern.shape,
+                    validate=False,
                 ).to_dense()
                 scores = taylor_scores(weight, grad)
             else:
