@@ -281,8 +281,10 @@ class SparseLinear(nn.Module):
 
     def _source_weight(self, values: Optional[Tensor]) -> Tensor:
         shape = (self.out_features, self.in_features)
-        if values is None:  # placeholder; set_pattern fills kept values from the old slots
-            return torch.zeros(shape, dtype=self.values.dtype, device=self.values.device)
+        if values is None:
+            # Placeholder (set_pattern fills the kept values from the old slots): a zero-stride view,
+            # so no dense [out, in] tensor is allocated for a large layer.
+            return torch.zeros((), dtype=self.values.dtype, device=self.values.device).expand(shape)
         if not isinstance(values, Tensor):
             raise TypeError(f"values must be a dense torch.Tensor {list(shape)}, got {type(values).__name__}")
         if tuple(values.shape) != shape:
