@@ -146,8 +146,8 @@ def plot(results: list[dict], path: str) -> None:
         losses = torch.tensor(result["losses"])
         window = max(1, len(losses) // 25)
         smooth = losses.unfold(0, window, 1).mean(1) if len(losses) >= window else losses
-        axis.plot(range(window - 1, window - 1 + len(smooth)), smooth.tolist(),
-                  label=f"{result['run']} (val {result['val_loss']:.3f}, {result['median_step_ms']:.0f} ms/step)")
+        label = f"{result['run']} (val {result['val_loss']:.3f}, {result['median_step_cpu_ms']:.0f} CPU ms/step)"
+        axis.plot(range(window - 1, window - 1 + len(smooth)), smooth.tolist(), label=label)
     axis.set_xlabel("step")
     axis.set_ylabel("training loss (moving average)")
     axis.set_title("Small GPT on a synthetic byte corpus: dense vs sparse MLPs")
