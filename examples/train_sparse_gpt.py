@@ -183,7 +183,8 @@ def main(argv=None) -> int:
                        max_seq_len=args.seq)
     train_data = torch.tensor(list(synthetic_corpus(400_000, seed=0)), dtype=torch.long)
     val_data = torch.tensor(list(synthetic_corpus(50_000, seed=1)), dtype=torch.long)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    machine = platform.processor() or platform.machine()
+    print(f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.steps} steps, d_model={args.d_model}, "
           f"layers={args.layers}, batch={args.batch}x{args.seq}")
     results = []

@@ -423,6 +423,29 @@ def test_training_step_compiles_fullgraph_and_sees_pattern_updates():
     ste(input).sum().backward()
 
 
+def test_rigl_with_a_compiled_model_captures_in_eager_mode():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _mlp(BlockSparse(16, 0.5), NM(2, 4))
+    compiled = torch.compile(model, fullgraph=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rigl = RigL(model, optimizer, update_every=2, drop_fraction=0.5, end_step=20)
+    masks = [layer.dense_mask() for layer in (model[0], model[2])]
+    capturing = []
+    for step in range(1, 5):
+        input, target = _regression_batch(step)
+        capturing.append(rigl.capturing)
+        loss = F.mse_loss((model if rigl.capturing else compiled)(input), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        rigl.step()
+    assert capturing == [False, True, False, True]
+    assert all(not torch.equal(mask, layer.dense_mask()) for mask, layer in zip(masks, (model[0], model[2])))
+    input, _ = _regression_batch(99)
+    torch.testing.assert_close(compiled(input), model(input), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("method", ["rigl", "gradual"])
 def test_checkpoint_resume_gives_identical_next_steps(method, tmp_path):
@@ -522,8 +545,14 @@ def _fsdp_worker(rank, world_size, store_path, out_dir):
         reference_losses = _train(reference, reference_optimizer, [], 3)
         full = [layer.values.full_tensor().detach() for layer in (model[0], model[2])]
         torch.save(
-            {"local_shapes": local_shapes, "refuses_sharded_updates": refuses_sharded_updates, "losses": losses, "reference_losses": reference_losses, "values": full,
-             "reference_values": [layer.values.detach() for layer in (reference[0], reference[2])]},
+            {
+                "local_shapes": local_shapes,
+                "refuses_sharded_updates": refuses_sharded_updates,
+                "losses": losses,
+                "reference_losses": reference_losses,
+                "values": full,
+                "reference_values": [layer.values.detach() for layer in (reference[0], reference[2])],
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -554,8 +583,8 @@ def test_example_runs_every_mode_at_a_tiny_size(tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     out, results = tmp_path / "curves.png", tmp_path / "results.json"
-    assert example.main(["--steps", "4", "--d-model", "128", "--layers", "1", "--batch", "2", "--seq", "16", "--eval-batches", "1",
-                         "--out", str(out), "--json", str(results)]) == 0
+    tiny = ["--steps", "4", "--d-model", "128", "--layers", "1", "--batch", "2", "--seq", "16", "--eval-batches", "1"]
+    assert example.main([*tiny, "--out", str(out), "--json", str(results)]) == 0
     assert out.stat().st_size > 0
     rows = {row["run"]: row for row in json.loads(results.read_text())["results"]}
     assert set(rows) == set(example.RUNS)

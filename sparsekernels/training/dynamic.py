@@ -84,6 +84,17 @@ class RigL:
     def is_update_step(self, step: int) -> bool:
         return step > 0 and step % self.update_every == 0 and step < self.end_step
 
+    @property
+    def capturing(self) -> bool:
+        """True when the next forward/backward must run in eager mode to capture the dense gradient.
+
+        RigL's hooks do not run inside a ``torch.compile``d graph (hooks added after compilation are
+        not traced), so with a compiled model call the plain module on these steps::
+
+            output = (model if rigl.capturing else compiled)(input)
+        """
+        return bool(self._hooks)
+
     def drop_fraction_at(self, step: int) -> float:
         return cosine_decay(step, self.drop_fraction, self.end_step)
 
@@ -127,7 +138,8 @@ class RigL:
         if grad is None:
             raise RuntimeError(
                 f"{fqn}: no gradient was captured before the RigL update at step {self.step_count}; "
-                "call rigl.step() once after every optimizer.step(), with a backward pass in between"
+                "call rigl.step() once after every optimizer.step(), with a backward pass in between, "
+                "and run the uncompiled model while rigl.capturing is True (hooks do not run in compiled graphs)"
             )
         return all_reduce_(grad).abs()
 
