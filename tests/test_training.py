@@ -500,11 +500,26 @@ def _ddp_worker(rank, world_size, store_path, out_dir):
         optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
         rigl = RigL(ddp, optimizer, update_every=2, drop_fraction=0.5, end_step=20)
         _train(ddp, optimizer, [rigl], 6, rank=rank)  # different data on every rank
+        # Gradual pruning re-compresses (new Parameters), so DDP must be wrapped again after a prune.
+        torch.manual_seed(1)
+        gradual_model = _mlp(BlockSparse(16, 1.0), BlockSparse(16, 1.0))
+        gradual_ddp = nn.parallel.DistributedDataParallel(gradual_model)
+        gradual_optimizer = torch.optim.SGD(gradual_model.parameters(), lr=0.05)
+        pruner = GradualPruner(gradual_ddp, 0.25, start_step=1, end_step=4, every=1, optimizer=gradual_optimizer)
+        for step in range(1, 7):
+            input, target = _regression_batch(step, rank)
+            loss = F.mse_loss(gradual_ddp(input), target)
+            gradual_optimizer.zero_grad()
+            loss.backward()
+            gradual_optimizer.step()
+            if pruner.step():
+                gradual_ddp = nn.parallel.DistributedDataParallel(gradual_model)
         torch.save(
             {
                 "initial": initial,
                 "masks": [layer.dense_mask() for layer in (model[0], model[2])],
                 "weights": [layer.dense_weight().detach() for layer in (model[0], model[2])],
+                "gradual": [layer.dense_weight().detach() for layer in (gradual_model[0], gradual_model[2])],
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -518,8 +533,9 @@ def test_ddp_ranks_keep_identical_masks(tmp_path):
     for initial, mask0, mask1 in zip(rank0["initial"], rank0["masks"], rank1["masks"]):
         assert torch.equal(mask0, mask1)
         assert not torch.equal(initial, mask0), "RigL updated the masks"
-    for weight0, weight1 in zip(rank0["weights"], rank1["weights"]):
+    for weight0, weight1 in zip(rank0["weights"] + rank0["gradual"], rank1["weights"] + rank1["gradual"]):
         assert torch.equal(weight0, weight1)
+    assert all(int((weight != 0).sum()) == weight.numel() // 4 for weight in rank0["gradual"])
 
 
 def _fsdp_worker(rank, world_size, store_path, out_dir):

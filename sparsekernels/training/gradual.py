@@ -10,6 +10,11 @@ training gets cheaper as it goes.
 Optimizer handling: pass ``optimizer=`` and the pruner swaps each new Parameter into its param
 groups and carries the surviving blocks' state over (``remap_optimizer_state``). Without it, build
 the optimizer again after each prune (``pruner.step()`` returns True when it pruned).
+
+Under DDP, the new Parameters are unknown to the DDP wrapper (its gradient buckets hold the old
+ones): wrap the module again when ``step()`` returns True,
+``ddp = DistributedDataParallel(ddp.module)``. Decisions agree across ranks without communication,
+because they depend only on the weights, which DDP keeps identical. FSDP-sharded layers are refused.
 """
 
 from __future__ import annotations
