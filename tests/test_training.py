@@ -87,6 +87,29 @@ def test_set_pattern_same_count_updates_in_place(layout):
     _check_matches_dense(layer, 64)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout,shape", [(NM(2, 4), (1, 4)), (NM(2, 4), (7, 20)), (NM(3, 8), (13, 24)),
+                                          (BlockSparse(16, 0.34), (48, 16))], ids=str)
+def test_set_pattern_odd_shapes_and_low_precision(layout, shape, dtype):
+    out_features, in_features = shape
+    layer = SparseLinear(in_features, out_features, layout, dtype=dtype)
+    old_weight, old_mask = layer.dense_weight().detach().clone(), layer.dense_mask()
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(out_features, in_features, generator=generator)
+    if isinstance(layout, NM):
+        new_mask = sk.pruning.nm_mask(scores, layout.n, layout.m)
+        layer.set_pattern(new_mask)
+    else:
+        grid = sk.pruning.block_mask(scores, 16, 0.34)
+        layer.set_pattern(grid)
+        new_mask = grid.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert layer.values.dtype == dtype and torch.equal(layer.dense_mask(), new_mask)
+    assert torch.equal(layer.dense_weight().detach(), old_weight * (old_mask & new_mask))
+    input = torch.randn(3, in_features).to(dtype)
+    expected = F.linear(input.float(), layer.dense_weight().detach().float(), layer.bias.float())
+    torch.testing.assert_close(layer(input).float(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_set_pattern_takes_values_and_matrices():
     layer = SparseLinear(32, 32, BlockSparse(16, 0.5))
     dense = torch.randn(32, 32)
