@@ -7,7 +7,6 @@ suffer from their coarse rounding.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..formats._common import check_dense_weight
