@@ -16,6 +16,7 @@ from .backend import BACKENDS, backend_available, get_backend, set_backend
 from .formats import BlockSparseMatrix, NMMatrix
 from .layouts import NM, BlockSparse
 from .nn import SparseLinear, sparsify_
+from . import pruning, training  # noqa: E402  (after nn: they build on SparseLinear)
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,9 @@ __all__ = [
     "backend_available",
     "get_backend",
     "ops",
+    "pruning",
     "reference",
     "set_backend",
     "sparsify_",
+    "training",
 ]

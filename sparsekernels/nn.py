@@ -200,6 +200,119 @@ class SparseLinear(nn.Module):
             f"layout={self.layout}, density={self.density:.4f}"
         )
 
+    # ------------------------------------------------------------------ pattern updates
+    @torch.no_grad()
+    def set_pattern(
+        self,
+        pattern: Union[Tensor, BlockSparseMatrix, NMMatrix],
+        values: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Change which weights are kept; returns where each new kept slot came from.
+
+        Args:
+            pattern: a bool mask (block mask ``[out/b, in/b]`` or element mask ``[out, in]`` for
+                block-sparse layers; element mask with exactly n of every m for N:M layers), or a
+                ``BlockSparseMatrix`` / ``NMMatrix`` of this layer's shape whose values are adopted.
+            values: optional dense ``[out, in]`` tensor to read the new kept values from. By
+                default a weight kept before and after keeps its value and a newly kept one is 0.
+
+        Returns:
+            ``source``, int64 ``[slots]``: for every slot of the new ``values`` (a block for
+            block-sparse layers, one element of the flattened values for N:M), the old slot it
+            holds, or -1 for a newly kept one. ``sparsekernels.training.remap_optimizer_state``
+            uses it to move optimizer state along with the weights.
+
+        When the number of kept weights is unchanged (RigL, SET, any N:M update) the ``values``
+        Parameter keeps its identity and shape (its data, and its ``.grad`` if any, are rewritten in
+        place) and the index buffers are overwritten in place, so optimizers, DDP buckets and
+        compiled graphs stay valid. When it changes (gradual pruning), ``values`` becomes a new
+        Parameter and the index buffers whose length changed are replaced: whoever holds the old
+        Parameter (an optimizer) must be told, see ``remap_optimizer_state``.
+        """
+        if isinstance(self.layout, BlockSparse):
+            old_grid = self.matrix.block_mask()
+            new_matrix = self._block_matrix_for(pattern, values)
+            new_grid = new_matrix.block_mask()
+        else:
+            old_grid = self.matrix.mask()
+            new_matrix = self._nm_matrix_for(pattern, values)
+            new_grid = new_matrix.mask()
+        # Slots are numbered in row-major order of the grid, which is the order of ``values``.
+        slot_of = torch.full(old_grid.shape, -1, dtype=torch.int64, device=old_grid.device)
+        slot_of[old_grid] = torch.arange(int(old_grid.sum()), device=old_grid.device)
+        source = slot_of[new_grid]
+        if values is None and not isinstance(pattern, (BlockSparseMatrix, NMMatrix)):
+            new_matrix.values.copy_(_gather_slots(self.values.detach(), source))
+        self._adopt(new_matrix, source)
+        return source
+
+    def _block_matrix_for(self, pattern, values: Optional[Tensor]) -> BlockSparseMatrix:
+        b = self.layout.block_size
+        shape = (self.out_features, self.in_features)
+        if isinstance(pattern, BlockSparseMatrix):
+            if tuple(pattern.shape) != shape or pattern.block_size != b:
+                raise ValueError(
+                    f"pattern must be a {list(shape)} BlockSparseMatrix with block_size={b}, got {pattern!r}"
+                )
+            if values is not None:
+                raise ValueError("pass values= only with a mask pattern; a BlockSparseMatrix brings its own")
+            return pattern
+        if isinstance(pattern, NMMatrix):
+            raise TypeError("pattern must be a bool mask or BlockSparseMatrix for a block-sparse layer, got NMMatrix")
+        source_weight = self._source_weight(values)
+        matrix = BlockSparseMatrix.from_dense(source_weight, b, mask=pattern)
+        if matrix.nnz_blocks == 0:
+            raise ValueError("pattern must keep at least one block")
+        return matrix
+
+    def _nm_matrix_for(self, pattern, values: Optional[Tensor]) -> NMMatrix:
+        n, m = self.layout.n, self.layout.m
+        if isinstance(pattern, NMMatrix):
+            if tuple(pattern.shape) != (self.out_features, self.in_features) or (pattern.n, pattern.m) != (n, m):
+                raise ValueError(
+                    f"pattern must be a [{self.out_features}, {self.in_features}] {n}:{m} NMMatrix, got {pattern!r}"
+                )
+            if values is not None:
+                raise ValueError("pass values= only with a mask pattern; an NMMatrix brings its own")
+            return pattern
+        if isinstance(pattern, BlockSparseMatrix):
+            raise TypeError("pattern must be a bool mask or NMMatrix for an N:M layer, got BlockSparseMatrix")
+        return NMMatrix.from_dense(self._source_weight(values), n, m, mask=pattern)
+
+    def _source_weight(self, values: Optional[Tensor]) -> Tensor:
+        shape = (self.out_features, self.in_features)
+        if values is None:
+            # Placeholder (set_pattern fills the kept values from the old slots): a zero-stride view,
+            # so no dense [out, in] tensor is allocated for a large layer.
+            return torch.zeros((), dtype=self.values.dtype, device=self.values.device).expand(shape)
+        if not isinstance(values, Tensor):
+            raise TypeError(f"values must be a dense torch.Tensor {list(shape)}, got {type(values).__name__}")
+        if tuple(values.shape) != shape:
+            raise ValueError(f"values must have shape {list(shape)}, got {list(values.shape)}")
+        return values.detach().to(dtype=self.values.dtype, device=self.values.device)
+
+    def _adopt(self, matrix: Union[BlockSparseMatrix, NMMatrix], source: Tensor) -> None:
+        """Take ``matrix``'s pattern and values: in place where shapes allow, else by replacement."""
+        new_values = matrix.values.to(dtype=self.values.dtype, device=self.values.device)
+        if new_values.shape == self.values.shape:
+            self.values.copy_(new_values)
+            if self.values.grad is not None:
+                self.values.grad.copy_(_gather_slots(self.values.grad, source))
+        else:
+            self.values = nn.Parameter(new_values.clone(), requires_grad=self.values.requires_grad)
+        if isinstance(matrix, BlockSparseMatrix):
+            named = zip(_BSR_INDEX_NAMES, matrix.index_tensors())
+            self.layout = BlockSparse(self.layout.block_size, matrix.density)
+        else:
+            named = (("positions", matrix.positions),)
+        for name, tensor in named:
+            buffer = getattr(self, name)
+            tensor = tensor.to(buffer.device)
+            if buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
+                buffer.copy_(tensor)
+            else:
+                setattr(self, name, tensor.clone())
+
     # ------------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -236,6 +349,20 @@ class SparseLinear(nn.Module):
         else:
             validate_positions(self.positions, self.out_features, self.values.shape[1], self.layout.n,
                                self.layout.m)
+
+
+def _gather_slots(old: Tensor, source: Tensor) -> Tensor:
+    """``old`` moved to new slots: slot i of the result is old slot ``source[i]``, or 0 where -1.
+
+    A slot is a block of a block-sparse ``values[nnz, b, b]`` (3-D) or one element of an N:M
+    ``values[out, kept]`` (2-D; its size never changes, so the result keeps ``old``'s shape).
+    """
+    blocks = old.dim() == 3
+    flat = old.reshape(old.shape[0], -1) if blocks else old.reshape(-1, 1)
+    kept = source >= 0
+    out = flat.new_zeros((source.shape[0], flat.shape[1]))
+    out[kept] = flat[source[kept]]
+    return out.reshape(source.shape[0], *old.shape[1:]) if blocks else out.reshape(old.shape)
 
 
 LayoutChoice = Union[Layout, Callable[[nn.Linear, str], Optional[Layout]]]
