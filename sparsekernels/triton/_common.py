@@ -1,0 +1,55 @@
+"""Pieces shared by the Triton kernel families: the dot-product helper and launch-time facts.
+
+Why a dot helper: every kernel accumulates in float32 and multiplies tiles with ``tl.dot``. On a GPU
+the tiles go to the tensor cores in their storage dtype (float32 tiles with ``input_precision="ieee"``,
+so float32 results are not silently computed in TF32). The Triton interpreter (``TRITON_INTERPRET=1``,
+how the CPU-only tests run these kernels) multiplies bfloat16 tiles as raw 16-bit integers, so there
+the tiles are widened to float32 first; bfloat16 products are exact in float32, so the result is the
+same as the tensor-core path up to summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def dot_accumulate(a, b, acc, WIDEN: tl.constexpr):
+    """``acc + a @ b`` in float32; ``WIDEN`` widens both tiles to float32 first (interpreter only)."""
+    if WIDEN:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (runs on the host, numpy)."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def widen_dot(kernel, dtype: torch.dtype) -> bool:
+    """The ``WIDEN`` flag of :func:`dot_accumulate` for tiles of ``dtype`` run by ``kernel``."""
+    return is_interpreted(kernel) and dtype == torch.bfloat16
+
+
+def check_device(kernel, tensor: torch.Tensor, name: str) -> None:
+    """Compiled kernels need CUDA tensors; the interpreter takes CPU tensors too."""
+    if tensor.device.type == "cuda" or (is_interpreted(kernel) and tensor.device.type == "cpu"):
+        return
+    raise ValueError(
+        f"the Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+        f"got {name} on {tensor.device}"
+    )
+
+
+def rows_block(rows: int) -> int:
+    """Tile height over the flattened input rows: small for decode-sized batches, 64 for large ones."""
+    if rows <= 16:
+        return 16
+    if rows <= 32:
+        return 32
+    return 64
