@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 
@@ -29,6 +30,21 @@ def dot_accumulate(a, b, acc, WIDEN: tl.constexpr):
 def is_interpreted(kernel) -> bool:
     """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (runs on the host, numpy)."""
     return isinstance(kernel, InterpretedFunction)
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """Launch ``kernel`` over ``grid``, traceably (``wrap_triton``) when compiled.
+
+    An interpreted kernel cannot be traced: it reads the tensors' memory on the host. It runs on
+    real tensors only and is skipped on fake ones (shape inference, torch.compile), where the
+    results' shapes are all that is asked for; ops.py registers such kernels as opaque ops.
+    """
+    if not is_interpreted(kernel):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    if any(isinstance(arg, torch.Tensor) and (is_fake(arg) or arg.device.type == "meta") for arg in args):
+        return
+    kernel[grid](*args, **kwargs)
 
 
 def widen_dot(kernel, dtype: torch.dtype) -> bool:

@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from ._common import dot_accumulate, rows_block, widen_dot
+from ._common import dot_accumulate, launch, rows_block, widen_dot
 
 __all__ = ["bsr_forward", "bsr_grad_input", "bsr_grad_values"]
 
@@ -127,7 +126,7 @@ def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_
         return out
     block_rows = rows_block(rows)
     grid = (triton.cdiv(rows, block_rows), n_block_rows)
-    wrap_triton(_bsr_forward_kernel)[grid](
+    launch(_bsr_forward_kernel, grid,
         x, values.contiguous(), block_row_offsets.contiguous(), block_col_indices.contiguous(),
         out if bias is None else bias.contiguous(), out,
         rows, x.stride(0), x.stride(1), out.stride(0),
@@ -148,7 +147,7 @@ def bsr_grad_input(grad_out: Tensor, values: Tensor, block_col_offsets: Tensor, 
         return grad_x
     block_rows = rows_block(rows)
     grid = (triton.cdiv(rows, block_rows), n_block_cols)
-    wrap_triton(_bsr_grad_input_kernel)[grid](
+    launch(_bsr_grad_input_kernel, grid,
         grad_out, values.contiguous(), block_col_offsets.contiguous(), block_row_indices.contiguous(),
         block_value_indices.contiguous(), grad_x,
         rows, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
@@ -168,7 +167,7 @@ def bsr_grad_values(grad_out: Tensor, x: Tensor, block_col_indices: Tensor, bloc
     tile = min(block_size, 64)
     sub_tiles = block_size // tile
     grid = (nnz, sub_tiles, sub_tiles)
-    wrap_triton(_bsr_grad_values_kernel)[grid](
+    launch(_bsr_grad_values_kernel, grid,
         grad_out, x, block_col_indices.contiguous(), block_row_indices.contiguous(),
         block_value_indices.contiguous(), grad_values,
         x.shape[0], grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),

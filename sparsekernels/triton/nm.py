@@ -26,10 +26,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from ..reference import NM_BITS_PER_POSITION
-from ._common import dot_accumulate, rows_block, widen_dot
+from ._common import dot_accumulate, launch, rows_block, widen_dot
 
 __all__ = ["nm_forward", "nm_grad_input", "nm_grad_values"]
 
@@ -184,7 +183,7 @@ def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bia
     values, positions = values.contiguous(), positions.contiguous()
     block_rows, block_out = rows_block(rows), _out_block(out_features)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(out_features, block_out))
-    wrap_triton(_nm_forward_kernel)[grid](
+    launch(_nm_forward_kernel, grid,
         x, values, positions, out if bias is None else bias.contiguous(), out,
         rows, out_features, in_features,
         x.stride(0), x.stride(1), values.stride(0), positions.stride(0), out.stride(0),
@@ -205,7 +204,7 @@ def nm_grad_input(grad_out: Tensor, values: Tensor, positions: Tensor, n: int, m
     values, positions = values.contiguous(), positions.contiguous()
     block_rows = rows_block(rows)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(in_features, BLOCK_IN))
-    wrap_triton(_nm_grad_input_kernel)[grid](
+    launch(_nm_grad_input_kernel, grid,
         grad_out, values, positions, grad_x,
         rows, out_features, in_features,
         grad_out.stride(0), grad_out.stride(1), values.stride(0), positions.stride(0), grad_x.stride(0),
@@ -224,7 +223,7 @@ def nm_grad_values(grad_out: Tensor, x: Tensor, positions: Tensor, n: int, m: in
     positions = positions.contiguous()
     block_out = _out_block(out_features)
     grid = (triton.cdiv(out_features, block_out), triton.cdiv(in_features, BLOCK_IN))
-    wrap_triton(_nm_grad_values_kernel)[grid](
+    launch(_nm_grad_values_kernel, grid,
         grad_out, x, positions, grad_values,
         x.shape[0], out_features, in_features,
         grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), positions.stride(0),

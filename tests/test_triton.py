@@ -1,0 +1,244 @@
+"""The Triton kernels (sparsekernels/triton) against dense PyTorch on the masked weight.
+
+On a machine with a CUDA GPU they run compiled, on CUDA tensors. Without one they run under the
+Triton interpreter on CPU tensors: TRITON_INTERPRET is set here, before the kernel modules are first
+imported (they are imported lazily, on the first call), so the same tests cover the same kernel code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import sparsekernels as sk  # noqa: E402
+from cases import DTYPES, LAYOUTS, assert_close, kept_values_of, layout_id, make_case  # noqa: E402
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix, SparseLinear  # noqa: E402
+from test_ops import check_against_dense  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# m=16 (4-bit offsets, two per byte, groups of 16 inside the 64-wide input tiles) on top of the sweep.
+TRITON_LAYOUTS = LAYOUTS + [NM(5, 16)]
+
+pytestmark = pytest.mark.skipif(
+    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
+)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    sk.set_backend("triton")
+
+
+def triton_ops():
+    from sparsekernels.triton import ops
+
+    return ops
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("batch", [0, 1, 7, 300])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", TRITON_LAYOUTS, ids=layout_id)
+def test_matches_dense_reference(layout, dtype, batch, with_bias):
+    check_against_dense(layout, dtype, (batch,), with_bias, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", TRITON_LAYOUTS, ids=layout_id)
+def test_3d_noncontiguous_input(layout, dtype):
+    check_against_dense(layout, dtype, (2, 5), with_bias=True, device=DEVICE, noncontiguous=True)
+
+
+@pytest.mark.parametrize(
+    "layout, features",
+    [(BlockSparse(16, 0.3), (16, 16)), (BlockSparse(16, 0.3), (13 * 16, 16)), (BlockSparse(32, 0.4), (32, 11 * 32)),
+     (NM(2, 4), (1, 4)), (NM(2, 4), (67, 4)), (NM(1, 8), (3, 11 * 8)), (NM(3, 16), (17, 16))],
+    ids=["1x1-blocks", "13x1-blocks", "1x11-blocks", "nm-1x4", "nm-67x4", "nm-3x88", "nm-17x16"],
+)
+def test_odd_weight_shapes(layout, features):
+    """Weights of one block / one group, and tall or wide ones that leave partial output/input tiles."""
+    case = make_case(layout, torch.float32, DEVICE, features=features)
+    out_features, in_features = features
+    input = torch.randn(5, in_features, device=DEVICE, requires_grad=True)
+    values = case.matrix.values.detach().clone().requires_grad_()
+    if isinstance(case.matrix, BlockSparseMatrix):
+        output = sk.ops.bsr_linear(input, values, *case.matrix.index_tensors())
+    else:
+        output = sk.ops.nm_linear(input, values, case.matrix.positions, case.matrix.n, case.matrix.m)
+    weight = case.masked.float().requires_grad_()
+    expected = F.linear(input.detach(), weight)
+    assert_close(output, expected, torch.float32, "output")
+    grad_output = torch.randn_like(expected)
+    output.backward(grad_output)
+    expected.backward(grad_output)
+    assert_close(input.grad, grad_output @ case.masked.float(), torch.float32, "grad input")
+    assert_close(values.grad, kept_values_of(case, weight.grad), torch.float32, "grad values")
+
+
+def test_empty_pattern_gives_zeros_and_bias():
+    """No kept block at all: the output is the bias and both gradients are zero."""
+    mask = torch.zeros(32, 48, dtype=torch.bool)
+    matrix = BlockSparseMatrix.from_dense(torch.randn(32, 48), 16, mask=mask).to(DEVICE)
+    assert matrix.values.shape[0] == 0
+    input = torch.randn(3, 48, device=DEVICE, requires_grad=True)
+    bias = torch.randn(32, device=DEVICE)
+    output = sk.ops.bsr_linear(input, matrix.values, *matrix.index_tensors(), bias)
+    torch.testing.assert_close(output, bias.expand(3, 32))
+    output.sum().backward()
+    assert torch.count_nonzero(input.grad) == 0
+
+
+def test_int64_index():
+    case = make_case(BlockSparse(16, 0.5), torch.float32, DEVICE)
+    index64 = [tensor.long() for tensor in case.matrix.index_tensors()]
+    input = torch.randn(2, 3, case.dense.shape[1], device=DEVICE)
+    output = sk.ops.bsr_linear(input, case.matrix.values, *index64)
+    assert_close(output, F.linear(input, case.masked), torch.float32, "output")
+
+
+@pytest.mark.parametrize("layout", [BlockSparse(32, 0.25), NM(2, 4)], ids=layout_id)
+def test_sparse_linear_agrees_with_cpu_kernels(layout):
+    """A training step of SparseLinear: the Triton backend matches the C++ CPU kernels."""
+    layer = SparseLinear(128, 96, layout, dtype=torch.float16)
+    input = torch.randn(4, 9, 128, dtype=torch.float16)
+    sk.set_backend("cpu")
+    layer(input).float().square().sum().backward()
+    expected = [layer.values.grad.clone(), layer.bias.grad.clone()]
+    sk.set_backend("triton")
+    layer = layer.to(DEVICE)
+    layer.zero_grad()
+    output = layer(input.to(DEVICE))
+    output.float().square().sum().backward()
+    for actual, wanted, what in zip((layer.values.grad, layer.bias.grad), expected, ("values", "bias")):
+        assert_close(actual.cpu(), wanted, torch.float16, what)
+
+
+# ---------------------------------------------------------------------- ops: opcheck, compile, errors
+def opcheck_samples():
+    samples = []
+    for layout in (BlockSparse(16, 0.5), NM(2, 4)):
+        case = make_case(layout, torch.float32, DEVICE)
+        matrix = case.matrix
+        out_features, in_features = case.dense.shape
+        for leading in ((5,), (2, 3)):
+            input = torch.randn(*leading, in_features, device=DEVICE, requires_grad=True)
+            grad_output = torch.randn(*leading, out_features, device=DEVICE)
+            values = matrix.values.detach().clone().requires_grad_()
+            bias = torch.randn(out_features, device=DEVICE, requires_grad=True)
+            if isinstance(matrix, BlockSparseMatrix):
+                index = matrix.index_tensors()
+                samples += [
+                    ("bsr_linear", (input, values, *index, bias)),
+                    ("bsr_linear", (input, values, *index, None)),
+                    ("bsr_linear_grad_input", (grad_output, values.detach(), *index)),
+                    ("bsr_linear_grad_values", (grad_output, input.detach(), *index, matrix.block_size)),
+                ]
+            else:
+                nm_args = (matrix.positions, matrix.n, matrix.m)
+                samples += [
+                    ("nm_linear", (input, values, *nm_args, bias)),
+                    ("nm_linear", (input, values, *nm_args, None)),
+                    ("nm_linear_grad_input", (grad_output, values.detach(), *nm_args)),
+                    ("nm_linear_grad_values", (grad_output, input.detach(), *nm_args)),
+                ]
+    return samples
+
+
+def test_opcheck_covers_every_op():
+    assert {name for name, _ in opcheck_samples()} == set(triton_ops().OP_NAMES)
+
+
+@pytest.mark.parametrize("index", range(len(opcheck_samples())))
+def test_opcheck(index):
+    name, args = opcheck_samples()[index]
+    torch.library.opcheck(getattr(torch.ops.sparsekernels_triton, name), args)
+
+
+@pytest.mark.parametrize("layout", [BlockSparse(16, 0.5), NM(2, 4)], ids=layout_id)
+def test_compiles_without_graph_breaks(layout):
+    """torch.compile traces through the triton_op ops (fullgraph: a graph break would raise)."""
+    torch._dynamo.reset()
+    layer = SparseLinear(64, 48, layout).to(DEVICE)
+    input = torch.randn(6, 64, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    output = compiled(input)
+    output.square().sum().backward()
+    grads = (input.grad.clone(), layer.values.grad.clone())
+    input.grad = None
+    layer.zero_grad()
+    expected = layer(input)
+    expected.square().sum().backward()
+    assert_close(output, expected, torch.float32, "output")
+    assert_close(grads[0], input.grad, torch.float32, "grad input")
+    assert_close(grads[1], layer.values.grad, torch.float32, "grad values")
+
+
+@pytest.fixture
+def no_kernel_launch(monkeypatch):
+    """Make every launcher fail, so a test can show that its error is raised before any kernel."""
+    from sparsekernels.triton import bsr, nm
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the arguments were checked")
+
+    for module, names in ((bsr, bsr.__all__), (nm, nm.__all__)):
+        for name in names:
+            monkeypatch.setattr(module, name, launched)
+
+
+def test_bad_arguments_raise_before_any_kernel(no_kernel_launch):
+    ops = torch.ops.sparsekernels_triton
+    block = make_case(BlockSparse(16, 0.5), torch.float32, DEVICE).matrix
+    nm = make_case(NM(2, 4), torch.float32, DEVICE).matrix
+    x_block = torch.randn(3, block.shape[1], device=DEVICE)
+    x_nm = torch.randn(3, nm.shape[1], device=DEVICE)
+    index = block.index_tensors()
+    with pytest.raises(TypeError, match="input and values to have the same dtype"):
+        ops.bsr_linear(x_block.half(), block.values, *index, None)
+    with pytest.raises(ValueError, match=r"input.shape\[-1\] must equal in_features=80"):
+        ops.bsr_linear(x_block[:, :-16], block.values, *index, None)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.bsr_linear(x_block, block.values, *index, torch.zeros(2, 48, device=DEVICE))
+    with pytest.raises(TypeError, match="block_col_indices must be an int32 or int64 tensor"):
+        ops.bsr_linear(x_block, block.values, index[0], index[1].float(), *index[2:], None)
+    with pytest.raises(ValueError, match="grad_output.shape\\[-1\\] must equal out_features=48"):
+        ops.bsr_linear_grad_input(torch.randn(3, 47, device=DEVICE), block.values, *index)
+    with pytest.raises(ValueError, match="must share leading dims"):
+        ops.bsr_linear_grad_values(torch.randn(4, 48, device=DEVICE), x_block, *index, 16)
+    with pytest.raises(TypeError, match="positions must be a uint8 tensor"):
+        ops.nm_linear(x_nm, nm.values, nm.positions.int(), 2, 4, None)
+    with pytest.raises(ValueError, match="need m in"):
+        ops.nm_linear(x_nm, nm.values, nm.positions, 2, 3, None)
+    with pytest.raises(ValueError, match="must be a multiple of m=4"):
+        ops.nm_linear_grad_values(torch.randn(3, 24, device=DEVICE), x_nm[:, :-1], nm.positions, 2, 4)
+    with pytest.raises(TypeError, match="values must be float32, bfloat16 or float16"):
+        ops.nm_linear_grad_input(torch.randn(3, 24, device=DEVICE).double(), nm.values.double(), nm.positions, 2, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+def test_unavailable_without_gpu_or_interpreter():
+    code = (
+        "import sparsekernels as sk\n"
+        "print(sk.triton.unavailable_reason())\n"
+        "try:\n    sk.set_backend('triton')\nexcept RuntimeError as error:\n    print('raised:', error)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "TRITON_INTERPRET=1" in result.stdout
+    assert "raised: backend 'triton' is not available" in result.stdout
+
+
+@pytest.mark.gpu
+def test_auto_backend_picks_triton_for_cuda():
+    sk.set_backend(None)
+    assert sk.backend.resolve_backend(torch.device("cuda")) == "triton"
