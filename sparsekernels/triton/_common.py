@@ -1,8 +1,9 @@
 """Pieces shared by the Triton kernel families: the dot-product helper and launch-time facts.
 
 Why a dot helper: every kernel accumulates in float32 and multiplies tiles with ``tl.dot``. On a GPU
-the tiles go to the tensor cores in their storage dtype (float32 tiles with ``input_precision="ieee"``,
-so float32 results are not silently computed in TF32). The Triton interpreter (``TRITON_INTERPRET=1``,
+the tiles go to the tensor cores in their storage dtype; float32 tiles are multiplied in full
+precision (``input_precision="ieee"``) unless torch allows TF32 for its own float32 matmuls, so
+float32 results are not silently computed in TF32. The Triton interpreter (``TRITON_INTERPRET=1``,
 how the CPU-only tests run these kernels) multiplies bfloat16 tiles as raw 16-bit integers, so there
 the tiles are widened to float32 first; bfloat16 products are exact in float32, so the result is the
 same as the tensor-core path up to summation order.
@@ -19,12 +20,11 @@ from triton.runtime.interpreter import InterpretedFunction
 
 
 @triton.jit
-def dot_accumulate(a, b, acc, WIDEN: tl.constexpr):
-    """``acc + a @ b`` in float32; ``WIDEN`` widens both tiles to float32 first (interpreter only)."""
-    if WIDEN:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee")
+def dot_accumulate(a, b, acc, DOT: tl.constexpr):
+    """``acc + a @ b`` in float32, the multiply chosen by ``DOT`` (see :func:`dot_mode`)."""
+    if DOT == "widen":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT)
 
 
 def is_interpreted(kernel) -> bool:
@@ -47,9 +47,24 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-def widen_dot(kernel, dtype: torch.dtype) -> bool:
-    """The ``WIDEN`` flag of :func:`dot_accumulate` for tiles of ``dtype`` run by ``kernel``."""
-    return is_interpreted(kernel) and dtype == torch.bfloat16
+def dot_mode(kernel, dtype: torch.dtype) -> str:
+    """The ``DOT`` argument of :func:`dot_accumulate` for tiles of ``dtype`` run by ``kernel``.
+
+    ``"widen"`` for bfloat16 under the interpreter; for float32 on a GPU, ``"tf32"`` only when torch's
+    own float32 matmuls may use TF32 (``torch.backends.cuda.matmul.allow_tf32``), else ``"ieee"``;
+    half-precision tiles always go to the tensor cores as they are (the flag does not apply).
+    """
+    if is_interpreted(kernel):
+        return "widen" if dtype == torch.bfloat16 else "ieee"
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def pipeline_stages(bytes_per_stage: int, budget: int = 96 * 1024) -> int:
+    """Software-pipelining depth (``num_stages``) whose operand buffers fit ``budget`` bytes of shared
+    memory (1 to 3): big float32 tiles (128-blocks) would otherwise exceed what an SM has."""
+    return max(1, min(3, budget // max(bytes_per_stage, 1)))
 
 
 def check_device(kernel, tensor: torch.Tensor, name: str) -> None:

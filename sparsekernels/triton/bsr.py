@@ -21,12 +21,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import dot_accumulate, launch, rows_block, widen_dot
+from ._common import dot_accumulate, dot_mode, launch, pipeline_stages, rows_block
 
 __all__ = ["bsr_forward", "bsr_grad_input", "bsr_grad_values"]
 
@@ -35,7 +34,7 @@ __all__ = ["bsr_forward", "bsr_grad_input", "bsr_grad_values"]
 def _bsr_forward_kernel(
     x_ptr, values_ptr, row_offsets_ptr, col_indices_ptr, bias_ptr, out_ptr,
     rows, stride_x_row, stride_x_col, stride_out_row,
-    HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_ROWS: tl.constexpr, WIDEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
 ):
     row_tile = tl.program_id(0)
     block_row = tl.program_id(1)
@@ -52,7 +51,7 @@ def _bsr_forward_kernel(
         x_tile = tl.load(x_rows + (block_col * B + offs_b)[None, :] * stride_x_col, mask=row_mask[:, None], other=0.0)
         # values[j] is [out, in] row-major; read it as [in, out] (its transpose) for x @ W.T.
         w_t = tl.load(values_ptr + j * B * B + offs_b[:, None] + offs_b[None, :] * B)
-        acc = dot_accumulate(x_tile, w_t, acc, WIDEN)
+        acc = dot_accumulate(x_tile, w_t, acc, DOT)
 
     out_cols = block_row * B + offs_b
     if HAS_BIAS:
@@ -65,7 +64,7 @@ def _bsr_forward_kernel(
 def _bsr_grad_input_kernel(
     grad_out_ptr, values_ptr, col_offsets_ptr, row_indices_ptr, value_indices_ptr, grad_x_ptr,
     rows, stride_g_row, stride_g_col, stride_gx_row,
-    B: tl.constexpr, BLOCK_ROWS: tl.constexpr, WIDEN: tl.constexpr,
+    B: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
 ):
     row_tile = tl.program_id(0)
     block_col = tl.program_id(1)
@@ -82,7 +81,7 @@ def _bsr_grad_input_kernel(
         value = tl.load(value_indices_ptr + t).to(tl.int64)
         g_tile = tl.load(g_rows + (block_row * B + offs_b)[None, :] * stride_g_col, mask=row_mask[:, None], other=0.0)
         w = tl.load(values_ptr + value * B * B + offs_b[:, None] * B + offs_b[None, :])
-        acc = dot_accumulate(g_tile, w, acc, WIDEN)
+        acc = dot_accumulate(g_tile, w, acc, DOT)
 
     out_ptrs = grad_x_ptr + offs_rows.to(tl.int64)[:, None] * stride_gx_row + (block_col * B + offs_b)[None, :]
     tl.store(out_ptrs, acc.to(grad_x_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -92,7 +91,7 @@ def _bsr_grad_input_kernel(
 def _bsr_grad_values_kernel(
     grad_out_ptr, x_ptr, col_indices_ptr, row_indices_ptr, value_indices_ptr, grad_values_ptr,
     rows, stride_g_row, stride_g_col, stride_x_row, stride_x_col,
-    B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, WIDEN: tl.constexpr,
+    B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
 ):
     t = tl.program_id(0)  # position in the CSC index
     value = tl.load(value_indices_ptr + t).to(tl.int64)
@@ -109,7 +108,7 @@ def _bsr_grad_values_kernel(
         row_mask = offs_rows < rows
         g_t = tl.load(g_cols + offs_rows.to(tl.int64)[None, :] * stride_g_row, mask=row_mask[None, :], other=0.0)
         x_tile = tl.load(x_cols + offs_rows.to(tl.int64)[:, None] * stride_x_row, mask=row_mask[:, None], other=0.0)
-        acc = dot_accumulate(g_t, x_tile, acc, WIDEN)
+        acc = dot_accumulate(g_t, x_tile, acc, DOT)
 
     out_ptrs = grad_values_ptr + value * B * B + offs_out[:, None] * B + offs_in[None, :]
     tl.store(out_ptrs, acc.to(grad_values_ptr.dtype.element_ty))
@@ -131,7 +130,8 @@ def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_
         out if bias is None else bias.contiguous(), out,
         rows, x.stride(0), x.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, B=block_size, BLOCK_ROWS=block_rows,
-        WIDEN=widen_dot(_bsr_forward_kernel, x.dtype), num_warps=8 if block_size >= 128 else 4,
+        DOT=dot_mode(_bsr_forward_kernel, x.dtype), num_warps=8 if block_size >= 128 else 4,
+        num_stages=pipeline_stages((block_rows + block_size) * block_size * x.element_size()),
     )
     return out
 
@@ -151,8 +151,9 @@ def bsr_grad_input(grad_out: Tensor, values: Tensor, block_col_offsets: Tensor, 
         grad_out, values.contiguous(), block_col_offsets.contiguous(), block_row_indices.contiguous(),
         block_value_indices.contiguous(), grad_x,
         rows, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
-        B=block_size, BLOCK_ROWS=block_rows, WIDEN=widen_dot(_bsr_grad_input_kernel, grad_out.dtype),
+        B=block_size, BLOCK_ROWS=block_rows, DOT=dot_mode(_bsr_grad_input_kernel, grad_out.dtype),
         num_warps=8 if block_size >= 128 else 4,
+        num_stages=pipeline_stages((block_rows + block_size) * block_size * grad_out.element_size()),
     )
     return grad_x
 
@@ -171,6 +172,6 @@ def bsr_grad_values(grad_out: Tensor, x: Tensor, block_col_indices: Tensor, bloc
         grad_out, x, block_col_indices.contiguous(), block_row_indices.contiguous(),
         block_value_indices.contiguous(), grad_values,
         x.shape[0], grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
-        B=block_size, TILE=tile, BLOCK_ROWS=32, WIDEN=widen_dot(_bsr_grad_values_kernel, x.dtype),
+        B=block_size, TILE=tile, BLOCK_ROWS=32, DOT=dot_mode(_bsr_grad_values_kernel, x.dtype),
     )
     return grad_values

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..reference import NM_BITS_PER_POSITION
-from ._common import dot_accumulate, launch, rows_block, widen_dot
+from ._common import dot_accumulate, dot_mode, launch, rows_block
 
 __all__ = ["nm_forward", "nm_grad_input", "nm_grad_values"]
 
@@ -71,7 +70,7 @@ def _nm_forward_kernel(
     rows, out_features, in_features,
     stride_x_row, stride_x_col, stride_val_row, stride_pos_row, stride_out_row,
     HAS_BIAS: tl.constexpr, N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, WIDEN: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, DOT: tl.constexpr,
 ):
     offs_rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     offs_out = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
@@ -88,7 +87,7 @@ def _nm_forward_kernel(
                          mask=row_mask[:, None] & (offs_in < in_features)[None, :], other=0.0)
         w = _dense_weight_tile(values_ptr, positions_ptr, offs_out64, out_mask, in_start, n_groups,
                                stride_val_row, stride_pos_row, N, M, BITS, BLOCK_OUT, BLOCK_IN)
-        acc = dot_accumulate(x_tile, tl.trans(w.to(x_tile.dtype)), acc, WIDEN)
+        acc = dot_accumulate(x_tile, tl.trans(w.to(x_tile.dtype)), acc, DOT)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_out, mask=out_mask, other=0.0).to(tl.float32)[None, :]
@@ -102,7 +101,7 @@ def _nm_grad_input_kernel(
     rows, out_features, in_features,
     stride_g_row, stride_g_col, stride_val_row, stride_pos_row, stride_gx_row,
     N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, WIDEN: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, DOT: tl.constexpr,
 ):
     offs_rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     in_start = tl.program_id(1) * BLOCK_IN
@@ -119,7 +118,7 @@ def _nm_grad_input_kernel(
                          other=0.0)
         w = _dense_weight_tile(values_ptr, positions_ptr, offs_out.to(tl.int64), out_mask, in_start, n_groups,
                                stride_val_row, stride_pos_row, N, M, BITS, BLOCK_OUT, BLOCK_IN)
-        acc = dot_accumulate(g_tile, w.to(g_tile.dtype), acc, WIDEN)
+        acc = dot_accumulate(g_tile, w.to(g_tile.dtype), acc, DOT)
 
     out_ptrs = grad_x_ptr + offs_rows.to(tl.int64)[:, None] * stride_gx_row + offs_in[None, :]
     tl.store(out_ptrs, acc.to(grad_x_ptr.dtype.element_ty),
@@ -132,7 +131,7 @@ def _nm_grad_values_kernel(
     rows, out_features, in_features,
     stride_g_row, stride_g_col, stride_x_row, stride_x_col, stride_pos_row, stride_gv_row,
     N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, WIDEN: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, DOT: tl.constexpr,
 ):
     offs_out = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     in_start = tl.program_id(1) * BLOCK_IN
@@ -151,7 +150,7 @@ def _nm_grad_values_kernel(
                       mask=out_mask[:, None] & row_mask[None, :], other=0.0)
         x_tile = tl.load(x_cols + offs_rows.to(tl.int64)[:, None] * stride_x_row,
                          mask=row_mask[:, None] & in_mask[None, :], other=0.0)
-        dense = dot_accumulate(g_t, x_tile, dense, WIDEN)
+        dense = dot_accumulate(g_t, x_tile, dense, DOT)
 
     # Pick the kept offsets out of it, slot by slot.
     GROUPS: tl.constexpr = BLOCK_IN // M
@@ -188,7 +187,7 @@ def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bia
         rows, out_features, in_features,
         x.stride(0), x.stride(1), values.stride(0), positions.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, N=n, M=m, BITS=NM_BITS_PER_POSITION[m],
-        BLOCK_ROWS=block_rows, BLOCK_OUT=block_out, BLOCK_IN=BLOCK_IN, WIDEN=widen_dot(_nm_forward_kernel, x.dtype),
+        BLOCK_ROWS=block_rows, BLOCK_OUT=block_out, BLOCK_IN=BLOCK_IN, DOT=dot_mode(_nm_forward_kernel, x.dtype),
     )
     return out
 
@@ -209,7 +208,7 @@ def nm_grad_input(grad_out: Tensor, values: Tensor, positions: Tensor, n: int, m
         rows, out_features, in_features,
         grad_out.stride(0), grad_out.stride(1), values.stride(0), positions.stride(0), grad_x.stride(0),
         N=n, M=m, BITS=NM_BITS_PER_POSITION[m], BLOCK_ROWS=block_rows, BLOCK_OUT=32, BLOCK_IN=BLOCK_IN,
-        WIDEN=widen_dot(_nm_grad_input_kernel, grad_out.dtype),
+        DOT=dot_mode(_nm_grad_input_kernel, grad_out.dtype),
     )
     return grad_x
 
@@ -229,6 +228,6 @@ def nm_grad_values(grad_out: Tensor, x: Tensor, positions: Tensor, n: int, m: in
         grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), positions.stride(0),
         grad_values.stride(0),
         N=n, M=m, BITS=NM_BITS_PER_POSITION[m], BLOCK_ROWS=32, BLOCK_OUT=block_out, BLOCK_IN=BLOCK_IN,
-        WIDEN=widen_dot(_nm_grad_values_kernel, x.dtype),
+        DOT=dot_mode(_nm_grad_values_kernel, x.dtype),
     )
     return grad_values
