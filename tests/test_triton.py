@@ -242,3 +242,15 @@ def test_unavailable_without_gpu_or_interpreter():
 def test_auto_backend_picks_triton_for_cuda():
     sk.set_backend(None)
     assert sk.backend.resolve_backend(torch.device("cuda")) == "triton"
+
+
+def test_kernels_compile_for_a100_and_h100():
+    """The largest-tile configurations compile to cubins for sm_80 and sm_90 and fit in shared memory
+    (the interpreter runs code that the compiler may reject; this catches it without a GPU)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsekernels.triton.compile_check", "--quick", "--arch", "80", "90"],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "12 configurations x 2 architectures: 0 failures" in result.stdout
