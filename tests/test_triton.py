@@ -8,6 +8,7 @@ imported (they are imported lazily, on the first call), so the same tests cover 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -56,6 +57,23 @@ def test_matches_dense_reference(layout, dtype, batch, with_bias):
 @pytest.mark.parametrize("layout", TRITON_LAYOUTS, ids=layout_id)
 def test_3d_noncontiguous_input(layout, dtype):
     check_against_dense(layout, dtype, (2, 5), with_bias=True, device=DEVICE, noncontiguous=True)
+
+
+@pytest.fixture
+def many_programs_wanted(monkeypatch):
+    """Pretend the device wants a huge grid, so the launchers pick their narrowest tiles (the choice
+    made for decode-sized batches on a GPU; under the interpreter they otherwise pick the widest)."""
+    from sparsekernels.triton import bsr, nm
+
+    for module in (bsr, nm):
+        monkeypatch.setattr(module, "target_programs", lambda device: 10**9)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [BlockSparse(32, 0.5), BlockSparse(128, 0.5), NM(2, 4), NM(5, 16)], ids=layout_id)
+def test_narrow_tiles(layout, dtype, batch, many_programs_wanted):
+    check_against_dense(layout, dtype, (batch,), with_bias=True, device=DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -245,12 +263,12 @@ def test_auto_backend_picks_triton_for_cuda():
 
 
 def test_kernels_compile_for_a100_and_h100():
-    """The largest-tile configurations compile to cubins for sm_80 and sm_90 and fit in shared memory
-    (the interpreter runs code that the compiler may reject; this catches it without a GPU)."""
+    """The widest- and narrowest-tile configurations compile to cubins for sm_80 and sm_90 and fit in
+    shared memory (the interpreter runs code that the compiler may reject; this catches it without a GPU)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-m", "sparsekernels.triton.compile_check", "--quick", "--arch", "80", "90"],
         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "12 configurations x 2 architectures: 0 failures" in result.stdout
+    assert re.search(r"\b[1-9]\d* configurations x 2 architectures: 0 failures", result.stdout), result.stdout[-2000:]

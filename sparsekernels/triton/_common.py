@@ -77,6 +77,18 @@ def check_device(kernel, tensor: torch.Tensor, name: str) -> None:
     )
 
 
+# Largest grid along axis 1 (CUDA limit); the kernels put the unbounded row tiles on axis 0.
+MAX_GRID_Y = 65535
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a launch should have to fill the device: two per SM on a GPU. Under the
+    interpreter (CPU tensors) speed does not matter and fewer, larger programs run faster: 1."""
+    if device.type != "cuda":
+        return 1
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def rows_block(rows: int) -> int:
     """Tile height over the flattened input rows: small for decode-sized batches, 64 for large ones."""
     if rows <= 16:

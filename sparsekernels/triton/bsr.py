@@ -10,6 +10,10 @@ with arbitrary strides (the ops flatten leading dims without copying); results a
 * grad input   one program per (row tile, block column): walks the CSC index of that column,
                ``grad_x[rows, col] = sum_t grad_out[rows, row_t] @ values[value_t]``. Empty block
                columns write zeros, so nothing needs pre-zeroing.
+
+  Both split a block row (column) into slices of ``TILE`` outputs over several programs when the
+  batch is too small to keep the GPU busy otherwise (decode): each slice re-reads the x tile, but
+  the weight, which dominates the traffic then, is still read once.
 * grad values  one program per (kept block, sub-tile of the block), in CSC order (which gives the
                block row and, through ``block_col_indices[value_t]``, the column without a search):
                ``grad_values[v] = grad_out[:, row].T @ x[:, col]`` summed over every input row.
@@ -25,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import dot_accumulate, dot_mode, launch, pipeline_stages, rows_block
+from ._common import MAX_GRID_Y, dot_accumulate, dot_mode, launch, pipeline_stages, rows_block, target_programs
 
 __all__ = ["bsr_forward", "bsr_grad_input", "bsr_grad_values"]
 
@@ -34,26 +38,30 @@ __all__ = ["bsr_forward", "bsr_grad_input", "bsr_grad_values"]
 def _bsr_forward_kernel(
     x_ptr, values_ptr, row_offsets_ptr, col_indices_ptr, bias_ptr, out_ptr,
     rows, stride_x_row, stride_x_col, stride_out_row,
-    HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
 ):
+    # Output columns [block_row * B + part * TILE, + TILE): a whole block row when TILE == B, a
+    # slice of it when few input rows leave too few programs otherwise (see _column_tile).
     row_tile = tl.program_id(0)
-    block_row = tl.program_id(1)
+    block_row = tl.program_id(1) // (B // TILE)
+    part = tl.program_id(1) % (B // TILE)
     offs_rows = row_tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = offs_rows < rows
-    offs_b = tl.arange(0, B)
+    offs_k = tl.arange(0, B)
+    offs_n = part * TILE + tl.arange(0, TILE)
     x_rows = x_ptr + offs_rows.to(tl.int64)[:, None] * stride_x_row
 
     start = tl.load(row_offsets_ptr + block_row).to(tl.int64)
     end = tl.load(row_offsets_ptr + block_row + 1).to(tl.int64)
-    acc = tl.zeros([BLOCK_ROWS, B], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_ROWS, TILE], dtype=tl.float32)
     for j in range(start, end):
         block_col = tl.load(col_indices_ptr + j).to(tl.int64)
-        x_tile = tl.load(x_rows + (block_col * B + offs_b)[None, :] * stride_x_col, mask=row_mask[:, None], other=0.0)
-        # values[j] is [out, in] row-major; read it as [in, out] (its transpose) for x @ W.T.
-        w_t = tl.load(values_ptr + j * B * B + offs_b[:, None] + offs_b[None, :] * B)
+        x_tile = tl.load(x_rows + (block_col * B + offs_k)[None, :] * stride_x_col, mask=row_mask[:, None], other=0.0)
+        # values[j] is [out, in] row-major; read rows offs_n of it as [in, out] (transposed) for x @ W.T.
+        w_t = tl.load(values_ptr + j * B * B + offs_k[:, None] + offs_n[None, :] * B)
         acc = dot_accumulate(x_tile, w_t, acc, DOT)
 
-    out_cols = block_row * B + offs_b
+    out_cols = block_row * B + offs_n
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_cols).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_rows.to(tl.int64)[:, None] * stride_out_row + out_cols[None, :]
@@ -64,26 +72,29 @@ def _bsr_forward_kernel(
 def _bsr_grad_input_kernel(
     grad_out_ptr, values_ptr, col_offsets_ptr, row_indices_ptr, value_indices_ptr, grad_x_ptr,
     rows, stride_g_row, stride_g_col, stride_gx_row,
-    B: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
+    B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
 ):
+    # Input-gradient columns [block_col * B + part * TILE, + TILE), as in the forward kernel.
     row_tile = tl.program_id(0)
-    block_col = tl.program_id(1)
+    block_col = tl.program_id(1) // (B // TILE)
+    part = tl.program_id(1) % (B // TILE)
     offs_rows = row_tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = offs_rows < rows
-    offs_b = tl.arange(0, B)
+    offs_n = tl.arange(0, B)
+    offs_k = part * TILE + tl.arange(0, TILE)
     g_rows = grad_out_ptr + offs_rows.to(tl.int64)[:, None] * stride_g_row
 
     start = tl.load(col_offsets_ptr + block_col).to(tl.int64)
     end = tl.load(col_offsets_ptr + block_col + 1).to(tl.int64)
-    acc = tl.zeros([BLOCK_ROWS, B], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_ROWS, TILE], dtype=tl.float32)
     for t in range(start, end):
         block_row = tl.load(row_indices_ptr + t).to(tl.int64)
         value = tl.load(value_indices_ptr + t).to(tl.int64)
-        g_tile = tl.load(g_rows + (block_row * B + offs_b)[None, :] * stride_g_col, mask=row_mask[:, None], other=0.0)
-        w = tl.load(values_ptr + value * B * B + offs_b[:, None] * B + offs_b[None, :])
+        g_tile = tl.load(g_rows + (block_row * B + offs_n)[None, :] * stride_g_col, mask=row_mask[:, None], other=0.0)
+        w = tl.load(values_ptr + value * B * B + offs_n[:, None] * B + offs_k[None, :])
         acc = dot_accumulate(g_tile, w, acc, DOT)
 
-    out_ptrs = grad_x_ptr + offs_rows.to(tl.int64)[:, None] * stride_gx_row + (block_col * B + offs_b)[None, :]
+    out_ptrs = grad_x_ptr + offs_rows.to(tl.int64)[:, None] * stride_gx_row + (block_col * B + offs_k)[None, :]
     tl.store(out_ptrs, acc.to(grad_x_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
@@ -114,6 +125,15 @@ def _bsr_grad_values_kernel(
     tl.store(out_ptrs, acc.to(grad_values_ptr.dtype.element_ty))
 
 
+def _column_tile(row_tiles: int, n_blocks: int, block_size: int, device) -> int:
+    """Width of the output slice one program computes: the whole block (fewest loads of x) unless
+    that leaves fewer programs than the GPU wants (decode-sized batches), then halved down to 16."""
+    tile, wanted = block_size, target_programs(device)
+    while tile > 16 and row_tiles * n_blocks * (block_size // tile) < wanted and n_blocks * (block_size // tile) * 2 <= MAX_GRID_Y:
+        tile //= 2
+    return tile
+
+
 def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
                 bias: Optional[Tensor]) -> Tensor:
     """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]``; returns ``[rows, out_features]``."""
@@ -124,15 +144,15 @@ def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_
     if out.numel() == 0:
         return out
     block_rows = rows_block(rows)
-    grid = (triton.cdiv(rows, block_rows), n_block_rows)
-    launch(_bsr_forward_kernel, grid,
-        x, values.contiguous(), block_row_offsets.contiguous(), block_col_indices.contiguous(),
-        out if bias is None else bias.contiguous(), out,
-        rows, x.stride(0), x.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, B=block_size, BLOCK_ROWS=block_rows,
-        DOT=dot_mode(_bsr_forward_kernel, x.dtype), num_warps=8 if block_size >= 128 else 4,
-        num_stages=pipeline_stages((block_rows + block_size) * block_size * x.element_size()),
-    )
+    row_tiles = triton.cdiv(rows, block_rows)
+    tile = _column_tile(row_tiles, n_block_rows, block_size, x.device)
+    launch(_bsr_forward_kernel, (row_tiles, n_block_rows * (block_size // tile)),
+           x, values.contiguous(), block_row_offsets.contiguous(), block_col_indices.contiguous(),
+           out if bias is None else bias.contiguous(), out,
+           rows, x.stride(0), x.stride(1), out.stride(0),
+           HAS_BIAS=bias is not None, B=block_size, TILE=tile, BLOCK_ROWS=block_rows,
+           DOT=dot_mode(_bsr_forward_kernel, x.dtype), num_warps=8 if block_rows * tile >= 64 * 128 else 4,
+           num_stages=pipeline_stages((block_rows + tile) * block_size * x.element_size()))
     return out
 
 
@@ -146,15 +166,15 @@ def bsr_grad_input(grad_out: Tensor, values: Tensor, block_col_offsets: Tensor, 
     if grad_x.numel() == 0:
         return grad_x
     block_rows = rows_block(rows)
-    grid = (triton.cdiv(rows, block_rows), n_block_cols)
-    launch(_bsr_grad_input_kernel, grid,
-        grad_out, values.contiguous(), block_col_offsets.contiguous(), block_row_indices.contiguous(),
-        block_value_indices.contiguous(), grad_x,
-        rows, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
-        B=block_size, BLOCK_ROWS=block_rows, DOT=dot_mode(_bsr_grad_input_kernel, grad_out.dtype),
-        num_warps=8 if block_size >= 128 else 4,
-        num_stages=pipeline_stages((block_rows + block_size) * block_size * grad_out.element_size()),
-    )
+    row_tiles = triton.cdiv(rows, block_rows)
+    tile = _column_tile(row_tiles, n_block_cols, block_size, grad_out.device)
+    launch(_bsr_grad_input_kernel, (row_tiles, n_block_cols * (block_size // tile)),
+           grad_out, values.contiguous(), block_col_offsets.contiguous(), block_row_indices.contiguous(),
+           block_value_indices.contiguous(), grad_x,
+           rows, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
+           B=block_size, TILE=tile, BLOCK_ROWS=block_rows, DOT=dot_mode(_bsr_grad_input_kernel, grad_out.dtype),
+           num_warps=8 if block_rows * tile >= 64 * 128 else 4,
+           num_stages=pipeline_stages((block_rows + tile) * block_size * grad_out.element_size()))
     return grad_x
 
 

@@ -70,10 +70,8 @@ def _record(kernel, grid, *args, **kwargs) -> Launch:
 
 
 def recorded_launches(quick: bool = False) -> list[Launch]:
-    """Every distinct configuration the launchers pick over block sizes, N:M patterns, dtypes and
-    batch sizes (``quick``: the ones with the largest tiles only)."""
-    from sparsekernels import BlockSparseMatrix, NMMatrix
-
+    """Every distinct configuration the launchers pick, for GPUs of any size (``quick``: float32 and
+    bfloat16, 128-blocks and 5:16, 300 rows: the largest tiles, and the narrowest)."""
     from . import bsr, nm
 
     launches: dict[Launch, None] = {}
@@ -81,36 +79,45 @@ def recorded_launches(quick: bool = False) -> list[Launch]:
     def recorder(kernel, grid, *args, **kwargs):
         launches.setdefault(_record(kernel, grid, *args, **kwargs))
 
-    saved = bsr.launch, nm.launch
+    saved = bsr.launch, nm.launch, bsr.target_programs, nm.target_programs
     bsr.launch = nm.launch = recorder
     try:
-        dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16]
-        batches = [300] if quick else [1, 20, 300]
-        block_sizes = [128] if quick else [16, 32, 64, 128]
-        patterns = [(5, 16)] if quick else [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (5, 16)]
-        for dtype in dtypes:
-            for block_size in block_sizes:
-                matrix = BlockSparseMatrix.random((2 * block_size, 2 * block_size), block_size, 0.5, dtype=dtype)
-                for rows in batches:
-                    x = torch.zeros(rows, matrix.shape[1], dtype=dtype)
-                    grad = torch.zeros(rows, matrix.shape[0], dtype=dtype)
-                    bsr.bsr_forward(x, matrix.values, matrix.block_row_offsets, matrix.block_col_indices,
-                                    torch.zeros(matrix.shape[0], dtype=dtype))
-                    bsr.bsr_grad_input(grad, matrix.values, matrix.block_col_offsets, matrix.block_row_indices,
-                                       matrix.block_value_indices)
-                    bsr.bsr_grad_values(grad, x, matrix.block_col_indices, matrix.block_row_indices,
-                                        matrix.block_value_indices, block_size)
-            for n, m in patterns:
-                matrix = NMMatrix.random((96, 8 * m), n, m, dtype=dtype)
-                for rows in batches:
-                    x = torch.zeros(rows, matrix.shape[1], dtype=dtype)
-                    grad = torch.zeros(rows, matrix.shape[0], dtype=dtype)
-                    nm.nm_forward(x, matrix.values, matrix.positions, n, m, torch.zeros(96, dtype=dtype))
-                    nm.nm_grad_input(grad, matrix.values, matrix.positions, n, m)
-                    nm.nm_grad_values(grad, x, matrix.positions, n, m)
+        for wanted in (1, 10**9):  # widest tiles, then the narrow ones chosen for decode-sized batches
+            bsr.target_programs = nm.target_programs = lambda device, wanted=wanted: wanted
+            _call_launchers(bsr, nm, quick)
     finally:
-        bsr.launch, nm.launch = saved
+        bsr.launch, nm.launch, bsr.target_programs, nm.target_programs = saved
     return list(launches)
+
+
+def _call_launchers(bsr, nm, quick: bool) -> None:
+    """Call every launcher over block sizes, N:M patterns, dtypes and batch sizes (CPU tensors)."""
+    from sparsekernels import BlockSparseMatrix, NMMatrix
+
+    dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16]
+    batches = [300] if quick else [1, 20, 300]
+    block_sizes = [128] if quick else [16, 32, 64, 128]
+    patterns = [(5, 16)] if quick else [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (5, 16)]
+    for dtype in dtypes:
+        for block_size in block_sizes:
+            matrix = BlockSparseMatrix.random((2 * block_size, 2 * block_size), block_size, 0.5, dtype=dtype)
+            for rows in batches:
+                x = torch.zeros(rows, matrix.shape[1], dtype=dtype)
+                grad = torch.zeros(rows, matrix.shape[0], dtype=dtype)
+                bsr.bsr_forward(x, matrix.values, matrix.block_row_offsets, matrix.block_col_indices,
+                                torch.zeros(matrix.shape[0], dtype=dtype))
+                bsr.bsr_grad_input(grad, matrix.values, matrix.block_col_offsets, matrix.block_row_indices,
+                                   matrix.block_value_indices)
+                bsr.bsr_grad_values(grad, x, matrix.block_col_indices, matrix.block_row_indices,
+                                    matrix.block_value_indices, block_size)
+        for n, m in patterns:
+            matrix = NMMatrix.random((96, 8 * m), n, m, dtype=dtype)
+            for rows in batches:
+                x = torch.zeros(rows, matrix.shape[1], dtype=dtype)
+                grad = torch.zeros(rows, matrix.shape[0], dtype=dtype)
+                nm.nm_forward(x, matrix.values, matrix.positions, n, m, torch.zeros(96, dtype=dtype))
+                nm.nm_grad_input(grad, matrix.values, matrix.positions, n, m)
+                nm.nm_grad_values(grad, x, matrix.positions, n, m)
 
 
 def compile_launch(launch: Launch, capability: int):

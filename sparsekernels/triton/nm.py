@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import NM_BITS_PER_POSITION
-from ._common import dot_accumulate, dot_mode, launch, rows_block
+from ._common import dot_accumulate, dot_mode, launch, rows_block, target_programs
 
 __all__ = ["nm_forward", "nm_grad_input", "nm_grad_values"]
 
@@ -167,8 +167,13 @@ def _nm_grad_values_kernel(
         tl.store(out_ptrs, picked.to(grad_values_ptr.dtype.element_ty), mask=mask)
 
 
-def _out_block(out_features: int) -> int:
-    return 16 if out_features <= 16 else 32 if out_features <= 32 else 64
+def _out_block(out_features: int, other_tiles: int, device) -> int:
+    """Output-feature tile: 64 wide, narrower for small out_features or when the grid (output tiles
+    times ``other_tiles`` along the other axis) would be too small to fill the GPU (decode batches)."""
+    block, wanted = 64, target_programs(device)
+    while block > 16 and (block >= 2 * out_features or other_tiles * triton.cdiv(out_features, block) < wanted):
+        block //= 2
+    return block
 
 
 def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
@@ -180,8 +185,10 @@ def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bia
     if out.numel() == 0:
         return out
     values, positions = values.contiguous(), positions.contiguous()
-    block_rows, block_out = rows_block(rows), _out_block(out_features)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(out_features, block_out))
+    block_rows = rows_block(rows)
+    row_tiles = triton.cdiv(rows, block_rows)
+    block_out = _out_block(out_features, row_tiles, x.device)
+    grid = (row_tiles, triton.cdiv(out_features, block_out))
     launch(_nm_forward_kernel, grid,
         x, values, positions, out if bias is None else bias.contiguous(), out,
         rows, out_features, in_features,
@@ -220,7 +227,7 @@ def nm_grad_values(grad_out: Tensor, x: Tensor, positions: Tensor, n: int, m: in
     if grad_values.numel() == 0:
         return grad_values
     positions = positions.contiguous()
-    block_out = _out_block(out_features)
+    block_out = _out_block(out_features, triton.cdiv(in_features, BLOCK_IN), x.device)
     grid = (triton.cdiv(out_features, block_out), triton.cdiv(in_features, BLOCK_IN))
     launch(_nm_grad_values_kernel, grid,
         grad_out, x, positions, grad_values,
