@@ -115,6 +115,21 @@ def test_empty_pattern_gives_zeros_and_bias():
     assert torch.count_nonzero(input.grad) == 0
 
 
+@pytest.mark.parametrize("layout", [BlockSparse(16, 0.5), NM(2, 4)], ids=layout_id)
+def test_meta_tensors_give_shapes(layout):
+    case = make_case(layout, torch.bfloat16, "meta")
+    matrix = case.matrix
+    input = torch.empty(2, 3, case.dense.shape[1], dtype=torch.bfloat16, device="meta", requires_grad=True)
+    values = matrix.values.detach().requires_grad_()
+    if isinstance(matrix, BlockSparseMatrix):
+        output = sk.ops.bsr_linear(input, values, *matrix.index_tensors())
+    else:
+        output = sk.ops.nm_linear(input, values, matrix.positions, matrix.n, matrix.m)
+    assert output.shape == (2, 3, case.dense.shape[0]) and output.device.type == "meta"
+    output.sum().backward()
+    assert input.grad.shape == input.shape and values.grad.shape == values.shape
+
+
 def test_int64_index():
     case = make_case(BlockSparse(16, 0.5), torch.float32, DEVICE)
     index64 = [tensor.long() for tensor in case.matrix.index_tensors()]

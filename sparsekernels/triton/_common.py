@@ -35,16 +35,18 @@ def is_interpreted(kernel) -> bool:
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """Launch ``kernel`` over ``grid``, traceably (``wrap_triton``) when compiled.
 
-    An interpreted kernel cannot be traced: it reads the tensors' memory on the host. It runs on
-    real tensors only and is skipped on fake ones (shape inference, torch.compile), where the
-    results' shapes are all that is asked for; ops.py registers such kernels as opaque ops.
+    Nothing runs on meta tensors (shapes only). An interpreted kernel cannot be traced: it reads the
+    tensors' memory on the host, so it runs on real tensors only and is skipped on fake ones (shape
+    inference, torch.compile), where the results' shapes are all that is asked for; ops.py registers
+    such kernels as opaque ops.
     """
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    if any(tensor.device.type == "meta" for tensor in tensors):
+        return
     if not is_interpreted(kernel):
         wrap_triton(kernel)[grid](*args, **kwargs)
-        return
-    if any(isinstance(arg, torch.Tensor) and (is_fake(arg) or arg.device.type == "meta") for arg in args):
-        return
-    kernel[grid](*args, **kwargs)
+    elif not any(is_fake(tensor) for tensor in tensors):
+        kernel[grid](*args, **kwargs)
 
 
 def dot_mode(kernel, dtype: torch.dtype) -> str:
@@ -68,8 +70,9 @@ def pipeline_stages(bytes_per_stage: int, budget: int = 96 * 1024) -> int:
 
 
 def check_device(kernel, tensor: torch.Tensor, name: str) -> None:
-    """Compiled kernels need CUDA tensors; the interpreter takes CPU tensors too."""
-    if tensor.device.type == "cuda" or (is_interpreted(kernel) and tensor.device.type == "cpu"):
+    """Compiled kernels need CUDA tensors; the interpreter takes CPU tensors too; meta tensors only
+    ask for shapes."""
+    if tensor.device.type in ("cuda", "meta") or (is_interpreted(kernel) and tensor.device.type == "cpu"):
         return
     raise ValueError(
         f"the Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
