@@ -7,10 +7,12 @@ imported (they are imported lazily, on the first call), so the same tests cover 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import torch
 
@@ -19,6 +21,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import sparsekernels as sk  # noqa: E402
 from cases import DTYPES, LAYOUTS, assert_close, kept_values_of, layout_id, make_case  # noqa: E402
@@ -59,14 +63,23 @@ def test_3d_noncontiguous_input(layout, dtype):
     check_against_dense(layout, dtype, (2, 5), with_bias=True, device=DEVICE, noncontiguous=True)
 
 
-@pytest.fixture
-def many_programs_wanted(monkeypatch):
+@contextlib.contextmanager
+def narrowest_tiles(enabled: bool = True):
     """Pretend the device wants a huge grid, so the launchers pick their narrowest tiles (the choice
     made for decode-sized batches on a GPU; under the interpreter they otherwise pick the widest)."""
     from sparsekernels.triton import bsr, nm
 
-    for module in (bsr, nm):
-        monkeypatch.setattr(module, "target_programs", lambda device: 10**9)
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            for module in (bsr, nm):
+                stack.enter_context(mock.patch.object(module, "target_programs", lambda device: 10**9))
+        yield
+
+
+@pytest.fixture
+def many_programs_wanted():
+    with narrowest_tiles():
+        yield
 
 
 @pytest.mark.parametrize("batch", [1, 7, 300])
@@ -76,17 +89,11 @@ def test_narrow_tiles(layout, dtype, batch, many_programs_wanted):
     check_against_dense(layout, dtype, (batch,), with_bias=True, device=DEVICE)
 
 
-@pytest.mark.parametrize(
-    "layout, features",
-    [(BlockSparse(16, 0.3), (16, 16)), (BlockSparse(16, 0.3), (13 * 16, 16)), (BlockSparse(32, 0.4), (32, 11 * 32)),
-     (NM(2, 4), (1, 4)), (NM(2, 4), (67, 4)), (NM(1, 8), (3, 11 * 8)), (NM(3, 16), (17, 16))],
-    ids=["1x1-blocks", "13x1-blocks", "1x11-blocks", "nm-1x4", "nm-67x4", "nm-3x88", "nm-17x16"],
-)
-def test_odd_weight_shapes(layout, features):
-    """Weights of one block / one group, and tall or wide ones that leave partial output/input tiles."""
-    case = make_case(layout, torch.float32, DEVICE, features=features)
-    out_features, in_features = features
-    input = torch.randn(5, in_features, device=DEVICE, requires_grad=True)
+def check_shape(layout, out_features, in_features, leading, seed):
+    """Forward and both gradients of one random weight of the given shape, in float32."""
+    torch.manual_seed(seed)
+    case = make_case(layout, torch.float32, DEVICE, features=(out_features, in_features))
+    input = torch.randn(*leading, in_features, device=DEVICE, requires_grad=True)
     values = case.matrix.values.detach().clone().requires_grad_()
     if isinstance(case.matrix, BlockSparseMatrix):
         output = sk.ops.bsr_linear(input, values, *case.matrix.index_tensors())
@@ -100,6 +107,40 @@ def test_odd_weight_shapes(layout, features):
     expected.backward(grad_output)
     assert_close(input.grad, grad_output @ case.masked.float(), torch.float32, "grad input")
     assert_close(values.grad, kept_values_of(case, weight.grad), torch.float32, "grad values")
+
+
+@pytest.mark.parametrize(
+    "layout, features",
+    [(BlockSparse(16, 0.3), (16, 16)), (BlockSparse(16, 0.3), (13 * 16, 16)), (BlockSparse(32, 0.4), (32, 11 * 32)),
+     (NM(2, 4), (1, 4)), (NM(2, 4), (67, 4)), (NM(1, 8), (3, 11 * 8)), (NM(3, 16), (17, 16))],
+    ids=["1x1-blocks", "13x1-blocks", "1x11-blocks", "nm-1x4", "nm-67x4", "nm-3x88", "nm-17x16"],
+)
+def test_odd_weight_shapes(layout, features):
+    """Weights of one block / one group, and tall or wide ones that leave partial output/input tiles."""
+    check_shape(layout, *features, (5,), seed=0)
+
+
+_fuzz = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_fuzz
+@given(block_size=st.sampled_from([16, 32]), block_rows=st.integers(1, 6), block_cols=st.integers(1, 6),
+       density=st.floats(0.05, 1.0), rows=st.integers(0, 70), narrow=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_block_shapes(block_size, block_rows, block_cols, density, rows, narrow, seed):
+    """Random block grids (1..6 x 1..6, any density), row counts around the tile heights, both tilings."""
+    with narrowest_tiles(narrow):
+        check_shape(BlockSparse(block_size, density), block_rows * block_size, block_cols * block_size, (rows,), seed)
+
+
+@_fuzz
+@given(pattern=st.sampled_from([(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (7, 8), (1, 16), (9, 16)]),
+       out_features=st.integers(1, 70), groups=st.integers(1, 20), rows=st.integers(0, 70),
+       narrow=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_nm_shapes(pattern, out_features, groups, rows, narrow, seed):
+    """Random N:M patterns, out_features 1..70 and 1..20 groups (input tiles cut anywhere), both tilings."""
+    n, m = pattern
+    with narrowest_tiles(narrow):
+        check_shape(NM(n, m), out_features, groups * m, (rows,), seed)
 
 
 def test_empty_pattern_gives_zeros_and_bias():
