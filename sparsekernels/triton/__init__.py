@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -23,7 +24,13 @@ __all__ = ["bsr_linear", "nm_linear", "unavailable_reason"]
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """Whether the kernels run (or, not imported yet, will run) under the Triton interpreter."""
+    kernels = sys.modules.get(__name__ + ".bsr")
+    if kernels is not None:  # decided when they were defined, whatever the environment says now
+        from ._common import is_interpreted
+
+        return is_interpreted(kernels._bsr_forward_kernel)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def unavailable_reason() -> Optional[str]:
@@ -31,7 +38,8 @@ def unavailable_reason() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed (pip install 'sparsekernels[triton]')"
     if not torch.cuda.is_available() and not _interpreting():
-        return "no CUDA GPU is available (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
+        return ("no CUDA GPU is available (set TRITON_INTERPRET=1 before the kernels are first used to run "
+                "them on CPU tensors, slowly)")
     return None
 
 
