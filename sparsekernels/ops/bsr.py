@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import _C  # noqa: F401  (loads the op schemas and the C++ kernels)
 from .. import reference
+from .. import triton as triton_backend
 from ..backend import resolve_backend
 from ._checks import bsr_features, check_bias, check_operand
 
@@ -92,6 +93,9 @@ def bsr_linear(
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
-    if resolve_backend(input.device) == "reference":
+    backend = resolve_backend(input.device)
+    if backend == "reference":
         return reference.bsr_linear(input, values, *index, bias)
+    if backend == "triton":
+        return triton_backend.bsr_linear(input, values, *index, bias)
     return _ops.bsr_linear(input, values, *index, bias)

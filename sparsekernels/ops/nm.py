@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import _C  # noqa: F401  (loads the op schemas and the C++ kernels)
 from .. import reference
+from .. import triton as triton_backend
 from ..backend import resolve_backend
 from ._checks import check_bias, check_operand, nm_features
 
@@ -81,6 +82,9 @@ def nm_linear(
     out_features, in_features = nm_features(values, n, m)
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
-    if resolve_backend(input.device) == "reference":
+    backend = resolve_backend(input.device)
+    if backend == "reference":
         return reference.nm_linear(input, values, positions, n, m, bias)
+    if backend == "triton":
+        return triton_backend.nm_linear(input, values, positions, n, m, bias)
     return _ops.nm_linear(input, values, positions, n, m, bias)

@@ -1,16 +1,63 @@
 """Triton GPU kernels (block-sparse and N:M linear, forward and backward).
 
-One file per kernel family lives here (``bsr_forward.py``, ``bsr_grad_input.py``, ...). They run on
-CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), which is how
-the CPU-only test suite checks them. This build has no Triton kernels yet; the ``triton`` backend
-reports itself unavailable and ``sparsekernels.set_backend("triton")`` raises.
+One file per kernel family: ``bsr.py`` and ``nm.py`` hold the kernels and their launchers, ``ops.py``
+exposes them as ``torch.library.triton_op`` ops in the ``sparsekernels_triton`` namespace with their
+own autograd. They run on CUDA tensors, and on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1``), which is how the CPU-only test suite checks them.
+
+The kernel modules are imported on first use, not with the package: ``triton.jit`` decides between
+compiling and interpreting when a kernel is defined, so ``TRITON_INTERPRET`` must be set before that,
+and importing sparsekernels should not pay for importing Triton.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["bsr_linear", "nm_linear", "unavailable_reason"]
+
+
+def _interpreting() -> bool:
+    """Whether the kernels run (or, not imported yet, will run) under the Triton interpreter."""
+    kernels = sys.modules.get(__name__ + ".bsr")
+    if kernels is not None:  # decided when they were defined, whatever the environment says now
+        from ._common import is_interpreted
+
+        return is_interpreted(kernels._bsr_forward_kernel)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def unavailable_reason() -> Optional[str]:
     """None when the Triton kernels can run here, else why not."""
-    return "the Triton kernels are not part of this build yet"
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install 'sparsekernels[triton]')"
+    if not torch.cuda.is_available() and not _interpreting():
+        return ("no CUDA GPU is available (set TRITON_INTERPRET=1 before the kernels are first used to run "
+                "them on CPU tensors, slowly)")
+    return None
+
+
+def _ops():
+    from . import ops
+
+    return ops
+
+
+def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
+               block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
+               bias: Optional[Tensor] = None) -> Tensor:
+    """``torch.ops.sparsekernels_triton.bsr_linear`` (same arguments as ``sparsekernels.ops.bsr_linear``)."""
+    return _ops().bsr_linear(input, values, block_row_offsets, block_col_indices, block_col_offsets,
+                             block_row_indices, block_value_indices, bias)
+
+
+def nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
+              bias: Optional[Tensor] = None) -> Tensor:
+    """``torch.ops.sparsekernels_triton.nm_linear`` (same arguments as ``sparsekernels.ops.nm_linear``)."""
+    return _ops().nm_linear(input, values, positions, n, m, bias)

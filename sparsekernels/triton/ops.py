@@ -1,0 +1,218 @@
+"""The Triton kernels as ``torch.library.triton_op`` ops, with autograd, in ``sparsekernels_triton``.
+
+``triton_op`` (rather than an opaque custom op) lets torch.compile / Inductor see the kernel launches,
+and fake tensors run the same Python with the launches skipped, so no separate fake kernel is needed
+(under the Triton interpreter the ops are opaque custom ops instead; see ``_define``).
+The ops mirror the schemas of ``torch.ops.sparsekernels`` (csrc/bindings/library.cpp), minus
+``linear_bias_grad``: the bias gradient is a plain float32 reduction done by torch.
+
+Arguments are checked here too (the same checks as the front ends, csrc/bindings/checks.h), so that
+calling an op directly with a bad argument raises a clear error before any kernel runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, triton_op
+
+from ..ops._checks import bsr_features, check_bias, check_operand, nm_features
+from . import bsr as bsr_kernels
+from . import nm as nm_kernels
+from ._common import check_device, is_interpreted
+
+__all__ = ["OP_NAMES", "bsr_linear", "nm_linear"]
+
+
+def _define(name: str):
+    """``triton_op`` for compiled kernels; an opaque ``custom_op`` for interpreted ones.
+
+    Under torch.compile a ``triton_op`` is decomposed into its body so that Inductor sees the launches;
+    interpreted kernels cannot be traced that way (see ``_common.launch``), so under the interpreter
+    the op stays opaque, with the same function as its fake kernel (launches skipped on fake tensors).
+    """
+    if not is_interpreted(bsr_kernels._bsr_forward_kernel):
+        return triton_op(name, mutates_args=())
+
+    def define(fn):
+        op = custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+
+    return define
+
+
+def _check_index(tensors: dict, values: Tensor) -> None:
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor) or tensor.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32 or int64 tensor, got {getattr(tensor, 'dtype', type(tensor))}")
+        if tensor.device != values.device:
+            raise ValueError(f"expected {name} on {values.device} (as values), got {tensor.device}")
+
+
+def _check_positions(positions: Tensor, values: Tensor) -> None:
+    if not isinstance(positions, Tensor) or positions.dtype != torch.uint8:
+        raise TypeError(f"positions must be a uint8 tensor, got {getattr(positions, 'dtype', type(positions))}")
+    if positions.dim() != 2 or positions.shape[0] != values.shape[0]:
+        raise ValueError(f"positions must have shape [out_features={values.shape[0]}, ...], got {tuple(positions.shape)}")
+    if positions.device != values.device:
+        raise ValueError(f"expected positions on {values.device} (as values), got {positions.device}")
+
+
+def _bias_grad(grad_output: Tensor) -> Tensor:
+    return grad_output.reshape(-1, grad_output.shape[-1]).sum(0, dtype=torch.float32).to(grad_output.dtype)
+
+
+# ---------------------------------------------------------------------------------------- block-sparse
+@_define("sparsekernels_triton::bsr_linear")
+def _bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
+                block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
+                bias: Optional[Tensor]) -> Tensor:
+    out_features, in_features = bsr_features(values, block_row_offsets, block_col_offsets)
+    check_operand(input, "input", values, "values", in_features, "in_features")
+    check_bias(bias, values, out_features)
+    _check_index({"block_row_offsets": block_row_offsets, "block_col_indices": block_col_indices}, values)
+    check_device(bsr_kernels._bsr_forward_kernel, input, "input")
+    out = bsr_kernels.bsr_forward(input.reshape(-1, in_features), values, block_row_offsets, block_col_indices, bias)
+    return out.reshape(*input.shape[:-1], out_features)
+
+
+@_define("sparsekernels_triton::bsr_linear_grad_input")
+def _bsr_linear_grad_input(grad_output: Tensor, values: Tensor, block_row_offsets: Tensor,
+                           block_col_indices: Tensor, block_col_offsets: Tensor, block_row_indices: Tensor,
+                           block_value_indices: Tensor) -> Tensor:
+    out_features, in_features = bsr_features(values, block_row_offsets, block_col_offsets)
+    check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
+    _check_index({"block_col_offsets": block_col_offsets, "block_row_indices": block_row_indices,
+                  "block_value_indices": block_value_indices}, values)
+    check_device(bsr_kernels._bsr_grad_input_kernel, grad_output, "grad_output")
+    grad_input = bsr_kernels.bsr_grad_input(grad_output.reshape(-1, out_features), values, block_col_offsets,
+                                            block_row_indices, block_value_indices)
+    return grad_input.reshape(*grad_output.shape[:-1], in_features)
+
+
+@_define("sparsekernels_triton::bsr_linear_grad_values")
+def _bsr_linear_grad_values(grad_output: Tensor, input: Tensor, block_row_offsets: Tensor,
+                            block_col_indices: Tensor, block_col_offsets: Tensor, block_row_indices: Tensor,
+                            block_value_indices: Tensor, block_size: int) -> Tensor:
+    out_features = (block_row_offsets.shape[0] - 1) * block_size
+    in_features = (block_col_offsets.shape[0] - 1) * block_size
+    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
+    if input.shape[-1] != in_features:
+        raise ValueError(f"input.shape[-1] must equal in_features={in_features}, got shape {tuple(input.shape)}")
+    if input.shape[:-1] != grad_output.shape[:-1]:
+        raise ValueError(f"input and grad_output must share leading dims, got {tuple(input.shape)} "
+                         f"and {tuple(grad_output.shape)}")
+    _check_index({"block_col_indices": block_col_indices, "block_row_indices": block_row_indices,
+                  "block_value_indices": block_value_indices}, input)
+    check_device(bsr_kernels._bsr_grad_values_kernel, input, "input")
+    return bsr_kernels.bsr_grad_values(grad_output.reshape(-1, out_features), input.reshape(-1, in_features),
+                                       block_col_indices, block_row_indices, block_value_indices, block_size)
+
+
+def _bsr_setup_context(ctx, inputs, output):
+    input, values, *index, bias = inputs
+    ctx.save_for_backward(input, values, *index)
+    ctx.has_bias = bias is not None
+
+
+def _bsr_backward(ctx, grad_output):
+    input, values, *index = ctx.saved_tensors
+    ops = torch.ops.sparsekernels_triton
+    grad_input = ops.bsr_linear_grad_input(grad_output, values, *index) if ctx.needs_input_grad[0] else None
+    grad_values = (
+        ops.bsr_linear_grad_values(grad_output, input, *index, values.shape[-1]) if ctx.needs_input_grad[1] else None
+    )
+    grad_bias = _bias_grad(grad_output) if ctx.has_bias and ctx.needs_input_grad[7] else None
+    return grad_input, grad_values, None, None, None, None, None, grad_bias
+
+
+_bsr_linear.register_autograd(_bsr_backward, setup_context=_bsr_setup_context)
+
+
+# ---------------------------------------------------------------------------------------- N:M
+@_define("sparsekernels_triton::nm_linear")
+def _nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
+    out_features, in_features = nm_features(values, n, m)
+    check_operand(input, "input", values, "values", in_features, "in_features")
+    check_bias(bias, values, out_features)
+    _check_positions(positions, values)
+    check_device(nm_kernels._nm_forward_kernel, input, "input")
+    out = nm_kernels.nm_forward(input.reshape(-1, in_features), values, positions, n, m, bias)
+    return out.reshape(*input.shape[:-1], out_features)
+
+
+@_define("sparsekernels_triton::nm_linear_grad_input")
+def _nm_linear_grad_input(grad_output: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
+    out_features, in_features = nm_features(values, n, m)
+    check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
+    _check_positions(positions, values)
+    check_device(nm_kernels._nm_grad_input_kernel, grad_output, "grad_output")
+    grad_input = nm_kernels.nm_grad_input(grad_output.reshape(-1, out_features), values, positions, n, m)
+    return grad_input.reshape(*grad_output.shape[:-1], in_features)
+
+
+@_define("sparsekernels_triton::nm_linear_grad_values")
+def _nm_linear_grad_values(grad_output: Tensor, input: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
+    out_features = positions.shape[0]
+    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
+    if m not in (2, 4, 8, 16) or not 1 <= n < m:
+        raise ValueError(f"need m in (2, 4, 8, 16) and 1 <= n < m, got n={n}, m={m}")
+    if input.shape[-1] % m:
+        raise ValueError(f"input.shape[-1] must be a multiple of m={m}, got shape {tuple(input.shape)}")
+    if input.shape[:-1] != grad_output.shape[:-1]:
+        raise ValueError(f"input and grad_output must share leading dims, got {tuple(input.shape)} "
+                         f"and {tuple(grad_output.shape)}")
+    if positions.dtype != torch.uint8 or positions.device != input.device:
+        raise TypeError(f"positions must be a uint8 tensor on {input.device}, got {positions.dtype} on {positions.device}")
+    check_device(nm_kernels._nm_grad_values_kernel, input, "input")
+    in_features = input.shape[-1]
+    return nm_kernels.nm_grad_values(grad_output.reshape(-1, out_features), input.reshape(-1, in_features),
+                                     positions, n, m)
+
+
+def _nm_setup_context(ctx, inputs, output):
+    input, values, positions, n, m, bias = inputs
+    ctx.save_for_backward(input, values, positions)
+    ctx.n, ctx.m = n, m
+    ctx.has_bias = bias is not None
+
+
+def _nm_backward(ctx, grad_output):
+    input, values, positions = ctx.saved_tensors
+    ops = torch.ops.sparsekernels_triton
+    n, m = ctx.n, ctx.m
+    grad_input = ops.nm_linear_grad_input(grad_output, values, positions, n, m) if ctx.needs_input_grad[0] else None
+    grad_values = ops.nm_linear_grad_values(grad_output, input, positions, n, m) if ctx.needs_input_grad[1] else None
+    grad_bias = _bias_grad(grad_output) if ctx.has_bias and ctx.needs_input_grad[5] else None
+    return grad_input, grad_values, None, None, None, grad_bias
+
+
+_nm_linear.register_autograd(_nm_backward, setup_context=_nm_setup_context)
+
+OP_NAMES = (
+    "bsr_linear",
+    "bsr_linear_grad_input",
+    "bsr_linear_grad_values",
+    "nm_linear",
+    "nm_linear_grad_input",
+    "nm_linear_grad_values",
+)
+
+
+def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
+               block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
+               bias: Optional[Tensor] = None) -> Tensor:
+    """``input @ W.T (+ bias)`` for a block-sparse W with the Triton kernels (differentiable)."""
+    return torch.ops.sparsekernels_triton.bsr_linear(
+        input, values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+        block_value_indices, bias,
+    )
+
+
+def nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
+              bias: Optional[Tensor] = None) -> Tensor:
+    """``input @ W.T (+ bias)`` for an N:M-structured W with the Triton kernels (differentiable)."""
+    return torch.ops.sparsekernels_triton.nm_linear(input, values, positions, n, m, bias)

@@ -1,0 +1,330 @@
+"""The Triton kernels (sparsekernels/triton) against dense PyTorch on the masked weight.
+
+On a machine with a CUDA GPU they run compiled, on CUDA tensors. Without one they run under the
+Triton interpreter on CPU tensors: TRITON_INTERPRET is set here, before the kernel modules are first
+imported (they are imported lazily, on the first call), so the same tests cover the same kernel code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import sparsekernels as sk  # noqa: E402
+from cases import DTYPES, LAYOUTS, assert_close, kept_values_of, layout_id, make_case  # noqa: E402
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix, SparseLinear  # noqa: E402
+from test_ops import check_against_dense  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# m=16 (4-bit offsets, two per byte, groups of 16 inside the 64-wide input tiles) on top of the sweep.
+TRITON_LAYOUTS = LAYOUTS + [NM(5, 16)]
+
+pytestmark = pytest.mark.skipif(
+    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
+)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    sk.set_backend("triton")
+
+
+def triton_ops():
+    from sparsekernels.triton import ops
+
+    return ops
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("batch", [0, 1, 7, 300])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", TRITON_LAYOUTS, ids=layout_id)
+def test_matches_dense_reference(layout, dtype, batch, with_bias):
+    check_against_dense(layout, dtype, (batch,), with_bias, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", TRITON_LAYOUTS, ids=layout_id)
+def test_3d_noncontiguous_input(layout, dtype):
+    check_against_dense(layout, dtype, (2, 5), with_bias=True, device=DEVICE, noncontiguous=True)
+
+
+@contextlib.contextmanager
+def narrowest_tiles(enabled: bool = True):
+    """Pretend the device wants a huge grid, so the launchers pick their narrowest tiles (the choice
+    made for decode-sized batches on a GPU; under the interpreter they otherwise pick the widest)."""
+    from sparsekernels.triton import bsr, nm
+
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            for module in (bsr, nm):
+                stack.enter_context(mock.patch.object(module, "target_programs", lambda device: 10**9))
+        yield
+
+
+@pytest.fixture
+def many_programs_wanted():
+    with narrowest_tiles():
+        yield
+
+
+@pytest.mark.parametrize("batch", [1, 7, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [BlockSparse(32, 0.5), BlockSparse(128, 0.5), NM(2, 4), NM(5, 16)], ids=layout_id)
+def test_narrow_tiles(layout, dtype, batch, many_programs_wanted):
+    check_against_dense(layout, dtype, (batch,), with_bias=True, device=DEVICE)
+
+
+def check_shape(layout, out_features, in_features, leading, seed):
+    """Forward and both gradients of one random weight of the given shape, in float32."""
+    torch.manual_seed(seed)
+    case = make_case(layout, torch.float32, DEVICE, features=(out_features, in_features))
+    input = torch.randn(*leading, in_features, device=DEVICE, requires_grad=True)
+    values = case.matrix.values.detach().clone().requires_grad_()
+    if isinstance(case.matrix, BlockSparseMatrix):
+        output = sk.ops.bsr_linear(input, values, *case.matrix.index_tensors())
+    else:
+        output = sk.ops.nm_linear(input, values, case.matrix.positions, case.matrix.n, case.matrix.m)
+    weight = case.masked.float().requires_grad_()
+    expected = F.linear(input.detach(), weight)
+    assert_close(output, expected, torch.float32, "output")
+    grad_output = torch.randn_like(expected)
+    output.backward(grad_output)
+    expected.backward(grad_output)
+    assert_close(input.grad, grad_output @ case.masked.float(), torch.float32, "grad input")
+    assert_close(values.grad, kept_values_of(case, weight.grad), torch.float32, "grad values")
+
+
+@pytest.mark.parametrize(
+    "layout, features",
+    [(BlockSparse(16, 0.3), (16, 16)), (BlockSparse(16, 0.3), (13 * 16, 16)), (BlockSparse(32, 0.4), (32, 11 * 32)),
+     (NM(2, 4), (1, 4)), (NM(2, 4), (67, 4)), (NM(1, 8), (3, 11 * 8)), (NM(3, 16), (17, 16))],
+    ids=["1x1-blocks", "13x1-blocks", "1x11-blocks", "nm-1x4", "nm-67x4", "nm-3x88", "nm-17x16"],
+)
+def test_odd_weight_shapes(layout, features):
+    """Weights of one block / one group, and tall or wide ones that leave partial output/input tiles."""
+    check_shape(layout, *features, (5,), seed=0)
+
+
+_fuzz = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_fuzz
+@given(block_size=st.sampled_from([16, 32]), block_rows=st.integers(1, 6), block_cols=st.integers(1, 6),
+       density=st.floats(0.05, 1.0), rows=st.integers(0, 70), narrow=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_block_shapes(block_size, block_rows, block_cols, density, rows, narrow, seed):
+    """Random block grids (1..6 x 1..6, any density), row counts around the tile heights, both tilings."""
+    with narrowest_tiles(narrow):
+        check_shape(BlockSparse(block_size, density), block_rows * block_size, block_cols * block_size, (rows,), seed)
+
+
+@_fuzz
+@given(pattern=st.sampled_from([(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (7, 8), (1, 16), (9, 16)]),
+       out_features=st.integers(1, 70), groups=st.integers(1, 20), rows=st.integers(0, 70),
+       narrow=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_nm_shapes(pattern, out_features, groups, rows, narrow, seed):
+    """Random N:M patterns, out_features 1..70 and 1..20 groups (input tiles cut anywhere), both tilings."""
+    n, m = pattern
+    with narrowest_tiles(narrow):
+        check_shape(NM(n, m), out_features, groups * m, (rows,), seed)
+
+
+def test_empty_pattern_gives_zeros_and_bias():
+    """No kept block at all: the output is the bias and both gradients are zero."""
+    mask = torch.zeros(32, 48, dtype=torch.bool)
+    matrix = BlockSparseMatrix.from_dense(torch.randn(32, 48), 16, mask=mask).to(DEVICE)
+    assert matrix.values.shape[0] == 0
+    input = torch.randn(3, 48, device=DEVICE, requires_grad=True)
+    bias = torch.randn(32, device=DEVICE)
+    output = sk.ops.bsr_linear(input, matrix.values, *matrix.index_tensors(), bias)
+    torch.testing.assert_close(output, bias.expand(3, 32))
+    output.sum().backward()
+    assert torch.count_nonzero(input.grad) == 0
+
+
+@pytest.mark.parametrize("layout", [BlockSparse(16, 0.5), NM(2, 4)], ids=layout_id)
+def test_meta_tensors_give_shapes(layout):
+    case = make_case(layout, torch.bfloat16, "meta")
+    matrix = case.matrix
+    input = torch.empty(2, 3, case.dense.shape[1], dtype=torch.bfloat16, device="meta", requires_grad=True)
+    values = matrix.values.detach().requires_grad_()
+    if isinstance(matrix, BlockSparseMatrix):
+        output = sk.ops.bsr_linear(input, values, *matrix.index_tensors())
+    else:
+        output = sk.ops.nm_linear(input, values, matrix.positions, matrix.n, matrix.m)
+    assert output.shape == (2, 3, case.dense.shape[0]) and output.device.type == "meta"
+    output.sum().backward()
+    assert input.grad.shape == input.shape and values.grad.shape == values.shape
+
+
+def test_int64_index():
+    case = make_case(BlockSparse(16, 0.5), torch.float32, DEVICE)
+    index64 = [tensor.long() for tensor in case.matrix.index_tensors()]
+    input = torch.randn(2, 3, case.dense.shape[1], device=DEVICE)
+    output = sk.ops.bsr_linear(input, case.matrix.values, *index64)
+    assert_close(output, F.linear(input, case.masked), torch.float32, "output")
+
+
+@pytest.mark.parametrize("layout", [BlockSparse(32, 0.25), NM(2, 4)], ids=layout_id)
+def test_sparse_linear_agrees_with_cpu_kernels(layout):
+    """A training step of SparseLinear: the Triton backend matches the C++ CPU kernels."""
+    layer = SparseLinear(128, 96, layout, dtype=torch.float16)
+    input = torch.randn(4, 9, 128, dtype=torch.float16)
+    sk.set_backend("cpu")
+    layer(input).float().square().sum().backward()
+    expected = [layer.values.grad.clone(), layer.bias.grad.clone()]
+    sk.set_backend("triton")
+    layer = layer.to(DEVICE)
+    layer.zero_grad()
+    output = layer(input.to(DEVICE))
+    output.float().square().sum().backward()
+    for actual, wanted, what in zip((layer.values.grad, layer.bias.grad), expected, ("values", "bias")):
+        assert_close(actual.cpu(), wanted, torch.float16, what)
+
+
+# ---------------------------------------------------------------------- ops: opcheck, compile, errors
+def opcheck_samples():
+    samples = []
+    for layout in (BlockSparse(16, 0.5), NM(2, 4)):
+        case = make_case(layout, torch.float32, DEVICE)
+        matrix = case.matrix
+        out_features, in_features = case.dense.shape
+        for leading in ((5,), (2, 3)):
+            input = torch.randn(*leading, in_features, device=DEVICE, requires_grad=True)
+            grad_output = torch.randn(*leading, out_features, device=DEVICE)
+            values = matrix.values.detach().clone().requires_grad_()
+            bias = torch.randn(out_features, device=DEVICE, requires_grad=True)
+            if isinstance(matrix, BlockSparseMatrix):
+                index = matrix.index_tensors()
+                samples += [
+                    ("bsr_linear", (input, values, *index, bias)),
+                    ("bsr_linear", (input, values, *index, None)),
+                    ("bsr_linear_grad_input", (grad_output, values.detach(), *index)),
+                    ("bsr_linear_grad_values", (grad_output, input.detach(), *index, matrix.block_size)),
+                ]
+            else:
+                nm_args = (matrix.positions, matrix.n, matrix.m)
+                samples += [
+                    ("nm_linear", (input, values, *nm_args, bias)),
+                    ("nm_linear", (input, values, *nm_args, None)),
+                    ("nm_linear_grad_input", (grad_output, values.detach(), *nm_args)),
+                    ("nm_linear_grad_values", (grad_output, input.detach(), *nm_args)),
+                ]
+    return samples
+
+
+def test_opcheck_covers_every_op():
+    assert {name for name, _ in opcheck_samples()} == set(triton_ops().OP_NAMES)
+
+
+@pytest.mark.parametrize("index", range(len(opcheck_samples())))
+def test_opcheck(index):
+    name, args = opcheck_samples()[index]
+    torch.library.opcheck(getattr(torch.ops.sparsekernels_triton, name), args)
+
+
+@pytest.mark.parametrize("layout", [BlockSparse(16, 0.5), NM(2, 4)], ids=layout_id)
+def test_compiles_without_graph_breaks(layout):
+    """torch.compile traces through the triton_op ops (fullgraph: a graph break would raise)."""
+    torch._dynamo.reset()
+    layer = SparseLinear(64, 48, layout).to(DEVICE)
+    input = torch.randn(6, 64, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    output = compiled(input)
+    output.square().sum().backward()
+    grads = (input.grad.clone(), layer.values.grad.clone())
+    input.grad = None
+    layer.zero_grad()
+    expected = layer(input)
+    expected.square().sum().backward()
+    assert_close(output, expected, torch.float32, "output")
+    assert_close(grads[0], input.grad, torch.float32, "grad input")
+    assert_close(grads[1], layer.values.grad, torch.float32, "grad values")
+
+
+@pytest.fixture
+def no_kernel_launch(monkeypatch):
+    """Make every launcher fail, so a test can show that its error is raised before any kernel."""
+    from sparsekernels.triton import bsr, nm
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the arguments were checked")
+
+    for module, names in ((bsr, bsr.__all__), (nm, nm.__all__)):
+        for name in names:
+            monkeypatch.setattr(module, name, launched)
+
+
+def test_bad_arguments_raise_before_any_kernel(no_kernel_launch):
+    ops = torch.ops.sparsekernels_triton
+    block = make_case(BlockSparse(16, 0.5), torch.float32, DEVICE).matrix
+    nm = make_case(NM(2, 4), torch.float32, DEVICE).matrix
+    x_block = torch.randn(3, block.shape[1], device=DEVICE)
+    x_nm = torch.randn(3, nm.shape[1], device=DEVICE)
+    index = block.index_tensors()
+    with pytest.raises(TypeError, match="input and values to have the same dtype"):
+        ops.bsr_linear(x_block.half(), block.values, *index, None)
+    with pytest.raises(ValueError, match=r"input.shape\[-1\] must equal in_features=80"):
+        ops.bsr_linear(x_block[:, :-16], block.values, *index, None)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.bsr_linear(x_block, block.values, *index, torch.zeros(2, 48, device=DEVICE))
+    with pytest.raises(TypeError, match="block_col_indices must be an int32 or int64 tensor"):
+        ops.bsr_linear(x_block, block.values, index[0], index[1].float(), *index[2:], None)
+    with pytest.raises(ValueError, match="grad_output.shape\\[-1\\] must equal out_features=48"):
+        ops.bsr_linear_grad_input(torch.randn(3, 47, device=DEVICE), block.values, *index)
+    with pytest.raises(ValueError, match="must share leading dims"):
+        ops.bsr_linear_grad_values(torch.randn(4, 48, device=DEVICE), x_block, *index, 16)
+    with pytest.raises(TypeError, match="positions must be a uint8 tensor"):
+        ops.nm_linear(x_nm, nm.values, nm.positions.int(), 2, 4, None)
+    with pytest.raises(ValueError, match="need m in"):
+        ops.nm_linear(x_nm, nm.values, nm.positions, 2, 3, None)
+    with pytest.raises(ValueError, match="must be a multiple of m=4"):
+        ops.nm_linear_grad_values(torch.randn(3, 24, device=DEVICE), x_nm[:, :-1], nm.positions, 2, 4)
+    with pytest.raises(TypeError, match="values must be float32, bfloat16 or float16"):
+        ops.nm_linear_grad_input(torch.randn(3, 24, device=DEVICE).double(), nm.values.double(), nm.positions, 2, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+def test_unavailable_without_gpu_or_interpreter():
+    code = (
+        "import sparsekernels as sk\n"
+        "print(sk.triton.unavailable_reason())\n"
+        "try:\n    sk.set_backend('triton')\nexcept RuntimeError as error:\n    print('raised:', error)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "TRITON_INTERPRET=1" in result.stdout
+    assert "raised: backend 'triton' is not available" in result.stdout
+
+
+@pytest.mark.gpu
+def test_auto_backend_picks_triton_for_cuda():
+    sk.set_backend(None)
+    assert sk.backend.resolve_backend(torch.device("cuda")) == "triton"
+
+
+def test_kernels_compile_for_a100_and_h100():
+    """The widest- and narrowest-tile configurations compile to cubins for sm_80 and sm_90 and fit in
+    shared memory (the interpreter runs code that the compiler may reject; this catches it without a GPU)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsekernels.triton.compile_check", "--quick", "--arch", "80", "90"],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert re.search(r"\b[1-9]\d* configurations x 2 architectures: 0 failures", result.stdout), result.stdout[-2000:]
