@@ -395,6 +395,9 @@ def e2e_document(
 
 def run_suite(args: argparse.Namespace, argv: Sequence[str], device: torch.device, console: Console) -> int:
     """``python -m bench --suite e2e``: measure, print, write; exit 1 when a sparse variant failed."""
+    ignored = [option for option in ("shapes", "m", "ops", "peers", "repeats", "warmup") if getattr(args, option)]
+    if ignored:
+        console.print(f"[yellow]the e2e suite ignores {', '.join('--' + option for option in ignored)}[/]")
     model = args.model or ("medium" if device.type == "cuda" else "small")
     spec = E2E_MODELS[model]
     dtypes = args.dtype or [torch.bfloat16 if device.type == "cuda" else torch.float32]

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .roofline import Peak, arithmetic_intensity
 
@@ -110,6 +111,9 @@ def speedup_figure(document: dict[str, Any], op: str) -> Figure:
                                    transform=ax.get_xaxis_transform(), clip_on=False, label="WRONG result")
                 handles.setdefault("WRONG result", marks)
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{shape} {dtype}, M={rows_m}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             if row == len(rows) - 1:
