@@ -50,6 +50,7 @@ from .cases import dtype_name, layout_label
 from .environment import collect_environment
 from .errors import describe_error
 from .gpt import GPT, GPTConfig, mlp_only
+from .report import busy_machine_warning
 from .results import Status
 
 E2E_SUITE = "e2e"
@@ -414,6 +415,8 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str], device: torch.devic
     title = (f"e2e: GPT d_model={config.d_model} layers={config.n_layers}, {dtype_name(dtype)}, batch {spec.batch}x"
              f"{spec.seq_len}, {steps} steps; decode {spec.decode_batch}x{spec.new_tokens} tokens")
     print_e2e_table(results, title, console)
+    if warning := busy_machine_warning(environment):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     document = e2e_document(results, environment, model, spec, dtype_name(dtype), steps, argv)
     (args.out / JSON_NAME).write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     write_e2e_csv(args.out / CSV_NAME, results, model, dtype_name(dtype))

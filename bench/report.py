@@ -91,6 +91,18 @@ def _format_measurement(name: str, measurement: Optional[Measurement], footnotes
     return text
 
 
+BUSY_LOAD_FRACTION = 0.5  # a 1-minute load average above this share of the cores makes CPU timings suspect
+
+
+def busy_machine_warning(environment: dict[str, Any]) -> Optional[str]:
+    """A warning when other work was running as the measurement started (CPU timings only)."""
+    load, cores = environment.get("load_average_1min"), environment.get("cpu_count")
+    if environment.get("device") != "cpu" or load is None or not cores or load < BUSY_LOAD_FRACTION * cores:
+        return None
+    return (f"the machine was busy (1-minute load average {load:.2f} on {cores} cores when the run started): "
+            "CPU timings include waiting for the cores and can be far off; rerun on an idle machine")
+
+
 def print_table(
     results: Sequence[CellResult], implementation_names: Sequence[str], environment: dict[str, Any], console: Console
 ) -> None:
@@ -120,6 +132,8 @@ def print_table(
     console.print(table)
     for message, number in footnotes.messages.items():
         console.print(f"[yellow]\\[{number}][/] {escape(message)}", highlight=False)
+    if warning := busy_machine_warning(environment):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def write_json(path: Path, results: Sequence[CellResult], environment: dict[str, Any], run: dict[str, Any]) -> None:

@@ -436,3 +436,11 @@ def test_e2e_suite_from_the_command_line_writes_json_and_csv(tmp_path):
     with (tmp_path / "e2e.csv").open(newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["variant"] for row in rows] == ["dense", "2:4"] and all(row["status"] == "ok" for row in rows)
+
+
+def test_a_busy_cpu_is_pointed_out_next_to_the_timings():
+    from bench.report import busy_machine_warning
+
+    assert "busy" in busy_machine_warning({"device": "cpu", "load_average_1min": 3.5, "cpu_count": 2})
+    assert busy_machine_warning({"device": "cpu", "load_average_1min": 0.3, "cpu_count": 2}) is None
+    assert busy_machine_warning({"device": "cuda", "load_average_1min": 9.0, "cpu_count": 2}) is None
