@@ -30,6 +30,7 @@ import argparse
 import copy
 import csv
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from torch import Tensor, nn
+from tqdm import tqdm
 
 import sparsekernels
 from sparsekernels import NM, BlockSparse, SparseLinear
@@ -296,10 +298,10 @@ def run_e2e(
     held_out = corpus[steps * spec.batch : steps * spec.batch + spec.batch]
     prompt = corpus[-spec.decode_batch :, : spec.prompt_len]
     results = []
-    for layout in (None, *layouts):
+    variants = tqdm((None, *layouts), file=sys.stderr, disable=not progress, unit="model", dynamic_ncols=True)
+    for layout in variants:
         variant = DENSE if layout is None else layout_label(layout)
-        if progress:
-            print(f"e2e: {variant} ...", flush=True)
+        variants.set_postfix_str(variant)
         try:
             result = measure_variant(spec, layout, device, dtype, steps, data, held_out, prompt)
         except Exception as error:
