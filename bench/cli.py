@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Is sparse faster for my shape, and by how much? Times sparsekernels against dense "
         "F.linear and other sparse libraries, checking every result against a float32 reference.",
-        epilog="Compare two runs: python -m bench compare OLD.json NEW.json [--threshold 0.1]",
+        epilog="Compare two runs: python -m bench compare OLD.json NEW.json [--threshold 0.1]. "
+        "Redraw plots: python -m bench plot RESULTS.json [--out DIR]. Details: docs/benchmark.md",
     )
     parser.add_argument("--suite", choices=sorted([*SUITES, E2E_SUITE]), default="quick",
                         help="cells to measure (default quick); e2e: whole sparsified GPT models")

@@ -444,3 +444,31 @@ def test_a_busy_cpu_is_pointed_out_next_to_the_timings():
     assert "busy" in busy_machine_warning({"device": "cpu", "load_average_1min": 3.5, "cpu_count": 2})
     assert busy_machine_warning({"device": "cpu", "load_average_1min": 0.3, "cpu_count": 2}) is None
     assert busy_machine_warning({"device": "cuda", "load_average_1min": 9.0, "cpu_count": 2}) is None
+
+
+def test_cuda_timer_subtracts_the_flush_measured_once_and_falls_back_to_eager(monkeypatch):
+    """The CUDA timer's logic with the device calls replaced (this runs on CPU): graph samples of
+    flush + call, minus the flush's own time, measured once; eager time when capture fails."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    timer = timing.CudaTimer(FAST_TIMING)
+    graph_calls = []
+
+    def fake_graph_samples(fn):
+        graph_calls.append(fn)
+        return [0.5, 0.5, 0.5] if fn == timer._flush_l2 else [1.5, 1.75, 2.5]
+
+    monkeypatch.setattr(timer, "_graph_samples", fake_graph_samples)
+    first, second = timer.measure(lambda: None), timer.measure(lambda: None)
+    assert sum(fn == timer._flush_l2 for fn in graph_calls) == 1 and len(graph_calls) == 3
+    for measured in (first, second):
+        assert measured.method == "cuda_graph" and measured.l2_flushed
+        assert measured.median_ms == pytest.approx(1.25) and measured.eager_median_ms > 0
+
+    def failing_graph_samples(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(timer, "_graph_samples", failing_graph_samples)
+    fallback = timer.measure(lambda: None)
+    assert fallback.method == "eager" and not fallback.l2_flushed
+    assert fallback.graph_failure == "RuntimeError: operation not permitted when stream is capturing"
+    assert fallback.median_ms == fallback.eager_median_ms
