@@ -73,6 +73,8 @@ def test_quick_cell(benchmark, case: Case, name: str) -> None:
             torch.cuda.synchronize()
         return result
 
-    benchmark.group = f"{case.shape_label} {layout_label(case.layout)} {dtype_name(case.dtype)} M={case.rows} {case.op.value}"
+    benchmark.group = (
+        f"{case.shape_label} {layout_label(case.layout)} {dtype_name(case.dtype)} M={case.rows} {case.op.value}"
+    )
     benchmark.extra_info.update(implementation=name, density=weight.matrix.density, max_rel_error=verdict.max_rel_error)
     benchmark(timed)
