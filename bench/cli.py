@@ -263,8 +263,8 @@ def plot_main(argv: Sequence[str]) -> int:
         document = compare.load(args.results)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    if not document["cells"]:
-        parser.error(f"{args.results} has no benchmark cells to plot (an e2e results file?)")
+    if not document["cells"] and not document.get("e2e"):
+        parser.error(f"{args.results} has nothing to plot")
     stem = args.results.stem
     prefix = args.prefix if args.prefix is not None else ("" if stem == "results" else f"{stem}-")
     paths = write_plots(document, args.out or args.results.parent, prefix)

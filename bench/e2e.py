@@ -52,6 +52,7 @@ from .cases import dtype_name, layout_label
 from .environment import collect_environment
 from .errors import describe_error
 from .gpt import GPT, GPTConfig, mlp_only
+from .plots import write_plots
 from .report import busy_machine_warning
 from .results import Status
 
@@ -423,5 +424,8 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str], device: torch.devic
     (args.out / JSON_NAME).write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     write_e2e_csv(args.out / CSV_NAME, results, model, dtype_name(dtype))
     console.print(f"wrote {args.out / JSON_NAME} and {args.out / CSV_NAME}", highlight=False)
+    if not args.no_plots:
+        (path,) = write_plots(document, args.out)
+        console.print(f"wrote {path}", highlight=False)
     failed = [result for result in results if result.variant != DENSE and result.status is not Status.OK]
     return 1 if failed else 0

@@ -13,6 +13,8 @@ no display needed.
 * ``roofline.png``: useful TFLOP/s against arithmetic intensity (useful FLOPs per byte that must
   move), log-log, one point per correct measurement; color = implementation, marker = dtype. On a
   GPU of the peak table the roofs (``min(peak, bandwidth * intensity)``) are drawn per dtype.
+* ``e2e.png`` (e2e suite): per model variant, training tokens/s, decode tokens/s (speedup over the
+  dense model written on each bar) and the held-out loss before and after the training steps.
 """
 
 from __future__ import annotations
@@ -172,10 +174,52 @@ def roofline_figure(document: dict[str, Any], peak: Optional[Peak]) -> Figure:
     return figure
 
 
+def e2e_figure(document: dict[str, Any]) -> Figure:
+    records = document.get("e2e") or []
+    if not records:
+        raise ValueError("no e2e records to plot")
+    variants = [record["variant"] for record in records]
+    positions = list(range(len(records)))
+    figure = Figure(figsize=(12, 1.2 + 0.55 * len(records)), layout="constrained")
+    panels = figure.subplots(1, 3, sharey=True)
+    for ax, (key, speedup_key, label) in zip(panels, (
+        ("train_tokens_per_s", "train_speedup", "training tokens/s"),
+        ("decode_tokens_per_s", "decode_speedup", "decode tokens/s"),
+    )):
+        values = [record.get(key) or 0.0 for record in records]
+        ax.barh(positions, values, color=[COLORS[0] if v == "dense" else COLORS[1] for v in variants])
+        for position, record, value in zip(positions, records, values):
+            if record["status"] != "ok":
+                note = record["status"].upper()
+            else:
+                speedup = record.get(speedup_key)
+                note = f" {speedup:.2f}x" if speedup is not None else ""
+            ax.text(value, position, note, va="center", fontsize=8)
+        ax.set_xlabel(label)
+        ax.margins(x=0.2)
+    losses = panels[2]
+    height = 0.38
+    losses.barh([p - height / 2 for p in positions], [r.get("loss_initial") or 0.0 for r in records], height,
+                color="#bbbbbb", label="before training")
+    losses.barh([p + height / 2 for p in positions], [r.get("loss_after_steps") or 0.0 for r in records], height,
+                color=COLORS[2], label=f"after {document.get('run', {}).get('workload', {}).get('steps', '?')} steps")
+    losses.set_xlabel("held-out loss")
+    losses.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    panels[0].set_yticks(positions, variants)
+    panels[0].invert_yaxis()
+    run = document.get("run", {})
+    config = run.get("config", {})
+    figure.suptitle(f"e2e: GPT d_model={config.get('d_model')} layers={config.get('n_layers')}, MLPs sparsified, "
+                    f"{run.get('dtype')} ({_title(document)})", fontsize=10)
+    return figure
+
+
 def write_plots(document: dict[str, Any], out_dir: Path, prefix: str = "") -> list[Path]:
     """Write the speedup plot(s) and the roofline chart of ``document`` into ``out_dir``; returns the
     paths. Nothing is written for a document without correct measurements."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if document.get("e2e"):
+        return [_save(e2e_figure(document), out_dir / f"{prefix}e2e.png")]
     ops = _unique(cell["op"] for cell in document["cells"])
     paths = []
     for op in ops:

@@ -88,6 +88,8 @@ def _format_measurement(name: str, measurement: Optional[Measurement], footnotes
     if name != BASELINE and measurement.speedup is not None:
         color = "green" if measurement.speedup >= 1.0 else "red"
         text += f" [{color}]{_format_speedup(measurement.speedup)}[/]"
+    if measurement.roofline_pct is not None:
+        text += f" [dim]{measurement.roofline_pct:.0f}%[/]"
     return text
 
 
@@ -107,9 +109,13 @@ def print_table(
     results: Sequence[CellResult], implementation_names: Sequence[str], environment: dict[str, Any], console: Console
 ) -> None:
     if environment["device"] == "cuda":
-        timing_note = "kernel time through CUDA graphs (eager time in results.json)"
+        timing_note = "kernel time through CUDA graphs, L2 flushed (eager time in results.json)"
+        peak = environment.get("gpu_peak")
+        if peak:
+            timing_note += f"; n% = share of the {peak['model']} roofline"
     else:
-        timing_note = f"wall time on {environment['torch_threads']} threads"
+        threads = environment["torch_threads"]
+        timing_note = f"wall time on {threads} thread{'' if threads == 1 else 's'}"
     table = Table(
         title="sparsekernels benchmark",
         caption=f"median {timing_note}; speedup = dense time / implementation time; "

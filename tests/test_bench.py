@@ -436,6 +436,7 @@ def test_e2e_suite_from_the_command_line_writes_json_and_csv(tmp_path):
     with (tmp_path / "e2e.csv").open(newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["variant"] for row in rows] == ["dense", "2:4"] and all(row["status"] == "ok" for row in rows)
+    _assert_png(tmp_path / "e2e.png")
 
 
 def test_a_busy_cpu_is_pointed_out_next_to_the_timings():
@@ -472,3 +473,13 @@ def test_cuda_timer_subtracts_the_flush_measured_once_and_falls_back_to_eager(mo
     assert fallback.method == "eager" and not fallback.l2_flushed
     assert fallback.graph_failure == "RuntimeError: operation not permitted when stream is capturing"
     assert fallback.median_ms == fallback.eager_median_ms
+
+
+def test_table_shows_the_share_of_roofline_when_there_is_one():
+    (result,) = run_cells(_tiny_cases()[:1], [Dense, Sparsekernels], CPU, FAST_TIMING, progress=False)
+    result.measurements["sparsekernels"].roofline_pct = 42.4
+    console = Console(file=io.StringIO(), width=200)
+    environment = {"device": "cuda", "torch_threads": 1, "gpu_peak": roofline.H100_SXM.to_dict()}
+    print_table([result], ["dense", "sparsekernels"], environment, console)
+    output = console.file.getvalue()
+    assert " 42%" in output and "H100 SXM roofline" in output
