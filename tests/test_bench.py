@@ -483,3 +483,17 @@ def test_table_shows_the_share_of_roofline_when_there_is_one():
     print_table([result], ["dense", "sparsekernels"], environment, console)
     output = console.file.getvalue()
     assert " 42%" in output and "H100 SXM roofline" in output
+
+
+def test_pytest_benchmark_variants_cover_the_quick_cells_and_stay_out_of_make_test():
+    import tomllib
+
+    from bench import suites, test_benchmarks
+
+    grid = suites.quick(test_benchmarks.DEVICE.type)
+    cells, _ = build_cases(grid.shapes, grid.layouts, grid.dtypes, grid.rows, grid.ops)
+    assert set(test_benchmarks.CASES) == set(cells)
+    assert len(test_benchmarks.PARAMS) == len(cells) * len(test_benchmarks.NAMES)
+    assert test_benchmarks.NAMES[:2] == ["dense", "sparsekernels"]
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert pyproject["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]  # bench/ is never collected
