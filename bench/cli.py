@@ -34,7 +34,16 @@ from .environment import collect_environment
 from .plots import write_plots
 from .roofline import peak_for_device
 from .implementations import BASELINE, IMPLEMENTATIONS, OURS, PEERS, available_peers
-from .report import CSV_NAME, JSON_NAME, print_table, wide_console, write_csv, write_json
+from .report import (
+    CSV_NAME,
+    JSON_NAME,
+    RESULTS_DIR,
+    print_table,
+    results_file_stem,
+    wide_console,
+    write_csv,
+    write_json,
+)
 from .results import CellResult, Status
 from .runner import run_cells
 from .e2e import E2E_MODELS, E2E_SUITE
@@ -112,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help="also keep the results (and plots) in bench/results/ under the machine's name and the date, "
+        "e.g. h100-80gb-hbm3-2026-11-23.json, ready to commit",
+    )
     e2e_options = parser.add_argument_group("e2e suite")
     e2e_options.add_argument("--model", choices=sorted(E2E_MODELS), help="model size (default: small on CPU, "
                              "medium on CUDA)")
@@ -243,9 +258,23 @@ def run(argv: Sequence[str]) -> int:
         document = {"environment": environment, "run": settings, "cells": [result.to_dict() for result in results]}
         paths = write_plots(document, args.out)
         console.print(f"wrote {', '.join(str(path) for path in paths)}", highlight=False)
+    if args.save:
+        save_to_results(args.out / JSON_NAME, results_file_stem(environment, args.suite), not args.no_plots, console)
     if interrupted:
         return EXIT_INTERRUPTED
     return 1 if our_failures else 0
+
+
+def save_to_results(
+    json_path: Path, stem: str, plots: bool, console: Console, results_dir: Path = RESULTS_DIR
+) -> Path:
+    """Copy a results.json into ``results_dir`` as ``<stem>.json`` with its plots named ``<stem>-*.png``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    saved = results_dir / f"{stem}.json"
+    saved.write_text(json_path.read_text())
+    paths = write_plots(compare.load(saved), results_dir, f"{stem}-") if plots else []
+    console.print(f"saved {', '.join(str(path) for path in (saved, *paths))}", highlight=False)
+    return saved
 
 
 def plot_main(argv: Sequence[str]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -46,6 +47,26 @@ CSV_MEASUREMENT_FIELDS = (
     "tolerance",
     "detail",
 )
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _slug(text: str) -> str:
+    words = re.sub(r"\((r|tm)\)|nvidia|processor|cpu|\bcore\b", " ", text.lower())
+    return "-".join(re.findall(r"[a-z0-9]+", words))
+
+
+def results_file_stem(environment: dict[str, Any], suite: str) -> str:
+    """The name a results file gets under ``bench/results/``: the machine and the date, e.g.
+    ``h100-80gb-hbm3-2026-11-23`` or ``cpu-intel-xeon-2core-2026-11-23``, then ``-e2e`` for that suite."""
+    gpu = environment.get("gpu")
+    if gpu:
+        machine = _slug(gpu.get("name") or "gpu")
+    else:
+        machine = f"cpu-{_slug(environment.get('cpu_model') or 'unknown')}-{environment.get('cpu_count')}core"
+    stem = f"{machine}-{(environment.get('date_utc') or 'undated')[:10]}"
+    return f"{stem}-e2e" if suite == "e2e" else stem
 
 
 def wide_console() -> Console:

@@ -497,3 +497,21 @@ def test_pytest_benchmark_variants_cover_the_quick_cells_and_stay_out_of_make_te
     assert test_benchmarks.NAMES[:2] == ["dense", "sparsekernels"]
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert pyproject["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]  # bench/ is never collected
+
+
+def test_results_files_are_named_after_the_machine_and_the_date(tiny_run, tmp_path):
+    from bench.report import results_file_stem
+
+    date = "2026-11-23T11:00:00+00:00"
+    assert results_file_stem({"gpu": {"name": "NVIDIA H100 80GB HBM3"}, "date_utc": date}, "quick") == (
+        "h100-80gb-hbm3-2026-11-23")
+    cpu = {"gpu": None, "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_count": 2, "date_utc": date}
+    assert results_file_stem(cpu, "quick") == "cpu-intel-xeon-2core-2026-11-23"
+    assert results_file_stem(cpu, "e2e") == "cpu-intel-xeon-2core-2026-11-23-e2e"
+
+    _, out = tiny_run
+    console = Console(file=io.StringIO(), width=200)
+    saved = cli.save_to_results(out / "results.json", "cpu-test-2026-11-23", True, console, results_dir=tmp_path)
+    assert saved == tmp_path / "cpu-test-2026-11-23.json"
+    assert json.loads(saved.read_text()) == json.loads((out / "results.json").read_text())
+    _assert_png(tmp_path / "cpu-test-2026-11-23-roofline.png")
