@@ -30,28 +30,29 @@ from rich.console import Console
 
 from . import compare, e2e
 from .cases import Case, Op, build_cases, dtype_name, layout_label, parse_dtype, parse_layout, parse_shape
+from .e2e import E2E_MODELS, E2E_SUITE
 from .environment import collect_environment
-from .plots import write_plots
-from .roofline import peak_for_device
 from .implementations import BASELINE, IMPLEMENTATIONS, OURS, PEERS, available_peers
+from .plots import write_plots
 from .report import (
     CSV_NAME,
     JSON_NAME,
-    RESULTS_DIR,
     print_table,
     results_file_stem,
+    save_to_results,
     wide_console,
     write_csv,
     write_json,
 )
 from .results import CellResult, Status
+from .roofline import peak_for_device
 from .runner import run_cells
-from .e2e import E2E_MODELS, E2E_SUITE
 from .suites import SUITES
 from .timing import TimingConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 EXIT_INTERRUPTED = 130  # the shell's status for a run stopped by Ctrl-C
+ALL_PEERS = "all"  # --peers all: every peer, those that cannot run here showing n/a
 
 Item = TypeVar("Item")
 
@@ -76,9 +77,6 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise ValueError(f"expected a positive integer, got {text!r}")
     return value
-
-
-ALL_PEERS = "all"
 
 
 def _peer_name(text: str) -> str:
@@ -263,18 +261,6 @@ def run(argv: Sequence[str]) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return 1 if our_failures else 0
-
-
-def save_to_results(
-    json_path: Path, stem: str, plots: bool, console: Console, results_dir: Path = RESULTS_DIR
-) -> Path:
-    """Copy a results.json into ``results_dir`` as ``<stem>.json`` with its plots named ``<stem>-*.png``."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    saved = results_dir / f"{stem}.json"
-    saved.write_text(json_path.read_text())
-    paths = write_plots(compare.load(saved), results_dir, f"{stem}-") if plots else []
-    console.print(f"saved {', '.join(str(path) for path in (saved, *paths))}", highlight=False)
-    return saved
 
 
 def plot_main(argv: Sequence[str]) -> int:

@@ -53,7 +53,7 @@ from .environment import collect_environment
 from .errors import describe_error
 from .gpt import GPT, GPTConfig, mlp_only
 from .plots import write_plots
-from .report import busy_machine_warning, results_file_stem
+from .report import busy_machine_warning, results_file_stem, save_to_results
 from .results import Status
 
 E2E_SUITE = "e2e"
@@ -428,8 +428,6 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str], device: torch.devic
         (path,) = write_plots(document, args.out)
         console.print(f"wrote {path}", highlight=False)
     if args.save:
-        from .cli import save_to_results  # the command line's module imports this one
-
         save_to_results(args.out / JSON_NAME, results_file_stem(environment, E2E_SUITE), not args.no_plots, console)
     failed = [result for result in results if result.variant != DENSE and result.status is not Status.OK]
     return 1 if failed else 0

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .implementations import BASELINE
+from .plots import write_plots
 from .results import CellResult, Measurement, Status
 
 SCHEMA_VERSION = 1
@@ -209,3 +210,15 @@ def write_csv(path: Path, results: Sequence[CellResult]) -> None:
         writer = csv.DictWriter(file, fieldnames=[*cell_fields, *CSV_MEASUREMENT_FIELDS])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_to_results(
+    json_path: Path, stem: str, plots: bool, console: Console, results_dir: Path = RESULTS_DIR
+) -> Path:
+    """Copy a results.json into ``results_dir`` as ``<stem>.json`` with its plots named ``<stem>-*.png``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    saved = results_dir / f"{stem}.json"
+    saved.write_text(json_path.read_text())
+    paths = write_plots(json.loads(saved.read_text()), results_dir, f"{stem}-") if plots else []
+    console.print(f"saved {', '.join(str(path) for path in (saved, *paths))}", highlight=False)
+    return saved

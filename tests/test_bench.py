@@ -500,7 +500,7 @@ def test_pytest_benchmark_variants_cover_the_quick_cells_and_stay_out_of_make_te
 
 
 def test_results_files_are_named_after_the_machine_and_the_date(tiny_run, tmp_path):
-    from bench.report import results_file_stem
+    from bench.report import results_file_stem, save_to_results
 
     date = "2026-11-23T11:00:00+00:00"
     assert results_file_stem({"gpu": {"name": "NVIDIA H100 80GB HBM3"}, "date_utc": date}, "quick") == (
@@ -511,7 +511,7 @@ def test_results_files_are_named_after_the_machine_and_the_date(tiny_run, tmp_pa
 
     _, out = tiny_run
     console = Console(file=io.StringIO(), width=200)
-    saved = cli.save_to_results(out / "results.json", "cpu-test-2026-11-23", True, console, results_dir=tmp_path)
+    saved = save_to_results(out / "results.json", "cpu-test-2026-11-23", True, console, results_dir=tmp_path)
     assert saved == tmp_path / "cpu-test-2026-11-23.json"
     assert json.loads(saved.read_text()) == json.loads((out / "results.json").read_text())
     _assert_png(tmp_path / "cpu-test-2026-11-23-roofline.png")
