@@ -219,7 +219,9 @@ def write_plots(document: dict[str, Any], out_dir: Path, prefix: str = "") -> li
     paths. Nothing is written for a document without correct measurements."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if document.get("e2e"):
-        return [_save(e2e_figure(document), out_dir / f"{prefix}e2e.png")]
+        # "NAME-e2e-" (a saved e2e results file) gives NAME-e2e.png rather than NAME-e2e-e2e.png
+        name = f"{prefix[:-1]}.png" if prefix.endswith("e2e-") else f"{prefix}e2e.png"
+        return [_save(e2e_figure(document), out_dir / name)]
     ops = _unique(cell["op"] for cell in document["cells"])
     paths = []
     for op in ops:

@@ -515,3 +515,14 @@ def test_results_files_are_named_after_the_machine_and_the_date(tiny_run, tmp_pa
     assert saved == tmp_path / "cpu-test-2026-11-23.json"
     assert json.loads(saved.read_text()) == json.loads((out / "results.json").read_text())
     _assert_png(tmp_path / "cpu-test-2026-11-23-roofline.png")
+
+
+def test_a_saved_e2e_results_file_gets_one_e2e_in_its_plot_name(tmp_path):
+    document = {"cells": [], "run": {"config": {}, "workload": {"steps": 3}, "dtype": "float32"}, "e2e": [
+        {"variant": "dense", "status": "ok", "train_tokens_per_s": 10.0, "decode_tokens_per_s": 2.0,
+         "train_speedup": 1.0, "decode_speedup": 1.0, "loss_initial": 5.5, "loss_after_steps": 4.0},
+        {"variant": "2:4", "status": "wrong", "train_tokens_per_s": None, "decode_tokens_per_s": None,
+         "loss_initial": 5.5, "loss_after_steps": 4.2}]}
+    assert plots.write_plots(document, tmp_path, "cpu-x-2026-11-23-e2e-") == [tmp_path / "cpu-x-2026-11-23-e2e.png"]
+    assert plots.write_plots(document, tmp_path) == [tmp_path / "e2e.png"]
+    _assert_png(tmp_path / "e2e.png")
