@@ -4,11 +4,16 @@
                     [--layouts b64d0.1,2:4,...] [--dtype float32,bfloat16] [--m 1,16,256]
                     [--ops forward,grad_input,grad_weight,train_step] [--peers dense,torch_bsr,...]
                     [--repeats N] [--warmup N] [--threads N] [--out DIR] [--no-progress]
+    python -m bench --suite e2e [--device ...] [--layouts b32d0.1,2:4] [--dtype float32] [--model small]
+                    [--steps N] [--out DIR]
     python -m bench compare OLD.json NEW.json [--threshold 0.1]
+    python -m bench plot RESULTS.json [--out DIR] [--prefix NAME-]
 
 A run measures the suite's cells (each axis given on the command line replaces the suite's), prints
-the table, and writes ``results.json`` and ``results.csv`` under ``--out``. It exits with status 1
-when a sparsekernels result is wrong or raised, so that ``make bench`` cannot pass on a broken kernel.
+the table, and writes ``results.json``, ``results.csv`` and the PNG plots (``speedup.png``,
+``roofline.png``) under ``--out``. It exits with status 1 when a sparsekernels result is wrong or
+raised, so that ``make bench`` cannot pass on a broken kernel. The e2e suite (:mod:`bench.e2e`)
+measures whole models instead of cells and has its own table and files.
 """
 
 from __future__ import annotations
@@ -23,18 +28,31 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 import torch
 from rich.console import Console
 
-from . import compare
+from . import compare, e2e
 from .cases import Case, Op, build_cases, dtype_name, layout_label, parse_dtype, parse_layout, parse_shape
+from .e2e import E2E_MODELS, E2E_SUITE
 from .environment import collect_environment
 from .implementations import BASELINE, IMPLEMENTATIONS, OURS, PEERS, available_peers
-from .report import CSV_NAME, JSON_NAME, print_table, wide_console, write_csv, write_json
+from .plots import write_plots
+from .report import (
+    CSV_NAME,
+    JSON_NAME,
+    print_table,
+    results_file_stem,
+    save_to_results,
+    wide_console,
+    write_csv,
+    write_json,
+)
 from .results import CellResult, Status
+from .roofline import peak_for_device
 from .runner import run_cells
 from .suites import SUITES
 from .timing import TimingConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 EXIT_INTERRUPTED = 130  # the shell's status for a run stopped by Ctrl-C
+ALL_PEERS = "all"  # --peers all: every peer, those that cannot run here showing n/a
 
 Item = TypeVar("Item")
 
@@ -62,8 +80,8 @@ def _positive_int(text: str) -> int:
 
 
 def _peer_name(text: str) -> str:
-    if text not in PEERS:
-        raise ValueError(f"unknown peer {text!r}; peers are {', '.join(PEERS)}")
+    if text != ALL_PEERS and text not in PEERS:
+        raise ValueError(f"unknown peer {text!r}; peers are {', '.join(PEERS)} (or {ALL_PEERS})")
     return text
 
 
@@ -72,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Is sparse faster for my shape, and by how much? Times sparsekernels against dense "
         "F.linear and other sparse libraries, checking every result against a float32 reference.",
-        epilog="Compare two runs: python -m bench compare OLD.json NEW.json [--threshold 0.1]",
+        epilog="Compare two runs: python -m bench compare OLD.json NEW.json [--threshold 0.1]. "
+        "Redraw plots: python -m bench plot RESULTS.json [--out DIR]. Details: docs/benchmark.md",
     )
-    parser.add_argument("--suite", choices=sorted(SUITES), default="quick", help="cells to measure (default quick)")
+    parser.add_argument("--suite", choices=sorted([*SUITES, E2E_SUITE]), default="quick",
+                        help="cells to measure (default quick); e2e: whole sparsified GPT models")
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -89,27 +109,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peers",
         type=_comma_list(_peer_name),
-        help=f"implementations to compare with, among {','.join(PEERS)} (default: all that run on the device); "
-        "dense, the baseline, and sparsekernels are always measured",
+        help=f"implementations to compare with, among {','.join(PEERS)}, or {ALL_PEERS} (default: those that run "
+        "on the device); dense, the baseline, and sparsekernels are always measured; a peer that cannot run on "
+        "the device shows n/a with the reason in results.json",
     )
     parser.add_argument("--repeats", type=_positive_int, help="most timed samples per measurement")
     parser.add_argument("--warmup", type=int, help="untimed calls before timing")
     parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads before running (CPU)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help="also keep the results (and plots) in bench/results/ under the machine's name and the date, "
+        "e.g. h100-80gb-hbm3-2026-11-23.json, ready to commit",
+    )
+    e2e_options = parser.add_argument_group("e2e suite")
+    e2e_options.add_argument("--model", choices=sorted(E2E_MODELS), help="model size (default: small on CPU, "
+                             "medium on CUDA)")
+    e2e_options.add_argument("--steps", type=_positive_int, help="training steps per model (the loss is "
+                             "reported after them)")
     return parser
 
 
-def _implementation_names(
-    parser: argparse.ArgumentParser, peers: Optional[list[str]], device: torch.device
-) -> list[str]:
+def _implementation_names(peers: Optional[list[str]], device: torch.device, console: Console) -> list[str]:
     """dense, sparsekernels, then the requested peers (all that can run on ``device`` by default)."""
-    requested = available_peers(device) if peers is None else peers
-    for name in requested:
+    if peers is None:
+        requested = available_peers(device)
+    elif ALL_PEERS in peers:
+        requested = list(PEERS)
+    else:
+        requested = peers
+    for name in dict.fromkeys(requested):
         reason = IMPLEMENTATIONS[name].unavailable_reason(device)
         if reason is not None:
-            parser.error(f"peer {name} cannot run here: {reason}")
-    return [BASELINE, OURS, *(name for name in dict.fromkeys(requested) if name != BASELINE)]
+            console.print(f"[yellow]{name} cannot run here ({reason}): its cells will show n/a[/]", highlight=False)
+    return [BASELINE, OURS, *(name for name in dict.fromkeys(requested) if name not in (BASELINE, OURS))]
 
 
 def _unique(values: Iterable[Item]) -> list[Item]:
@@ -190,16 +226,21 @@ def run(argv: Sequence[str]) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     console = wide_console()
+    if args.suite == E2E_SUITE:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return e2e.run_suite(args, argv, device, console)
     cases, timing = _plan(args, parser, console)
-    names = _implementation_names(parser, args.peers, device)
+    names = _implementation_names(args.peers, device, console)
     implementations = [IMPLEMENTATIONS[name] for name in names]
     args.out.mkdir(parents=True, exist_ok=True)
     environment = collect_environment(device)
+    peak = peak_for_device(device)
+    environment["gpu_peak"] = None if peak is None else peak.to_dict()
 
     results: list[CellResult] = []
     interrupted = False
     try:
-        for result in run_cells(cases, implementations, device, timing, progress=not args.no_progress):
+        for result in run_cells(cases, implementations, device, timing, progress=not args.no_progress, peak=peak):
             results.append(result)
     except KeyboardInterrupt:  # keep what was measured: the full suite takes hours
         interrupted = True
@@ -211,13 +252,46 @@ def run(argv: Sequence[str]) -> int:
     write_json(args.out / JSON_NAME, results, environment, settings)
     write_csv(args.out / CSV_NAME, results)
     console.print(f"wrote {args.out / JSON_NAME} and {args.out / CSV_NAME}", highlight=False)
+    if not args.no_plots and results:
+        document = {"environment": environment, "run": settings, "cells": [result.to_dict() for result in results]}
+        paths = write_plots(document, args.out)
+        console.print(f"wrote {', '.join(str(path) for path in paths)}", highlight=False)
+    if args.save:
+        save_to_results(args.out / JSON_NAME, results_file_stem(environment, args.suite), not args.no_plots, console)
     if interrupted:
         return EXIT_INTERRUPTED
     return 1 if our_failures else 0
+
+
+def plot_main(argv: Sequence[str]) -> int:
+    """``python -m bench plot RESULTS.json``: (re)draw the PNG plots of a results file."""
+    parser = argparse.ArgumentParser(prog="python -m bench plot", description="Draw the PNG plots of a results.json.")
+    parser.add_argument("results", type=Path, help="a results.json written by python -m bench")
+    parser.add_argument("--out", type=Path, help="output directory (default: the results file's directory)")
+    parser.add_argument(
+        "--prefix",
+        help="file name prefix (default: the results file's name and a dash, e.g. cpu-xeon-2026-11-23-, "
+        "or none for results.json)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        document = compare.load(args.results)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if not document["cells"] and not document.get("e2e"):
+        parser.error(f"{args.results} has nothing to plot")
+    stem = args.results.stem
+    prefix = args.prefix if args.prefix is not None else ("" if stem == "results" else f"{stem}-")
+    paths = write_plots(document, args.out or args.results.parent, prefix)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0 if paths else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         return compare.main(argv[1:])
+    if argv[:1] == ["plot"]:
+        return plot_main(argv[1:])
     return run(argv)

@@ -1,10 +1,16 @@
 """``python -m bench compare OLD.json NEW.json``: per-cell time ratios and a regression check.
 
 Cells are matched by (shape, layout, dtype, M, op) and implementation. A match is a regression when
-NEW's median time exceeds OLD's by more than the noise threshold (default 10%), or when a result that
-was correct in OLD is wrong or an error in NEW. The exit status is 1 when there is any regression,
+NEW's median time exceeds OLD's by more than the noise allowance, or when a result that was correct
+in OLD is wrong or an error in NEW. The allowance is noise-aware: the relative spread of each
+measurement, (p80 - p20) / median, is added up for OLD and NEW, and the allowance is that sum,
+at least ``--threshold`` (default 10%) and at most MAX_NOISE (50%, so a 2x slowdown is always
+caught however noisy the machine). The exit status is 1 when there is any regression,
 0 otherwise, so CI can run it after a benchmark. Both files should come from the same machine:
 differing environments are pointed out, since their ratios say little about the code.
+
+e2e results (``--suite e2e``) are compared the same way: each (model, variant, dtype) gives two rows,
+``train`` and ``decode``, whose "time" is milliseconds per token (the inverse of tokens/s).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .report import wide_console
 from .results import CELL_KEY_FIELDS, Status, cell_key
 
 DEFAULT_THRESHOLD = 0.10
+MAX_NOISE = 0.50
 ENVIRONMENT_FIELDS_THAT_MATTER = ("device", "cpu_model", "torch_threads", "gpu", "torch")
 
 
@@ -36,6 +43,12 @@ class Change:
     new_status: str
     old_ms: Optional[float]
     new_ms: Optional[float]
+    old_spread: float = 0.0  # (p80 - p20) / median of OLD's samples; 0 when unknown
+    new_spread: float = 0.0
+
+    def allowance(self, threshold: float) -> float:
+        """The slowdown (as a fraction) that still counts as noise for this pair."""
+        return min(max(threshold, self.old_spread + self.new_spread), max(threshold, MAX_NOISE))
 
     @property
     def ratio(self) -> Optional[float]:
@@ -50,10 +63,10 @@ class Change:
             return "broken"  # OK before (pairs failing in both are not compared)
         if self.old_status != Status.OK.value:
             return "fixed"
-        ratio = self.ratio
-        if ratio is not None and ratio > 1.0 + threshold:
+        ratio, allowance = self.ratio, self.allowance(threshold)
+        if ratio is not None and ratio > 1.0 + allowance:
             return "slower"
-        if ratio is not None and ratio < 1.0 - threshold:
+        if ratio is not None and ratio < 1.0 / (1.0 + allowance):
             return "faster"
         return "same"
 
@@ -66,9 +79,17 @@ def _median_ms(measurement: dict[str, Any]) -> Optional[float]:
     return timing["median_ms"] if timing else None
 
 
+def relative_spread(measurement: dict[str, Any]) -> float:
+    """(p80 - p20) / median of a measurement's samples; 0 without a timing."""
+    timing = measurement.get("timing")
+    if not timing or not timing.get("median_ms"):
+        return 0.0
+    return max(0.0, (timing["p80_ms"] - timing["p20_ms"]) / timing["median_ms"])
+
+
 def load(path: Path) -> dict[str, Any]:
     document = json.loads(path.read_text())
-    if not isinstance(document, dict) or "cells" not in document:
+    if not isinstance(document, dict) or "cells" not in document or not isinstance(document["cells"], list):
         raise ValueError(f"{path} is not a results.json written by python -m bench")
     return document
 
@@ -85,9 +106,36 @@ def compare_documents(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Ch
             before, after = old_results[name], new_results[name]
             if Status.OK.value not in (before["status"], after["status"]):
                 continue
-            changes.append(Change(key, name, before["status"], after["status"], _median_ms(before), _median_ms(after)))
+            changes.append(Change(key, name, before["status"], after["status"], _median_ms(before), _median_ms(after),
+                                  relative_spread(before), relative_spread(after)))
     changes.sort(key=lambda change: (change.cell, change.implementation))
-    return changes, len(old_cells.keys() - new_cells.keys()), len(new_cells.keys() - old_cells.keys())
+    old_e2e, new_e2e = _e2e_rows(old), _e2e_rows(new)
+    e2e_changes = [
+        Change(key, name, old_e2e[key][name][0], new_e2e[key][name][0], old_e2e[key][name][1], new_e2e[key][name][1])
+        for key in old_e2e.keys() & new_e2e.keys()
+        for name in old_e2e[key].keys() & new_e2e[key].keys()
+        if Status.OK.value in (old_e2e[key][name][0], new_e2e[key][name][0])
+    ]
+    changes += sorted(e2e_changes, key=lambda change: (change.cell, change.implementation))
+    only_old = len(old_cells.keys() - new_cells.keys()) + len(old_e2e.keys() - new_e2e.keys())
+    only_new = len(new_cells.keys() - old_cells.keys()) + len(new_e2e.keys() - old_e2e.keys())
+    return changes, only_old, only_new
+
+
+def _ms_per_token(tokens_per_s: Optional[float]) -> Optional[float]:
+    return 1e3 / tokens_per_s if tokens_per_s else None
+
+
+def _e2e_rows(document: dict[str, Any]) -> dict[tuple, dict[str, tuple[str, Optional[float]]]]:
+    """e2e records as ``key -> {implementation: (status, ms per token)}``, with keys shaped like
+    cell keys: (``gpt-<model>``, variant, dtype, "-", ``train`` or ``decode``)."""
+    rows: dict[tuple, dict[str, tuple[str, Optional[float]]]] = {}
+    for record in document.get("e2e", []):
+        name = "dense" if record["variant"] == "dense" else "sparsekernels"
+        for phase in ("train", "decode"):
+            key = (f"gpt-{record['model']}", record["variant"], record["dtype"], "-", phase)
+            rows[key] = {name: (record["status"], _ms_per_token(record.get(f"{phase}_tokens_per_s")))}
+    return rows
 
 
 def _environment_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -104,10 +152,12 @@ def _format_ms(milliseconds: Optional[float]) -> str:
 
 
 def print_changes(changes: Sequence[Change], threshold: float, console: Console) -> None:
-    table = Table(title="NEW vs OLD", caption=f"ratio = NEW time / OLD time; noise threshold {threshold:.0%}")
+    table = Table(title="NEW vs OLD", caption=f"ratio = NEW time / OLD time; allowed = noise allowance: the two "
+                  f"measurements' relative spreads (p80-p20)/median added, within [{threshold:.0%}, "
+                  f"{max(threshold, MAX_NOISE):.0%}]")
     for column in CELL_KEY_FIELDS:
         table.add_column(column, justify="right" if column == "M" else "left")
-    for column in ("implementation", "OLD ms", "NEW ms", "ratio", "verdict"):
+    for column in ("implementation", "OLD ms", "NEW ms", "ratio", "allowed", "verdict"):
         table.add_column(column, justify="left" if column == "implementation" else "right")
     for change in changes:
         verdict = change.verdict(threshold)
@@ -121,6 +171,7 @@ def print_changes(changes: Sequence[Change], threshold: float, console: Console)
             old_ms,
             new_ms,
             ratio,
+            f"{change.allowance(threshold):.0%}",
             f"[{style}]{verdict}[/]" if style else verdict,
         )
     console.print(table)
@@ -137,7 +188,8 @@ def main(argv: Sequence[str]) -> int:
         "--threshold",
         type=float,
         default=DEFAULT_THRESHOLD,
-        help=f"slowdown counted as a regression, as a fraction (default {DEFAULT_THRESHOLD})",
+        help=f"smallest slowdown counted as a regression, as a fraction (default {DEFAULT_THRESHOLD}); noisier "
+        f"measurements get more, up to {MAX_NOISE}",
     )
     args = parser.parse_args(argv)
     if args.threshold < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -19,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .implementations import BASELINE
+from .plots import write_plots
 from .results import CellResult, Measurement, Status
 
 SCHEMA_VERSION = 1
@@ -36,14 +38,36 @@ CSV_MEASUREMENT_FIELDS = (
     "samples",
     "timing_method",
     "graph_failure",
+    "l2_flushed",
     "speedup",
     "tflops",
     "gbps",
+    "roofline_pct",
     "max_abs_error",
     "max_rel_error",
     "tolerance",
     "detail",
 )
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _slug(text: str) -> str:
+    words = re.sub(r"\((r|tm)\)|nvidia|processor|cpu|\bcore\b", " ", text.lower())
+    return "-".join(re.findall(r"[a-z0-9]+", words))
+
+
+def results_file_stem(environment: dict[str, Any], suite: str) -> str:
+    """The name a results file gets under ``bench/results/``: the machine and the date, e.g.
+    ``h100-80gb-hbm3-2026-11-23`` or ``cpu-intel-xeon-2core-2026-11-23``, then ``-e2e`` for that suite."""
+    gpu = environment.get("gpu")
+    if gpu:
+        machine = _slug(gpu.get("name") or "gpu")
+    else:
+        machine = f"cpu-{_slug(environment.get('cpu_model') or 'unknown')}-{environment.get('cpu_count')}core"
+    stem = f"{machine}-{(environment.get('date_utc') or 'undated')[:10]}"
+    return f"{stem}-e2e" if suite == "e2e" else stem
 
 
 def wide_console() -> Console:
@@ -86,16 +110,34 @@ def _format_measurement(name: str, measurement: Optional[Measurement], footnotes
     if name != BASELINE and measurement.speedup is not None:
         color = "green" if measurement.speedup >= 1.0 else "red"
         text += f" [{color}]{_format_speedup(measurement.speedup)}[/]"
+    if measurement.roofline_pct is not None:
+        text += f" [dim]{measurement.roofline_pct:.0f}%[/]"
     return text
+
+
+BUSY_LOAD_FRACTION = 0.5  # a 1-minute load average above this share of the cores makes CPU timings suspect
+
+
+def busy_machine_warning(environment: dict[str, Any]) -> Optional[str]:
+    """A warning when other work was running as the measurement started (CPU timings only)."""
+    load, cores = environment.get("load_average_1min"), environment.get("cpu_count")
+    if environment.get("device") != "cpu" or load is None or not cores or load < BUSY_LOAD_FRACTION * cores:
+        return None
+    return (f"the machine was busy (1-minute load average {load:.2f} on {cores} cores when the run started): "
+            "CPU timings include waiting for the cores and can be far off; rerun on an idle machine")
 
 
 def print_table(
     results: Sequence[CellResult], implementation_names: Sequence[str], environment: dict[str, Any], console: Console
 ) -> None:
     if environment["device"] == "cuda":
-        timing_note = "kernel time through CUDA graphs (eager time in results.json)"
+        timing_note = "kernel time through CUDA graphs, L2 flushed (eager time in results.json)"
+        peak = environment.get("gpu_peak")
+        if peak:
+            timing_note += f"; n% = share of the {peak['model']} roofline"
     else:
-        timing_note = f"wall time on {environment['torch_threads']} threads"
+        threads = environment["torch_threads"]
+        timing_note = f"wall time on {threads} thread{'' if threads == 1 else 's'}"
     table = Table(
         title="sparsekernels benchmark",
         caption=f"median {timing_note}; speedup = dense time / implementation time; "
@@ -118,6 +160,8 @@ def print_table(
     console.print(table)
     for message, number in footnotes.messages.items():
         console.print(f"[yellow]\\[{number}][/] {escape(message)}", highlight=False)
+    if warning := busy_machine_warning(environment):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def write_json(path: Path, results: Sequence[CellResult], environment: dict[str, Any], run: dict[str, Any]) -> None:
@@ -143,9 +187,11 @@ def _csv_row(cell: dict[str, Any], name: str, measurement: Measurement) -> dict[
         "samples": timing.samples if timing else None,
         "timing_method": timing.method if timing else None,
         "graph_failure": timing.graph_failure if timing else None,
+        "l2_flushed": timing.l2_flushed if timing else None,
         "speedup": measurement.speedup,
         "tflops": measurement.tflops,
         "gbps": measurement.gbps,
+        "roofline_pct": measurement.roofline_pct,
         "max_abs_error": measurement.max_abs_error,
         "max_rel_error": measurement.max_rel_error,
         "tolerance": measurement.tolerance,
@@ -164,3 +210,15 @@ def write_csv(path: Path, results: Sequence[CellResult]) -> None:
         writer = csv.DictWriter(file, fieldnames=[*cell_fields, *CSV_MEASUREMENT_FIELDS])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_to_results(
+    json_path: Path, stem: str, plots: bool, console: Console, results_dir: Path = RESULTS_DIR
+) -> Path:
+    """Copy a results.json into ``results_dir`` as ``<stem>.json`` with its plots named ``<stem>-*.png``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    saved = results_dir / f"{stem}.json"
+    saved.write_text(json_path.read_text())
+    paths = write_plots(json.loads(saved.read_text()), results_dir, f"{stem}-") if plots else []
+    console.print(f"saved {', '.join(str(path) for path in (saved, *paths))}", highlight=False)
+    return saved

@@ -31,6 +31,7 @@ class Measurement:
     speedup: Optional[float] = None  # dense time / this time; only for correct results
     tflops: Optional[float] = None  # useful TFLOP/s
     gbps: Optional[float] = None  # needed GB/s
+    roofline_pct: Optional[float] = None  # useful TFLOP/s over the roofline, % (GPUs of the peak table)
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)

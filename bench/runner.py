@@ -5,7 +5,8 @@ converted by each implementation, once. For each implementation and cell:
 
 1. run the op once and check it against the float32 reference (this call is also the first warm-up);
 2. a wrong result is marked WRONG and not timed, so it can never look fast;
-3. a correct one is timed, then gets useful TFLOP/s, GB/s and its speedup over ``dense``.
+3. a correct one is timed, then gets useful TFLOP/s, GB/s, its speedup over ``dense`` and, on a GPU
+   of the peak table (:mod:`bench.roofline`), its percentage of the roofline.
 
 Anything an implementation raises (converting the weight, running, timing) is recorded in its cell
 and the run goes on; only KeyboardInterrupt and the like stop it.
@@ -21,12 +22,13 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from tqdm import tqdm
 
-from .cases import Case
+from .cases import Case, dtype_name
 from .correctness import check, reference_outputs
 from .errors import describe_error
 from .implementations import BASELINE, Implementation
 from .metrics import bytes_needed, useful_flops
 from .results import CellResult, Measurement, Status
+from .roofline import Peak, percent_of_roofline
 from .timing import Timer, TimingConfig, timer_for
 from .workloads import Inputs, SparseWeight, build_inputs, build_weight
 
@@ -40,9 +42,11 @@ def run_cells(
     device: torch.device,
     timing: TimingConfig,
     progress: bool = True,
+    peak: Optional[Peak] = None,
 ) -> Iterator[CellResult]:
     """Measure ``implementations`` (the first must be ``dense``, the baseline) on ``cases``, yielding
-    each cell's result as soon as it is complete (so an interrupted run keeps what it measured)."""
+    each cell's result as soon as it is complete (so an interrupted run keeps what it measured).
+    ``peak``, the device's entry of the peak table, adds the percentage of roofline to each result."""
     if not implementations or implementations[0].name != BASELINE:
         raise ValueError(f"the first implementation must be the baseline {BASELINE!r}")
     timer = timer_for(device, timing)
@@ -50,7 +54,7 @@ def run_cells(
         for weight_key, group in itertools.groupby(cases, key=lambda case: case.weight_key):
             group = list(group)
             bar.set_postfix_str(group[0].weight_label)
-            for result in _run_weight_group(group, weight_key, implementations, device, timer):
+            for result in _run_weight_group(group, weight_key, implementations, device, timer, peak):
                 bar.update()
                 yield result
             if device.type == "cuda":
@@ -63,6 +67,7 @@ def _run_weight_group(
     implementations: Sequence[type[Implementation]],
     device: torch.device,
     timer: Timer,
+    peak: Optional[Peak],
 ) -> Iterator[CellResult]:
     try:
         weight = build_weight(*weight_key, device)
@@ -75,11 +80,13 @@ def _run_weight_group(
     for rows, row_cases in itertools.groupby(cases, key=lambda case: case.rows):
         inputs = build_inputs(weight, rows)
         for case in row_cases:
-            yield _run_cell(case, weight, inputs, bound, timer)
+            yield _run_cell(case, weight, inputs, bound, timer, peak)
 
 
 def _bind(cls: type[Implementation], weight: SparseWeight) -> Bound:
-    reason = cls.unsupported_reason(weight.layout)
+    # A peer that cannot run on this device at all (torch 2:4 or stk on CPU, stk not installed) was
+    # asked for explicitly: its cells say why, as "n/a", rather than stopping the run.
+    reason = cls.unavailable_reason(weight.masked_dense.device) or cls.unsupported_reason(weight.layout)
     if reason is not None:
         return Measurement(Status.NOT_APPLICABLE, reason)
     try:
@@ -88,7 +95,9 @@ def _bind(cls: type[Implementation], weight: SparseWeight) -> Bound:
         return Measurement(Status.ERROR, f"converting the weight: {describe_error(error)}")
 
 
-def _run_cell(case: Case, weight: SparseWeight, inputs: Inputs, bound: dict[str, Bound], timer: Timer) -> CellResult:
+def _run_cell(
+    case: Case, weight: SparseWeight, inputs: Inputs, bound: dict[str, Bound], timer: Timer, peak: Optional[Peak]
+) -> CellResult:
     result = CellResult(case, weight.matrix.density, useful_flops(case, weight), bytes_needed(case, weight))
     expected: Optional[tuple[torch.Tensor, ...]] = None
 
@@ -105,7 +114,7 @@ def _run_cell(case: Case, weight: SparseWeight, inputs: Inputs, bound: dict[str,
             result.measurements[name] = Measurement(Status.NOT_APPLICABLE, f"{name} has no {case.op.value}")
         else:
             result.measurements[name] = _measure(implementation, case, inputs, reference, timer)
-    _derive(result)
+    _derive(result, peak)
     return result
 
 
@@ -140,8 +149,9 @@ def _measure(
     return Measurement(Status.OK, timing=timing, **errors)
 
 
-def _derive(result: CellResult) -> None:
-    """Fill TFLOP/s, GB/s and the speedup over dense of every correct, timed measurement."""
+def _derive(result: CellResult, peak: Optional[Peak] = None) -> None:
+    """Fill TFLOP/s, GB/s, the speedup over dense and the % of roofline of every correct, timed
+    measurement."""
     baseline = result.measurements.get(BASELINE)
     baseline_ms = baseline.timing.median_ms if baseline is not None and baseline.timing is not None else None
     for measurement in result.measurements.values():
@@ -150,5 +160,8 @@ def _derive(result: CellResult) -> None:
         seconds = measurement.timing.median_ms * 1e-3
         measurement.tflops = result.useful_flops / seconds / 1e12
         measurement.gbps = result.bytes_needed / seconds / 1e9
+        measurement.roofline_pct = percent_of_roofline(
+            peak, dtype_name(result.case.dtype), result.useful_flops, result.bytes_needed, measurement.tflops
+        )
         if baseline_ms is not None:
             measurement.speedup = baseline_ms / measurement.timing.median_ms

@@ -10,10 +10,9 @@ Each command-line axis (--shapes, --layouts, --dtype, --m, --ops, --repeats, --w
 suite's value, so a suite is a starting point rather than a fixed list.
 
 Adding a suite means adding a function ``(device) -> Grid`` to ``SUITES``; the command line offers
-every name found there. This is also the hook for the planned ``e2e`` suite (whole models made sparse
-with ``sparsekernels.sparsify_``, timed per training step / per generated token): its cells are not
-(shape, layout, M, op) cells, so besides its entry here it will bring its own case type and a runner
-next to :func:`bench.runner.run_cells`, and the command line will pick the runner by suite.
+every name found there. The ``e2e`` suite (whole models made sparse with ``sparsekernels.sparsify_``)
+is not a grid of (shape, layout, M, op) cells: it lives in :mod:`bench.e2e` with its own runner, and
+the command line dispatches to it by name.
 """
 
 from __future__ import annotations

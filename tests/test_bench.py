@@ -16,7 +16,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from bench import cli, compare, implementations
+from bench import cli, compare, e2e, implementations, plots, roofline, timing
 from bench.cases import Op, build_cases, layout_label, parse_dtype, parse_layout, parse_shape
 from bench.implementations import Dense, Implementation, Sparsekernels
 from bench.metrics import bytes_needed, useful_flops
@@ -239,3 +239,290 @@ def test_compare_main_rejects_a_file_that_is_not_results(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         compare.main([str(not_results), str(not_results)])
     assert exit_info.value.code == 2
+
+
+def test_compare_allows_the_measured_noise_but_always_catches_2x(tiny_run, tmp_path):
+    _, out = tiny_run
+    old = json.loads((out / "results.json").read_text())
+    timing = old["cells"][0]["results"]["sparsekernels"]["timing"]
+    timing.update(median_ms=1.0, p20_ms=0.85, p80_ms=1.15)  # 30% spread: a 25% slowdown is noise
+    noisy = copy.deepcopy(old)
+    noisy["cells"][0]["results"]["sparsekernels"]["timing"].update(median_ms=1.25, p20_ms=1.25, p80_ms=1.25)
+    assert _compare(tmp_path, old, noisy) == 0
+    timing.update(p20_ms=0.1, p80_ms=5.0)  # a huge spread still allows at most compare.MAX_NOISE
+    doubled = copy.deepcopy(old)
+    doubled["cells"][0]["results"]["sparsekernels"]["timing"].update(median_ms=2.0, p20_ms=0.2, p80_ms=10.0)
+    assert _compare(tmp_path, old, doubled) == 1
+
+
+def test_compare_catches_an_e2e_regression(tmp_path):
+    record = {"model": "tiny", "dtype": "float32", "variant": "b32d0.1", "status": "ok",
+              "train_tokens_per_s": 1000.0, "decode_tokens_per_s": 50.0}
+    old = {"cells": [], "e2e": [record]}
+    assert _compare(tmp_path, old, old) == 0
+    slower = {"cells": [], "e2e": [{**record, "decode_tokens_per_s": 25.0}]}
+    assert _compare(tmp_path, old, slower) == 1
+    broken = {"cells": [], "e2e": [{**record, "status": "wrong", "train_tokens_per_s": None}]}
+    assert _compare(tmp_path, old, broken) == 1
+
+
+# ------------------------------------------------------------------------------------------ plots
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000, path  # a real picture, not an empty canvas
+
+
+def test_tiny_suite_writes_speedup_and_roofline_pngs(tiny_run):
+    _, out = tiny_run
+    for op in ("forward", "grad_input", "grad_weight", "train_step"):  # one speedup plot per op
+        _assert_png(out / f"speedup-{op}.png")
+    _assert_png(out / "roofline.png")
+
+
+def test_plot_subcommand_redraws_a_results_file_with_its_name_as_prefix(tiny_run, tmp_path):
+    _, out = tiny_run
+    named = tmp_path / "cpu-test-2026-01-01.json"
+    named.write_text((out / "results.json").read_text())
+    assert cli.main(["plot", str(named)]) == 0
+    _assert_png(tmp_path / "cpu-test-2026-01-01-speedup-forward.png")
+    _assert_png(tmp_path / "cpu-test-2026-01-01-roofline.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plot", str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2
+
+
+def test_speedup_series_leaves_out_wrong_results_and_groups_by_layout_family():
+    def cell(layout, density, status, speedup):
+        return {"layout": layout, "density": density,
+                "results": {"dense": {"status": "ok", "speedup": 1.0},
+                            "sparsekernels": {"status": status, "speedup": speedup}}}
+
+    cells = [cell("b64d0.5", 0.5, "ok", 2.0), cell("b64d0.1", 0.1, "ok", 5.0), cell("2:4", 0.5, "wrong", None),
+             cell("1:4", 0.25, "ok", 1.5)]
+    assert plots.speedup_series(cells) == {
+        ("sparsekernels", "b64"): [(0.1, 5.0), (0.5, 2.0)],
+        ("sparsekernels", "N:4"): [(0.25, 1.5)],
+    }
+
+
+# --------------------------------------------------------------------------------------- roofline
+@pytest.mark.parametrize(
+    ("gpu_name", "model"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H200", "H200 SXM"),
+        ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"),
+        ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
+        ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+    ],
+)
+def test_peak_table_knows_the_gpus_we_quote(gpu_name, model):
+    assert roofline.peak_for_gpu(gpu_name).model == model
+
+
+def test_peak_table_has_no_entry_for_unknown_devices():
+    assert roofline.peak_for_gpu("NVIDIA GeForce RTX 4090") is None
+    assert roofline.peak_for_gpu(None) is None
+    assert roofline.peak_for_device(CPU) is None
+
+
+def test_roofline_is_bandwidth_bound_below_the_ridge_and_compute_bound_above():
+    peak = roofline.H100_SXM
+    ridge = roofline.ridge_point(peak, "bfloat16")
+    assert ridge == pytest.approx(989.4 / 3.35)
+    assert roofline.attainable_tflops(peak, "bfloat16", 10.0) == pytest.approx(33.5)  # 3.35 TB/s * 10 FLOP/B
+    assert roofline.attainable_tflops(peak, "bfloat16", 10 * ridge) == pytest.approx(989.4)
+    # 1 GFLOP moving 100 MB: intensity 10, roof 33.5 TFLOP/s; achieving 16.75 is 50%.
+    assert roofline.percent_of_roofline(peak, "bfloat16", 1e9, 1e8, 16.75) == pytest.approx(50.0)
+    assert roofline.percent_of_roofline(None, "bfloat16", 1e9, 1e8, 16.75) is None
+    assert roofline.percent_of_roofline(peak, "int8", 1e9, 1e8, 16.75) is None
+
+
+def test_runner_fills_percent_of_roofline_only_with_a_peak():
+    cases = _tiny_cases()[:1]
+    fake_peak = roofline.Peak("fake", {"float32": 1e-3}, 1e-3)  # 1 GFLOP/s, 1 GB/s: tiny roofs
+    (with_peak,) = run_cells(cases, [Dense, Sparsekernels], CPU, FAST_TIMING, progress=False, peak=fake_peak)
+    (without,) = run_cells(cases, [Dense, Sparsekernels], CPU, FAST_TIMING, progress=False)
+    measurement = with_peak.measurements["sparsekernels"]
+    intensity = with_peak.useful_flops / with_peak.bytes_needed
+    expected = 100 * measurement.tflops / min(1e-3, 1e-3 * intensity)
+    assert measurement.roofline_pct == pytest.approx(expected)
+    assert without.measurements["sparsekernels"].roofline_pct is None
+
+
+def test_flush_time_is_subtracted_from_cuda_graph_samples():
+    assert timing.subtract_flush([1.5, 2.0, 0.4], 0.5) == [1.0, 1.5, timing.MIN_KERNEL_MS]
+
+
+# ------------------------------------------------------------------------------------------ peers
+def test_peers_that_need_cuda_show_na_with_the_reason_on_cpu(tmp_path):
+    args = [*TINY_ARGS, "--ops", "forward", "--m", "4", "--peers", "torch_semi_cusparselt,torch_semi_cutlass,stk",
+            "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["run"]["implementations"] == [
+        "dense", "sparsekernels", "torch_semi_cusparselt", "torch_semi_cutlass", "stk"]
+    for cell in document["cells"]:
+        for name in ("torch_semi_cusparselt", "torch_semi_cutlass", "stk"):
+            measurement = cell["results"][name]
+            assert measurement["status"] == "n/a" and measurement["timing"] is None
+            assert "CUDA" in measurement["detail"] or "not installed" in measurement["detail"]
+
+
+# -------------------------------------------------------------------------------------------- e2e
+TINY_MODEL = e2e.E2E_MODELS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_e2e() -> list:
+    return e2e.run_e2e(TINY_MODEL, [BlockSparse(32, 0.1), NM(2, 4)], CPU, torch.float32)
+
+
+def test_e2e_measures_dense_and_each_sparse_model(tiny_e2e):
+    assert [result.variant for result in tiny_e2e] == ["dense", "b32d0.1", "2:4"]
+    dense, block, two_four = tiny_e2e
+    for result in tiny_e2e:
+        assert result.status is Status.OK, result.detail
+        assert result.train_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+        assert result.max_rel_error <= result.tolerance
+        assert len(result.step_losses) == TINY_MODEL.steps
+        assert result.peak_memory_bytes is None  # no allocator counter on CPU: not made up
+    assert dense.train_speedup == 1.0 and block.train_speedup == pytest.approx(
+        block.train_tokens_per_s / dense.train_tokens_per_s)
+    assert dense.loss_after_steps < dense.loss_initial  # the corpus is learnable
+    assert dense.mlp_density == 1.0 and two_four.mlp_density == 0.5 and 0.05 < block.mlp_density < 0.15
+    # sparse MLPs store fewer values: less parameter + gradient + AdamW state memory
+    assert block.state_bytes < two_four.state_bytes < dense.state_bytes
+
+
+def test_e2e_marks_a_model_that_disagrees_with_its_dense_copy_wrong(monkeypatch):
+    real_copy = e2e.densified_copy
+
+    def perturbed_copy(model):
+        copy_ = real_copy(model)
+        with torch.no_grad():
+            copy_.blocks[0].mlp.fc.weight.mul_(3.0)
+        return copy_
+
+    monkeypatch.setattr(e2e, "densified_copy", perturbed_copy)
+    (dense, wrong) = e2e.run_e2e(TINY_MODEL, [NM(2, 4)], CPU, torch.float32, steps=3)
+    assert wrong.status is Status.WRONG and wrong.max_rel_error > wrong.tolerance
+    assert wrong.train_tokens_per_s is None and wrong.decode_tokens_per_s is None and wrong.train_speedup is None
+
+
+def test_e2e_markov_corpus_is_seeded_and_structured():
+    tokens = e2e.markov_corpus(64, 8, 50)
+    assert torch.equal(tokens, e2e.markov_corpus(64, 8, 50))
+    successors = {}
+    for row in tokens.tolist():
+        for current, following in zip(row, row[1:]):
+            successors.setdefault(current, set()).add(following)
+    assert max(len(after) for after in successors.values()) <= e2e.MARKOV_SUCCESSORS
+
+
+def test_e2e_suite_from_the_command_line_writes_json_and_csv(tmp_path):
+    args = ["--suite", "e2e", "--device", "cpu", "--model", "tiny", "--steps", "3", "--layouts", "2:4",
+            "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["run"]["suite"] == "e2e" and document["cells"] == []
+    assert [record["variant"] for record in document["e2e"]] == ["dense", "2:4"]
+    assert ENVIRONMENT_KEYS <= document["environment"].keys()
+    with (tmp_path / "e2e.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["variant"] for row in rows] == ["dense", "2:4"] and all(row["status"] == "ok" for row in rows)
+    _assert_png(tmp_path / "e2e.png")
+
+
+def test_a_busy_cpu_is_pointed_out_next_to_the_timings():
+    from bench.report import busy_machine_warning
+
+    assert "busy" in busy_machine_warning({"device": "cpu", "load_average_1min": 3.5, "cpu_count": 2})
+    assert busy_machine_warning({"device": "cpu", "load_average_1min": 0.3, "cpu_count": 2}) is None
+    assert busy_machine_warning({"device": "cuda", "load_average_1min": 9.0, "cpu_count": 2}) is None
+
+
+def test_cuda_timer_subtracts_the_flush_measured_once_and_falls_back_to_eager(monkeypatch):
+    """The CUDA timer's logic with the device calls replaced (this runs on CPU): graph samples of
+    flush + call, minus the flush's own time, measured once; eager time when capture fails."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    timer = timing.CudaTimer(FAST_TIMING)
+    graph_calls = []
+
+    def fake_graph_samples(fn):
+        graph_calls.append(fn)
+        return [0.5, 0.5, 0.5] if fn == timer._flush_l2 else [1.5, 1.75, 2.5]
+
+    monkeypatch.setattr(timer, "_graph_samples", fake_graph_samples)
+    first, second = timer.measure(lambda: None), timer.measure(lambda: None)
+    assert sum(fn == timer._flush_l2 for fn in graph_calls) == 1 and len(graph_calls) == 3
+    for measured in (first, second):
+        assert measured.method == "cuda_graph" and measured.l2_flushed
+        assert measured.median_ms == pytest.approx(1.25) and measured.eager_median_ms > 0
+
+    def failing_graph_samples(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(timer, "_graph_samples", failing_graph_samples)
+    fallback = timer.measure(lambda: None)
+    assert fallback.method == "eager" and not fallback.l2_flushed
+    assert fallback.graph_failure == "RuntimeError: operation not permitted when stream is capturing"
+    assert fallback.median_ms == fallback.eager_median_ms
+
+
+def test_table_shows_the_share_of_roofline_when_there_is_one():
+    (result,) = run_cells(_tiny_cases()[:1], [Dense, Sparsekernels], CPU, FAST_TIMING, progress=False)
+    result.measurements["sparsekernels"].roofline_pct = 42.4
+    console = Console(file=io.StringIO(), width=200)
+    environment = {"device": "cuda", "torch_threads": 1, "gpu_peak": roofline.H100_SXM.to_dict()}
+    print_table([result], ["dense", "sparsekernels"], environment, console)
+    output = console.file.getvalue()
+    assert " 42%" in output and "H100 SXM roofline" in output
+
+
+def test_pytest_benchmark_variants_cover_the_quick_cells_and_stay_out_of_make_test():
+    import tomllib
+
+    from bench import suites, test_benchmarks
+
+    grid = suites.quick(test_benchmarks.DEVICE.type)
+    cells, _ = build_cases(grid.shapes, grid.layouts, grid.dtypes, grid.rows, grid.ops)
+    assert set(test_benchmarks.CASES) == set(cells)
+    assert len(test_benchmarks.PARAMS) == len(cells) * len(test_benchmarks.NAMES)
+    assert test_benchmarks.NAMES[:2] == ["dense", "sparsekernels"]
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert pyproject["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]  # bench/ is never collected
+
+
+def test_results_files_are_named_after_the_machine_and_the_date(tiny_run, tmp_path):
+    from bench.report import results_file_stem, save_to_results
+
+    date = "2026-11-23T11:00:00+00:00"
+    assert results_file_stem({"gpu": {"name": "NVIDIA H100 80GB HBM3"}, "date_utc": date}, "quick") == (
+        "h100-80gb-hbm3-2026-11-23")
+    cpu = {"gpu": None, "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_count": 2, "date_utc": date}
+    assert results_file_stem(cpu, "quick") == "cpu-intel-xeon-2core-2026-11-23"
+    assert results_file_stem(cpu, "e2e") == "cpu-intel-xeon-2core-2026-11-23-e2e"
+
+    _, out = tiny_run
+    console = Console(file=io.StringIO(), width=200)
+    saved = save_to_results(out / "results.json", "cpu-test-2026-11-23", True, console, results_dir=tmp_path)
+    assert saved == tmp_path / "cpu-test-2026-11-23.json"
+    assert json.loads(saved.read_text()) == json.loads((out / "results.json").read_text())
+    _assert_png(tmp_path / "cpu-test-2026-11-23-roofline.png")
+
+
+def test_a_saved_e2e_results_file_gets_one_e2e_in_its_plot_name(tmp_path):
+    document = {"cells": [], "run": {"config": {}, "workload": {"steps": 3}, "dtype": "float32"}, "e2e": [
+        {"variant": "dense", "status": "ok", "train_tokens_per_s": 10.0, "decode_tokens_per_s": 2.0,
+         "train_speedup": 1.0, "decode_speedup": 1.0, "loss_initial": 5.5, "loss_after_steps": 4.0},
+        {"variant": "2:4", "status": "wrong", "train_tokens_per_s": None, "decode_tokens_per_s": None,
+         "loss_initial": 5.5, "loss_after_steps": 4.2}]}
+    assert plots.write_plots(document, tmp_path, "cpu-x-2026-11-23-e2e-") == [tmp_path / "cpu-x-2026-11-23-e2e.png"]
+    assert plots.write_plots(document, tmp_path) == [tmp_path / "e2e.png"]
+    _assert_png(tmp_path / "e2e.png")
