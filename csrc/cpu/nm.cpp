@@ -24,6 +24,10 @@
 // * grad_input (dX = dY W) is decompress-and-multiply: each task owns a panel of input columns,
 //   expands the kept weights of a block of output rows into a dense [rows x 128] fp32 tile and
 //   runs a register-blocked GEMM micro-kernel (12 batch rows x 32 columns) over it.
+//   A dropped weight is a zero in that tile, so a NaN or Inf in grad_out would reach every input
+//   column through 0 * NaN; grad_out is therefore scanned first (a cheap O(M * out) pass) and, when
+//   it is not all finite, a kept-values-only loop runs instead (grad_input_kept_only), so that a
+//   dropped weight is absent exactly as in the forward and weight-gradient kernels.
 //
 // Parallelism: forward and grad_values split the output rows, grad_input the input columns, so
 // every task writes a disjoint region, and each output element is reduced over all of M by one
@@ -37,6 +41,7 @@
 #include "nm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -1108,6 +1113,67 @@ void forward_impl(const scalar_t* x, int64_t M, const scalar_t* values, const ui
   });
 }
 
+// True when every value of data[0, count) is finite (no NaN or Inf), judged on the exponent bits.
+template <typename scalar_t>
+bool all_finite(const scalar_t* data, int64_t count, const ParallelFor& parallel_for) {
+  std::atomic<bool> finite{true};
+  parallel_for(0, count, int64_t{1} << 16, [&](int64_t begin, int64_t end) {
+    bool chunk_finite = true;
+    for (int64_t i = begin; i < end; ++i) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        uint32_t word;
+        std::memcpy(&word, data + i, sizeof(word));
+        chunk_finite &= (word & 0x7f800000u) != 0x7f800000u;
+      } else if constexpr (std::is_same_v<scalar_t, bfloat16>) {
+        chunk_finite &= (data[i].bits & 0x7f80u) != 0x7f80u;
+      } else {
+        chunk_finite &= (data[i].bits & 0x7c00u) != 0x7c00u;
+      }
+    }
+    if (!chunk_finite) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
+// grad_input over the kept weights only, for a grad_out holding NaN or Inf. The fast path expands
+// the weight into dense tiles, where a dropped weight is a stored zero and 0 * Inf or 0 * NaN would
+// leak the non-finite value into every input column of the tile. Here a dropped weight is absent,
+// as in a dense product over the kept weights. Each task owns a panel of input columns and sums
+// over output rows in increasing order: deterministic, but slow (it re-reads the weights for every
+// batch row); it only runs when grad_out is not all finite.
+template <typename scalar_t>
+void grad_input_kept_only(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
+                          const NMShape& shape, const int32_t* group_base, scalar_t* grad_input,
+                          const ParallelFor& parallel_for) {
+  const int64_t in_features = shape.in_features;
+  const int64_t kept = shape.kept_per_row();
+  const int bits = bits_per_position(shape.m);
+  const int64_t panel_count = (in_features + kDensePanel - 1) / kDensePanel;
+  parallel_for(0, panel_count, 1, [&](int64_t panel_begin, int64_t panel_end) {
+    std::vector<float> acc(static_cast<size_t>(kDensePanel));
+    for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
+      const int64_t column_begin = panel * kDensePanel;
+      const int64_t column_end = std::min(in_features, column_begin + kDensePanel);
+      const KeptRange range = kept_range(shape, column_begin, column_end);
+      for (int64_t r = 0; r < M; ++r) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        const scalar_t* dy = grad_out + r * shape.out_features;
+        for (int64_t o = 0; o < shape.out_features; ++o) {
+          const float scale = to_float(dy[o]);
+          const scalar_t* row_values = values + o * kept;
+          const uint8_t* row_positions = positions + o * shape.position_bytes();
+          for (int64_t j = range.first; j < range.first + range.count; ++j) {
+            const int64_t column = group_base[j] + generic::position_at(row_positions, bits, j);
+            acc[column - column_begin] += scale * to_float(row_values[j]);
+          }
+        }
+        scalar_t* dx = grad_input + r * in_features + column_begin;
+        for (int64_t c = 0; c < column_end - column_begin; ++c) dx[c] = from_float<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
                      const NMShape& shape, scalar_t* grad_input, const ParallelFor& parallel_for) {
@@ -1116,6 +1182,10 @@ void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values
   if (M <= 0 || in_features <= 0) return;
   const KernelSet<scalar_t>& kernels = kernels_for_this_cpu<scalar_t>();
   const std::vector<int32_t> group_base = make_group_base(shape);
+  if (!all_finite(grad_out, M * out_features, parallel_for)) {
+    grad_input_kept_only(grad_out, M, values, positions, shape, group_base.data(), grad_input, parallel_for);
+    return;
+  }
 
   const int64_t strips_of_rows = (M + kStripRows - 1) / kStripRows;
   AlignedArray<float> grad_packed(strips_of_rows * out_features * kStripRows);
