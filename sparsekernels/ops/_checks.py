@@ -140,3 +140,43 @@ def nm_features(values: Tensor, positions: Tensor, n: int, m: int) -> tuple[int,
         raise ValueError(f"in_features={in_features} exceeds the N:M kernels' limit of 2^31 - 1 input features")
     check_positions(positions, out_features, kept_per_row, m, values.device)
     return out_features, in_features
+
+
+def check_same_leading_dims(grad_output: Tensor, input: Tensor) -> None:
+    if input.shape[:-1] != grad_output.shape[:-1]:
+        raise ValueError(
+            f"grad_output and input must have the same leading dims, got {tuple(grad_output.shape)} "
+            f"and {tuple(input.shape)}"
+        )
+
+
+def bsr_grad_values_features(grad_output: Tensor, input: Tensor, index: tuple[Tensor, ...], block_size: int) -> int:
+    """Checks the operands of ``bsr_linear_grad_values``; returns nnz (the result is [nnz, b, b])."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    nnz = index[1].shape[0] if len(index) > 1 and isinstance(index[1], Tensor) else -1
+    n_block_rows, n_block_cols = check_bsr_index(index, nnz, input.device, block_size)
+    out_features, in_features = n_block_rows * block_size, n_block_cols * block_size
+    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
+    if input.dim() < 1 or input.shape[-1] != in_features:
+        raise ValueError(f"input.shape[-1] must equal in_features={in_features}, got shape {tuple(input.shape)}")
+    check_same_leading_dims(grad_output, input)
+    return nnz
+
+
+def nm_grad_values_features(grad_output: Tensor, input: Tensor, positions: Tensor, n: int, m: int) -> tuple[int, int]:
+    """Checks the operands of ``nm_linear_grad_values``; returns the result shape (out, kept_per_row)."""
+    check_n_m(n, m)
+    for name, tensor in (("grad_output", grad_output), ("input", input)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() < 1:
+            raise ValueError(f"{name} must have at least 1 dimension, got a scalar")
+    out_features = grad_output.shape[-1]
+    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
+    if input.shape[-1] % m:
+        raise ValueError(f"input.shape[-1] must be a multiple of m={m}, got shape {tuple(input.shape)}")
+    check_same_leading_dims(grad_output, input)
+    kept_per_row = input.shape[-1] // m * n
+    check_positions(positions, out_features, kept_per_row, m, input.device)
+    return out_features, kept_per_row

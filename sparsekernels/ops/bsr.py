@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import _C  # noqa: F401  (loads the op schemas and the C++ kernels)
 from .. import reference
 from ..backend import resolve_backend
-from ._checks import bsr_features, check_bias, check_bsr_index, check_operand
+from ._checks import bsr_features, bsr_grad_values_features, check_bias, check_operand
 
 __all__ = ["bsr_linear"]
 
@@ -28,9 +28,7 @@ _ops = torch.ops.sparsekernels
 @torch.library.register_fake("sparsekernels::bsr_linear")
 def _bsr_linear_fake(input, values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
                      block_value_indices, bias):
-    out_features, in_features = bsr_features(
-        values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices
-    )
+    out_features, in_features = bsr_features(values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)  # noqa: E501
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     return input.new_empty((*input.shape[:-1], out_features))
@@ -39,9 +37,7 @@ def _bsr_linear_fake(input, values, block_row_offsets, block_col_indices, block_
 @torch.library.register_fake("sparsekernels::bsr_linear_grad_input")
 def _bsr_linear_grad_input_fake(grad_output, values, block_row_offsets, block_col_indices, block_col_offsets,
                                 block_row_indices, block_value_indices):
-    out_features, in_features = bsr_features(
-        values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices
-    )
+    out_features, in_features = bsr_features(values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)  # noqa: E501
     check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
     return grad_output.new_empty((*grad_output.shape[:-1], in_features))
 
@@ -50,17 +46,8 @@ def _bsr_linear_grad_input_fake(grad_output, values, block_row_offsets, block_co
 def _bsr_linear_grad_values_fake(grad_output, input, block_row_offsets, block_col_indices, block_col_offsets,
                                  block_row_indices, block_value_indices, block_size):
     index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
-    n_block_rows, n_block_cols = check_bsr_index(index, block_col_indices.shape[0], input.device, block_size)
-    out_features, in_features = n_block_rows * block_size, n_block_cols * block_size
-    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
-    if input.shape[-1] != in_features:
-        raise ValueError(f"input.shape[-1] must equal in_features={in_features}, got shape {tuple(input.shape)}")
-    if input.shape[:-1] != grad_output.shape[:-1]:
-        raise ValueError(
-            f"grad_output and input must have the same leading dims, got {tuple(grad_output.shape)} "
-            f"and {tuple(input.shape)}"
-        )
-    return input.new_empty((block_col_indices.shape[0], block_size, block_size))
+    nnz = bsr_grad_values_features(grad_output, input, index, block_size)
+    return input.new_empty((nnz, block_size, block_size))
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,10 +85,10 @@ def bsr_linear(
     ``input`` is ``[..., in_features]``; the result is ``[..., out_features]`` in input's dtype.
     Differentiable in ``input``, ``values`` and ``bias``.
     """
-    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
-    out_features, in_features = bsr_features(values, *index)
+    out_features, in_features = bsr_features(values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)  # noqa: E501
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
+    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
     if resolve_backend(input.device) == "reference":
         return reference.bsr_linear(input, values, *index, bias)
     return _ops.bsr_linear(input, values, *index, bias)

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import _C  # noqa: F401  (loads the op schemas and the C++ kernels)
 from .. import reference
 from ..backend import resolve_backend
-from ._checks import check_bias, check_n_m, check_operand, check_positions, nm_features
+from ._checks import check_bias, check_operand, nm_features, nm_grad_values_features
 
 __all__ = ["nm_linear"]
 
@@ -42,23 +42,7 @@ def _nm_linear_grad_input_fake(grad_output, values, positions, n, m):
 
 @torch.library.register_fake("sparsekernels::nm_linear_grad_values")
 def _nm_linear_grad_values_fake(grad_output, input, positions, n, m):
-    check_n_m(n, m)
-    if not isinstance(input, Tensor) or not isinstance(grad_output, Tensor):
-        raise TypeError("grad_output and input must be torch.Tensors")
-    if grad_output.dim() < 1:
-        raise ValueError("grad_output must have at least 1 dimension")
-    out_features = grad_output.shape[-1]
-    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
-    if input.dim() < 1 or input.shape[-1] % m:
-        raise ValueError(f"input.shape[-1] must be a multiple of m={m}, got shape {tuple(input.shape)}")
-    if input.shape[:-1] != grad_output.shape[:-1]:
-        raise ValueError(
-            f"grad_output and input must have the same leading dims, got {tuple(grad_output.shape)} "
-            f"and {tuple(input.shape)}"
-        )
-    kept_per_row = input.shape[-1] // m * n
-    check_positions(positions, out_features, kept_per_row, m, input.device)
-    return input.new_empty((out_features, kept_per_row))
+    return input.new_empty(nm_grad_values_features(grad_output, input, positions, n, m))
 
 
 def _setup_context(ctx, inputs, output):
