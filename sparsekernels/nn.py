@@ -228,10 +228,12 @@ class SparseLinear(nn.Module):
         for name in names:
             saved = state_dict.get(prefix + name)
             current = getattr(self, name)
-            if isinstance(saved, Tensor) and saved.shape != current.shape:
+            # An index keeps its saved dtype (an int64 index copied into int32 would wrap).
+            dtype = current.dtype if name == "values" or not isinstance(saved, Tensor) else saved.dtype
+            if isinstance(saved, Tensor) and (saved.shape != current.shape or dtype != current.dtype):
                 if name == "values" and saved.dim() != current.dim():
                     continue  # let the default loader report the mismatch
-                resized = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+                resized = torch.empty(saved.shape, dtype=dtype, device=current.device)
                 if name == "values":
                     self.values = nn.Parameter(resized, requires_grad=current.requires_grad)
                 else:
