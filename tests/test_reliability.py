@@ -379,3 +379,21 @@ def test_nm_in_features_limit_is_checked_before_any_kernel():
     x = torch.zeros(1, 1, dtype=torch.float16).expand(1, 2**31)
     with pytest.raises(ValueError, match=r"in_features=2147483648 exceeds"):
         ops.nm_linear_grad_input(torch.zeros(1, 1, dtype=torch.float16), values, positions, 2, 4)
+
+
+# ------------------------------------------------------------------------ portable (generic) ISA
+def test_non_finite_and_determinism_hold_for_the_portable_kernels():
+    """The ISA is chosen once per process: rerun the NaN and determinism tests in a child process
+    restricted to the portable C++ kernels."""
+    import subprocess
+    import sys
+
+    environment = dict(os.environ, SPARSEKERNELS_CPU_ISA="generic")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "(TestNonFinite and cpu and not 40) or deterministic"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
