@@ -48,14 +48,21 @@ def _nan_backends():
 NAN_BACKENDS = _nan_backends()
 
 
-def known_nan_exception(backend, layout_kind: str, what: str):
-    """xfail where a backend is documented to treat a dropped weight as a stored zero."""
+def known_nan_exception(request, backend, layout_kind: str, what: str):
+    """Expect failure where a backend is documented to treat a dropped weight as a stored zero.
+
+    The reference backend is dense masked math: strict xfail, so the test still runs and reports if
+    that ever changes. GPU N:M kernels that expand weights into dense tiles may or may not differ.
+    """
     name = backend[0]
     if name == "reference":
-        pytest.xfail("reference backend: dense masked math, 0 * NaN = NaN (documented exception)")
+        request.node.add_marker(
+            pytest.mark.xfail(strict=True, reason="reference backend: dense masked math, 0 * NaN = NaN (documented)")
+        )
     if name in ("triton", "cuda") and layout_kind == "nm" and what == "grad_input":
-        # GPU N:M kernels that expand the weight into a dense tile (docs/reliability.md) may differ.
-        pytest.xfail("GPU N:M dense-tile kernels may compute 0 * NaN (documented exception)")
+        request.node.add_marker(
+            pytest.mark.xfail(strict=False, reason="GPU N:M dense-tile kernels may compute 0 * NaN (documented)")
+        )
 
 
 # ------------------------------------------------------------------------------------ NaN / Inf
@@ -89,7 +96,7 @@ def nan_case(kind: str, dtype):
         mask[::2, 2] = torch.tensor([False, True, False, True])  # vary group 2 in even rows
         matrix = NMMatrix.from_dense(weight, 2, 4, mask=mask.reshape(24, 32))
         dropped_column = 4 * 5  # offset 0 of group 5: dropped in every row
-        kept = (3, 4 * 6 + 1)
+        kept = (3, 4 * 2 + 2)  # group 2, offset 2: kept in odd rows only
     mask = matrix.mask()
     assert not mask[:, dropped_column].any() and mask[kept]
     return matrix, mask, dropped_column, kept
@@ -112,8 +119,8 @@ class TestNonFinite:
         matrix, mask, dropped, kept = nan_case(kind, dtype)
         return matrix.to(backend[1]), mask.to(backend[1]), dropped, kept
 
-    def test_nan_and_inf_in_a_dropped_input_column_do_not_reach_the_output(self, backend, kind, dtype, batch):
-        known_nan_exception(backend, kind, "forward")
+    def test_nan_and_inf_in_a_dropped_input_column_do_not_reach_the_output(self, request, backend, kind, dtype, batch):
+        known_nan_exception(request, backend, kind, "forward")
         matrix, mask, dropped, _ = self.setup(backend, kind, dtype)
         x = torch.randn(batch, matrix.shape[1], device=backend[1]).to(dtype)
         x[0, dropped] = float("nan")
@@ -122,8 +129,8 @@ class TestNonFinite:
         assert torch.isfinite(output).all()
         assert_same_with_nans(output, kept_only_linear(x, matrix.to_dense(), mask), dtype, "forward")
 
-    def test_nan_in_a_kept_input_or_weight_propagates_like_dense(self, backend, kind, dtype, batch):
-        known_nan_exception(backend, kind, "forward")  # the reference also spreads it through dropped weights
+    def test_nan_in_a_kept_input_or_weight_propagates_like_dense(self, request, backend, kind, dtype, batch):
+        known_nan_exception(request, backend, kind, "forward")  # the reference also spreads it through dropped weights
         matrix, mask, _, (row, column) = self.setup(backend, kind, dtype)
         x = torch.randn(batch, matrix.shape[1], device=backend[1]).to(dtype)
         x[0, column] = float("nan")
@@ -141,8 +148,8 @@ class TestNonFinite:
         assert torch.isnan(output[:, row]).all() and not torch.isnan(output[:, :row]).any()
         assert_same_with_nans(output, kept_only_linear(x, dense, mask), dtype, "forward, NaN kept weight")
 
-    def test_grad_input_skips_dropped_weights(self, backend, kind, dtype, batch):
-        known_nan_exception(backend, kind, "grad_input")
+    def test_grad_input_skips_dropped_weights(self, request, backend, kind, dtype, batch):
+        known_nan_exception(request, backend, kind, "grad_input")
         matrix, mask, dropped, (row, _) = self.setup(backend, kind, dtype)
         x = torch.randn(batch, matrix.shape[1], device=backend[1]).to(dtype).requires_grad_()
         output = run_op(matrix, x)
