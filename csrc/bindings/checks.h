@@ -144,7 +144,9 @@ void check_indices_host(const index_t* indices, int64_t count, int64_t limit, co
   uint32_t out_of_range = 0;
   if (limit <= static_cast<int64_t>(std::numeric_limits<index_t>::max())) {
     const auto bound = static_cast<unsigned_t>(limit);
-    for (int64_t i = 0; i < count; ++i) out_of_range |= static_cast<uint32_t>(static_cast<unsigned_t>(indices[i]) >= bound);
+    for (int64_t i = 0; i < count; ++i) {
+      out_of_range |= static_cast<uint32_t>(static_cast<unsigned_t>(indices[i]) >= bound);
+    }
   } else {  // every non-negative index_t is below the limit: only negative values are out of range
     for (int64_t i = 0; i < count; ++i) out_of_range |= static_cast<uint32_t>(indices[i] < 0);
   }

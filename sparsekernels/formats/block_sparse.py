@@ -195,7 +195,8 @@ class BlockSparseMatrix:
             )
             if block_row_offsets.device != values.device:
                 raise ValueError(
-                    f"block_row_offsets must be on the device of values ({values.device}), got {block_row_offsets.device}"
+                    f"block_row_offsets must be on the device of values ({values.device}), "
+                    f"got {block_row_offsets.device}"
                 )
         self.values = values
         self.block_row_offsets = block_row_offsets

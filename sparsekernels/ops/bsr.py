@@ -28,7 +28,9 @@ _ops = torch.ops.sparsekernels
 @torch.library.register_fake("sparsekernels::bsr_linear")
 def _bsr_linear_fake(input, values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
                      block_value_indices, bias):
-    out_features, in_features = bsr_features(values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)  # noqa: E501
+    out_features, in_features = bsr_features(
+        values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices
+    )
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     return input.new_empty((*input.shape[:-1], out_features))
@@ -37,7 +39,9 @@ def _bsr_linear_fake(input, values, block_row_offsets, block_col_indices, block_
 @torch.library.register_fake("sparsekernels::bsr_linear_grad_input")
 def _bsr_linear_grad_input_fake(grad_output, values, block_row_offsets, block_col_indices, block_col_offsets,
                                 block_row_indices, block_value_indices):
-    out_features, in_features = bsr_features(values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)  # noqa: E501
+    out_features, in_features = bsr_features(
+        values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices
+    )
     check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
     return grad_output.new_empty((*grad_output.shape[:-1], in_features))
 
@@ -85,7 +89,9 @@ def bsr_linear(
     ``input`` is ``[..., in_features]``; the result is ``[..., out_features]`` in input's dtype.
     Differentiable in ``input``, ``values`` and ``bias``.
     """
-    out_features, in_features = bsr_features(values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)  # noqa: E501
+    out_features, in_features = bsr_features(
+        values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices
+    )
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
