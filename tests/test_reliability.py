@@ -182,6 +182,40 @@ class TestNonFinite:
         assert torch.equal(nan_at, mask & (torch.arange(mask.shape[1], device=mask.device) == column))
 
 
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("layout", [BlockSparse(16, 0.4), NM(2, 4), NM(3, 8), NM(5, 16)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grad_input_with_many_non_finite_entries(request, backend, layout, dtype):
+    """A grad_output sprinkled with NaN, +Inf and -Inf (as after an fp16 loss-scale overflow), and
+    kept weights that are exactly 0: every column gets the class (finite, NaN, +-Inf) of a sum over
+    its kept terms only, and finite columns keep their value."""
+    known_nan_exception(request, backend, "nm" if isinstance(layout, NM) else "block", "grad_input")
+    sk.set_backend(backend[0])
+    torch.manual_seed(11)
+    out_features, in_features = 48, 96
+    weight = torch.randn(out_features, in_features)
+    weight[torch.rand(out_features, in_features) < 0.05] = 0.0  # kept zeros: 0 * Inf = NaN there
+    if isinstance(layout, BlockSparse):
+        block_mask = torch.rand(out_features // 16, in_features // 16) < layout.density
+        block_mask[:, 0] = False  # an all-dropped block column
+        matrix = BlockSparseMatrix.from_dense(weight.to(dtype), 16, mask=block_mask)
+    else:
+        matrix = NMMatrix.from_dense(weight.to(dtype), layout.n, layout.m)
+    matrix, mask = matrix.to(backend[1]), matrix.mask().to(backend[1])
+    x = torch.randn(37, in_features, device=backend[1]).to(dtype).requires_grad_()
+    output = run_op(matrix, x)
+    grad_output = torch.randn(output.shape).to(dtype)
+    pick = torch.rand(output.shape)
+    grad_output[pick < 0.01] = float("nan")
+    grad_output[(pick >= 0.01) & (pick < 0.02)] = float("inf")
+    grad_output[(pick >= 0.02) & (pick < 0.03)] = float("-inf")
+    grad_output[5] = float("inf")  # a whole batch row
+    output.backward(grad_output.to(backend[1]))
+    expected = kept_only_linear(grad_output.to(backend[1]), matrix.to_dense().T, mask.T)
+    assert torch.isfinite(expected).any() and torch.isnan(expected).any() and torch.isinf(expected).any()
+    assert_same_with_nans(x.grad, expected, dtype, "grad_input")
+
+
 def _layout_kwargs(matrix):
     if isinstance(matrix, BlockSparseMatrix):
         return {"block_size": matrix.block_size}

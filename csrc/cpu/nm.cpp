@@ -25,9 +25,11 @@
 //   expands the kept weights of a block of output rows into a dense [rows x 128] fp32 tile and
 //   runs a register-blocked GEMM micro-kernel (12 batch rows x 32 columns) over it.
 //   A dropped weight is a zero in that tile, so a NaN or Inf in grad_out would reach every input
-//   column through 0 * NaN; grad_out is therefore scanned first (a cheap O(M * out) pass) and, when
-//   it is not all finite, a kept-values-only loop runs instead (grad_input_kept_only), so that a
-//   dropped weight is absent exactly as in the forward and weight-gradient kernels.
+//   column through 0 * NaN. grad_out is therefore scanned first (a cheap O(M * out) pass); when it
+//   is not all finite (e.g. an fp16 loss-scale overflow), the tiles run on a copy with the
+//   non-finite entries zeroed and those entries' products with the kept weights are added
+//   afterwards (add_non_finite_terms). A dropped weight is then absent, exactly as in the forward
+//   and weight-gradient kernels, and the cost stays that of the fast path plus O(#non-finite * kept).
 //
 // Parallelism: forward and grad_values split the output rows, grad_input the input columns, so
 // every task writes a disjoint region, and each output element is reduced over all of M by one
@@ -41,6 +43,7 @@
 #include "nm.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -1135,41 +1138,48 @@ bool all_finite(const scalar_t* data, int64_t count, const ParallelFor& parallel
   return finite.load();
 }
 
-// grad_input over the kept weights only, for a grad_out holding NaN or Inf. The fast path expands
-// the weight into dense tiles, where a dropped weight is a stored zero and 0 * Inf or 0 * NaN would
-// leak the non-finite value into every input column of the tile. Here a dropped weight is absent,
-// as in a dense product over the kept weights. Each task owns a panel of input columns and sums
-// over output rows in increasing order: deterministic, but slow (it re-reads the weights for every
-// batch row); it only runs when grad_out is not all finite.
+// grad_out with every NaN / Inf replaced by +0 (the finite part of a split grad_out).
 template <typename scalar_t>
-void grad_input_kept_only(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
+std::vector<scalar_t> zero_non_finite(const scalar_t* data, int64_t count) {
+  std::vector<scalar_t> finite(data, data + count);
+  for (scalar_t& value : finite) {
+    if (!std::isfinite(to_float(value))) value = from_float<scalar_t>(0.0f);
+  }
+  return finite;
+}
+
+// The terms left out of the tiles: for every non-finite grad_out[r][o] and every kept weight w of
+// row o, grad_out[r][o] * w. Each such term is NaN or +-Inf, so their float32 sum T (NaN, +Inf or
+// -Inf) alone decides a column's result, as in one float32 sum over all kept terms (the finite part
+// cannot change the class of T, short of overflowing float32 itself); grad_input[r][column] = T
+// then replaces the finite part. Each task owns whole batch rows and walks o in increasing order,
+// so the result is deterministic.
+template <typename scalar_t>
+void add_non_finite_terms(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
                           const NMShape& shape, const int32_t* group_base, scalar_t* grad_input,
                           const ParallelFor& parallel_for) {
-  const int64_t in_features = shape.in_features;
   const int64_t kept = shape.kept_per_row();
   const int bits = bits_per_position(shape.m);
-  const int64_t panel_count = (in_features + kDensePanel - 1) / kDensePanel;
-  parallel_for(0, panel_count, 1, [&](int64_t panel_begin, int64_t panel_end) {
-    std::vector<float> acc(static_cast<size_t>(kDensePanel));
-    for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
-      const int64_t column_begin = panel * kDensePanel;
-      const int64_t column_end = std::min(in_features, column_begin + kDensePanel);
-      const KeptRange range = kept_range(shape, column_begin, column_end);
-      for (int64_t r = 0; r < M; ++r) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        const scalar_t* dy = grad_out + r * shape.out_features;
-        for (int64_t o = 0; o < shape.out_features; ++o) {
-          const float scale = to_float(dy[o]);
-          const scalar_t* row_values = values + o * kept;
-          const uint8_t* row_positions = positions + o * shape.position_bytes();
-          for (int64_t j = range.first; j < range.first + range.count; ++j) {
-            const int64_t column = group_base[j] + generic::position_at(row_positions, bits, j);
-            acc[column - column_begin] += scale * to_float(row_values[j]);
-          }
+  parallel_for(0, M, 1, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<float> non_finite_sum(static_cast<size_t>(shape.in_features), 0.0f);
+    std::vector<int64_t> touched;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* dy = grad_out + r * shape.out_features;
+      touched.clear();
+      for (int64_t o = 0; o < shape.out_features; ++o) {
+        const float scale = to_float(dy[o]);
+        if (std::isfinite(scale)) continue;
+        const scalar_t* row_values = values + o * kept;
+        const uint8_t* row_positions = positions + o * shape.position_bytes();
+        for (int64_t j = 0; j < kept; ++j) {
+          const int64_t column = group_base[j] + generic::position_at(row_positions, bits, j);
+          non_finite_sum[column] += scale * to_float(row_values[j]);
+          touched.push_back(column);
         }
-        scalar_t* dx = grad_input + r * in_features + column_begin;
-        for (int64_t c = 0; c < column_end - column_begin; ++c) dx[c] = from_float<scalar_t>(acc[c]);
       }
+      scalar_t* dx = grad_input + r * shape.in_features;
+      for (const int64_t column : touched) dx[column] = from_float<scalar_t>(non_finite_sum[column]);
+      for (const int64_t column : touched) non_finite_sum[column] = 0.0f;
     }
   });
 }
@@ -1183,7 +1193,9 @@ void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values
   const KernelSet<scalar_t>& kernels = kernels_for_this_cpu<scalar_t>();
   const std::vector<int32_t> group_base = make_group_base(shape);
   if (!all_finite(grad_out, M * out_features, parallel_for)) {
-    grad_input_kept_only(grad_out, M, values, positions, shape, group_base.data(), grad_input, parallel_for);
+    const std::vector<scalar_t> finite_part = zero_non_finite(grad_out, M * out_features);
+    grad_input_impl(finite_part.data(), M, values, positions, shape, grad_input, parallel_for);
+    add_non_finite_terms(grad_out, M, values, positions, shape, group_base.data(), grad_input, parallel_for);
     return;
   }
 
