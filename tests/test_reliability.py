@@ -372,6 +372,26 @@ def test_format_keeps_an_int64_index_and_ops_use_it():
     )
 
 
+def test_formats_switch_to_int64_past_the_limit(monkeypatch):
+    """The selection path end to end, with the int32 limit lowered so that small patterns cross it."""
+    import sparsekernels.formats._common as common
+
+    monkeypatch.setattr(common, "INT32_MAX", 5)
+    small = BlockSparseMatrix.from_dense(torch.randn(32, 32), 16, 0.5)  # nnz 2, 2 x 2 blocks: fits
+    assert all(index.dtype == torch.int32 for index in small.index_tensors())
+    matrix = BlockSparseMatrix.from_dense(torch.randn(64, 112), 16, 0.5)  # nnz 14 > 5
+    assert all(index.dtype == torch.int64 for index in matrix.index_tensors())
+    wide_grid = BlockSparseMatrix.from_dense(torch.randn(16, 112), 16, 1 / 7)  # 7 block columns > 5
+    assert wide_grid.nnz_blocks == 1 and wide_grid.block_row_offsets.dtype == torch.int64
+    layer = SparseLinear(112, 64, BlockSparse(16, 0.5))
+    assert layer.block_row_offsets.dtype == torch.int64
+    x = torch.randn(4, 112, requires_grad=True)
+    layer(x).sum().backward()
+    x_ref = x.detach().requires_grad_()
+    F.linear(x_ref, layer.dense_weight().detach(), layer.bias.detach()).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_fake_kernels_on_shapes_beyond_int32(index_dtype):
     """Shape inference in Python integers: outputs with > 2^31 elements, nnz * b * b > 2^31."""
