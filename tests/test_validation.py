@@ -172,6 +172,24 @@ class TestBlockSparseFormat:
         assert empty.nnz_blocks == 0 and not empty.to_dense().any()
 
 
+    def test_random_and_from_block_mask_arguments(self):
+        with raises(ValueError, "out_features=50", "block_size=16"):
+            BlockSparseMatrix.random((50, 64), 16, 0.5)
+        with raises(ValueError, "block_size", "(16, 32, 64, 128)"):
+            BlockSparseMatrix.random((64, 64), 8, 0.5)
+        with raises(ValueError, "density", "(0, 1]"):
+            BlockSparseMatrix.random((64, 64), 16, 0.0)
+        weight = torch.randn(64, 96)
+        with raises(ValueError, "block_mask", "[64, 96]"):
+            BlockSparseMatrix.from_block_mask(weight, torch.ones(4, 5, dtype=torch.bool))
+        with raises(ValueError, "block_mask", "[64, 96]"):
+            BlockSparseMatrix.from_block_mask(weight, torch.ones(8, 12, dtype=torch.bool))  # 8x8 blocks
+        with raises(TypeError, "mask", "bool"):
+            BlockSparseMatrix.from_block_mask(weight, torch.ones(4, 6))
+        with raises(ValueError, "block_mask", "2-D"):
+            BlockSparseMatrix.from_block_mask(weight, torch.ones(24, dtype=torch.bool))
+
+
 class TestNMFormat:
     def test_constructor(self):
         m = NMMatrix.from_dense(torch.randn(8, 32), 2, 8)

@@ -217,9 +217,20 @@ class BlockSparseMatrix:
     @classmethod
     def from_block_mask(cls, weight: Tensor, block_mask: Tensor) -> "BlockSparseMatrix":
         """Keep the blocks of ``weight`` where ``block_mask[n_block_rows, n_block_cols]`` is True."""
+        check_dense_weight(weight)
+        if not isinstance(block_mask, Tensor) or block_mask.dim() != 2 or 0 in block_mask.shape:
+            raise ValueError(
+                f"block_mask must be a non-empty 2-D tensor [n_block_rows, n_block_cols], got {block_mask!r}"
+            )
         out_features, in_features = weight.shape
         n_block_rows, n_block_cols = block_mask.shape
         block_size = out_features // n_block_rows
+        if block_size not in BLOCK_SIZES or (n_block_rows * block_size, n_block_cols * block_size) != weight.shape:
+            raise ValueError(
+                f"block_mask of shape {list(block_mask.shape)} does not cut weight of shape {list(weight.shape)} "
+                f"into square blocks of {BLOCK_SIZES}"
+            )
+        block_mask = check_mask(block_mask, ((n_block_rows, n_block_cols),), "block mask")
         block_rows, block_cols, block_row_offsets, block_col_indices = _bsr_index_from_block_mask(
             block_mask.to(weight.device)
         )
@@ -293,6 +304,9 @@ class BlockSparseMatrix:
         out_features, in_features = shape
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+        for name, size in (("out_features", out_features), ("in_features", in_features)):
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % block_size:
+                raise ValueError(f"{name}={size} must be a positive multiple of block_size={block_size}")
         scores = torch.rand(out_features // block_size, in_features // block_size, generator=generator)
         block_mask = top_blocks_mask(scores, check_density(density))
         _, _, block_row_offsets, block_col_indices = _bsr_index_from_block_mask(block_mask)
