@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .formats import BlockSparseMatrix, NMMatrix
-from .formats.block_sparse import validate_bsr_index
+from .formats.block_sparse import validate_bsr_index, validate_transposed_index
 from .formats.nm import validate_positions
 from .layouts import NM, BlockSparse, Layout
 from .ops import bsr_linear, nm_linear
@@ -71,6 +71,10 @@ class SparseLinear(nn.Module):
             if isinstance(size, bool) or not isinstance(size, int):
                 raise TypeError(f"{name} must be an int, got {size!r}")
         layout.check_shape(out_features, in_features)
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.layout = layout
@@ -320,13 +324,29 @@ class SparseLinear(nn.Module):
         # pruning schedule changes it): resize values and the index buffers to the saved shapes
         # before the default copy, then check the loaded pattern once.
         names = ("values",) + (_BSR_INDEX_NAMES if isinstance(self.layout, BlockSparse) else ("positions",))
+        # The pattern as it is now: restored if the loaded one is invalid, so that a failed load
+        # leaves a working layer (values keep their shape and stay consistent with it).
+        previous = {name: getattr(self, name) for name in names}
+        previous_index = {name: tensor.clone() for name, tensor in previous.items() if name != "values"}
+        index_dtypes = (torch.int32, torch.int64) if isinstance(self.layout, BlockSparse) else (torch.uint8,)
+        for name in names[1:]:
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.dtype not in index_dtypes:
+                # The default loader would cast it (a float or wider int index loses or wraps entries).
+                error_msgs.append(
+                    f"invalid sparse pattern for {prefix or 'SparseLinear'}: {name} must be "
+                    f"{' or '.join(str(dtype) for dtype in index_dtypes)}, got {saved.dtype}"
+                )
+                return
         for name in names:
             saved = state_dict.get(prefix + name)
             current = getattr(self, name)
-            if isinstance(saved, Tensor) and saved.shape != current.shape:
+            # An index keeps its saved dtype (an int64 index copied into int32 would wrap).
+            dtype = current.dtype if name == "values" or not isinstance(saved, Tensor) else saved.dtype
+            if isinstance(saved, Tensor) and (saved.shape != current.shape or dtype != current.dtype):
                 if name == "values" and saved.dim() != current.dim():
                     continue  # let the default loader report the mismatch
-                resized = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+                resized = torch.empty(saved.shape, dtype=dtype, device=current.device)
                 if name == "values":
                     self.values = nn.Parameter(resized, requires_grad=current.requires_grad)
                 else:
@@ -338,15 +358,35 @@ class SparseLinear(nn.Module):
             self._validate_pattern()
         except (TypeError, ValueError) as error:
             error_msgs.append(f"invalid sparse pattern for {prefix or 'SparseLinear'}: {error}")
+            for name, tensor in previous.items():
+                if name == "values":
+                    if tensor.shape != self.values.shape:
+                        self.values = tensor
+                else:
+                    setattr(self, name, tensor)
+                    tensor.copy_(previous_index[name])
 
     def _validate_pattern(self) -> None:
         if isinstance(self.layout, BlockSparse):
-            b = self.values.shape[-1]
+            b = self.layout.block_size
+            if self.values.dim() != 3 or tuple(self.values.shape[1:]) != (b, b):
+                raise ValueError(f"values must have shape [nnz, {b}, {b}], got {tuple(self.values.shape)}")
+            index_dtype = self.block_row_offsets.dtype
+            for name in _BSR_INDEX_NAMES:
+                if getattr(self, name).dtype != index_dtype:
+                    raise TypeError(f"{name} must have the dtype of block_row_offsets ({index_dtype})")
             validate_bsr_index(
                 self.block_row_offsets, self.block_col_indices, self.out_features // b, self.in_features // b,
                 self.values.shape[0],
             )
+            validate_transposed_index(
+                self.block_row_offsets, self.block_col_indices, self.block_col_offsets, self.block_row_indices,
+                self.block_value_indices, self.in_features // b,
+            )
         else:
+            expected = (self.out_features, self.in_features // self.layout.m * self.layout.n)
+            if tuple(self.values.shape) != expected:
+                raise ValueError(f"values must have shape {list(expected)}, got {list(self.values.shape)}")
             validate_positions(self.positions, self.out_features, self.values.shape[1], self.layout.n,
                                self.layout.m)
 

@@ -23,3 +23,16 @@ def _seed_and_restore_backend():
     previous = sparsekernels.get_backend()
     yield
     sparsekernels.set_backend(previous)
+
+
+# Hypothesis profiles of the fuzz tests (tests/test_fuzz.py), chosen with SPARSEKERNELS_FUZZ_PROFILE:
+# "short" (default) is derandomized, so CI is reproducible, and sized to about a minute on two
+# cores; "long" draws ~25x as many random examples and keeps failing ones in the example database.
+# max_examples is the budget the fuzz tests share out; no profile is loaded globally, so other
+# hypothesis tests keep their own settings.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile(
+    "sparsekernels-short", max_examples=200, deadline=None, derandomize=True, database=None, print_blob=True
+)
+_hypothesis_settings.register_profile("sparsekernels-long", max_examples=2000, deadline=None, print_blob=True)

@@ -2,12 +2,26 @@
 //
 // They run before any kernel reads memory: a wrong shape, dtype or index length raises a
 // ValueError / TypeError (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) naming the argument and what was
-// expected. Index *contents* (bounds, sortedness) are validated once in Python when a pattern is
-// set (sparsekernels.formats), not on every call.
+// expected. Two levels (docs/reliability.md):
+//
+// * Every call, every device (metadata only, O(1)): shapes, dtypes, devices, index lengths, n/m,
+//   block size, size limits of the kernels' index types.
+// * Every call, host memory only (the "Host-memory checks" below, used by cpu_ops.cpp): whatever
+//   keeps a kernel from reading or writing out of bounds, i.e. offsets that start at 0, end at nnz
+//   and never decrease, and indices inside their range (O(n_lines + nnz) integer reads, against the
+//   O(M * nnz * b^2) work of the kernel), and the N:M position codes of m = 8 (4-bit codes of which
+//   8..15 would point past the group).
+// * Once, in Python, when a pattern is set (sparsekernels.formats, SparseLinear.load_state_dict):
+//   sortedness, duplicates, consistency of the CSC index with the BSR index, N:M offsets strictly
+//   increasing within a group. Violating these gives wrong numbers, never an out-of-bounds access.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace sparsekernels::bindings {
@@ -99,6 +113,67 @@ inline BsrShape check_bsr_values(const at::Tensor& values, const at::Tensor& blo
                          block_value_indices, values.size(1), values.size(0));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Host-memory checks (CPU operands only: they read index data).
+
+// The scans below first reduce with branch-free integer ORs (which the compiler vectorises) and only
+// walk the data again, to name the first bad entry, when something is wrong.
+
+// offsets[0] == 0, offsets[n_lines] == nnz and offsets never decrease.
+template <typename index_t>
+void check_offsets_host(const index_t* offsets, int64_t n_lines, int64_t nnz, const char* name) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(offsets[0]) == 0 && static_cast<int64_t>(offsets[n_lines]) == nnz, name,
+                    " must start at 0 and end at nnz=", nnz, ", got ", static_cast<int64_t>(offsets[0]), " and ",
+                    static_cast<int64_t>(offsets[n_lines]));
+  uint32_t decreasing = 0;
+  for (int64_t i = 0; i < n_lines; ++i) decreasing |= static_cast<uint32_t>(offsets[i] > offsets[i + 1]);
+  if (decreasing == 0) return;
+  for (int64_t i = 0; i < n_lines; ++i) {
+    TORCH_CHECK_VALUE(offsets[i] <= offsets[i + 1], name, " must be non-decreasing, got ", name, "[", i, "]=",
+                      static_cast<int64_t>(offsets[i]), " > ", name, "[", i + 1, "]=",
+                      static_cast<int64_t>(offsets[i + 1]));
+  }
+}
+
+// Every index in [0, limit).
+template <typename index_t>
+void check_indices_host(const index_t* indices, int64_t count, int64_t limit, const char* name,
+                        const char* limit_name) {
+  // One unsigned compare also rejects negative indices.
+  using unsigned_t = std::make_unsigned_t<index_t>;
+  uint32_t out_of_range = 0;
+  if (limit <= static_cast<int64_t>(std::numeric_limits<index_t>::max())) {
+    const auto bound = static_cast<unsigned_t>(limit);
+    for (int64_t i = 0; i < count; ++i) {
+      out_of_range |= static_cast<uint32_t>(static_cast<unsigned_t>(indices[i]) >= bound);
+    }
+  } else {  // every non-negative index_t is below the limit: only negative values are out of range
+    for (int64_t i = 0; i < count; ++i) out_of_range |= static_cast<uint32_t>(indices[i] < 0);
+  }
+  if (out_of_range == 0) return;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t value = static_cast<int64_t>(indices[i]);
+    TORCH_CHECK_VALUE(value >= 0 && value < limit, name, " must be in [0, ", limit_name, "=", limit, "), got ",
+                      name, "[", i, "]=", value);
+  }
+}
+
+// m = 8 stores each in-group offset in 4 bits: codes 8..15 would address past the group (and past
+// the row for the last group). m = 2, 4 and 16 use every code of their field, so need no check.
+inline void check_nm_position_codes_host(const uint8_t* positions, int64_t count, int64_t m) {
+  if (m != 8) return;
+  uint64_t high_bits = 0;  // bit 3 of every nibble, eight bytes at a time
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, positions + i, sizeof(word));
+    high_bits |= word & 0x8888888888888888ull;
+  }
+  for (; i < count; ++i) high_bits |= positions[i] & 0x88u;
+  TORCH_CHECK_VALUE(high_bits == 0,
+                    "positions must hold in-group offsets in [0, m=8) (4-bit codes 0..7), got a code >= 8");
+}
+
 // Shapes of an N:M weight, derived from values, positions, n and m (checked).
 struct NMShapeInfo {
   int64_t out_features;
@@ -118,6 +193,9 @@ inline NMShapeInfo check_nm_positions(const at::Tensor& positions, int64_t out_f
   TORCH_CHECK_VALUE(m == 2 || m == 4 || m == 8 || m == 16, "m must be one of 2, 4, 8, 16, got ", m);
   TORCH_CHECK_VALUE(n >= 1 && n < m, "n must satisfy 1 <= n < m=", m, ", got n=", n);
   TORCH_CHECK_VALUE(kept_per_row % n == 0, "values.shape[1]=", kept_per_row, " must be a multiple of n=", n);
+  // The CPU kernels hold input columns as int32 (decoded positions, AVX-512 gathers).
+  TORCH_CHECK_VALUE(kept_per_row / n * m <= INT32_MAX, "in_features=", kept_per_row / n * m,
+                    " exceeds the N:M kernels' limit of 2^31 - 1 input features");
   TORCH_CHECK_TYPE(positions.scalar_type() == at::kByte, "positions must be uint8, got ", positions.scalar_type());
   const int64_t expected_bytes = nm_position_bytes(kept_per_row, m);
   TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(0) == out_features && positions.size(1) == expected_bytes,

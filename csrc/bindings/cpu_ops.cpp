@@ -63,19 +63,55 @@ cpu::BsrIndex<index_t> bsr_index(const BsrShape& shape, const at::Tensor& block_
                                 shape.nnz};
 }
 
-// Calls fn(BsrIndex<index_t>) for the index dtype of the (checked) index tensors.
+// Which of the two indexes a kernel walks: forward and grad_values the BSR one, grad_input the CSC.
+enum class IndexWalk { bsr, csc };
+
+// Per-call content checks of the index the kernel walks (see checks.h): nothing out of bounds.
+template <typename index_t>
+void check_bsr_contents(const BsrShape& shape, const at::Tensor& block_row_offsets,
+                        const at::Tensor& block_col_indices, const at::Tensor& block_col_offsets,
+                        const at::Tensor& block_row_indices, const at::Tensor& block_value_indices, IndexWalk walk) {
+  if (walk == IndexWalk::bsr) {
+    check_offsets_host(block_row_offsets.const_data_ptr<index_t>(), shape.n_block_rows, shape.nnz,
+                       "block_row_offsets");
+    check_indices_host(block_col_indices.const_data_ptr<index_t>(), shape.nnz, shape.n_block_cols,
+                       "block_col_indices", "n_block_cols");
+  } else {
+    check_offsets_host(block_col_offsets.const_data_ptr<index_t>(), shape.n_block_cols, shape.nnz,
+                       "block_col_offsets");
+    check_indices_host(block_row_indices.const_data_ptr<index_t>(), shape.nnz, shape.n_block_rows,
+                       "block_row_indices", "n_block_rows");
+    check_indices_host(block_value_indices.const_data_ptr<index_t>(), shape.nnz, shape.nnz, "block_value_indices",
+                       "nnz");
+  }
+}
+
+// Calls fn(BsrIndex<index_t>) for the index dtype of the (checked) index tensors, after checking
+// the contents of the index the kernel walks.
 template <typename Fn>
 void with_bsr_index(const BsrShape& shape, const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
                     const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
-                    const at::Tensor& block_value_indices, Fn&& fn) {
+                    const at::Tensor& block_value_indices, IndexWalk walk, Fn&& fn) {
   const auto offsets = block_row_offsets.contiguous(), cols = block_col_indices.contiguous(),
              col_offsets = block_col_offsets.contiguous(), rows = block_row_indices.contiguous(),
              value_indices = block_value_indices.contiguous();
   if (offsets.scalar_type() == at::kInt) {
+    check_bsr_contents<int32_t>(shape, offsets, cols, col_offsets, rows, value_indices, walk);
     fn(bsr_index<int32_t>(shape, offsets, cols, col_offsets, rows, value_indices));
   } else {
+    check_bsr_contents<int64_t>(shape, offsets, cols, col_offsets, rows, value_indices, walk);
     fn(bsr_index<int64_t>(shape, offsets, cols, col_offsets, rows, value_indices));
   }
+}
+
+// The content checks alone, for calls that return before reaching a kernel (empty operands): a
+// corrupted index raises whatever the batch size.
+void check_bsr_contents_only(const BsrShape& shape, const at::Tensor& block_row_offsets,
+                             const at::Tensor& block_col_indices, const at::Tensor& block_col_offsets,
+                             const at::Tensor& block_row_indices, const at::Tensor& block_value_indices,
+                             IndexWalk walk) {
+  with_bsr_index(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+                 block_value_indices, walk, [](const auto&) {});
 }
 
 at::Tensor bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& block_row_offsets,
@@ -89,14 +125,18 @@ at::Tensor bsr_linear(const at::Tensor& input, const at::Tensor& values, const a
   check_bias(bias, values, shape.out_features());
 
   auto output = at::empty(with_last_dim(input, shape.out_features()), input.options());
-  if (output.numel() == 0) return output;
+  if (output.numel() == 0) {
+    check_bsr_contents_only(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+                            block_value_indices, IndexWalk::bsr);
+    return output;
+  }
   const auto x = as_matrix(input);
   const auto weight_values = values.contiguous();
   const auto bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
   dispatch_float(input.scalar_type(), [&](auto* type_tag) {
     using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
     with_bsr_index(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
-                   block_value_indices, [&](const auto& index) {
+                   block_value_indices, IndexWalk::bsr, [&](const auto& index) {
                      cpu::bsr_linear_forward<scalar_t>(
                          data_as<scalar_t>(x), x.size(0), data_as<scalar_t>(weight_values), index,
                          bias_values.defined() ? data_as<scalar_t>(bias_values) : nullptr,
@@ -116,13 +156,17 @@ at::Tensor bsr_linear_grad_input(const at::Tensor& grad_output, const at::Tensor
   check_last_dim(grad_output, "grad_output", shape.out_features(), "out_features");
 
   auto grad_input = at::empty(with_last_dim(grad_output, shape.in_features()), grad_output.options());
-  if (grad_input.numel() == 0) return grad_input;
+  if (grad_input.numel() == 0) {
+    check_bsr_contents_only(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+                            block_value_indices, IndexWalk::csc);
+    return grad_input;
+  }
   const auto dy = as_matrix(grad_output);
   const auto weight_values = values.contiguous();
   dispatch_float(values.scalar_type(), [&](auto* type_tag) {
     using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
     with_bsr_index(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
-                   block_value_indices, [&](const auto& index) {
+                   block_value_indices, IndexWalk::csc, [&](const auto& index) {
                      cpu::bsr_linear_grad_input<scalar_t>(data_as<scalar_t>(dy), dy.size(0),
                                                           data_as<scalar_t>(weight_values), index,
                                                           mutable_data_as<scalar_t>(grad_input), torch_parallel_for);
@@ -147,20 +191,30 @@ at::Tensor bsr_linear_grad_values(const at::Tensor& grad_output, const at::Tenso
   TORCH_CHECK_VALUE(x.size(0) == dy.size(0), "grad_output and input must have the same leading dims, got ",
                     grad_output.sizes(), " and ", input.sizes());
 
-  // With no rows to reduce over, the gradient of every kept block is zero.
-  if (x.size(0) == 0) return at::zeros({shape.nnz, block_size, block_size}, input.options());
+  if (x.size(0) == 0 || shape.nnz == 0) {
+    check_bsr_contents_only(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+                            block_value_indices, IndexWalk::bsr);
+    // With no rows to reduce over, the gradient of every kept block is zero.
+    return at::zeros({shape.nnz, block_size, block_size}, input.options());
+  }
   auto grad_values = at::empty({shape.nnz, block_size, block_size}, input.options());
-  if (shape.nnz == 0) return grad_values;
   dispatch_float(input.scalar_type(), [&](auto* type_tag) {
     using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
     with_bsr_index(shape, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
-                   block_value_indices, [&](const auto& index) {
+                   block_value_indices, IndexWalk::bsr, [&](const auto& index) {
                      cpu::bsr_linear_grad_values<scalar_t>(data_as<scalar_t>(dy), data_as<scalar_t>(x), x.size(0),
                                                            index, mutable_data_as<scalar_t>(grad_values),
                                                            torch_parallel_for);
                    });
   });
   return grad_values;
+}
+
+// positions as a contiguous tensor whose codes have been checked (see checks.h).
+at::Tensor checked_positions(const at::Tensor& positions, int64_t m) {
+  auto packed = positions.contiguous();
+  check_nm_position_codes_host(packed.const_data_ptr<uint8_t>(), packed.numel(), m);
+  return packed;
 }
 
 cpu::NMShape nm_kernel_shape(const NMShapeInfo& info, int64_t n, int64_t m) {
@@ -173,12 +227,12 @@ at::Tensor nm_linear(const at::Tensor& input, const at::Tensor& values, const at
   check_same_dtype_and_device(input, "input", values, "values");
   check_last_dim(input, "input", info.in_features, "in_features");
   check_bias(bias, values, info.out_features);
+  const auto packed_positions = checked_positions(positions, m);
 
   auto output = at::empty(with_last_dim(input, info.out_features), input.options());
   if (output.numel() == 0) return output;
   const auto x = as_matrix(input);
   const auto weight_values = values.contiguous();
-  const auto packed_positions = positions.contiguous();
   const auto bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
   dispatch_float(input.scalar_type(), [&](auto* type_tag) {
     using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
@@ -195,12 +249,12 @@ at::Tensor nm_linear_grad_input(const at::Tensor& grad_output, const at::Tensor&
   const NMShapeInfo info = check_nm_values(values, positions, n, m);
   check_same_dtype_and_device(grad_output, "grad_output", values, "values");
   check_last_dim(grad_output, "grad_output", info.out_features, "out_features");
+  const auto packed_positions = checked_positions(positions, m);
 
   auto grad_input = at::empty(with_last_dim(grad_output, info.in_features), grad_output.options());
   if (grad_input.numel() == 0) return grad_input;
   const auto dy = as_matrix(grad_output);
   const auto weight_values = values.contiguous();
-  const auto packed_positions = positions.contiguous();
   dispatch_float(values.scalar_type(), [&](auto* type_tag) {
     using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
     cpu::nm_linear_grad_input<scalar_t>(data_as<scalar_t>(dy), dy.size(0), data_as<scalar_t>(weight_values),
@@ -222,6 +276,7 @@ at::Tensor nm_linear_grad_values(const at::Tensor& grad_output, const at::Tensor
   TORCH_CHECK_VALUE(positions.device() == input.device(), "positions must be on the device of input (",
                     input.device(), "), got ", positions.device());
   const NMShapeInfo info = check_nm_positions(positions, grad_output.size(-1), input.size(-1) / m * n, n, m);
+  const auto packed_positions = checked_positions(positions, m);
   const auto x = as_matrix(input);
   const auto dy = as_matrix(grad_output);
   TORCH_CHECK_VALUE(x.size(0) == dy.size(0), "grad_output and input must have the same leading dims, got ",
@@ -230,7 +285,6 @@ at::Tensor nm_linear_grad_values(const at::Tensor& grad_output, const at::Tensor
   if (x.size(0) == 0) return at::zeros({info.out_features, info.kept_per_row}, input.options());
   auto grad_values = at::empty({info.out_features, info.kept_per_row}, input.options());
   if (grad_values.numel() == 0) return grad_values;
-  const auto packed_positions = positions.contiguous();
   dispatch_float(input.scalar_type(), [&](auto* type_tag) {
     using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
     cpu::nm_linear_grad_values<scalar_t>(data_as<scalar_t>(dy), data_as<scalar_t>(x), x.size(0),

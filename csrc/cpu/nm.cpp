@@ -24,6 +24,12 @@
 // * grad_input (dX = dY W) is decompress-and-multiply: each task owns a panel of input columns,
 //   expands the kept weights of a block of output rows into a dense [rows x 128] fp32 tile and
 //   runs a register-blocked GEMM micro-kernel (12 batch rows x 32 columns) over it.
+//   A dropped weight is a zero in that tile, so a NaN or Inf in grad_out would reach every input
+//   column through 0 * NaN. grad_out is therefore scanned first (a cheap O(M * out) pass); when it
+//   is not all finite (e.g. an fp16 loss-scale overflow), the tiles run on a copy with the
+//   non-finite entries zeroed and those entries' products with the kept weights are added
+//   afterwards (add_non_finite_terms). A dropped weight is then absent, exactly as in the forward
+//   and weight-gradient kernels, and the cost stays that of the fast path plus O(#non-finite * kept).
 //
 // Parallelism: forward and grad_values split the output rows, grad_input the input columns, so
 // every task writes a disjoint region, and each output element is reduced over all of M by one
@@ -37,6 +43,8 @@
 #include "nm.h"
 
 #include <algorithm>
+#include <cmath>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -1108,6 +1116,74 @@ void forward_impl(const scalar_t* x, int64_t M, const scalar_t* values, const ui
   });
 }
 
+// True when every value of data[0, count) is finite (no NaN or Inf), judged on the exponent bits.
+template <typename scalar_t>
+bool all_finite(const scalar_t* data, int64_t count, const ParallelFor& parallel_for) {
+  std::atomic<bool> finite{true};
+  parallel_for(0, count, int64_t{1} << 16, [&](int64_t begin, int64_t end) {
+    bool chunk_finite = true;
+    for (int64_t i = begin; i < end; ++i) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        uint32_t word;
+        std::memcpy(&word, data + i, sizeof(word));
+        chunk_finite &= (word & 0x7f800000u) != 0x7f800000u;
+      } else if constexpr (std::is_same_v<scalar_t, bfloat16>) {
+        chunk_finite &= (data[i].bits & 0x7f80u) != 0x7f80u;
+      } else {
+        chunk_finite &= (data[i].bits & 0x7c00u) != 0x7c00u;
+      }
+    }
+    if (!chunk_finite) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
+// grad_out with every NaN / Inf replaced by +0 (the finite part of a split grad_out).
+template <typename scalar_t>
+std::vector<scalar_t> zero_non_finite(const scalar_t* data, int64_t count) {
+  std::vector<scalar_t> finite(data, data + count);
+  for (scalar_t& value : finite) {
+    if (!std::isfinite(to_float(value))) value = from_float<scalar_t>(0.0f);
+  }
+  return finite;
+}
+
+// The terms left out of the tiles: for every non-finite grad_out[r][o] and every kept weight w of
+// row o, grad_out[r][o] * w. Each such term is NaN or +-Inf, so their float32 sum T (NaN, +Inf or
+// -Inf) alone decides a column's result, as in one float32 sum over all kept terms (the finite part
+// cannot change the class of T, short of overflowing float32 itself); grad_input[r][column] = T
+// then replaces the finite part. Each task owns whole batch rows and walks o in increasing order,
+// so the result is deterministic.
+template <typename scalar_t>
+void add_non_finite_terms(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
+                          const NMShape& shape, const int32_t* group_base, scalar_t* grad_input,
+                          const ParallelFor& parallel_for) {
+  const int64_t kept = shape.kept_per_row();
+  const int bits = bits_per_position(shape.m);
+  parallel_for(0, M, 1, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<float> non_finite_sum(static_cast<size_t>(shape.in_features), 0.0f);
+    std::vector<int64_t> touched;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* dy = grad_out + r * shape.out_features;
+      touched.clear();
+      for (int64_t o = 0; o < shape.out_features; ++o) {
+        const float scale = to_float(dy[o]);
+        if (std::isfinite(scale)) continue;
+        const scalar_t* row_values = values + o * kept;
+        const uint8_t* row_positions = positions + o * shape.position_bytes();
+        for (int64_t j = 0; j < kept; ++j) {
+          const int64_t column = group_base[j] + generic::position_at(row_positions, bits, j);
+          non_finite_sum[column] += scale * to_float(row_values[j]);
+          touched.push_back(column);
+        }
+      }
+      scalar_t* dx = grad_input + r * shape.in_features;
+      for (const int64_t column : touched) dx[column] = from_float<scalar_t>(non_finite_sum[column]);
+      for (const int64_t column : touched) non_finite_sum[column] = 0.0f;
+    }
+  });
+}
+
 template <typename scalar_t>
 void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
                      const NMShape& shape, scalar_t* grad_input, const ParallelFor& parallel_for) {
@@ -1116,6 +1192,12 @@ void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values
   if (M <= 0 || in_features <= 0) return;
   const KernelSet<scalar_t>& kernels = kernels_for_this_cpu<scalar_t>();
   const std::vector<int32_t> group_base = make_group_base(shape);
+  if (!all_finite(grad_out, M * out_features, parallel_for)) {
+    const std::vector<scalar_t> finite_part = zero_non_finite(grad_out, M * out_features);
+    grad_input_impl(finite_part.data(), M, values, positions, shape, grad_input, parallel_for);
+    add_non_finite_terms(grad_out, M, values, positions, shape, group_base.data(), grad_input, parallel_for);
+    return;
+  }
 
   const int64_t strips_of_rows = (M + kStripRows - 1) / kStripRows;
   AlignedArray<float> grad_packed(strips_of_rows * out_features * kStripRows);

@@ -15,6 +15,7 @@ All five index tensors share one dtype: int32 where every index and offset fits,
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -22,9 +23,9 @@ from torch import Tensor
 
 from .. import reference
 from ..layouts import BLOCK_SIZES
-from ._common import check_dense_weight, check_density, check_mask, index_dtype_for
+from ._common import FLOAT_DTYPES, check_dense_weight, check_density, check_mask, index_dtype_for
 
-__all__ = ["BlockSparseMatrix", "build_transposed_index", "validate_bsr_index"]
+__all__ = ["BlockSparseMatrix", "build_transposed_index", "validate_bsr_index", "validate_transposed_index"]
 
 
 def _offsets_from_counts(counts: Tensor, dtype: torch.dtype) -> Tensor:
@@ -53,6 +54,46 @@ def build_transposed_index(
     )
 
 
+def validate_transposed_index(
+    block_row_offsets: Tensor,
+    block_col_indices: Tensor,
+    block_col_offsets: Tensor,
+    block_row_indices: Tensor,
+    block_value_indices: Tensor,
+    n_block_cols: int,
+) -> None:
+    """Raise unless the CSC index is exactly the one built from the (already valid) BSR index.
+
+    The CSC index is a function of the BSR pattern, so rebuilding it and comparing is the complete
+    check (O(nnz log nnz), once when a pattern is set): any corrupted entry would otherwise make the
+    input gradient silently wrong.
+    """
+    given = {
+        "block_col_offsets": block_col_offsets,
+        "block_row_indices": block_row_indices,
+        "block_value_indices": block_value_indices,
+    }
+    for name, tensor in given.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype != block_row_offsets.dtype:
+            raise TypeError(
+                f"{name} must have the dtype of block_row_offsets ({block_row_offsets.dtype}), got {tensor.dtype}"
+            )
+        if tensor.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+        if tensor.device != block_row_offsets.device:
+            raise ValueError(
+                f"{name} must be on the device of block_row_offsets ({block_row_offsets.device}), got {tensor.device}"
+            )
+    expected = build_transposed_index(block_row_offsets, block_col_indices, n_block_cols)
+    for (name, tensor), rebuilt in zip(given.items(), expected):
+        if tensor.shape != rebuilt.shape:
+            raise ValueError(f"{name} must have {rebuilt.shape[0]} entries, got {tensor.shape[0]}")
+        if not torch.equal(tensor, rebuilt):
+            raise ValueError(f"{name} is inconsistent with the BSR index (block_row_offsets, block_col_indices)")
+
+
 def validate_bsr_index(
     block_row_offsets: Tensor,
     block_col_indices: Tensor,
@@ -66,6 +107,8 @@ def validate_bsr_index(
     indices are in range and strictly increasing inside each block row (so no block is duplicated).
     """
     for name, tensor in (("block_row_offsets", block_row_offsets), ("block_col_indices", block_col_indices)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
         if tensor.dim() != 1:
@@ -77,6 +120,16 @@ def validate_bsr_index(
         )
     if block_col_indices.shape[0] != nnz:
         raise ValueError(f"block_col_indices must have nnz = {nnz} entries, got {block_col_indices.shape[0]}")
+    if block_col_indices.dtype != block_row_offsets.dtype:
+        raise TypeError(
+            f"block_col_indices must have the dtype of block_row_offsets ({block_row_offsets.dtype}), "
+            f"got {block_col_indices.dtype}"
+        )
+    if block_col_indices.device != block_row_offsets.device:
+        raise ValueError(
+            f"block_col_indices must be on the device of block_row_offsets ({block_row_offsets.device}), "
+            f"got {block_col_indices.device}"
+        )
     offsets = block_row_offsets.to(torch.int64)
     if int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
         raise ValueError(
@@ -119,11 +172,18 @@ class BlockSparseMatrix:
         block_value_indices: Optional[Tensor] = None,
         validate: bool = True,
     ) -> None:
-        out_features, in_features = (int(size) for size in shape)
+        if not isinstance(values, Tensor):
+            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+        try:
+            out_features, in_features = (operator.index(size) for size in shape)
+        except (TypeError, ValueError):
+            raise TypeError(f"shape must be two ints (out_features, in_features), got {shape!r}") from None
         if values.dim() != 3 or values.shape[1] != values.shape[2]:
             raise ValueError(f"values must have shape [nnz, block_size, block_size], got {tuple(values.shape)}")
         block_size = values.shape[1]
         if validate:
+            if values.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
             if block_size not in BLOCK_SIZES:
                 raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
             for name, size in (("out_features", out_features), ("in_features", in_features)):
@@ -133,22 +193,44 @@ class BlockSparseMatrix:
                 block_row_offsets, block_col_indices, out_features // block_size, in_features // block_size,
                 values.shape[0],
             )
+            if block_row_offsets.device != values.device:
+                raise ValueError(
+                    f"block_row_offsets must be on the device of values ({values.device}), "
+                    f"got {block_row_offsets.device}"
+                )
         self.values = values
         self.block_row_offsets = block_row_offsets
         self.block_col_indices = block_col_indices
         self.shape = torch.Size((out_features, in_features))
         transposed = (block_col_offsets, block_row_indices, block_value_indices)
         if any(tensor is None for tensor in transposed):
+            if any(tensor is not None for tensor in transposed):
+                raise ValueError(
+                    "pass all three of block_col_offsets, block_row_indices, block_value_indices, or none"
+                )
             transposed = build_transposed_index(block_row_offsets, block_col_indices, in_features // block_size)
+        elif validate:
+            validate_transposed_index(block_row_offsets, block_col_indices, *transposed, in_features // block_size)
         self.block_col_offsets, self.block_row_indices, self.block_value_indices = transposed
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_block_mask(cls, weight: Tensor, block_mask: Tensor) -> "BlockSparseMatrix":
         """Keep the blocks of ``weight`` where ``block_mask[n_block_rows, n_block_cols]`` is True."""
+        check_dense_weight(weight)
+        if not isinstance(block_mask, Tensor) or block_mask.dim() != 2 or 0 in block_mask.shape:
+            raise ValueError(
+                f"block_mask must be a non-empty 2-D tensor [n_block_rows, n_block_cols], got {block_mask!r}"
+            )
         out_features, in_features = weight.shape
         n_block_rows, n_block_cols = block_mask.shape
         block_size = out_features // n_block_rows
+        if block_size not in BLOCK_SIZES or (n_block_rows * block_size, n_block_cols * block_size) != weight.shape:
+            raise ValueError(
+                f"block_mask of shape {list(block_mask.shape)} does not cut weight of shape {list(weight.shape)} "
+                f"into square blocks of {BLOCK_SIZES}"
+            )
+        block_mask = check_mask(block_mask, ((n_block_rows, n_block_cols),), "block mask")
         block_rows, block_cols, block_row_offsets, block_col_indices = _bsr_index_from_block_mask(
             block_mask.to(weight.device)
         )
@@ -222,6 +304,9 @@ class BlockSparseMatrix:
         out_features, in_features = shape
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+        for name, size in (("out_features", out_features), ("in_features", in_features)):
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % block_size:
+                raise ValueError(f"{name}={size} must be a positive multiple of block_size={block_size}")
         scores = torch.rand(out_features // block_size, in_features // block_size, generator=generator)
         block_mask = top_blocks_mask(scores, check_density(density))
         _, _, block_row_offsets, block_col_indices = _bsr_index_from_block_mask(block_mask)

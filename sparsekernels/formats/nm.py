@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import reference
 from ..layouts import NM
-from ._common import check_dense_weight, check_mask
+from ._common import FLOAT_DTYPES, check_dense_weight, check_mask
 
 __all__ = ["NMMatrix", "pack_positions", "unpack_positions", "validate_positions"]
 
@@ -47,6 +47,8 @@ def validate_positions(positions: Tensor, out_features: int, kept_per_row: int, 
     Offsets must be strictly increasing inside every group (so each is < m and none repeats), and
     the padding bits of the last byte must be zero.
     """
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
     if positions.dtype != torch.uint8:
         raise TypeError(f"positions must be uint8, got {positions.dtype}")
     per_byte = 8 // reference.NM_BITS_PER_POSITION[m]
@@ -71,13 +73,19 @@ class NMMatrix:
 
     def __init__(self, values: Tensor, positions: Tensor, n: int, m: int, *, validate: bool = True) -> None:
         NM(n, m)  # validates n and m
+        if not isinstance(values, Tensor):
+            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
         if values.dim() != 2:
             raise ValueError(f"values must be 2-D [out_features, in_features * n / m], got {tuple(values.shape)}")
         out_features, kept_per_row = values.shape
         if kept_per_row % n:
             raise ValueError(f"values.shape[1]={kept_per_row} must be a multiple of n={n}")
         if validate:
+            if values.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
             validate_positions(positions, out_features, kept_per_row, n, m)
+            if positions.device != values.device:
+                raise ValueError(f"positions must be on the device of values ({values.device}), got {positions.device}")
         self.values = values
         self.positions = positions
         self.n = n

@@ -1,7 +1,11 @@
 """Argument checks for the op front ends and fake kernels (mirrors csrc/bindings/checks.h).
 
 They run before any kernel: a bad argument raises TypeError / ValueError naming it and what was
-expected. Costs a few attribute reads, and nothing under torch.compile (traced away).
+expected. They read metadata only (shapes, dtypes, devices, lengths), never tensor data, so they
+cost a few attribute reads, never synchronise a GPU, and vanish under torch.compile (traced away).
+Index *contents* are checked once when a pattern is set (sparsekernels.formats,
+SparseLinear.load_state_dict) and, for memory safety, on every call by the C++ CPU ops
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -42,18 +46,137 @@ def check_bias(bias: Optional[Tensor], values: Tensor, out_features: int) -> Non
         raise ValueError(f"bias must have shape [out_features={out_features}], got {tuple(bias.shape)}")
 
 
-def bsr_features(values: Tensor, block_row_offsets: Tensor, block_col_offsets: Tensor) -> tuple[int, int]:
-    """(out_features, in_features) of a block-sparse weight."""
+BSR_INDEX_NAMES = (
+    "block_row_offsets",
+    "block_col_indices",
+    "block_col_offsets",
+    "block_row_indices",
+    "block_value_indices",
+)
+BLOCK_SIZES = (16, 32, 64, 128)
+NM_GROUP_SIZES = (2, 4, 8, 16)
+# The N:M CPU kernels keep input columns in int32 (see csrc/bindings/checks.h).
+NM_MAX_IN_FEATURES = 2**31 - 1
+
+
+def check_bsr_index(index: tuple[Tensor, ...], nnz: int, device: torch.device, block_size: int) -> tuple[int, int]:
+    """Metadata of the five index tensors (op argument order); returns (n_block_rows, n_block_cols)."""
+    if len(index) != len(BSR_INDEX_NAMES):
+        raise ValueError(f"expected the {len(BSR_INDEX_NAMES)} index tensors {BSR_INDEX_NAMES}, got {len(index)}")
+    for name, tensor in zip(BSR_INDEX_NAMES, index):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    index_dtype = index[0].dtype
+    if index_dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_row_offsets must be int32 or int64, got {index_dtype}")
+    for name, tensor in zip(BSR_INDEX_NAMES, index):
+        if tensor.dtype != index_dtype:
+            raise TypeError(f"{name} must have the dtype of block_row_offsets ({index_dtype}), got {tensor.dtype}")
+        if tensor.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+        if tensor.device != device:
+            raise ValueError(f"{name} must be on the device of the operands ({device}), got {tensor.device}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    for name in ("block_row_offsets", "block_col_offsets"):
+        tensor = index[BSR_INDEX_NAMES.index(name)]
+        if tensor.shape[0] < 2:
+            lines = "n_block_rows" if name == "block_row_offsets" else "n_block_cols"
+            raise ValueError(f"{name} must have {lines} + 1 >= 2 entries, got {tensor.shape[0]}")
+    for name in ("block_col_indices", "block_row_indices", "block_value_indices"):
+        tensor = index[BSR_INDEX_NAMES.index(name)]
+        if tensor.shape[0] != nnz:
+            raise ValueError(f"{name} must have nnz={nnz} entries (one per kept block), got {tensor.shape[0]}")
+    return index[0].shape[0] - 1, index[2].shape[0] - 1
+
+
+def bsr_features(values: Tensor, *index: Tensor) -> tuple[int, int]:
+    """(out_features, in_features) of a block-sparse weight, after checking values and the index."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"values must have shape [nnz_blocks, block_size, block_size], got {tuple(values.shape)}")
     block_size = values.shape[-1]
-    return (block_row_offsets.shape[0] - 1) * block_size, (block_col_offsets.shape[0] - 1) * block_size
+    n_block_rows, n_block_cols = check_bsr_index(index, values.shape[0], values.device, block_size)
+    return n_block_rows * block_size, n_block_cols * block_size
 
 
-def nm_features(values: Tensor, n: int, m: int) -> tuple[int, int]:
-    """(out_features, in_features) of an N:M weight."""
+def check_n_m(n: int, m: int) -> None:
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if m not in NM_GROUP_SIZES:
+        raise ValueError(f"m must be one of {NM_GROUP_SIZES}, got {m}")
+    if not 1 <= n < m:
+        raise ValueError(f"n must satisfy 1 <= n < m={m}, got n={n}")
+
+
+def check_positions(positions: Tensor, out_features: int, kept_per_row: int, m: int, device: torch.device) -> None:
+    """Metadata of packed N:M positions: uint8 ``[out_features, ceil(kept_per_row / per_byte)]``."""
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+    if positions.dtype != torch.uint8:
+        raise TypeError(f"positions must be uint8, got {positions.dtype}")
+    per_byte = {2: 8, 4: 4, 8: 2, 16: 2}[m]
+    expected = (out_features, -(-kept_per_row // per_byte))
+    if tuple(positions.shape) != expected:
+        raise ValueError(f"positions must have shape {list(expected)}, got {list(positions.shape)}")
+    if positions.device != device:
+        raise ValueError(f"positions must be on the device of the operands ({device}), got {positions.device}")
+
+
+def nm_features(values: Tensor, positions: Tensor, n: int, m: int) -> tuple[int, int]:
+    """(out_features, in_features) of an N:M weight, after checking values, positions, n and m."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     if values.dim() != 2:
         raise ValueError(f"values must have shape [out_features, in_features * n / m], got {tuple(values.shape)}")
-    if m not in (2, 4, 8, 16) or not 1 <= n < m:
-        raise ValueError(f"need m in (2, 4, 8, 16) and 1 <= n < m, got n={n}, m={m}")
-    return values.shape[0], values.shape[1] // n * m
+    check_n_m(n, m)
+    out_features, kept_per_row = values.shape
+    if kept_per_row % n:
+        raise ValueError(f"values.shape[1]={kept_per_row} must be a multiple of n={n}")
+    in_features = kept_per_row // n * m
+    if in_features > NM_MAX_IN_FEATURES:
+        raise ValueError(f"in_features={in_features} exceeds the N:M kernels' limit of 2^31 - 1 input features")
+    check_positions(positions, out_features, kept_per_row, m, values.device)
+    return out_features, in_features
+
+
+def check_same_leading_dims(grad_output: Tensor, input: Tensor) -> None:
+    if input.shape[:-1] != grad_output.shape[:-1]:
+        raise ValueError(
+            f"grad_output and input must have the same leading dims, got {tuple(grad_output.shape)} "
+            f"and {tuple(input.shape)}"
+        )
+
+
+def bsr_grad_values_features(grad_output: Tensor, input: Tensor, index: tuple[Tensor, ...], block_size: int) -> int:
+    """Checks the operands of ``bsr_linear_grad_values``; returns nnz (the result is [nnz, b, b])."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    nnz = index[1].shape[0] if len(index) > 1 and isinstance(index[1], Tensor) else -1
+    n_block_rows, n_block_cols = check_bsr_index(index, nnz, input.device, block_size)
+    out_features, in_features = n_block_rows * block_size, n_block_cols * block_size
+    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
+    if input.dim() < 1 or input.shape[-1] != in_features:
+        raise ValueError(f"input.shape[-1] must equal in_features={in_features}, got shape {tuple(input.shape)}")
+    check_same_leading_dims(grad_output, input)
+    return nnz
+
+
+def nm_grad_values_features(grad_output: Tensor, input: Tensor, positions: Tensor, n: int, m: int) -> tuple[int, int]:
+    """Checks the operands of ``nm_linear_grad_values``; returns the result shape (out, kept_per_row)."""
+    check_n_m(n, m)
+    for name, tensor in (("grad_output", grad_output), ("input", input)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() < 1:
+            raise ValueError(f"{name} must have at least 1 dimension, got a scalar")
+    out_features = grad_output.shape[-1]
+    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
+    if input.shape[-1] % m:
+        raise ValueError(f"input.shape[-1] must be a multiple of m={m}, got shape {tuple(input.shape)}")
+    check_same_leading_dims(grad_output, input)
+    kept_per_row = input.shape[-1] // m * n
+    check_positions(positions, out_features, kept_per_row, m, input.device)
+    return out_features, kept_per_row

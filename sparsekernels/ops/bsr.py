@@ -19,7 +19,7 @@ from .. import _C  # noqa: F401  (loads the op schemas and the C++ kernels)
 from .. import reference
 from .. import triton as triton_backend
 from ..backend import resolve_backend
-from ._checks import bsr_features, check_bias, check_operand
+from ._checks import bsr_features, bsr_grad_values_features, check_bias, check_operand
 
 __all__ = ["bsr_linear"]
 
@@ -29,7 +29,9 @@ _ops = torch.ops.sparsekernels
 @torch.library.register_fake("sparsekernels::bsr_linear")
 def _bsr_linear_fake(input, values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
                      block_value_indices, bias):
-    out_features, in_features = bsr_features(values, block_row_offsets, block_col_offsets)
+    out_features, in_features = bsr_features(
+        values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices
+    )
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     return input.new_empty((*input.shape[:-1], out_features))
@@ -38,7 +40,9 @@ def _bsr_linear_fake(input, values, block_row_offsets, block_col_indices, block_
 @torch.library.register_fake("sparsekernels::bsr_linear_grad_input")
 def _bsr_linear_grad_input_fake(grad_output, values, block_row_offsets, block_col_indices, block_col_offsets,
                                 block_row_indices, block_value_indices):
-    out_features, in_features = bsr_features(values, block_row_offsets, block_col_offsets)
+    out_features, in_features = bsr_features(
+        values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices
+    )
     check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
     return grad_output.new_empty((*grad_output.shape[:-1], in_features))
 
@@ -46,12 +50,9 @@ def _bsr_linear_grad_input_fake(grad_output, values, block_row_offsets, block_co
 @torch.library.register_fake("sparsekernels::bsr_linear_grad_values")
 def _bsr_linear_grad_values_fake(grad_output, input, block_row_offsets, block_col_indices, block_col_offsets,
                                  block_row_indices, block_value_indices, block_size):
-    out_features = (block_row_offsets.shape[0] - 1) * block_size
-    in_features = (block_col_offsets.shape[0] - 1) * block_size
-    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
-    if input.shape[-1] != in_features:
-        raise ValueError(f"input.shape[-1] must equal in_features={in_features}, got shape {tuple(input.shape)}")
-    return input.new_empty((block_col_indices.shape[0], block_size, block_size))
+    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
+    nnz = bsr_grad_values_features(grad_output, input, index, block_size)
+    return input.new_empty((nnz, block_size, block_size))
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,7 +90,9 @@ def bsr_linear(
     ``input`` is ``[..., in_features]``; the result is ``[..., out_features]`` in input's dtype.
     Differentiable in ``input``, ``values`` and ``bias``.
     """
-    out_features, in_features = bsr_features(values, block_row_offsets, block_col_offsets)
+    out_features, in_features = bsr_features(
+        values, block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices
+    )
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)

@@ -19,7 +19,7 @@ from .. import _C  # noqa: F401  (loads the op schemas and the C++ kernels)
 from .. import reference
 from .. import triton as triton_backend
 from ..backend import resolve_backend
-from ._checks import check_bias, check_operand, nm_features
+from ._checks import check_bias, check_operand, nm_features, nm_grad_values_features
 
 __all__ = ["nm_linear"]
 
@@ -28,7 +28,7 @@ _ops = torch.ops.sparsekernels
 
 @torch.library.register_fake("sparsekernels::nm_linear")
 def _nm_linear_fake(input, values, positions, n, m, bias):
-    out_features, in_features = nm_features(values, n, m)
+    out_features, in_features = nm_features(values, positions, n, m)
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     return input.new_empty((*input.shape[:-1], out_features))
@@ -36,18 +36,14 @@ def _nm_linear_fake(input, values, positions, n, m, bias):
 
 @torch.library.register_fake("sparsekernels::nm_linear_grad_input")
 def _nm_linear_grad_input_fake(grad_output, values, positions, n, m):
-    out_features, in_features = nm_features(values, n, m)
+    out_features, in_features = nm_features(values, positions, n, m)
     check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
     return grad_output.new_empty((*grad_output.shape[:-1], in_features))
 
 
 @torch.library.register_fake("sparsekernels::nm_linear_grad_values")
 def _nm_linear_grad_values_fake(grad_output, input, positions, n, m):
-    out_features = positions.shape[0]
-    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
-    if input.shape[-1] % m:
-        raise ValueError(f"input.shape[-1] must be a multiple of m={m}, got shape {tuple(input.shape)}")
-    return input.new_empty((out_features, input.shape[-1] // m * n))
+    return input.new_empty(nm_grad_values_features(grad_output, input, positions, n, m))
 
 
 def _setup_context(ctx, inputs, output):
@@ -79,7 +75,7 @@ def nm_linear(
     ``input`` is ``[..., in_features]``; the result is ``[..., out_features]`` in input's dtype.
     Differentiable in ``input``, ``values`` and ``bias``.
     """
-    out_features, in_features = nm_features(values, n, m)
+    out_features, in_features = nm_features(values, positions, n, m)
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     backend = resolve_backend(input.device)
