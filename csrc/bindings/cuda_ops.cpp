@@ -302,9 +302,89 @@ at::Tensor linear_bias_grad(const at::Tensor& grad_output) {
   return grad_output.reshape({-1, grad_output.size(-1)}).sum(0, /*keepdim=*/false, at::kFloat).to(grad_output.scalar_type());
 }
 
+// ------------------------------------------------------------------------- 2:4 compression
+kernels::Nm24Layout nm24_layout(c10::string_view name) {
+  if (name == "natural") return kernels::Nm24Layout::natural;
+  if (name == "sm80") return kernels::Nm24Layout::sm80;
+  TORCH_CHECK_VALUE(name == "sm90", "layout must be one of 'natural', 'sm80', 'sm90', got '", name, "'");
+  return kernels::Nm24Layout::sm90;
+}
+
+void check_nm24_shape(int64_t rows, int64_t cols, c10::string_view layout) {
+  TORCH_CHECK_VALUE(rows >= 1 && cols >= 16 && cols % 16 == 0,
+                    "2:4 metadata needs in_features (cols) to be a positive multiple of 16, got ", rows, "x", cols);
+  TORCH_CHECK_VALUE(layout != "sm80" || (rows % 32 == 0 && cols % 32 == 0),
+                    "the sm80 metadata layout needs out_features % 32 == 0 and in_features % 32 == 0, got ", rows,
+                    "x", cols);
+}
+
+std::tuple<at::Tensor, at::Tensor> nm24_compress(const at::Tensor& weight, const std::optional<at::Tensor>& mask,
+                                                 c10::string_view layout_name) {
+  const auto layout = nm24_layout(layout_name);
+  TORCH_CHECK_TYPE(is_16bit(weight.scalar_type()), "weight must be bfloat16 or float16, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.is_cuda(), "weight must be a CUDA tensor, got one on ", weight.device());
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  check_nm24_shape(rows, cols, layout_name);
+  at::Tensor mask_bytes;
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be bool, got ", mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->sizes() == weight.sizes(), "mask must have the shape of weight ", weight.sizes(), ", got ",
+                      mask->sizes());
+    TORCH_CHECK_VALUE(mask->device() == weight.device(), "mask must be on ", weight.device(), ", got ", mask->device());
+    mask_bytes = aligned_contiguous(mask->view(at::kByte));
+  }
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const auto dense = aligned_contiguous(weight);
+  auto values = at::empty({rows, cols / 2}, weight.options());
+  auto metadata = at::empty({static_cast<int64_t>(kernels::nm24_metadata_words(rows, cols, layout))},
+                            weight.options().dtype(at::kShort));
+  auto bad_groups = at::zeros({1}, weight.options().dtype(at::kInt));
+  C10_CUDA_CHECK(kernels::nm24_compress(kernel_dtype(weight.scalar_type()), dense.const_data_ptr(), cols,
+                                        mask_bytes.defined() ? mask_bytes.const_data_ptr<uint8_t>() : nullptr, cols,
+                                        rows, cols, layout, values.mutable_data_ptr(),
+                                        reinterpret_cast<uint16_t*>(metadata.mutable_data_ptr()),
+                                        bad_groups.mutable_data_ptr<int>(), current_stream()));
+  if (mask_bytes.defined()) {
+    const int64_t bad = bad_groups.item<int>();  // synchronises; masks change rarely
+    TORCH_CHECK_VALUE(bad == 0, "mask must keep exactly n=2 of every m=4 weights; ", bad, " groups do not");
+  }
+  if (layout == kernels::Nm24Layout::natural) metadata = metadata.view({rows, cols / 16});
+  return {values, metadata};
+}
+
+at::Tensor nm24_metadata_from_positions(const at::Tensor& positions, int64_t out_features, int64_t in_features,
+                                        c10::string_view layout_name) {
+  const auto layout = nm24_layout(layout_name);
+  check_nm24_shape(out_features, in_features, layout_name);
+  TORCH_CHECK_TYPE(positions.scalar_type() == at::kByte, "positions must be uint8, got ", positions.scalar_type());
+  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(0) == out_features && positions.size(1) == in_features / 8,
+                    "positions of a 2:4 weight must have shape [", out_features, ", ", in_features / 8, "], got ",
+                    positions.sizes());
+  const c10::cuda::CUDAGuard guard(positions.device());
+  const auto packed = positions.contiguous();
+  auto metadata = at::empty({static_cast<int64_t>(kernels::nm24_metadata_words(out_features, in_features, layout))},
+                            positions.options().dtype(at::kShort));
+  C10_CUDA_CHECK(kernels::nm24_metadata_from_positions(packed.const_data_ptr<uint8_t>(), out_features, in_features,
+                                                       layout, reinterpret_cast<uint16_t*>(metadata.mutable_data_ptr()),
+                                                       current_stream()));
+  if (layout == kernels::Nm24Layout::natural) metadata = metadata.view({out_features, in_features / 16});
+  return metadata;
+}
+
 }  // namespace
 
+// CUDA-only ops of the 2:4 sparse tensor core path (sparsekernels.formats.nm24_metadata calls them for
+// CUDA tensors; its pure-PyTorch functions are the reference). Metadata: int16 bit patterns, flat in
+// the sm80/sm90 layouts, [out, in / 16] in the natural one.
+TORCH_LIBRARY_FRAGMENT(sparsekernels, m) {
+  m.def("nm24_compress(Tensor weight, Tensor? mask, str layout) -> (Tensor, Tensor)");
+  m.def("nm24_metadata_from_positions(Tensor positions, int out_features, int in_features, str layout) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(sparsekernels, CUDA, m) {
+  m.impl("nm24_compress", &nm24_compress);
+  m.impl("nm24_metadata_from_positions", &nm24_metadata_from_positions);
   m.impl("bsr_linear", &bsr_linear);
   m.impl("bsr_linear_grad_input", &bsr_linear_grad_input);
   m.impl("bsr_linear_grad_values", &bsr_linear_grad_values);

@@ -49,6 +49,11 @@ up to 64, natural word ``(r, w)`` lives at
 so the buffer holds ``R * C / 16`` words with ``C = cols`` rounded up to 32; padding rows/columns
 hold nibble 0x4 (offsets 0, 1) with zero values.
 
+On CUDA tensors, :func:`compress_24` and :func:`hardware_metadata` run the GPU kernels of
+``csrc/cuda/nm24_compress.cu`` (ops ``sparsekernels::nm24_compress`` and
+``sparsekernels::nm24_metadata_from_positions``, present in CUDA builds); everywhere else, and as the
+reference the GPU tests compare against, the PyTorch code below.
+
 CAVEAT: these layouts are derived from the CUTLASS 4.2.0 headers (pinned in requirements.txt) and
 tested here only for self-consistency (compress -> expand round trips, permutations are
 bijections, agreement of ``natural`` with ``NMMatrix.positions``). Whether the hardware reads them
@@ -83,6 +88,15 @@ VALID_NIBBLES = tuple(sorted(i0 | (i1 << 2) for i0 in range(4) for i1 in range(i
 # Nibble used for padding groups (offsets 0 and 1, zero values): valid for the hardware.
 PAD_NIBBLE = 0x4
 _PAD_WORD = PAD_NIBBLE * 0x1111  # four padding nibbles in one 16-bit word
+
+
+def _cuda_op(name: str):
+    """The CUDA kernel op ``sparsekernels::name`` when this build has it, else None."""
+    from .. import _C  # noqa: F401  (registers the ops)
+
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekernels::{name}", "CUDA"):
+        return None
+    return getattr(torch.ops.sparsekernels, name)
 
 
 def _check_layout(layout: str) -> str:
@@ -216,6 +230,10 @@ def compress_24(
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     _check_shape(rows, cols, layout)
+    if weight.is_cuda and _cuda_op("nm24_compress") is not None:
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != weight.shape):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        return _cuda_op("nm24_compress")(weight, None if mask is None else mask.to(weight.device), layout)
     nm = NMMatrix.from_dense(weight, 2, 4, mask=mask)
     natural = natural_metadata_from_positions(nm.positions, rows, cols)
     return nm.values, natural if layout == "natural" else reorder_metadata(natural, layout)
@@ -258,7 +276,11 @@ def hardware_metadata(matrix: NMMatrix, layout: str) -> Tensor:
     if isinstance(cached, tuple) and cached[0] == key:
         return cached[1]
     rows, cols = matrix.shape
-    natural = natural_metadata_from_positions(matrix.positions, rows, cols)
-    metadata = natural if layout == "natural" else reorder_metadata(natural, layout)
+    if matrix.positions.is_cuda and _cuda_op("nm24_metadata_from_positions") is not None:
+        _check_shape(rows, cols, layout)
+        metadata = _cuda_op("nm24_metadata_from_positions")(matrix.positions, rows, cols, layout)
+    else:
+        natural = natural_metadata_from_positions(matrix.positions, rows, cols)
+        metadata = natural if layout == "natural" else reorder_metadata(natural, layout)
     matrix.hardware_metadata = (key, metadata)  # type: ignore[assignment]
     return metadata
