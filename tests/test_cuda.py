@@ -169,7 +169,8 @@ def test_opcheck_cuda_ops():
 
 # ---------------------------------------------------------------------- 2:4 compression on the GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("layout,shape", [("natural", (3, 48)), ("sm80", (64, 96)), ("sm90", (70, 80)), ("sm90", (128, 256))])
+@pytest.mark.parametrize("layout,shape", [("natural", (3, 48)), ("sm80", (64, 96)), ("sm90", (70, 80)), ("sm90", (128, 256)), ("sm90_k64", (70, 80)),
+     ("sm90_k32", (130, 48))])
 def test_nm24_compress_matches_reference(layout, shape, dtype):
     weight = torch.randn(shape, dtype=dtype)
     weight[0, :4] = torch.tensor([0.5, -0.5, 0.5, -0.5])  # ties: the lower columns win

@@ -21,7 +21,9 @@ DTYPES = (torch.bfloat16, torch.float16)
 SHAPES = {
     "natural": [(1, 16), (3, 48), (32, 64), (7, 160)],
     "sm80": [(32, 32), (64, 96), (96, 64)],
-    "sm90": [(1, 16), (40, 48), (64, 32), (130, 96)],
+    "sm90": [(1, 16), (40, 48), (64, 128), (130, 288)],
+    "sm90_k64": [(3, 32), (64, 64), (130, 96)],
+    "sm90_k32": [(1, 16), (40, 48), (64, 32), (130, 96)],
 }
 CASES = [(layout, shape) for layout, shapes in SHAPES.items() for shape in shapes]
 
@@ -115,23 +117,26 @@ def _cute_ordered_layout_offset(shape, order, coord):
     return sum(c * s for c, s in zip(coord, stride))
 
 
-@pytest.mark.parametrize("shape", [(64, 32), (130, 96), (40, 48)])
-def test_sm90_layout_matches_the_cute_atom(shape):
+@pytest.mark.parametrize("layout", ["sm90", "sm90_k64", "sm90_k32"])
+@pytest.mark.parametrize("shape", [(64, 32), (130, 96), (40, 48), (70, 272)])
+def test_sm90_layouts_match_the_cute_atom(shape, layout):
     rows, cols = shape
-    padded_rows, padded_cols = -(-rows // 64) * 64, -(-cols // 32) * 32
-    atom_shape = [8, 2, 4, 16, 2, 1]  # ((8, 2, 4), (16, 2, NumK=1)) flattened
+    num_k = meta.SM90_NUM_K[layout]
+    atom_cols = 32 * num_k
+    padded_rows, padded_cols = -(-rows // 64) * 64, -(-cols // atom_cols) * atom_cols
+    atom_shape = [8, 2, 4, 16, 2, num_k]  # ((8, 2, 4), (16, 2, NumK)) flattened
     atom_order = [3, 1, 5, 0, 4, 2]
     natural = (torch.arange(rows * cols // 16, dtype=torch.int32) % 30000).to(torch.int16).reshape(rows, -1)
-    buffer = meta.reorder_metadata(natural, "sm90")
+    buffer = meta.reorder_metadata(natural, layout)
     assert buffer.numel() == padded_rows * padded_cols // 16
     for r in range(rows):
         for c in range(0, cols, 16):  # one word per 16 logical columns
-            m_in, k_in = r % 64, c % 32
-            coord = [m_in % 8, (m_in // 8) % 2, m_in // 16, k_in % 16, k_in // 16, 0]
+            m_in, k_in = r % 64, c % atom_cols
+            coord = [m_in % 8, (m_in // 8) % 2, m_in // 16, k_in % 16, (k_in // 16) % 2, k_in // 32]
             logical = (
                 _cute_ordered_layout_offset(atom_shape, atom_order, coord)
-                + 2048 * (r // 64)  # atoms along M: cosize(atom) = 2048 logical elements
-                + padded_rows * 32 * (c // 32)  # then along K
+                + 2048 * num_k * (r // 64)  # atoms along M: cosize(atom) = 2048 * NumK logical elements
+                + padded_rows * atom_cols * (c // atom_cols)  # then along K
             )
             assert logical % 16 == 0
             assert int(buffer[logical // 16]) == int(natural[r, c // 16])

@@ -306,8 +306,11 @@ at::Tensor linear_bias_grad(const at::Tensor& grad_output) {
 kernels::Nm24Layout nm24_layout(c10::string_view name) {
   if (name == "natural") return kernels::Nm24Layout::natural;
   if (name == "sm80") return kernels::Nm24Layout::sm80;
-  TORCH_CHECK_VALUE(name == "sm90", "layout must be one of 'natural', 'sm80', 'sm90', got '", name, "'");
-  return kernels::Nm24Layout::sm90;
+  if (name == "sm90") return kernels::Nm24Layout::sm90;
+  if (name == "sm90_k64") return kernels::Nm24Layout::sm90_k64;
+  TORCH_CHECK_VALUE(name == "sm90_k32", "layout must be one of 'natural', 'sm80', 'sm90', 'sm90_k64', 'sm90_k32', got '",
+                    name, "'");
+  return kernels::Nm24Layout::sm90_k32;
 }
 
 void check_nm24_shape(int64_t rows, int64_t cols, c10::string_view layout) {

@@ -3,7 +3,7 @@
 //
 // One thread per 16-bit metadata word of the (padded) layout: it covers 16 dense columns of one row,
 // read as two 16-byte vectors, and writes 8 kept values (one 16-byte store) and the word. Padding
-// words of the sm90 layout get four 0x4 nibbles (offsets 0, 1), valid for the hardware.
+// words of the sm_90 layouts get four 0x4 nibbles (offsets 0, 1), valid for the hardware.
 #include "device_common.cuh"
 #include "nm24_compress.cuh"
 
@@ -15,22 +15,29 @@ using detail::Storage;
 constexpr int kThreads = 256;
 constexpr uint16_t kPadWord = 0x4444;
 
+// NumK (MinTileShapeK / 32) of an sm_90 layout, 0 for the others.
+__host__ __device__ inline int sm90_num_k(Nm24Layout layout) {
+  return layout == Nm24Layout::sm90 ? 4 : layout == Nm24Layout::sm90_k64 ? 2 : layout == Nm24Layout::sm90_k32 ? 1 : 0;
+}
+
 struct LayoutShape {
   int64_t rows, words;                // real rows and words per row (cols / 16)
   int64_t padded_rows, padded_words;  // thread grid: the layout's padded extent
+  int num_k;                          // sm_90 layouts: NumK; else 0
 };
 
 __host__ __device__ inline LayoutShape layout_shape(int64_t rows, int64_t cols, Nm24Layout layout) {
-  LayoutShape s{rows, cols / 16, rows, cols / 16};
-  if (layout == Nm24Layout::sm90) {
+  LayoutShape s{rows, cols / 16, rows, cols / 16, sm90_num_k(layout)};
+  if (s.num_k > 0) {
+    const int64_t atom_cols = 32 * s.num_k;
     s.padded_rows = (rows + 63) / 64 * 64;
-    s.padded_words = (cols + 31) / 32 * 2;
+    s.padded_words = (cols + atom_cols - 1) / atom_cols * atom_cols / 16;
   }
   return s;
 }
 
-// Word offset of natural word (r, w) in layout (r, w may be padding coordinates for sm90).
-__device__ __forceinline__ int64_t metadata_offset(int64_t r, int64_t w, const LayoutShape& s, Nm24Layout layout) {
+// Word offset of natural word (r, w) in layout (r, w may be padding coordinates for sm_90).
+__host__ __device__ __forceinline__ int64_t metadata_offset(int64_t r, int64_t w, const LayoutShape& s, Nm24Layout layout) {
   if (layout == Nm24Layout::natural) return r * s.words + w;
   if (layout == Nm24Layout::sm80) {
     int64_t row = 32 * (r / 32) + 4 * (r % 8) + (r % 32) / 8;
@@ -44,8 +51,9 @@ __device__ __forceinline__ int64_t metadata_offset(int64_t r, int64_t w, const L
     }
     return (col / 2) * (2 * s.rows) + 2 * row + col % 2;
   }
-  return (r % 16) / 8 + 2 * (r % 8) + 16 * (w % 2) + 32 * ((r % 64) / 16) + 128 * (r / 64) +
-         2 * s.padded_rows * (w / 2);
+  const int64_t k = s.num_k, v = w % (2 * k);
+  return (r % 16) / 8 + 2 * (v / 2) + 2 * k * (r % 8) + 16 * k * (v % 2) + 32 * k * ((r % 64) / 16) +
+         128 * k * (r / 64) + 2 * k * s.padded_rows * (w / (2 * k));
 }
 
 // Selection score as NMMatrix.from_dense: |w|, NaN counted as +inf.
@@ -154,7 +162,7 @@ __global__ void __launch_bounds__(kThreads)
 bool shape_ok(int64_t rows, int64_t cols, Nm24Layout layout) {
   if (rows < 1 || cols < 16 || cols % 16 != 0) return false;
   if (layout == Nm24Layout::sm80 && (rows % 32 != 0 || cols % 32 != 0)) return false;
-  return layout == Nm24Layout::natural || layout == Nm24Layout::sm80 || layout == Nm24Layout::sm90;
+  return layout == Nm24Layout::natural || layout == Nm24Layout::sm80 || sm90_num_k(layout) > 0;
 }
 
 }  // namespace
@@ -163,6 +171,11 @@ size_t nm24_metadata_words(int64_t rows, int64_t cols, Nm24Layout layout) {
   if (!shape_ok(rows, cols, layout)) return 0;
   const LayoutShape s = layout_shape(rows, cols, layout);
   return static_cast<size_t>(s.padded_rows * s.padded_words);
+}
+
+int64_t nm24_metadata_offset(int64_t r, int64_t w, int64_t rows, int64_t cols, Nm24Layout layout) {
+  if (!shape_ok(rows, cols, layout)) return -1;
+  return metadata_offset(r, w, layout_shape(rows, cols, layout), layout);
 }
 
 cudaError_t nm24_compress(DType dtype, const void* dense, int64_t dense_row_stride, const uint8_t* mask,

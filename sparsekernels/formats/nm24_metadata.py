@@ -36,17 +36,21 @@ the ``m16n8k32`` metadata registers), column ``w' = w``; then the 2x2 blocks are
 ``(w' // 2) * (2 * rows) + 2 * r' + w' % 2``. Needs ``rows % 32 == 0`` and ``cols % 32 == 0``.
 This matches ``torch.sparse.SparseSemiStructuredTensorCUTLASS`` for 16-bit dtypes.
 
-sm_90 layout ("sm90"): what the CUTLASS 3.x sparse collective
+sm_90 layouts ("sm90", "sm90_k64", "sm90_k32"): what the CUTLASS 3.x sparse collective
 (``sm90_sparse_mma_tma_gmma_ss_warpspecialized``, config ``cutlass::Sm90GemmSparseConfig`` with
-16-bit A and the default ``MinTileShapeK = 32``) reads: ``fill_layoutE`` tiles the logical
-``(rows, cols)`` space with the atom ``TensorEAtom_16bit`` = ordered layout of shape
-``((8, 2, 4), (16, 2, 1))`` with orders ``((3, 1, 5), (0, 4, 2))``: a 64 x 32 block of logical
-elements (256 bytes, 128 words). Counted in words, with ``w = col // 16`` and ``R = rows`` rounded
-up to 64, natural word ``(r, w)`` lives at
-``(r % 16) // 8 + 2 * (r % 8) + 16 * (w % 2) + 32 * ((r % 64) // 16) + 128 * (r // 64)
-+ 2 * R * (w // 2)``; inside a word the nibbles keep the natural order (column ``c`` of the word's
-16 in nibble ``c // 4``, low nibble first). Atoms are laid along rows first, then along columns,
-so the buffer holds ``R * C / 16`` words with ``C = cols`` rounded up to 32; padding rows/columns
+16-bit A) reads. The builder (``sm90_sparse_gmma_builder.inl``) sets ``MinTileShapeK`` to
+``min(tile K, 128)``, and the metadata layout depends on it through ``NumK = MinTileShapeK / 32``:
+"sm90" is NumK = 4 (kernels with a K tile of 128 or more, as in CUTLASS's example 62),
+"sm90_k64" NumK = 2, "sm90_k32" NumK = 1. ``fill_layoutE`` tiles the logical ``(rows, cols)``
+space with the atom ``TensorEAtom_16bit`` = ordered layout of shape ``((8, 2, 4), (16, 2, NumK))``
+with orders ``((3, 1, 5), (0, 4, 2))``: a 64 x 32*NumK block of logical elements (128*NumK words).
+Counted in words, with ``w = col // 16``, ``v = w % (2 * NumK)`` and ``R = rows`` rounded up to 64,
+natural word ``(r, w)`` lives at
+``(r % 16) // 8 + 2 * (v // 2) + 2 * NumK * (r % 8) + 16 * NumK * (v % 2)
++ 32 * NumK * ((r % 64) // 16) + 128 * NumK * (r // 64) + 2 * NumK * R * (w // (2 * NumK))``;
+inside a word the nibbles keep the natural order (column ``c`` of the word's 16 in nibble
+``c // 4``, low nibble first). Atoms are laid along rows first, then along columns, so the buffer
+holds ``R * C / 16`` words with ``C = cols`` rounded up to ``32 * NumK``; padding rows/columns
 hold nibble 0x4 (offsets 0, 1) with zero values.
 
 On CUDA tensors, :func:`compress_24` and :func:`hardware_metadata` run the GPU kernels of
@@ -82,7 +86,9 @@ __all__ = [
     "hardware_metadata",
 ]
 
-LAYOUTS = ("natural", "sm80", "sm90")
+LAYOUTS = ("natural", "sm80", "sm90", "sm90_k64", "sm90_k32")
+# NumK of each sm_90 layout: MinTileShapeK / 32 of the CUTLASS kernel that reads it.
+SM90_NUM_K = {"sm90": 4, "sm90_k64": 2, "sm90_k32": 1}
 # i0 | i1 << 2 for every i0 < i1 in 0..3.
 VALID_NIBBLES = tuple(sorted(i0 | (i1 << 2) for i0 in range(4) for i1 in range(i0 + 1, 4)))
 # Nibble used for padding groups (offsets 0 and 1, zero values): valid for the hardware.
@@ -118,8 +124,9 @@ def metadata_size(rows: int, cols: int, layout: str) -> int:
     """Number of 16-bit words of 2:4 metadata for a ``[rows, cols]`` weight in ``layout``."""
     _check_layout(layout)
     _check_shape(rows, cols, layout)
-    if layout == "sm90":
-        return -(-rows // 64) * 64 * (-(-cols // 32) * 32) // 16
+    if layout in SM90_NUM_K:
+        atom_cols = 32 * SM90_NUM_K[layout]
+        return -(-rows // 64) * 64 * (-(-cols // atom_cols) * atom_cols) // 16
     return rows * cols // 16
 
 
@@ -138,14 +145,17 @@ def _destination_offsets(rows: int, words_per_row: int, layout: str) -> Tensor:
         row = row + down.long() - up.long()
         col = col - down.long() + up.long()
         return (col // 2) * (2 * rows) + 2 * row + col % 2
+    num_k = SM90_NUM_K[layout]
     padded_rows = -(-rows // 64) * 64
+    v = w % (2 * num_k)  # word inside the atom's K extent: (k1, kN) = (v % 2, v // 2)
     return (
         (r % 16) // 8
-        + 2 * (r % 8)
-        + 16 * (w % 2)
-        + 32 * ((r % 64) // 16)
-        + 128 * (r // 64)
-        + 2 * padded_rows * (w // 2)
+        + 2 * (v // 2)
+        + 2 * num_k * (r % 8)
+        + 16 * num_k * (v % 2)
+        + 32 * num_k * ((r % 64) // 16)
+        + 128 * num_k * (r // 64)
+        + 2 * num_k * padded_rows * (w // (2 * num_k))
     )
 
 
@@ -157,7 +167,7 @@ def reorder_metadata(natural: Tensor, layout: str) -> Tensor:
     rows, words = natural.shape
     _check_shape(rows, words * 16, layout)
     size = metadata_size(rows, words * 16, layout)
-    # Padding positions (sm90 only) hold valid nibbles so the hardware never sees i0 == i1.
+    # Padding positions (sm90 layouts only) hold valid nibbles so the hardware never sees i0 == i1.
     out = torch.full((size,), _PAD_WORD, dtype=torch.int16, device=natural.device)
     offsets = _destination_offsets(rows, words, layout).to(natural.device)
     out[offsets.reshape(-1)] = natural.reshape(-1)

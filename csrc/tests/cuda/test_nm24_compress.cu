@@ -22,8 +22,10 @@ int64_t host_offset(int64_t r, int64_t w, int64_t rows, int64_t words, Nm24Layou
     else if (row % 2 == 1 && col % 2 == 0) --row, ++col;
     return (col / 2) * (2 * rows) + 2 * row + col % 2;
   }
-  const int64_t padded_rows = (rows + 63) / 64 * 64;
-  return (r % 16) / 8 + 2 * (r % 8) + 16 * (w % 2) + 32 * ((r % 64) / 16) + 128 * (r / 64) + 2 * padded_rows * (w / 2);
+  const int64_t k = layout == Nm24Layout::sm90 ? 4 : layout == Nm24Layout::sm90_k64 ? 2 : 1;
+  const int64_t padded_rows = (rows + 63) / 64 * 64, v = w % (2 * k);
+  return (r % 16) / 8 + 2 * (v / 2) + 2 * k * (r % 8) + 16 * k * (v % 2) + 32 * k * ((r % 64) / 16) +
+         128 * k * (r / 64) + 2 * k * padded_rows * (w / (2 * k));
 }
 
 float score(float w) { return std::isnan(w) ? INFINITY : std::fabs(w); }
@@ -114,6 +116,8 @@ int main() {
   ok = run(96, 64, Nm24Layout::sm80, DType::float16, true, rng) && ok;
   ok = run(70, 80, Nm24Layout::sm90, DType::bfloat16, true, rng) && ok;
   ok = run(128, 256, Nm24Layout::sm90, DType::float16, false, rng) && ok;
+  ok = run(70, 80, Nm24Layout::sm90_k64, DType::bfloat16, false, rng) && ok;
+  ok = run(130, 48, Nm24Layout::sm90_k32, DType::float16, true, rng) && ok;
   // Unsupported shapes are refused without a launch.
   ok = nm24_metadata_words(16, 32, Nm24Layout::sm80) == 0 && nm24_metadata_words(4, 24, Nm24Layout::natural) == 0 && ok;
   return ok ? 0 : 1;
