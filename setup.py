@@ -83,7 +83,8 @@ def extensions():
             cuda_sources = [source for source in cuda_sources if source not in cutlass_sources]
             print("sparsekernels: CUTLASS headers not found (pip install nvidia-cutlass); building without the 2:4 GEMM")
         else:
-            include_dirs.append(cutlass_include)
+            # tools/util/include (packed_stride.hpp, host_reorder.h) ships in the same wheel.
+            include_dirs += [cutlass_include, os.path.join(cutlass_include, "..", "tools", "util", "include")]
             define_macros.append(("SPARSEKERNELS_WITH_CUTLASS", "1"))
         return [
             CUDAExtension(

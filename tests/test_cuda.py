@@ -6,7 +6,8 @@ CPU-only build fails loudly instead of skipping. Shapes are chosen per kernel pa
 
 * decode kernels (bfloat16/float16, M <= 16 rows): kept values per row a multiple of 8 (N:M), any
   block size (block-sparse);
-* CUTLASS 2:4 GEMM (M > 16, out % 32 == 0, in % 64 == 0), with M not a multiple of 8 (padded rows);
+* CUTLASS 2:4 GEMMs (M > 16): the sm90 sparse-wgmma kernel on Hopper when in % 128 == 0, else the
+  sm80 mma.sp kernel (out % 32 == 0, in % 64 == 0); M not a multiple of 8 too (padded rows);
 * composite fallback: float32, shapes the kernels do not take, and every backward op.
 
 Expectations come from dense float32 PyTorch on the masked weight (tests/cases.py); the 2:4
@@ -33,7 +34,8 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NM_CASES = [
     (NM(2, 4), (96, 256)),
     (NM(2, 4), (24, 56)),  # kept per row 28: composite path
-    (NM(2, 4), (128, 512)),  # sm80 GEMM shape
+    (NM(2, 4), (128, 512)),  # GEMM: sm90 kernel on Hopper (in % 128 == 0), sm80 kernel elsewhere
+    (NM(2, 4), (96, 192)),  # GEMM: sm80 kernel everywhere (in % 128 != 0)
     (NM(1, 2), (40, 128)),
     (NM(1, 4), (17, 128)),
     (NM(2, 8), (33, 256)),
@@ -152,8 +154,12 @@ def test_each_path_runs_its_kernel():
     x_large = torch.randn(100, 512, device="cuda", dtype=torch.bfloat16)
     assert "nm_decode_kernel" in _kernel_names(lambda: sk.ops.nm_linear(x_small, nm.values, nm.positions, 2, 4))
     assert "bsr_decode_kernel" in _kernel_names(lambda: sk.ops.bsr_linear(x_small, bsr.values, *bsr.index_tensors()))
-    # The CUTLASS GEMM is part of every build that found the pinned nvidia-cutlass headers.
-    assert "SparseGemm" in _kernel_names(lambda: sk.ops.nm_linear(x_large, nm.values, nm.positions, 2, 4))
+    # The CUTLASS GEMMs are part of every build that found the pinned nvidia-cutlass headers: the
+    # sm80 one is cutlass::Kernel<SparseGemm<...>>, the sm90 one a GemmUniversal over a *Sparse* mainloop.
+    names = _kernel_names(lambda: sk.ops.nm_linear(x_large, nm.values, nm.positions, 2, 4))
+    assert "cutlass" in names and "Sparse" in names, names
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert "GemmUniversal" in names, names  # in_features 512: the sm90 kernel
 
 
 def test_opcheck_cuda_ops():

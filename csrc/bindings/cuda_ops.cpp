@@ -4,9 +4,11 @@
 // Kernel paths (bfloat16 / float16 only; float32 always takes the composite path):
 //   * nm_linear / bsr_linear with M = prod(leading dims) <= 16: the decode kernels
 //     (nm_decode.cu, bsr_decode.cu), which read every kept weight byte once.
-//   * nm_linear, 2:4, M > 16, built with CUTLASS, sm_80+ GPU, out % 32 == 0 and in % 64 == 0: the
-//     sparse tensor core GEMM (nm24_gemm_sm80.cu) on metadata derived from positions on the fly
-//     (nm24_compress.cu), writing y.T; the transposed copy into y carries the bias.
+//   * nm_linear, 2:4, M > 16, built with CUTLASS: the sparse tensor core GEMM on metadata derived
+//     from positions on the fly (nm24_compress.cu). Hopper (sm_90), in % 128 == 0, out % 8 == 0:
+//     nm24_gemm_sm90.cu (sparse wgmma) writes y directly, the bias is added after. Other sm_80+
+//     GPUs (or shapes), out % 32 == 0 and in % 64 == 0: nm24_gemm_sm80.cu (mma.sp) writes y.T and
+//     the transposed copy into y carries the bias. Rows of x are zero-padded to a multiple of 8.
 // Backward ops run the composite path for now: grad_input = grad_output @ W (dense W),
 // grad_values = (grad_output.T @ input) sampled at the kept positions.
 //
@@ -25,6 +27,7 @@
 #include "../cuda/nm_decode.cuh"
 #ifdef SPARSEKERNELS_WITH_CUTLASS
 #include "../cuda/nm24_gemm_sm80.cuh"
+#include "../cuda/nm24_gemm_sm90.cuh"
 #endif
 #include "checks.h"
 
@@ -127,24 +130,43 @@ bool try_nm_decode(const at::Tensor& x, const at::Tensor& values, const at::Tens
 }
 
 #ifdef SPARSEKERNELS_WITH_CUTLASS
+at::Tensor nm24_metadata_for(const at::Tensor& positions, int64_t out, int64_t in, kernels::Nm24Layout layout,
+                             cudaStream_t stream) {
+  auto metadata = at::empty({static_cast<int64_t>(kernels::nm24_metadata_words(out, in, layout))},
+                            positions.options().dtype(at::kShort));
+  C10_CUDA_CHECK(kernels::nm24_metadata_from_positions(positions.const_data_ptr<uint8_t>(), out, in, layout,
+                                                       reinterpret_cast<uint16_t*>(metadata.mutable_data_ptr()), stream));
+  return metadata;
+}
+
 bool try_nm24_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions, const at::Tensor& bias,
                    at::Tensor& y) {
   const int64_t out = values.size(0), in = x.size(1), tokens = x.size(0);
-  const int64_t padded_tokens = (tokens + 7) / 8 * 8;  // 16-byte rows of x and y.T
-  if (device_info(x.get_device()).major < 8 || !kernels::nm24_gemm_sm80_supported(out, in, padded_tokens)) return false;
+  const int64_t padded_tokens = (tokens + 7) / 8 * 8;  // 16-byte rows of x and of the output
+  const int major = device_info(x.get_device()).major;
+  const bool use_sm90 = major == 9 && kernels::nm24_gemm_sm90_supported(out, in, padded_tokens);
+  if (!use_sm90 && (major < 8 || !kernels::nm24_gemm_sm80_supported(out, in, padded_tokens))) return false;
   at::Tensor operand = x;
   if (padded_tokens != tokens) {
     operand = at::zeros({padded_tokens, in}, x.options());
     operand.slice(0, 0, tokens).copy_(x);
   }
   const cudaStream_t stream = current_stream();
-  auto metadata = at::empty({static_cast<int64_t>(kernels::nm24_metadata_words(out, in, kernels::Nm24Layout::sm80))},
-                            x.options().dtype(at::kShort));
-  C10_CUDA_CHECK(kernels::nm24_metadata_from_positions(positions.const_data_ptr<uint8_t>(), out, in,
-                                                       kernels::Nm24Layout::sm80,
-                                                       reinterpret_cast<uint16_t*>(metadata.mutable_data_ptr()), stream));
+  const auto dtype = kernel_dtype(x.scalar_type());
+  if (use_sm90) {
+    const auto metadata = nm24_metadata_for(positions, out, in, kernels::Nm24Layout::sm90, stream);
+    at::Tensor result = padded_tokens == tokens ? y : at::empty({padded_tokens, out}, x.options());
+    C10_CUDA_CHECK(kernels::nm24_gemm_sm90(dtype, values.const_data_ptr(),
+                                           reinterpret_cast<const uint16_t*>(metadata.const_data_ptr()),
+                                           operand.const_data_ptr(), result.mutable_data_ptr(), out, in, padded_tokens,
+                                           stream));
+    if (padded_tokens != tokens) y.copy_(result.slice(0, 0, tokens));
+    if (bias.defined()) y.add_(bias);
+    return true;
+  }
+  const auto metadata = nm24_metadata_for(positions, out, in, kernels::Nm24Layout::sm80, stream);
   auto y_t = at::empty({out, padded_tokens}, x.options());
-  C10_CUDA_CHECK(kernels::nm24_gemm_sm80(kernel_dtype(x.scalar_type()), values.const_data_ptr(),
+  C10_CUDA_CHECK(kernels::nm24_gemm_sm80(dtype, values.const_data_ptr(),
                                          reinterpret_cast<const uint16_t*>(metadata.const_data_ptr()),
                                          operand.const_data_ptr(), y_t.mutable_data_ptr(), out, in, padded_tokens,
                                          stream));
