@@ -69,13 +69,28 @@ cudaError_t run(const void* values, const uint16_t* metadata, const void* x, voi
       {{1.f, 0.f}, d, stride_c, d, stride_d}};
   Gemm gemm;
   if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  if (Gemm::get_workspace_size(arguments) != 0) return cudaErrorInvalidValue;  // no split-K / stream-K here
-  if (gemm.initialize(arguments, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    const cudaError_t status = cudaGetLastError();
-    return status != cudaSuccess ? status : cudaErrorLaunchFailure;
+  // The tile scheduler may want a little workspace: stream-ordered allocation keeps the launcher
+  // API pointer-free and stays legal under CUDA graph capture.
+  const size_t workspace_bytes = Gemm::get_workspace_size(arguments);
+  void* workspace = nullptr;
+  if (workspace_bytes > 0) {
+    const cudaError_t status = cudaMallocAsync(&workspace, workspace_bytes, stream);
+    if (status != cudaSuccess) return status;
   }
-  return cudaGetLastError();
+  cudaError_t result = cudaSuccess;
+  if (gemm.initialize(arguments, workspace, stream) != cutlass::Status::kSuccess) {
+    result = cudaErrorInvalidValue;
+  } else if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    result = cudaGetLastError();
+    if (result == cudaSuccess) result = cudaErrorLaunchFailure;
+  } else {
+    result = cudaGetLastError();
+  }
+  if (workspace != nullptr) {
+    const cudaError_t freed = cudaFreeAsync(workspace, stream);
+    if (result == cudaSuccess) result = freed;
+  }
+  return result;
 }
 
 #endif  // CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED
