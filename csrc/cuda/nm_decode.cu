@@ -19,6 +19,12 @@ constexpr int kRowsPerWarp = 4;
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kVector = 8;                       // kept values per 16-byte load
 constexpr int64_t kSharedBytes = 48 * 1024;      // x tile budget (no opt-in needed)
+
+// The x tile is stored with 2 padding elements (4 bytes) after every 16 columns. Lane l reads
+// columns near 16 * l (8 kept values of 2:4 per lane), which without padding would put every
+// fourth lane on the same shared-memory bank; with it, lane l lands on bank 9 * l mod 32.
+__host__ __device__ constexpr int64_t padded_col(int64_t col) { return col + 2 * (col >> 4); }
+__host__ __device__ constexpr int64_t padded_cols(int64_t cols) { return cols + 2 * (cols >> 4); }  // cols % 16 == 0
 constexpr int kMaxSplits = 64;
 
 int bits_per_position(int64_t m) { return m == 2 ? 1 : (m == 4 ? 2 : 4); }
@@ -41,7 +47,7 @@ Plan make_plan(const NMDecodeProblem& p, int sm_count) {
   plan.row_blocks = static_cast<int>(detail::ceil_div(p.out_features, kRowsPerBlock));
   const int64_t quantum = kVector * p.n;  // split granularity in kept values
   // Largest split whose x tile (m_bucket rows of 16-bit values) fits the shared-memory budget.
-  const int64_t max_tile_cols = kSharedBytes / (2 * plan.m_bucket);
+  const int64_t max_tile_cols = kSharedBytes / (2 * plan.m_bucket) * 8 / 9;  // room for the padding
   const int64_t max_split_kept = (max_tile_cols / p.m * p.n) / quantum * quantum;
   // Enough blocks to cover every SM twice, but never more splits than vectors.
   const int64_t wanted_splits = sm_count > 0 ? (2 * sm_count + plan.row_blocks - 1) / plan.row_blocks : 1;
@@ -69,17 +75,19 @@ struct Params {
 
 template <DType kDType, int MB>
 __global__ void __launch_bounds__(kThreads) nm_decode_kernel(Params p) {
-  extern __shared__ uint16_t x_tile[];  // [MB][tile_cols]
+  extern __shared__ uint16_t x_tile[];  // [MB][padded_cols(tile_cols)]
   const int split = blockIdx.y;
   const int64_t kept_begin = split * p.split_kept;
   const int64_t kept_end = min(p.kept, kept_begin + p.split_kept);
   const int64_t col_begin = kept_begin / p.n * p.m;
-  const int tile_cols = static_cast<int>(p.split_kept / p.n * p.m);  // <= 24576 (shared budget)
+  const int tile_cols = static_cast<int>(p.split_kept / p.n * p.m);  // a multiple of 16 (8 * m)
+  const int tile_stride = static_cast<int>(padded_cols(tile_cols));
   const int64_t split_cols = (kept_end - kept_begin) / p.n * p.m;
 
   for (int64_t i = threadIdx.x; i < MB * tile_cols; i += kThreads) {
     const int64_t r = i / tile_cols, c = i % tile_cols;
-    x_tile[i] = (r < p.rows && c < split_cols) ? p.x[r * p.x_row_stride + col_begin + c] : uint16_t(0);
+    x_tile[r * tile_stride + padded_col(c)] =
+        (r < p.rows && c < split_cols) ? p.x[r * p.x_row_stride + col_begin + c] : uint16_t(0);
   }
   __syncthreads();
 
@@ -109,9 +117,10 @@ __global__ void __launch_bounds__(kThreads) nm_decode_kernel(Params p) {
 #pragma unroll
       for (int t = 0; t < kVector; ++t) {
         const int col = group_col + static_cast<int>((packed >> (t * p.bits)) & position_mask);
+        const int slot = col + 2 * (col >> 4);  // padded_col, in 32-bit arithmetic
         const float weight = Storage<kDType>::to_float(detail::lane16(w, t));
 #pragma unroll
-        for (int r = 0; r < MB; ++r) acc[r] += weight * Storage<kDType>::to_float(x_tile[r * tile_cols + col]);
+        for (int r = 0; r < MB; ++r) acc[r] += weight * Storage<kDType>::to_float(x_tile[r * tile_stride + slot]);
         if (++rank == p.n) {
           rank = 0;
           group_col += static_cast<int>(p.m);
@@ -149,7 +158,7 @@ __global__ void nm_decode_reduce_kernel(const float* partial, const uint16_t* bi
 
 template <DType kDType, int MB>
 cudaError_t launch(const Params& params, const Plan& plan, cudaStream_t stream) {
-  const size_t shared = static_cast<size_t>(MB) * (plan.split_kept / params.n * params.m) * sizeof(uint16_t);
+  const size_t shared = static_cast<size_t>(MB) * padded_cols(plan.split_kept / params.n * params.m) * sizeof(uint16_t);
   const dim3 grid(plan.row_blocks, plan.splits);
   nm_decode_kernel<kDType, MB><<<grid, kThreads, shared, stream>>>(params);
   cudaError_t status = cudaGetLastError();

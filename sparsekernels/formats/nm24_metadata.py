@@ -49,7 +49,7 @@ natural word ``(r, w)`` lives at
 ``(r % 16) // 8 + 2 * (v // 2) + 2 * NumK * (r % 8) + 16 * NumK * (v % 2)
 + 32 * NumK * ((r % 64) // 16) + 128 * NumK * (r // 64) + 2 * NumK * R * (w // (2 * NumK))``;
 inside a word the nibbles keep the natural order (column ``c`` of the word's 16 in nibble
-``c // 4``, low nibble first). Atoms are laid along rows first, then along columns, so the buffer
+``c // 4``, low nibble first, as CUTLASS's sm90 compressor stores its ``uint4_t`` chunks). Atoms are laid along rows first, then along columns, so the buffer
 holds ``R * C / 16`` words with ``C = cols`` rounded up to ``32 * NumK``; padding rows/columns
 hold nibble 0x4 (offsets 0, 1) with zero values.
 
