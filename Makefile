@@ -35,9 +35,10 @@ pytest: install
 	$(PY) -m pytest
 
 # The kernel sources as a standalone library with their C++ tests (CTest); compiles the CUDA sources
-# for sm_80 and sm_90a too when nvcc is on PATH.
+# for sm_80 and sm_90a too when nvcc is on PATH (CUTLASS headers found through the venv's Python).
 ctest: install
-	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+		-DPython3_EXECUTABLE=$(abspath $(PY))
 	cmake --build $(BUILD_DIR)
 	ctest --test-dir $(BUILD_DIR) --output-on-failure
 

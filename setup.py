@@ -3,6 +3,9 @@
 * Always builds the CPU kernels (csrc/cpu) and the op bindings (csrc/bindings).
 * Adds the CUDA kernels (csrc/cuda/*.cu and csrc/bindings/cuda_*.cpp) when the installed torch has
   CUDA and nvcc is found, or when SPARSEKERNELS_FORCE_CUDA=1. SPARSEKERNELS_SKIP_CUDA=1 skips them.
+* The CUTLASS 2:4 sparse GEMM (csrc/cuda/nm24_gemm_*.cu) needs the CUTLASS headers of the pinned
+  `nvidia-cutlass` wheel, found through csrc/cuda/find_cutlass.py (or CUTLASS_INCLUDE_DIR); without
+  them those sources are left out and the bindings use the other paths (SPARSEKERNELS_WITH_CUTLASS).
 * Honours MAX_JOBS (parallel compile jobs; default: the CPU count, capped by memory at ~4 GiB a
   job) and TORCH_CUDA_ARCH_LIST (default "8.0;9.0a": Ampere and Hopper, which the 2:4 sparse tensor
   core kernels need).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import runpy
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -54,6 +58,12 @@ def _sources(*patterns: str) -> list[str]:
     return found
 
 
+def _cutlass_include_dir():
+    """CUTLASS include directory from the nvidia-cutlass wheel (None when not installed)."""
+    finder = runpy.run_path(os.path.join(ROOT, "csrc", "cuda", "find_cutlass.py"))
+    return finder["cutlass_include_dir"]()
+
+
 def extensions():
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     # -fopenmp: at::parallel_for is header-inline and runs serially unless the extension itself is
@@ -65,13 +75,23 @@ def extensions():
     cuda_sources = _sources("csrc/cuda/*.cu", "csrc/bindings/cuda_*.cpp")
     if _with_cuda() and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        define_macros = [("SPARSEKERNELS_WITH_CUDA", "1")]
+        cutlass_include = _cutlass_include_dir()
+        if cutlass_include is None:
+            cutlass_sources = set(_sources("csrc/cuda/nm24_gemm_*.cu"))
+            cuda_sources = [source for source in cuda_sources if source not in cutlass_sources]
+            print("sparsekernels: CUTLASS headers not found (pip install nvidia-cutlass); building without the 2:4 GEMM")
+        else:
+            # tools/util/include (packed_stride.hpp, host_reorder.h) ships in the same wheel.
+            include_dirs += [cutlass_include, os.path.join(cutlass_include, "..", "tools", "util", "include")]
+            define_macros.append(("SPARSEKERNELS_WITH_CUTLASS", "1"))
         return [
             CUDAExtension(
                 "sparsekernels._C",
                 sources + cuda_sources,
                 include_dirs=include_dirs,
-                define_macros=[("SPARSEKERNELS_WITH_CUDA", "1")],
+                define_macros=define_macros,
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
                 extra_link_args=link_flags,
             )
