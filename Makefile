@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# CUTLASS headers for the 2:4 sparse tensor core GEMMs. --no-deps: only the headers are used, and the
+# wheel's metadata would pull cuda-python, scipy, networkx, pydot and treelib.
+CUTLASS_SPEC ?= nvidia-cutlass==4.2.0.0
 BENCH_ARGS ?=
 BUILD_DIR ?= build/cmake
 
@@ -25,6 +28,7 @@ $(VENV)/.deps-installed: requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps "$(CUTLASS_SPEC)"
 	touch $@
 
 $(VENV)/.extension-built: $(VENV)/.deps-installed $(CSRC) setup.py pyproject.toml
