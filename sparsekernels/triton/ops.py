@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
-from ..ops._checks import bsr_features, check_bias, check_operand, nm_features
+from ..ops._checks import (
+    bsr_features,
+    bsr_grad_values_features,
+    check_bias,
+    check_operand,
+    nm_features,
+    nm_grad_values_features,
+)
 from . import bsr as bsr_kernels
 from . import nm as nm_kernels
 from ._common import check_device, is_interpreted
@@ -70,7 +77,8 @@ def _bias_grad(grad_output: Tensor) -> Tensor:
 def _bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
                 block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
                 bias: Optional[Tensor]) -> Tensor:
-    out_features, in_features = bsr_features(values, block_row_offsets, block_col_offsets)
+    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
+    out_features, in_features = bsr_features(values, *index)
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     _check_index({"block_row_offsets": block_row_offsets, "block_col_indices": block_col_indices}, values)
@@ -83,7 +91,8 @@ def _bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_
 def _bsr_linear_grad_input(grad_output: Tensor, values: Tensor, block_row_offsets: Tensor,
                            block_col_indices: Tensor, block_col_offsets: Tensor, block_row_indices: Tensor,
                            block_value_indices: Tensor) -> Tensor:
-    out_features, in_features = bsr_features(values, block_row_offsets, block_col_offsets)
+    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
+    out_features, in_features = bsr_features(values, *index)
     check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
     _check_index({"block_col_offsets": block_col_offsets, "block_row_indices": block_row_indices,
                   "block_value_indices": block_value_indices}, values)
@@ -97,14 +106,10 @@ def _bsr_linear_grad_input(grad_output: Tensor, values: Tensor, block_row_offset
 def _bsr_linear_grad_values(grad_output: Tensor, input: Tensor, block_row_offsets: Tensor,
                             block_col_indices: Tensor, block_col_offsets: Tensor, block_row_indices: Tensor,
                             block_value_indices: Tensor, block_size: int) -> Tensor:
+    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
+    bsr_grad_values_features(grad_output, input, index, block_size)
     out_features = (block_row_offsets.shape[0] - 1) * block_size
     in_features = (block_col_offsets.shape[0] - 1) * block_size
-    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
-    if input.shape[-1] != in_features:
-        raise ValueError(f"input.shape[-1] must equal in_features={in_features}, got shape {tuple(input.shape)}")
-    if input.shape[:-1] != grad_output.shape[:-1]:
-        raise ValueError(f"input and grad_output must share leading dims, got {tuple(input.shape)} "
-                         f"and {tuple(grad_output.shape)}")
     _check_index({"block_col_indices": block_col_indices, "block_row_indices": block_row_indices,
                   "block_value_indices": block_value_indices}, input)
     check_device(bsr_kernels._bsr_grad_values_kernel, input, "input")
@@ -135,7 +140,7 @@ _bsr_linear.register_autograd(_bsr_backward, setup_context=_bsr_setup_context)
 # ---------------------------------------------------------------------------------------- N:M
 @_define("sparsekernels_triton::nm_linear")
 def _nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
-    out_features, in_features = nm_features(values, n, m)
+    out_features, in_features = nm_features(values, positions, n, m)
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
     _check_positions(positions, values)
@@ -146,7 +151,7 @@ def _nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
 
 @_define("sparsekernels_triton::nm_linear_grad_input")
 def _nm_linear_grad_input(grad_output: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
-    out_features, in_features = nm_features(values, n, m)
+    out_features, in_features = nm_features(values, positions, n, m)
     check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
     _check_positions(positions, values)
     check_device(nm_kernels._nm_grad_input_kernel, grad_output, "grad_output")
@@ -156,19 +161,9 @@ def _nm_linear_grad_input(grad_output: Tensor, values: Tensor, positions: Tensor
 
 @_define("sparsekernels_triton::nm_linear_grad_values")
 def _nm_linear_grad_values(grad_output: Tensor, input: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
-    out_features = positions.shape[0]
-    check_operand(grad_output, "grad_output", input, "input", out_features, "out_features")
-    if m not in (2, 4, 8, 16) or not 1 <= n < m:
-        raise ValueError(f"need m in (2, 4, 8, 16) and 1 <= n < m, got n={n}, m={m}")
-    if input.shape[-1] % m:
-        raise ValueError(f"input.shape[-1] must be a multiple of m={m}, got shape {tuple(input.shape)}")
-    if input.shape[:-1] != grad_output.shape[:-1]:
-        raise ValueError(f"input and grad_output must share leading dims, got {tuple(input.shape)} "
-                         f"and {tuple(grad_output.shape)}")
-    if positions.dtype != torch.uint8 or positions.device != input.device:
-        raise TypeError(f"positions must be a uint8 tensor on {input.device}, got {positions.dtype} on {positions.device}")
+    nm_grad_values_features(grad_output, input, positions, n, m)
+    out_features, in_features = grad_output.shape[-1], input.shape[-1]
     check_device(nm_kernels._nm_grad_values_kernel, input, "input")
-    in_features = input.shape[-1]
     return nm_kernels.nm_grad_values(grad_output.reshape(-1, out_features), input.reshape(-1, in_features),
                                      positions, n, m)
 
