@@ -72,6 +72,9 @@ constexpr int64_t kMaxBlockRows = kLanes * kMaxBlockVectors;  // ... = 128 batch
 constexpr int64_t kTileFloats = 8192;                         // 32 KiB of L1 per activation panel
 constexpr int64_t kUnpackFloats = int64_t{1} << 16;           // 256 KiB of unpacked values per row block
 constexpr int64_t kSmallBatch = 8;                            // forward: GEMV path below this M
+// Row-parallel loops hand each thread at least this many multiply-adds, so that small layers
+// (say 64x64 at M = 8) run serially instead of paying for a parallel region per call.
+constexpr int64_t kMinMultiplyAddsPerTask = int64_t{1} << 20;  // ~60 us of work, > a parallel region's cost
 constexpr int64_t kDecodeRows = 32;                           // rows decoded per call (grad_input)
 // grad_input: a register-blocked micro-kernel of 12 batch rows x 32 columns (24 zmm accumulators)
 // over a dense tile of the weight, [depth rows x span columns] stored as 32-column strips.
@@ -921,6 +924,9 @@ const KernelSet<scalar_t>& kernels_for_this_cpu() {
 // ------------------------------------------------------------------------------------------------
 // Shared drivers: packing, blocking and the parallel loops.
 
+// Elements a packing task converts at least (memory-bound copies: ~50 us).
+constexpr int64_t kMinPackElementsPerTask = int64_t{1} << 16;
+
 // Copies source [rows x columns] (row-major) into the transposed, batch-blocked fp32 layout
 // described at BatchBlocks, padding lanes with zeros. Parallel over columns (disjoint writes).
 template <typename scalar_t>
@@ -928,7 +934,8 @@ void pack_transposed(const KernelSet<scalar_t>& kernels, const scalar_t* source,
                      float* packed, const ParallelFor& parallel_for) {
   const BatchBlocks blocks{rows};
   if (columns == 0 || rows == 0) return;
-  parallel_for(0, columns, 64, [&](int64_t column_begin, int64_t column_end) {
+  const int64_t grain = std::max<int64_t>(64, kMinPackElementsPerTask / rows);
+  parallel_for(0, columns, grain, [&](int64_t column_begin, int64_t column_end) {
     // 16 columns of one block at a time: convert 16-element row segments (vectorised), then
     // transpose from this small staging area.
     std::vector<float> staging(static_cast<size_t>(kMaxBlockRows * kLanes));
@@ -959,7 +966,8 @@ void pack_row_strips(const KernelSet<scalar_t>& kernels, const scalar_t* source,
                      float* packed, const ParallelFor& parallel_for) {
   const int64_t strips = (rows + kStripRows - 1) / kStripRows;
   if (columns == 0 || strips == 0) return;
-  parallel_for(0, strips, 1, [&](int64_t strip_begin, int64_t strip_end) {
+  const int64_t grain = std::max<int64_t>(1, kMinPackElementsPerTask / (columns * kStripRows));
+  parallel_for(0, strips, grain, [&](int64_t strip_begin, int64_t strip_end) {
     std::vector<float> row(static_cast<size_t>(columns));
     for (int64_t strip = strip_begin; strip < strip_end; ++strip) {
       float* destination = packed + strip * columns * kStripRows;
@@ -1047,6 +1055,13 @@ int64_t unpack_block_rows(const NMShape& shape) {
   return std::clamp<int64_t>(kUnpackFloats / std::max<int64_t>(shape.kept_per_row(), 1), 8, 64);
 }
 
+// Grain (output rows per task) of the row-parallel forward and weight-gradient loops: 16 rows at
+// least, more when a row carries little work.
+int64_t row_grain(const NMShape& shape, int64_t M) {
+  const int64_t work_per_row = std::max<int64_t>(1, shape.kept_per_row() * M);
+  return std::max<int64_t>(16, kMinMultiplyAddsPerTask / work_per_row);
+}
+
 template <typename scalar_t>
 void forward_impl(const scalar_t* x, int64_t M, const scalar_t* values, const uint8_t* positions, const NMShape& shape,
                   const scalar_t* bias, scalar_t* y, const ParallelFor& parallel_for) {
@@ -1081,7 +1096,7 @@ void forward_impl(const scalar_t* x, int64_t M, const scalar_t* values, const ui
   const int64_t panel = panel_columns(blocks.vectors(0));
   const int64_t block_rows_max = unpack_block_rows(shape);
 
-  parallel_for(0, out_features, 16, [&](int64_t row_begin, int64_t row_end) {
+  parallel_for(0, out_features, row_grain(shape, M), [&](int64_t row_begin, int64_t row_end) {
     UnpackedRows<scalar_t> unpacked(shape, panel, block_rows_max, /*with_values=*/true);
     AlignedArray<float> acc(block_rows_max * kMaxBlockRows);
     std::vector<float> bias_float(static_cast<size_t>(block_rows_max), 0.0f);
@@ -1277,7 +1292,7 @@ void grad_values_impl(const scalar_t* grad_out, const scalar_t* x, int64_t M, co
   const int64_t panel = panel_columns(blocks.vectors(0));
   const int64_t block_rows_max = unpack_block_rows(shape);
 
-  parallel_for(0, out_features, 16, [&](int64_t row_begin, int64_t row_end) {
+  parallel_for(0, out_features, row_grain(shape, M), [&](int64_t row_begin, int64_t row_end) {
     UnpackedRows<scalar_t> unpacked(shape, panel, block_rows_max, /*with_values=*/false);
     AlignedArray<float> partial(block_rows_max * kept);  // panel-major, like the unpacked columns
     std::vector<float> output_row(static_cast<size_t>(kept));
