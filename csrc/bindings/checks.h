@@ -212,4 +212,96 @@ inline NMShapeInfo check_nm_values(const at::Tensor& values, const at::Tensor& p
   return check_nm_positions(positions, values.size(0), values.size(1), n, m);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The operand checks of each op, identical on every device (metadata only). Each returns the
+// weight's shape; the device bindings add their own content checks and run the kernel.
+
+// Both operands have at least one dimension (checked before).
+inline void check_same_leading_dims(const at::Tensor& grad_output, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(grad_output.sizes().slice(0, grad_output.dim() - 1) == input.sizes().slice(0, input.dim() - 1),
+                    "grad_output and input must have the same leading dims, got ", grad_output.sizes(), " and ",
+                    input.sizes());
+}
+
+inline BsrShape check_bsr_linear_operands(const at::Tensor& input, const at::Tensor& values,
+                                          const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
+                                          const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
+                                          const at::Tensor& block_value_indices, const std::optional<at::Tensor>& bias) {
+  const BsrShape shape = check_bsr_values(values, block_row_offsets, block_col_indices, block_col_offsets,
+                                          block_row_indices, block_value_indices);
+  check_same_dtype_and_device(input, "input", values, "values");
+  check_last_dim(input, "input", shape.in_features(), "in_features");
+  check_bias(bias, values, shape.out_features());
+  return shape;
+}
+
+inline BsrShape check_bsr_grad_input_operands(const at::Tensor& grad_output, const at::Tensor& values,
+                                              const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
+                                              const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
+                                              const at::Tensor& block_value_indices) {
+  const BsrShape shape = check_bsr_values(values, block_row_offsets, block_col_indices, block_col_offsets,
+                                          block_row_indices, block_value_indices);
+  check_same_dtype_and_device(grad_output, "grad_output", values, "values");
+  check_last_dim(grad_output, "grad_output", shape.out_features(), "out_features");
+  return shape;
+}
+
+inline BsrShape check_bsr_grad_values_operands(const at::Tensor& grad_output, const at::Tensor& input,
+                                               const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
+                                               const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
+                                               const at::Tensor& block_value_indices, int64_t block_size) {
+  const BsrShape shape = check_bsr_index(block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
+                                         block_value_indices, block_size, block_col_indices.numel());
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), "input must be float32, bfloat16 or float16, got ",
+                   input.scalar_type());
+  check_same_dtype_and_device(grad_output, "grad_output", input, "input");
+  check_last_dim(input, "input", shape.in_features(), "in_features");
+  check_last_dim(grad_output, "grad_output", shape.out_features(), "out_features");
+  check_same_leading_dims(grad_output, input);
+  return shape;
+}
+
+inline NMShapeInfo check_nm_linear_operands(const at::Tensor& input, const at::Tensor& values,
+                                            const at::Tensor& positions, int64_t n, int64_t m,
+                                            const std::optional<at::Tensor>& bias) {
+  const NMShapeInfo info = check_nm_values(values, positions, n, m);
+  check_same_dtype_and_device(input, "input", values, "values");
+  check_last_dim(input, "input", info.in_features, "in_features");
+  check_bias(bias, values, info.out_features);
+  return info;
+}
+
+inline NMShapeInfo check_nm_grad_input_operands(const at::Tensor& grad_output, const at::Tensor& values,
+                                                const at::Tensor& positions, int64_t n, int64_t m) {
+  const NMShapeInfo info = check_nm_values(values, positions, n, m);
+  check_same_dtype_and_device(grad_output, "grad_output", values, "values");
+  check_last_dim(grad_output, "grad_output", info.out_features, "out_features");
+  return info;
+}
+
+inline NMShapeInfo check_nm_grad_values_operands(const at::Tensor& grad_output, const at::Tensor& input,
+                                                 const at::Tensor& positions, int64_t n, int64_t m) {
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), "input must be float32, bfloat16 or float16, got ",
+                   input.scalar_type());
+  check_same_dtype_and_device(grad_output, "grad_output", input, "input");
+  TORCH_CHECK_VALUE(m == 2 || m == 4 || m == 8 || m == 16, "m must be one of 2, 4, 8, 16, got ", m);
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) % m == 0, "input.shape[-1] must be a multiple of m=", m,
+                    ", got shape ", input.sizes());
+  TORCH_CHECK_VALUE(grad_output.dim() >= 1, "grad_output must have at least 1 dimension");
+  TORCH_CHECK_VALUE(positions.device() == input.device(), "positions must be on the device of input (",
+                    input.device(), "), got ", positions.device());
+  const NMShapeInfo info = check_nm_positions(positions, grad_output.size(-1), input.size(-1) / m * n, n, m);
+  check_same_leading_dims(grad_output, input);
+  return info;
+}
+
+// linear_bias_grad has one implementation for every device: a float32-accumulated sum over all
+// leading dims, cast back to the storage dtype.
+inline at::Tensor linear_bias_grad_any_device(const at::Tensor& grad_output) {
+  TORCH_CHECK_TYPE(is_supported_float(grad_output.scalar_type()),
+                   "grad_output must be float32, bfloat16 or float16, got ", grad_output.scalar_type());
+  TORCH_CHECK_VALUE(grad_output.dim() >= 1, "grad_output must have at least 1 dimension");
+  return grad_output.reshape({-1, grad_output.size(-1)}).sum(0, /*keepdim=*/false, at::kFloat).to(grad_output.scalar_type());
+}
+
 }  // namespace sparsekernels::bindings

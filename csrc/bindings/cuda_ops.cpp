@@ -182,10 +182,7 @@ bool try_nm24_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
 
 at::Tensor nm_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& positions, int64_t n,
                      int64_t m, const std::optional<at::Tensor>& bias) {
-  const NMShapeInfo info = check_nm_values(values, positions, n, m);
-  check_same_dtype_and_device(input, "input", values, "values");
-  check_last_dim(input, "input", info.in_features, "in_features");
-  check_bias(bias, values, info.out_features);
+  const NMShapeInfo info = check_nm_linear_operands(input, values, positions, n, m, bias);
   const c10::cuda::CUDAGuard guard(input.device());
 
   auto output = at::empty(with_last_dim(input, info.out_features), input.options());
@@ -211,9 +208,7 @@ at::Tensor nm_linear(const at::Tensor& input, const at::Tensor& values, const at
 
 at::Tensor nm_linear_grad_input(const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& positions,
                                 int64_t n, int64_t m) {
-  const NMShapeInfo info = check_nm_values(values, positions, n, m);
-  check_same_dtype_and_device(grad_output, "grad_output", values, "values");
-  check_last_dim(grad_output, "grad_output", info.out_features, "out_features");
+  const NMShapeInfo info = check_nm_grad_input_operands(grad_output, values, positions, n, m);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   if (grad_output.numel() == 0) return at::zeros(with_last_dim(grad_output, info.in_features), grad_output.options());
   return at::matmul(grad_output, nm_dense_weight(values, positions, n, m, info.in_features));
@@ -221,20 +216,9 @@ at::Tensor nm_linear_grad_input(const at::Tensor& grad_output, const at::Tensor&
 
 at::Tensor nm_linear_grad_values(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& positions,
                                  int64_t n, int64_t m) {
-  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), "input must be float32, bfloat16 or float16, got ",
-                   input.scalar_type());
-  check_same_dtype_and_device(grad_output, "grad_output", input, "input");
-  TORCH_CHECK_VALUE(m == 2 || m == 4 || m == 8 || m == 16, "m must be one of 2, 4, 8, 16, got ", m);
-  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) % m == 0, "input.shape[-1] must be a multiple of m=", m,
-                    ", got shape ", input.sizes());
-  TORCH_CHECK_VALUE(grad_output.dim() >= 1, "grad_output must have at least 1 dimension");
-  TORCH_CHECK_VALUE(positions.device() == input.device(), "positions must be on the device of input (",
-                    input.device(), "), got ", positions.device());
-  const NMShapeInfo info = check_nm_positions(positions, grad_output.size(-1), input.size(-1) / m * n, n, m);
+  const NMShapeInfo info = check_nm_grad_values_operands(grad_output, input, positions, n, m);
   const auto x = as_matrix(input);
   const auto dy = as_matrix(grad_output);
-  TORCH_CHECK_VALUE(x.size(0) == dy.size(0), "grad_output and input must have the same leading dims, got ",
-                    grad_output.sizes(), " and ", input.sizes());
   const c10::cuda::CUDAGuard guard(input.device());
   if (x.size(0) == 0 || info.kept_per_row == 0)
     return at::zeros({info.out_features, info.kept_per_row}, input.options());
@@ -248,11 +232,8 @@ at::Tensor bsr_linear(const at::Tensor& input, const at::Tensor& values, const a
                       const at::Tensor& block_col_indices, const at::Tensor& block_col_offsets,
                       const at::Tensor& block_row_indices, const at::Tensor& block_value_indices,
                       const std::optional<at::Tensor>& bias) {
-  const BsrShape shape = check_bsr_values(values, block_row_offsets, block_col_indices, block_col_offsets,
-                                          block_row_indices, block_value_indices);
-  check_same_dtype_and_device(input, "input", values, "values");
-  check_last_dim(input, "input", shape.in_features(), "in_features");
-  check_bias(bias, values, shape.out_features());
+  const BsrShape shape = check_bsr_linear_operands(input, values, block_row_offsets, block_col_indices,
+                                                   block_col_offsets, block_row_indices, block_value_indices, bias);
   const c10::cuda::CUDAGuard guard(input.device());
 
   auto output = at::empty(with_last_dim(input, shape.out_features()), input.options());
@@ -282,10 +263,8 @@ at::Tensor bsr_linear_grad_input(const at::Tensor& grad_output, const at::Tensor
                                  const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
                                  const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
                                  const at::Tensor& block_value_indices) {
-  const BsrShape shape = check_bsr_values(values, block_row_offsets, block_col_indices, block_col_offsets,
-                                          block_row_indices, block_value_indices);
-  check_same_dtype_and_device(grad_output, "grad_output", values, "values");
-  check_last_dim(grad_output, "grad_output", shape.out_features(), "out_features");
+  const BsrShape shape = check_bsr_grad_input_operands(grad_output, values, block_row_offsets, block_col_indices,
+                                                       block_col_offsets, block_row_indices, block_value_indices);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   if (grad_output.numel() == 0) return at::zeros(with_last_dim(grad_output, shape.in_features()), grad_output.options());
   return at::matmul(grad_output, bsr_dense_weight(values, block_row_offsets, block_col_indices, shape));
@@ -295,17 +274,11 @@ at::Tensor bsr_linear_grad_values(const at::Tensor& grad_output, const at::Tenso
                                   const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
                                   const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
                                   const at::Tensor& block_value_indices, int64_t block_size) {
-  const BsrShape shape = check_bsr_index(block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
-                                         block_value_indices, block_size, block_col_indices.numel());
-  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), "input must be float32, bfloat16 or float16, got ",
-                   input.scalar_type());
-  check_same_dtype_and_device(grad_output, "grad_output", input, "input");
-  check_last_dim(input, "input", shape.in_features(), "in_features");
-  check_last_dim(grad_output, "grad_output", shape.out_features(), "out_features");
+  const BsrShape shape = check_bsr_grad_values_operands(grad_output, input, block_row_offsets, block_col_indices,
+                                                        block_col_offsets, block_row_indices, block_value_indices,
+                                                        block_size);
   const auto x = as_matrix(input);
   const auto dy = as_matrix(grad_output);
-  TORCH_CHECK_VALUE(x.size(0) == dy.size(0), "grad_output and input must have the same leading dims, got ",
-                    grad_output.sizes(), " and ", input.sizes());
   const c10::cuda::CUDAGuard guard(input.device());
   if (x.size(0) == 0 || shape.nnz == 0) return at::zeros({shape.nnz, block_size, block_size}, input.options());
   // grad[k] = dy[:, rows of block k].T @ x[:, cols of block k], batched over the kept blocks.
@@ -317,12 +290,7 @@ at::Tensor bsr_linear_grad_values(const at::Tensor& grad_output, const at::Tenso
   return at::bmm(dy_blocks.permute({1, 2, 0}), x_blocks.permute({1, 0, 2})).contiguous();
 }
 
-at::Tensor linear_bias_grad(const at::Tensor& grad_output) {
-  TORCH_CHECK_TYPE(is_supported_float(grad_output.scalar_type()),
-                   "grad_output must be float32, bfloat16 or float16, got ", grad_output.scalar_type());
-  TORCH_CHECK_VALUE(grad_output.dim() >= 1, "grad_output must have at least 1 dimension");
-  return grad_output.reshape({-1, grad_output.size(-1)}).sum(0, /*keepdim=*/false, at::kFloat).to(grad_output.scalar_type());
-}
+at::Tensor linear_bias_grad(const at::Tensor& grad_output) { return linear_bias_grad_any_device(grad_output); }
 
 // ------------------------------------------------------------------------- 2:4 compression
 kernels::Nm24Layout nm24_layout(c10::string_view name) {
