@@ -4,6 +4,10 @@ Each backend (C++ CPU, Triton, CUDA) is tested against these functions, and the 
 backend runs them directly. They expand the sparse weight to a dense masked matrix and call a dense
 matmul in float32 (or wider), so they are slow and memory-hungry by design and obviously correct.
 Everything here is differentiable with respect to the kept values.
+
+A dropped weight is absent, not a stored zero: a NaN or Inf in an input (or output-gradient)
+entry reaches only the outputs whose kept weights touch it, never through ``0 * NaN``
+(``kept_only_linear``), as the CPU kernels guarantee (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ __all__ = [
     "nm_to_dense",
     "unpack_positions",
     "linear",
+    "kept_only_linear",
     "bsr_linear",
     "nm_linear",
 ]
@@ -82,6 +87,59 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     return output.to(input.dtype)
 
 
+def _kept_only_matmul(a: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+    """``a @ weight.T`` (2-D operands) over the kept terms only.
+
+    ``weight`` is zero where ``mask`` is False. Non-finite entries of ``a`` are zeroed for the dense
+    product, then their terms are added back over kept weights only (rare, so computed on the few
+    rows that hold them).
+    """
+    finite = torch.isfinite(a)
+    out = torch.matmul(torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)), weight.T)
+    if not bool(finite.all()):
+        rows = (~finite).any(dim=1).nonzero().squeeze(1)
+        terms = a[rows, None, :] * weight[None]  # [rows, out, in]
+        keep = mask[None] & ~finite[rows, None, :]
+        out = out.index_add(0, rows, torch.where(keep, terms, torch.zeros((), dtype=terms.dtype, device=a.device)).sum(-1))
+    return out
+
+
+class _KeptOnlyLinear(torch.autograd.Function):
+    """``input @ weight.T`` where dropped weights are absent in the forward and in the input gradient."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+        ctx.save_for_backward(input, weight, mask)
+        output = _kept_only_matmul(input.reshape(-1, input.shape[-1]), weight, mask)
+        return output.reshape(*input.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        input, weight, mask = ctx.saved_tensors
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_input = _kept_only_matmul(grad_rows, weight.T, mask.T).reshape(input.shape)
+        if ctx.needs_input_grad[1]:
+            # Entry (i, j) involves only grad_output[:, i] and input[:, j]: dropped terms cannot leak.
+            product = grad_rows.T @ input.reshape(-1, input.shape[-1])
+            grad_weight = torch.where(mask, product, torch.zeros((), dtype=product.dtype, device=product.device))
+        return grad_input, grad_weight, None
+
+
+def kept_only_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``input @ weight.T + bias`` in float32 (float64 stays float64) summing the kept terms only.
+
+    ``weight`` is the masked dense weight (zero where ``mask`` is False); the result equals
+    :func:`linear` whenever the operands are finite.
+    """
+    compute_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    output = _KeptOnlyLinear.apply(input.to(compute_dtype), weight.to(compute_dtype), mask)
+    if bias is not None:
+        output = output + bias.to(compute_dtype)
+    return output.to(input.dtype)
+
+
 def bsr_linear(
     input: Tensor,
     values: Tensor,
@@ -97,11 +155,14 @@ def bsr_linear(
     out_features = (block_row_offsets.shape[0] - 1) * block_size
     in_features = (block_col_offsets.shape[0] - 1) * block_size
     weight = bsr_to_dense(values, block_row_offsets, block_col_indices, out_features, in_features)
-    return linear(input, weight, bias)
+    kept = torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    mask = bsr_to_dense(kept, block_row_offsets, block_col_indices, out_features, in_features)
+    return kept_only_linear(input, weight, mask, bias)
 
 
 def nm_linear(
     input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor] = None
 ) -> Tensor:
     """Reference for ``sparsekernels::nm_linear`` (same arguments)."""
-    return linear(input, nm_to_dense(values, positions, n, m), bias)
+    mask = nm_to_dense(torch.ones(values.shape, dtype=torch.bool, device=values.device), positions, n, m)
+    return kept_only_linear(input, nm_to_dense(values, positions, n, m), mask, bias)

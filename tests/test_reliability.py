@@ -3,8 +3,8 @@
 * NaN / Inf: a dropped weight is absent, not a stored zero. A NaN or Inf in an input column whose
   weights are all dropped never reaches the output; one in a kept weight or input propagates
   exactly as a dense product over the kept weights only (``kept_only_linear`` below, which skips
-  dropped terms instead of multiplying them by zero). The ``reference`` backend is dense masked
-  math (0 * NaN = NaN), the documented exception (docs/reliability.md): strict xfail.
+  dropped terms instead of multiplying them by zero), on every backend, the ``reference`` one
+  included.
 * Determinism: under ``torch.use_deterministic_algorithms(True)`` forward and backward are bitwise
   equal from run to run and across thread counts.
 * Memory: 1,000 training steps leave no growth in live tensors or RSS, and neither the layer nor
@@ -49,16 +49,9 @@ NAN_BACKENDS = _nan_backends()
 
 
 def known_nan_exception(request, backend, layout_kind: str, what: str):
-    """Expect failure where a backend is documented to treat a dropped weight as a stored zero.
-
-    The reference backend is dense masked math: strict xfail, so the test still runs and reports if
-    that ever changes. GPU N:M kernels that expand weights into dense tiles may or may not differ.
-    """
+    """Expect failure where a backend is documented to treat a dropped weight as a stored zero:
+    GPU N:M kernels that expand weights into dense tiles may or may not differ."""
     name = backend[0]
-    if name == "reference":
-        request.node.add_marker(
-            pytest.mark.xfail(strict=True, reason="reference backend: dense masked math, 0 * NaN = NaN (documented)")
-        )
     if name in ("triton", "cuda") and layout_kind == "nm" and what == "grad_input":
         request.node.add_marker(
             pytest.mark.xfail(strict=False, reason="GPU N:M dense-tile kernels may compute 0 * NaN (documented)")
