@@ -34,9 +34,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
+_triton_installed: Optional[bool] = None
+
+
 def unavailable_reason() -> Optional[str]:
-    """None when the Triton kernels can run here, else why not."""
-    if importlib.util.find_spec("triton") is None:
+    """None when the Triton kernels can run here, else why not. (Runs on every op call on CUDA
+    tensors through the backend choice, so the package lookup is done once.)"""
+    global _triton_installed
+    if _triton_installed is None:
+        _triton_installed = importlib.util.find_spec("triton") is not None
+    if not _triton_installed:
         return "the triton package is not installed (pip install 'sparsekernels[triton]')"
     if not torch.cuda.is_available() and not _interpreting():
         return ("no CUDA GPU is available (set TRITON_INTERPRET=1 before the kernels are first used to run "

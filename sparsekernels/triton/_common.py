@@ -43,12 +43,12 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     inference, torch.compile), where the results' shapes are all that is asked for; ops.py registers
     such kernels as opaque ops.
     """
-    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
-    if any(tensor.device.type == "meta" for tensor in tensors):
+    # The launchers pass an operand first, and every operand is on one device (checked by the ops).
+    if args[0].device.type == "meta":
         return
     if not is_interpreted(kernel):
         wrap_triton(kernel)[grid](*args, **kwargs)
-    elif not any(is_fake(tensor) for tensor in tensors):
+    elif not any(is_fake(arg) for arg in args if isinstance(arg, torch.Tensor)):
         kernel[grid](*args, **kwargs)
 
 
