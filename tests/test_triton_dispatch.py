@@ -349,11 +349,14 @@ def test_dense_weight_cache_is_reused_and_invalidated(tmp_path):
             assert len(built) == 4
             dispatch().bsr_linear(input, values, *index, tuner=tuner)
             assert len(built) == 4
+            index = tuple(tensor.clone() for tensor in index)  # new index objects (as set_pattern makes)
+            dispatch().bsr_linear(input, values, *index, tuner=tuner)
+            assert len(built) == 5
         # Autograd needs the values' gradient: rebuilt (differentiably) at every call, not cached.
         values.requires_grad_()
         dispatch().bsr_linear(input, values, *index, tuner=tuner)
         dispatch().bsr_linear(input, values, *index, tuner=tuner)
-        assert len(built) == 6
+        assert len(built) == 7
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU routing")

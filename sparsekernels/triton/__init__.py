@@ -61,8 +61,9 @@ def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_c
                block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
                bias: Optional[Tensor] = None) -> Tensor:
     """``torch.ops.sparsekernels_triton.bsr_linear`` (same arguments as ``sparsekernels.ops.bsr_linear``);
-    CUDA tensors go through the dense-fallback dispatch (dispatch.py), which may run ``F.linear``."""
-    if input.device.type == "cuda":
+    CUDA tensors go through the dense-fallback dispatch (dispatch.py), which may run ``F.linear``,
+    except under torch.compile (the sparse op, which Inductor traces)."""
+    if input.device.type == "cuda" and not torch.compiler.is_compiling():
         from . import dispatch
 
         return dispatch.bsr_linear(input, values, block_row_offsets, block_col_indices, block_col_offsets,
@@ -74,8 +75,9 @@ def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_c
 def nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
               bias: Optional[Tensor] = None) -> Tensor:
     """``torch.ops.sparsekernels_triton.nm_linear`` (same arguments as ``sparsekernels.ops.nm_linear``);
-    CUDA tensors go through the dense-fallback dispatch (dispatch.py), which may run ``F.linear``."""
-    if input.device.type == "cuda":
+    CUDA tensors go through the dense-fallback dispatch (dispatch.py), which may run ``F.linear``,
+    except under torch.compile (the sparse op, which Inductor traces)."""
+    if input.device.type == "cuda" and not torch.compiler.is_compiling():
         from . import dispatch
 
         return dispatch.nm_linear(input, values, positions, n, m, bias)

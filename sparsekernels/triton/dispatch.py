@@ -25,7 +25,8 @@ Dense weight. It is built only when the dense path is taken, by a scatter of the
   is a gather); in training the values change at every step anyway;
 * otherwise (inference, ``torch.no_grad``) it is cached per ``values`` tensor (weakly: the cache
   dies with the tensor) and reused while the *stamp* is unchanged: the ``_version`` counter and
-  ``data_ptr()`` of ``values`` and of every index tensor. An in-place write (``optimizer.step()``,
+  ``data_ptr()`` of ``values`` and of every index tensor, and the index tensors are the same objects.
+  An in-place write (``optimizer.step()``,
   ``values.mul_()``, ``copy_``) bumps ``_version``; assigning new storage changes ``data_ptr``;
   either invalidates the copy. Writes the version counter cannot see (through ``.data`` or
   ``.detach()`` aliases, DLPack, numpy views) are not detected: call :func:`clear_dense_cache` after
@@ -35,6 +36,7 @@ Dense weight. It is built only when the dense path is taken, by a scatter of the
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -49,7 +51,7 @@ __all__ = ["bsr_linear", "nm_linear", "last_path", "path_counts", "clear_dense_c
 
 path_counts = {"sparse": 0, "dense": 0}
 _last = [None]
-_dense_cache = WeakIdKeyDictionary()  # values tensor -> (stamp, dense weight)
+_dense_cache = WeakIdKeyDictionary()  # values tensor -> (stamp, weak refs to the index, dense weight)
 
 
 def last_path() -> Optional[str]:
@@ -87,23 +89,26 @@ def _dense_weight(values: Tensor, index: tuple, build) -> Tensor:
         return build(values)
     stamp = _stamp(values, index)
     entry = _dense_cache.get(values) if stamp is not None else None
-    if entry is not None and entry[0] == stamp:
-        return entry[1]
+    # The index tensors must be the same objects too (held weakly): a new index tensor may reuse a
+    # freed one's address with the same version count.
+    if entry is not None and entry[0] == stamp and all(ref() is tensor for ref, tensor in zip(entry[1], index)):
+        return entry[2]
     with torch.no_grad():
         dense = build(values.detach())
     if stamp is not None:
-        _dense_cache[values] = (stamp, dense)
+        _dense_cache[values] = (stamp, tuple(weakref.ref(tensor) for tensor in index), dense)
     return dense
 
 
 def _choose(key_fn, sizes: tuple, input: Tensor, values: Tensor, sparse, dense_fn, tuner) -> str:
-    if not fallback_enabled() or torch.compiler.is_compiling() or not all(type(size) is int for size in sizes):
+    if torch.compiler.is_compiling() or not all(type(size) is int for size in sizes) or not fallback_enabled():
         return "sparse"
     tuner = tuner or autotune.tuner
 
     def measure() -> tuple:
         with torch.no_grad():
             weight = dense_fn()
+            sparse()  # a first call tunes the kernel's launch config (if it was not tuned yet): untimed
             sparse_ms = float(tuner.timer(sparse))
             dense_ms = float(tuner.timer(lambda: F.linear(input.detach(), weight)))
         return sparse_ms, dense_ms
