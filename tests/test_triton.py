@@ -39,8 +39,19 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend():
+def _triton_backend(monkeypatch):
     sk.set_backend("triton")
+    # On a GPU: test the kernels themselves (no dense fallback), and do not spend the run tuning
+    # (tests/test_triton_dispatch.py covers both).
+    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
+    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
+
+
+class HeuristicOnly:
+    """Stands in for the tuner: always the launcher's heuristic configuration."""
+
+    def choose(self, key, device, tensors, heuristic, candidates, run):
+        return heuristic
 
 
 def triton_ops():
@@ -67,11 +78,12 @@ def test_3d_noncontiguous_input(layout, dtype):
 def narrowest_tiles(enabled: bool = True):
     """Pretend the device wants a huge grid, so the launchers pick their narrowest tiles (the choice
     made for decode-sized batches on a GPU; under the interpreter they otherwise pick the widest)."""
-    from sparsekernels.triton import _common
+    from sparsekernels.triton import _common, autotune
 
     with contextlib.ExitStack() as stack:
         if enabled:
             stack.enter_context(mock.patch.object(_common, "target_programs", lambda device: 10**9))
+            stack.enter_context(mock.patch.object(autotune, "tuner", HeuristicOnly()))  # not a stored config
         yield
 
 
