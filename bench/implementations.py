@@ -154,19 +154,29 @@ class Sparsekernels(Implementation):
     def forward(self, x: Tensor) -> Tensor:
         return self._linear(x, self.matrix.values)
 
+    @staticmethod
+    def _backward_ops(device: torch.device):
+        """The raw backward ops of the backend that the front ends use on ``device``: the Triton ops
+        (``torch.ops.sparsekernels_triton``) when it resolves to ``"triton"``, else the C++ ones."""
+        if sparsekernels.backend.resolve_backend(device) == "triton":
+            from sparsekernels.triton import ops  # noqa: F401  (registers torch.ops.sparsekernels_triton)
+
+            return torch.ops.sparsekernels_triton
+        return torch.ops.sparsekernels
+
     def grad_input(self, grad_output: Tensor) -> Tensor:
         matrix = self.matrix
+        ops = self._backward_ops(grad_output.device)
         if self.is_block:
-            return torch.ops.sparsekernels.bsr_linear_grad_input(grad_output, matrix.values, *matrix.index_tensors())
-        return torch.ops.sparsekernels.nm_linear_grad_input(grad_output, matrix.values, matrix.positions, matrix.n,
-                                                            matrix.m)
+            return ops.bsr_linear_grad_input(grad_output, matrix.values, *matrix.index_tensors())
+        return ops.nm_linear_grad_input(grad_output, matrix.values, matrix.positions, matrix.n, matrix.m)
 
     def grad_weight(self, grad_output: Tensor, x: Tensor) -> Tensor:
         matrix = self.matrix
+        ops = self._backward_ops(x.device)
         if self.is_block:
-            return torch.ops.sparsekernels.bsr_linear_grad_values(grad_output, x, *matrix.index_tensors(),
-                                                                  matrix.block_size)
-        return torch.ops.sparsekernels.nm_linear_grad_values(grad_output, x, matrix.positions, matrix.n, matrix.m)
+            return ops.bsr_linear_grad_values(grad_output, x, *matrix.index_tensors(), matrix.block_size)
+        return ops.nm_linear_grad_values(grad_output, x, matrix.positions, matrix.n, matrix.m)
 
     def weight_grad_as_dense(self, grad: Tensor) -> Tensor:
         matrix = self.matrix

@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton kernel families: the dot-product helper and launch-time facts.
+"""Pieces shared by the Triton kernel families: the dot-product helper, launch-time facts, tile
+choices, and the N:M register helpers (unpacking offsets, rebuilding a dense weight tile).
 
 Why a dot helper: every kernel accumulates in float32 and multiplies tiles with ``tl.dot``. On a GPU
 the tiles go to the tensor cores in their storage dtype; float32 tiles are multiplied in full
@@ -17,6 +18,8 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
+
+from .autotune import Config, density_bucket, m_bucket  # noqa: F401  (re-exported for the launchers)
 
 
 @triton.jit
@@ -40,12 +43,12 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     inference, torch.compile), where the results' shapes are all that is asked for; ops.py registers
     such kernels as opaque ops.
     """
-    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
-    if any(tensor.device.type == "meta" for tensor in tensors):
+    # The launchers pass an operand first, and every operand is on one device (checked by the ops).
+    if args[0].device.type == "meta":
         return
     if not is_interpreted(kernel):
         wrap_triton(kernel)[grid](*args, **kwargs)
-    elif not any(is_fake(tensor) for tensor in tensors):
+    elif not any(is_fake(arg) for arg in args if isinstance(arg, torch.Tensor)):
         kernel[grid](*args, **kwargs)
 
 
@@ -84,12 +87,20 @@ def check_device(kernel, tensor: torch.Tensor, name: str) -> None:
 MAX_GRID_Y = 65535
 
 
+_programs_per_device: dict = {}
+
+
 def target_programs(device: torch.device) -> int:
-    """How many programs a launch should have to fill the device: two per SM on a GPU. Under the
-    interpreter (CPU tensors) speed does not matter and fewer, larger programs run faster: 1."""
+    """How many programs a launch should have to fill the device: two per SM on a GPU (cached per
+    device: this runs on every launch). Under the interpreter (CPU tensors) speed does not matter and
+    fewer, larger programs run faster: 1."""
     if device.type != "cuda":
         return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    programs = _programs_per_device.get(index)
+    if programs is None:
+        programs = _programs_per_device[index] = 2 * torch.cuda.get_device_properties(index).multi_processor_count
+    return programs
 
 
 def rows_block(rows: int) -> int:
@@ -99,3 +110,91 @@ def rows_block(rows: int) -> int:
     if rows <= 32:
         return 32
     return 64
+
+
+def column_tile(row_tiles: int, n_blocks: int, block_size: int, device) -> int:
+    """Width of the output slice one program computes: the whole block (fewest loads of x) unless
+    that leaves fewer programs than the GPU wants (decode-sized batches), then halved down to 16."""
+    tile, wanted = block_size, target_programs(device)
+    while tile > 16 and row_tiles * n_blocks * (block_size // tile) < wanted and n_blocks * (block_size // tile) * 2 <= MAX_GRID_Y:
+        tile //= 2
+    return tile
+
+
+def nm_out_block(out_features: int, other_tiles: int, device) -> int:
+    """Output-feature tile: 64 wide, narrower for small out_features or when the grid (output tiles
+    times ``other_tiles`` along the other axis) would be too small to fill the GPU (decode batches)."""
+    block, wanted = 64, target_programs(device)
+    while block > 16 and (block >= 2 * out_features or other_tiles * triton.cdiv(out_features, block) < wanted):
+        block //= 2
+    return block
+
+
+# N:M input tile: a multiple of every m (2, 4, 8, 16), so groups never straddle tiles.
+NM_BLOCK_IN = 64
+
+
+@triton.jit
+def nm_kept_offsets(positions_ptr, offs_out, kept_index, mask, stride_pos_row,
+                    BITS: tl.constexpr):
+    """In-group offsets ``[BLOCK_OUT, groups]`` of the kept values at ``kept_index`` (per group)."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    byte_ptrs = positions_ptr + offs_out[:, None] * stride_pos_row + (kept_index // PER_BYTE)[None, :]
+    packed = tl.load(byte_ptrs, mask=mask, other=0).to(tl.int32)
+    return (packed >> ((kept_index % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def nm_dense_weight_tile(values_ptr, positions_ptr, offs_out, out_mask, in_start, n_groups,
+                         stride_val_row, stride_pos_row,
+                         N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr,
+                         BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+    """Dense weight ``W[offs_out, in_start : in_start + BLOCK_IN]`` (float32, zeros where pruned)."""
+    GROUPS: tl.constexpr = BLOCK_IN // M
+    groups = in_start // M + tl.arange(0, GROUPS)
+    mask = out_mask[:, None] & (groups < n_groups)[None, :]
+    in_group = tl.arange(0, M)
+    tile = tl.zeros([BLOCK_OUT, GROUPS, M], dtype=tl.float32)
+    for slot in tl.static_range(N):
+        kept_index = groups * N + slot
+        kept = tl.load(values_ptr + offs_out[:, None] * stride_val_row + kept_index[None, :], mask=mask, other=0.0)
+        offset = nm_kept_offsets(positions_ptr, offs_out, kept_index, mask, stride_pos_row, BITS)
+        # Offsets of one group are distinct, so each dense element receives at most one kept value.
+        tile += tl.where(offset[:, :, None] == in_group[None, None, :], kept.to(tl.float32)[:, :, None], 0.0)
+    return tl.reshape(tile, [BLOCK_OUT, BLOCK_IN])
+
+
+
+def block_density_bucket(nnz: int, n_block_rows: int, n_block_cols: int) -> float:
+    """Density bucket of kept blocks (a tuning-key field), from host-side sizes only (no sync)."""
+    return density_bucket(nnz / max(n_block_rows * n_block_cols, 1))
+
+
+def block_candidates(rows: int, n_blocks: int, block_size: int, element_size: int) -> list:
+    """Tuning candidates of the block forward / input-grad kernels (at most 8): the row tile of the
+    heuristic and, for large batches, 128; the whole block or half of it; 4 or 8 warps; as many
+    pipeline stages as fit in shared memory."""
+    row_tiles = sorted({rows_block(rows)} | ({128} if rows >= 256 else set()))
+    tiles = [tile for tile in (block_size, block_size // 2)
+             if tile >= 16 and n_blocks * (block_size // tile) <= MAX_GRID_Y]
+    return [Config(block_rows, tile, warps, pipeline_stages((block_rows + tile) * block_size * element_size))
+            for block_rows in row_tiles for tile in tiles for warps in (4, 8)]
+
+
+def nm_candidates(rows: int, out_features: int) -> list:
+    """Tuning candidates of the N:M forward kernel (at most 8): row tile of the heuristic (and 128 for
+    large batches), output tiles 32 and 64 (16 for tiny weights), 4 or 8 warps."""
+    row_tiles = sorted({rows_block(rows)} | ({128} if rows >= 256 else set()))
+    tiles = [16] if out_features <= 16 else [32, 64]
+    return [Config(block_rows, tile, warps, 3) for block_rows in row_tiles for tile in tiles for warps in (4, 8)]
+
+
+def tuned_config(sizes: tuple, key, device, tensors: tuple, heuristic, candidates, run):
+    """The launch configuration: ``autotune.tuner.choose`` with the key ``key()``, or ``heuristic``
+    when a size is symbolic (dynamic-shape tracing: a key would specialise the shapes, and nothing
+    runs there anyway). ``sizes`` lists every size that the key is built from."""
+    from . import autotune
+
+    if not all(type(size) is int for size in sizes):
+        return heuristic
+    return autotune.tuner.choose(key(), device, tensors, heuristic, candidates, run)

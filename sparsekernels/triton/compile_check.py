@@ -69,28 +69,51 @@ def _record(kernel, grid, *args, **kwargs) -> Launch:
     return Launch(kernel, tuple(signature), tuple(constexprs), options)
 
 
-def recorded_launches(quick: bool = False) -> list[Launch]:
-    """Every distinct configuration the launchers pick, for GPUs of any size (``quick``: float32 and
-    bfloat16, 128-blocks and 5:16, 300 rows: the largest tiles, and the narrowest)."""
-    from . import bsr, nm
+KERNEL_MODULES = ("bsr_forward", "bsr_grad_input", "bsr_grad_values", "nm_forward", "nm_grad_input", "nm_grad_values")
 
+
+class _EveryCandidate:
+    """Stands in for ``autotune.tuner``: runs every tuning candidate (recorded, not launched), then
+    the heuristic configuration, so that the configurations tuning may pick are compiled too."""
+
+    def choose(self, key, device, tensors, heuristic, candidates, run):
+        for config in candidates():
+            run(config)
+        return heuristic
+
+
+def recorded_launches(quick: bool = False) -> list[Launch]:
+    """Every distinct configuration the launchers pick, for GPUs of any size, and (not ``quick``)
+    every autotuning candidate (``quick``: float32 and bfloat16, 128-blocks and 5:16, 300 rows: the
+    largest heuristic tiles, and the narrowest)."""
+    import importlib
+
+    from . import _common, autotune
+
+    modules = [importlib.import_module(f"{__package__}.{name}") for name in KERNEL_MODULES]
     launches: dict[Launch, None] = {}
 
     def recorder(kernel, grid, *args, **kwargs):
         launches.setdefault(_record(kernel, grid, *args, **kwargs))
 
-    saved = bsr.launch, nm.launch, bsr.target_programs, nm.target_programs
-    bsr.launch = nm.launch = recorder
+    saved = [module.launch for module in modules], _common.target_programs, autotune.tuner
+    for module in modules:
+        module.launch = recorder
+    if not quick:
+        autotune.tuner = _EveryCandidate()
     try:
         for wanted in (1, 10**9):  # widest tiles, then the narrow ones chosen for decode-sized batches
-            bsr.target_programs = nm.target_programs = lambda device, wanted=wanted: wanted
-            _call_launchers(bsr, nm, quick)
+            _common.target_programs = lambda device, wanted=wanted: wanted
+            _call_launchers(*modules, quick=quick)
     finally:
-        bsr.launch, nm.launch, bsr.target_programs, nm.target_programs = saved
+        for module, launch in zip(modules, saved[0]):
+            module.launch = launch
+        _common.target_programs, autotune.tuner = saved[1], saved[2]
     return list(launches)
 
 
-def _call_launchers(bsr, nm, quick: bool) -> None:
+def _call_launchers(bsr_forward, bsr_grad_input, bsr_grad_values, nm_forward, nm_grad_input, nm_grad_values,
+                    quick: bool) -> None:
     """Call every launcher over block sizes, N:M patterns, dtypes and batch sizes (CPU tensors)."""
     from sparsekernels import BlockSparseMatrix, NMMatrix
 
@@ -104,20 +127,20 @@ def _call_launchers(bsr, nm, quick: bool) -> None:
             for rows in batches:
                 x = torch.zeros(rows, matrix.shape[1], dtype=dtype)
                 grad = torch.zeros(rows, matrix.shape[0], dtype=dtype)
-                bsr.bsr_forward(x, matrix.values, matrix.block_row_offsets, matrix.block_col_indices,
-                                torch.zeros(matrix.shape[0], dtype=dtype))
-                bsr.bsr_grad_input(grad, matrix.values, matrix.block_col_offsets, matrix.block_row_indices,
-                                   matrix.block_value_indices)
-                bsr.bsr_grad_values(grad, x, matrix.block_col_indices, matrix.block_row_indices,
-                                    matrix.block_value_indices, block_size)
+                bsr_forward.bsr_forward(x, matrix.values, matrix.block_row_offsets, matrix.block_col_indices,
+                                        torch.zeros(matrix.shape[0], dtype=dtype))
+                bsr_grad_input.bsr_grad_input(grad, matrix.values, matrix.block_col_offsets,
+                                              matrix.block_row_indices, matrix.block_value_indices)
+                bsr_grad_values.bsr_grad_values(grad, x, matrix.block_col_indices, matrix.block_row_indices,
+                                                matrix.block_value_indices, block_size)
         for n, m in patterns:
             matrix = NMMatrix.random((96, 8 * m), n, m, dtype=dtype)
             for rows in batches:
                 x = torch.zeros(rows, matrix.shape[1], dtype=dtype)
                 grad = torch.zeros(rows, matrix.shape[0], dtype=dtype)
-                nm.nm_forward(x, matrix.values, matrix.positions, n, m, torch.zeros(96, dtype=dtype))
-                nm.nm_grad_input(grad, matrix.values, matrix.positions, n, m)
-                nm.nm_grad_values(grad, x, matrix.positions, n, m)
+                nm_forward.nm_forward(x, matrix.values, matrix.positions, n, m, torch.zeros(96, dtype=dtype))
+                nm_grad_input.nm_grad_input(grad, matrix.values, matrix.positions, n, m)
+                nm_grad_values.nm_grad_values(grad, x, matrix.positions, n, m)
 
 
 def compile_launch(launch: Launch, capability: int):
@@ -153,12 +176,13 @@ def check(launches: Iterable[Launch], capabilities: Iterable[int] = (80, 90), ve
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="only the configurations with the largest tiles")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the heuristic configurations with the largest and narrowest tiles")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_MEMORY_LIMIT))
     args = parser.parse_args(argv)
-    from . import bsr
+    from .bsr_forward import _bsr_forward_kernel
 
-    if not hasattr(bsr._bsr_forward_kernel, "arg_names") or type(bsr._bsr_forward_kernel).__name__ != "JITFunction":
+    if not hasattr(_bsr_forward_kernel, "arg_names") or type(_bsr_forward_kernel).__name__ != "JITFunction":
         print("TRITON_INTERPRET is set: the kernels are interpreted and cannot be compiled here", file=sys.stderr)
         return 2
     launches = recorded_launches(quick=args.quick)

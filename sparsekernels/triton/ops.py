@@ -19,15 +19,14 @@ from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from ..ops._checks import (
-    bsr_features,
-    bsr_grad_values_features,
-    check_bias,
-    check_operand,
-    nm_features,
-    nm_grad_values_features,
+    bsr_features, bsr_grad_values_features, check_bias, check_operand, nm_features, nm_grad_values_features,
 )
-from . import bsr as bsr_kernels
-from . import nm as nm_kernels
+from .bsr_forward import _bsr_forward_kernel, bsr_forward
+from .bsr_grad_input import _bsr_grad_input_kernel, bsr_grad_input
+from .bsr_grad_values import _bsr_grad_values_kernel, bsr_grad_values
+from .nm_forward import _nm_forward_kernel, nm_forward
+from .nm_grad_input import _nm_grad_input_kernel, nm_grad_input
+from .nm_grad_values import _nm_grad_values_kernel, nm_grad_values
 from ._common import check_device, is_interpreted
 
 __all__ = ["OP_NAMES", "bsr_linear", "nm_linear"]
@@ -40,7 +39,7 @@ def _define(name: str):
     interpreted kernels cannot be traced that way (see ``_common.launch``), so under the interpreter
     the op stays opaque, with the same function as its fake kernel (launches skipped on fake tensors).
     """
-    if not is_interpreted(bsr_kernels._bsr_forward_kernel):
+    if not is_interpreted(_bsr_forward_kernel):
         return triton_op(name, mutates_args=())
 
     def define(fn):
@@ -49,23 +48,6 @@ def _define(name: str):
         return op
 
     return define
-
-
-def _check_index(tensors: dict, values: Tensor) -> None:
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, Tensor) or tensor.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be an int32 or int64 tensor, got {getattr(tensor, 'dtype', type(tensor))}")
-        if tensor.device != values.device:
-            raise ValueError(f"expected {name} on {values.device} (as values), got {tensor.device}")
-
-
-def _check_positions(positions: Tensor, values: Tensor) -> None:
-    if not isinstance(positions, Tensor) or positions.dtype != torch.uint8:
-        raise TypeError(f"positions must be a uint8 tensor, got {getattr(positions, 'dtype', type(positions))}")
-    if positions.dim() != 2 or positions.shape[0] != values.shape[0]:
-        raise ValueError(f"positions must have shape [out_features={values.shape[0]}, ...], got {tuple(positions.shape)}")
-    if positions.device != values.device:
-        raise ValueError(f"expected positions on {values.device} (as values), got {positions.device}")
 
 
 def _bias_grad(grad_output: Tensor) -> Tensor:
@@ -77,13 +59,12 @@ def _bias_grad(grad_output: Tensor) -> Tensor:
 def _bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
                 block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
                 bias: Optional[Tensor]) -> Tensor:
-    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
-    out_features, in_features = bsr_features(values, *index)
+    out_features, in_features = bsr_features(values, block_row_offsets, block_col_indices, block_col_offsets,
+                                             block_row_indices, block_value_indices)
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
-    _check_index({"block_row_offsets": block_row_offsets, "block_col_indices": block_col_indices}, values)
-    check_device(bsr_kernels._bsr_forward_kernel, input, "input")
-    out = bsr_kernels.bsr_forward(input.reshape(-1, in_features), values, block_row_offsets, block_col_indices, bias)
+    check_device(_bsr_forward_kernel, input, "input")
+    out = bsr_forward(input.reshape(-1, in_features), values, block_row_offsets, block_col_indices, bias)
     return out.reshape(*input.shape[:-1], out_features)
 
 
@@ -91,14 +72,12 @@ def _bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_
 def _bsr_linear_grad_input(grad_output: Tensor, values: Tensor, block_row_offsets: Tensor,
                            block_col_indices: Tensor, block_col_offsets: Tensor, block_row_indices: Tensor,
                            block_value_indices: Tensor) -> Tensor:
-    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
-    out_features, in_features = bsr_features(values, *index)
+    out_features, in_features = bsr_features(values, block_row_offsets, block_col_indices, block_col_offsets,
+                                             block_row_indices, block_value_indices)
     check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
-    _check_index({"block_col_offsets": block_col_offsets, "block_row_indices": block_row_indices,
-                  "block_value_indices": block_value_indices}, values)
-    check_device(bsr_kernels._bsr_grad_input_kernel, grad_output, "grad_output")
-    grad_input = bsr_kernels.bsr_grad_input(grad_output.reshape(-1, out_features), values, block_col_offsets,
-                                            block_row_indices, block_value_indices)
+    check_device(_bsr_grad_input_kernel, grad_output, "grad_output")
+    grad_input = bsr_grad_input(grad_output.reshape(-1, out_features), values, block_col_offsets,
+                                block_row_indices, block_value_indices)
     return grad_input.reshape(*grad_output.shape[:-1], in_features)
 
 
@@ -110,11 +89,9 @@ def _bsr_linear_grad_values(grad_output: Tensor, input: Tensor, block_row_offset
     bsr_grad_values_features(grad_output, input, index, block_size)
     out_features = (block_row_offsets.shape[0] - 1) * block_size
     in_features = (block_col_offsets.shape[0] - 1) * block_size
-    _check_index({"block_col_indices": block_col_indices, "block_row_indices": block_row_indices,
-                  "block_value_indices": block_value_indices}, input)
-    check_device(bsr_kernels._bsr_grad_values_kernel, input, "input")
-    return bsr_kernels.bsr_grad_values(grad_output.reshape(-1, out_features), input.reshape(-1, in_features),
-                                       block_col_indices, block_row_indices, block_value_indices, block_size)
+    check_device(_bsr_grad_values_kernel, input, "input")
+    return bsr_grad_values(grad_output.reshape(-1, out_features), input.reshape(-1, in_features),
+                           block_col_indices, block_row_indices, block_value_indices, block_size)
 
 
 def _bsr_setup_context(ctx, inputs, output):
@@ -143,9 +120,8 @@ def _nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
     out_features, in_features = nm_features(values, positions, n, m)
     check_operand(input, "input", values, "values", in_features, "in_features")
     check_bias(bias, values, out_features)
-    _check_positions(positions, values)
-    check_device(nm_kernels._nm_forward_kernel, input, "input")
-    out = nm_kernels.nm_forward(input.reshape(-1, in_features), values, positions, n, m, bias)
+    check_device(_nm_forward_kernel, input, "input")
+    out = nm_forward(input.reshape(-1, in_features), values, positions, n, m, bias)
     return out.reshape(*input.shape[:-1], out_features)
 
 
@@ -153,19 +129,18 @@ def _nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
 def _nm_linear_grad_input(grad_output: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
     out_features, in_features = nm_features(values, positions, n, m)
     check_operand(grad_output, "grad_output", values, "values", out_features, "out_features")
-    _check_positions(positions, values)
-    check_device(nm_kernels._nm_grad_input_kernel, grad_output, "grad_output")
-    grad_input = nm_kernels.nm_grad_input(grad_output.reshape(-1, out_features), values, positions, n, m)
+    check_device(_nm_grad_input_kernel, grad_output, "grad_output")
+    grad_input = nm_grad_input(grad_output.reshape(-1, out_features), values, positions, n, m)
     return grad_input.reshape(*grad_output.shape[:-1], in_features)
 
 
 @_define("sparsekernels_triton::nm_linear_grad_values")
 def _nm_linear_grad_values(grad_output: Tensor, input: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
-    nm_grad_values_features(grad_output, input, positions, n, m)
-    out_features, in_features = grad_output.shape[-1], input.shape[-1]
-    check_device(nm_kernels._nm_grad_values_kernel, input, "input")
-    return nm_kernels.nm_grad_values(grad_output.reshape(-1, out_features), input.reshape(-1, in_features),
-                                     positions, n, m)
+    out_features, _ = nm_grad_values_features(grad_output, input, positions, n, m)
+    check_device(_nm_grad_values_kernel, input, "input")
+    in_features = input.shape[-1]
+    return nm_grad_values(grad_output.reshape(-1, out_features), input.reshape(-1, in_features),
+                          positions, n, m)
 
 
 def _nm_setup_context(ctx, inputs, output):

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One GPU visit: build, GPU tests, sanitizer, quick benchmark; everything it finds lands in $OUT.
+#
+#   bash bench/gpu_check.sh                 # every step, in order (about 25 minutes at most)
+#   bash bench/gpu_check.sh build tests     # only some steps (a device command may run 10 minutes:
+#   bash bench/gpu_check.sh sanitizer bench #  split the visit over calls while the machine is warm)
+#
+# Steps: info, build, compile, tests, triton-tests, sanitizer, bench. A failing step does not stop
+# the later ones: each step's exit status is appended to $OUT/summary.txt, and the script exits
+# non-zero when any step failed. Each step has a time limit (seconds, below) so that the whole visit
+# stays under ~25 minutes of GPU time. No network is needed: the CUTLASS headers come from a carried
+# wheel folder .whl/ when present (else the CUDA 2:4 GEMMs are built without them, or skipped).
+#
+# Files in $OUT (at most 8, as the device tool returns): summary.txt, info.txt, build.txt,
+# compile-check.txt, gpu-tests.txt, sanitizer.txt, bench.txt and <gpu>-<date>-quick.json (the
+# benchmark's results, named by GPU and date, ready to copy to bench/results/).
+set -euo pipefail
+
+OUT="${OUT:-$PWD/gpu-check-out}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+failed=0
+
+# step NAME LIMIT_SECONDS LOG COMMAND...: run COMMAND under a time limit, tee its output to LOG,
+# record "NAME rc=N seconds=S" in the summary, and never stop the script.
+step() {
+    local name="$1" limit="$2" log="$3"
+    shift 3
+    local started rc
+    started=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
+    set +e
+    # bash -c: the steps below are shell functions (exported), which timeout cannot run directly.
+    timeout "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    echo "$name rc=$rc seconds=$(( $(date +%s) - started ))" | tee -a "$SUMMARY"
+    if [ "$rc" -ne 0 ]; then failed=1; fi
+}
+
+info() {
+    nvidia-smi || true
+    "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as error:
+    print("triton missing:", error)
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    print("gpu", torch.cuda.get_device_name(0), "sm", f"{props.major}{props.minor}", "SMs", props.multi_processor_count)
+EOF
+    command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"
+}
+
+build() {
+    if compgen -G ".whl/nvidia_cutlass-4.2.0.0*.whl" > /dev/null; then
+        "$PY" -m pip install --no-deps --no-index .whl/nvidia_cutlass-4.2.0.0*.whl
+    else
+        echo "no .whl/nvidia_cutlass-4.2.0.0 wheel carried: skipping the CUTLASS headers"
+    fi
+    "$PY" -m pip install --no-build-isolation --no-deps -e .
+}
+
+gpu_name_for_file() {
+    "$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))" \
+        2>/dev/null || echo unknown-gpu
+}
+
+bench() {
+    local dir=/tmp/gpu-check-bench-quick
+    rm -rf "$dir"
+    "$PY" -m bench --suite quick --device cuda --out "$dir" --no-plots --no-progress
+    local name
+    name="$(gpu_name_for_file)-$(date -u +%Y-%m-%d)-quick.json"
+    cp "$dir/results.json" "$OUT/$name"
+    echo "results: $OUT/$name"
+}
+
+export OUT PY
+export -f info build bench gpu_name_for_file
+
+steps=("$@")
+if [ ${#steps[@]} -eq 0 ]; then
+    steps=(info build compile tests triton-tests sanitizer bench)
+fi
+export PYTHONUNBUFFERED=1
+
+for name in "${steps[@]}"; do
+    case "$name" in
+        info) step info 60 "$OUT/info.txt" info ;;
+        build) step build 480 "$OUT/build.txt" build ;;
+        compile) step compile 180 "$OUT/compile-check.txt" "$PY" -m sparsekernels.triton.compile_check --quick ;;
+        # The gpu-marked tests of the whole suite (larger shapes, bfloat16, CUDA-only checks).
+        tests) step tests 300 "$OUT/gpu-tests.txt" "$PY" -m pytest -q -m gpu tests/ ;;
+        # The Triton kernel tests run on CUDA tensors whenever a GPU is present (marked or not).
+        triton-tests) step triton-tests 420 "$OUT/gpu-tests.txt" \
+            "$PY" -m pytest -q -x tests/test_triton.py tests/test_triton_dispatch.py ;;
+        # memcheck over a small subset: every kernel family once, bf16, a partial row tile.
+        sanitizer) step sanitizer 300 "$OUT/sanitizer.txt" \
+            compute-sanitizer --tool memcheck --target-processes all --error-exitcode 1 \
+            "$PY" -m pytest -q -x tests/test_triton.py -k "test_matches_dense_reference and bfloat16 and 7 and bias" ;;
+        bench) step bench 480 "$OUT/bench.txt" bench ;;
+        *) echo "unknown step $name (info, build, compile, tests, triton-tests, sanitizer, bench)" | tee -a "$SUMMARY"
+           failed=1 ;;
+    esac
+done
+
+echo "--- summary"
+cat "$SUMMARY"
+exit "$failed"

@@ -1,0 +1,102 @@
+"""Triton block-sparse forward: ``out = x @ W.T (+ bias)``, one program per (row tile, block row).
+
+The weight is ``[out_features, in_features]`` cut into ``B x B`` blocks (B in 16, 32, 64, 128); the
+kept blocks are ``values[nnz, B, B]`` (row-major, rows are output features) with a BSR index (see
+sparsekernels/formats/block_sparse.py). Each program walks its block row's kept blocks,
+``out[rows, block row] = sum_j x[rows, col_j] @ values[j].T`` (+ bias, fused). When the batch is too
+small to keep the GPU busy, a block row is split into slices of ``TILE`` outputs over several
+programs: each slice re-reads the x tile, but the weight, which dominates the traffic then, is read
+once. Accumulates in float32 and rounds once, to the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (
+    Config, block_candidates, block_density_bucket, column_tile, dot_accumulate, dot_mode, launch, m_bucket,
+    pipeline_stages, rows_block, tuned_config,
+)
+
+__all__ = ["bsr_forward"]
+
+
+@triton.jit
+def _bsr_forward_kernel(
+    x_ptr, values_ptr, row_offsets_ptr, col_indices_ptr, bias_ptr, out_ptr,
+    rows, stride_x_row, stride_x_col, stride_out_row,
+    HAS_BIAS: tl.constexpr, B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
+):
+    # Output columns [block_row * B + part * TILE, + TILE): a whole block row when TILE == B, a
+    # slice of it when few input rows leave too few programs otherwise (see _common.column_tile).
+    row_tile = tl.program_id(0)
+    block_row = tl.program_id(1) // (B // TILE)
+    part = tl.program_id(1) % (B // TILE)
+    offs_rows = row_tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = offs_rows < rows
+    offs_k = tl.arange(0, B)
+    offs_n = part * TILE + tl.arange(0, TILE)
+    x_rows = x_ptr + offs_rows.to(tl.int64)[:, None] * stride_x_row
+
+    start = tl.load(row_offsets_ptr + block_row).to(tl.int64)
+    end = tl.load(row_offsets_ptr + block_row + 1).to(tl.int64)
+    acc = tl.zeros([BLOCK_ROWS, TILE], dtype=tl.float32)
+    for j in range(start, end):
+        block_col = tl.load(col_indices_ptr + j).to(tl.int64)
+        x_tile = tl.load(x_rows + (block_col * B + offs_k)[None, :] * stride_x_col, mask=row_mask[:, None], other=0.0)
+        # values[j] is [out, in] row-major; read rows offs_n of it as [in, out] (transposed) for x @ W.T.
+        w_t = tl.load(values_ptr + j * B * B + offs_k[:, None] + offs_n[None, :] * B)
+        acc = dot_accumulate(x_tile, w_t, acc, DOT)
+
+    out_cols = block_row * B + offs_n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_cols).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_rows.to(tl.int64)[:, None] * stride_out_row + out_cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+
+def heuristic_config(rows: int, n_block_rows: int, block_size: int, element_size: int, device) -> Config:
+    """The untuned choice: 16/32/64 rows by batch, the whole block row unless the grid is too small."""
+    block_rows = rows_block(rows)
+    tile = column_tile(triton.cdiv(rows, block_rows), n_block_rows, block_size, device)
+    return Config(block_rows, tile, 8 if block_rows * tile >= 64 * 128 else 4,
+                  pipeline_stages((block_rows + tile) * block_size * element_size))
+
+
+def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
+                bias: Optional[Tensor]) -> Tensor:
+    """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]``; returns ``[rows, out_features]``."""
+    block_size = values.shape[-1]
+    n_block_rows = block_row_offsets.shape[0] - 1
+    rows, in_features = x.shape
+    out = x.new_empty((rows, n_block_rows * block_size))
+    if out.numel() == 0:
+        return out
+    values, block_row_offsets, block_col_indices = (
+        values.contiguous(), block_row_offsets.contiguous(), block_col_indices.contiguous())
+    bias = out if bias is None else bias.contiguous()
+    has_bias = bias is not out
+    dot = dot_mode(_bsr_forward_kernel, x.dtype)
+
+    def run(config: Config) -> None:
+        grid = (triton.cdiv(rows, config.block_rows), n_block_rows * (block_size // config.tile))
+        launch(_bsr_forward_kernel, grid,
+               x, values, block_row_offsets, block_col_indices, bias, out,
+               rows, x.stride(0), x.stride(1), out.stride(0),
+               HAS_BIAS=has_bias, B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows, DOT=dot,
+               num_warps=config.num_warps, num_stages=config.num_stages)
+
+    nnz, out_features, element_size = values.shape[0], out.shape[1], x.element_size()
+    config = tuned_config(
+        (rows, nnz, in_features),
+        lambda: ("bsr_forward", m_bucket(rows), out_features, in_features, f"b{block_size}",
+                 block_density_bucket(nnz, n_block_rows, in_features // block_size), str(x.dtype)),
+        x.device, (x, values), heuristic_config(rows, n_block_rows, block_size, element_size, x.device),
+        lambda: block_candidates(rows, n_block_rows, block_size, element_size), run)
+    run(config)
+    return out

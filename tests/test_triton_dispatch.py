@@ -1,0 +1,368 @@
+"""Autotuning (sparsekernels/triton/autotune.py) and the dense-fallback dispatch (dispatch.py).
+
+Both decide on a GPU by timing; here the timing functions and the "may measure" predicate are
+injected, so the logic (keys, the disk cache across processes, the disabled paths, corrupted files,
+the dense weight cache and its invalidation, gradients through the dense path) runs on CPU tensors
+under the Triton interpreter. No assertion depends on real time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import sparsekernels as sk  # noqa: E402
+from cases import assert_close, kept_values_of, make_case  # noqa: E402
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.skipif(
+    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch):
+    for name in ("SPARSEKERNELS_AUTOTUNE", "SPARSEKERNELS_TUNE_CACHE", "SPARSEKERNELS_DENSE_FALLBACK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def autotune():
+    from sparsekernels.triton import autotune
+
+    return autotune
+
+
+def dispatch():
+    from sparsekernels.triton import dispatch
+
+    return dispatch
+
+
+def always(device, tensors):
+    return True
+
+
+class TableTimer:
+    """A timer that runs nothing and returns the time listed for each config (ms)."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def __call__(self, fn):
+        config = fn.__defaults__[0]  # Tuner._tune binds the candidate as the lambda's default
+        self.calls.append(config)
+        return self.table[config]
+
+
+def refuse(fn):
+    raise AssertionError("timed although no tuning was expected")
+
+
+# ------------------------------------------------------------------------------------------ keys
+@pytest.mark.parametrize("rows, bucket", [(0, 1), (1, 1), (2, 2), (3, 4), (16, 16), (17, 32), (8192, 8192)])
+def test_m_bucket(rows, bucket):
+    assert autotune().m_bucket(rows) == bucket
+
+
+@pytest.mark.parametrize("density, bucket", [(0.0, 0.05), (0.05, 0.05), (0.1, 0.1), (0.11, 0.2), (0.5, 0.5),
+                                             (0.51, 0.7), (0.99, 1.0), (1.0, 1.0)])
+def test_density_bucket(density, bucket):
+    assert autotune().density_bucket(density) == bucket
+
+
+class KeyRecorder:
+    def __init__(self):
+        self.keys = []
+
+    def choose(self, key, device, tensors, heuristic, candidates, run):
+        self.keys.append(key)
+        return heuristic
+
+
+def test_launchers_key_by_bucketed_shape(monkeypatch):
+    """The forward key of a block weight: M bucket, N, K, block size, density bucket, dtype; batches
+    in one power-of-two bucket share it."""
+    recorder = KeyRecorder()
+    monkeypatch.setattr(autotune(), "tuner", recorder)
+    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")  # CUDA tensors: the sparse kernel only
+    matrix = BlockSparseMatrix.random((48, 64), 16, 0.5, dtype=torch.float32).to(DEVICE)  # 6 of 12 blocks
+    for rows in (5, 8):
+        sk.triton.bsr_linear(torch.randn(rows, 64, device=DEVICE), matrix.values, *matrix.index_tensors())
+    expected = ("bsr_forward", 8, 48, 64, "b16", 0.5, "torch.float32")
+    assert recorder.keys == [expected, expected]
+    nm_matrix = make_case(NM(2, 4), torch.float16, DEVICE).matrix
+    sk.triton.nm_linear(torch.randn(33, nm_matrix.shape[1], dtype=torch.float16, device=DEVICE), nm_matrix.values,
+                        nm_matrix.positions, 2, 4)
+    assert recorder.keys[-1] == ("nm_forward", 64, *nm_matrix.shape, "2:4", 0.5, "torch.float16")
+
+
+# ------------------------------------------------------------------------------------------ tuner
+CANDIDATES = [autotune().Config(16, 32, 4, 2), autotune().Config(32, 32, 8, 2), autotune().Config(64, 16, 4, 1)]
+HEURISTIC = autotune().Config(16, 16, 4, 2)
+KEY = ("bsr_forward", 64, 128, 256, "b32", 0.5, "torch.bfloat16")
+
+
+def choose(tuner, runs=None):
+    ran = runs if runs is not None else []
+    return tuner.choose(KEY, torch.device("cpu"), (), HEURISTIC, lambda: CANDIDATES, ran.append)
+
+
+def test_tuning_picks_the_fastest_and_a_second_process_reuses_it(tmp_path):
+    path = tmp_path / "tune.json"
+    timer = TableTimer({HEURISTIC: 3.0, CANDIDATES[0]: 2.0, CANDIDATES[1]: 1.0, CANDIDATES[2]: 5.0})
+    first = autotune().Tuner(path=path, timer=timer, measurable=always)
+    assert choose(first) == CANDIDATES[1]
+    assert timer.calls == [HEURISTIC, *CANDIDATES] and first.tuning_runs == 1
+    assert choose(first) == CANDIDATES[1] and len(timer.calls) == 4  # memory: not timed again
+    stored = json.loads(path.read_text())
+    assert stored["version"] == 1 and len(stored["configs"]) == 1
+    assert [name for name in os.listdir(tmp_path)] == ["tune.json"]  # the temporary file was renamed
+
+    # A fresh object is a fresh process: empty memory, same file. It must not time anything.
+    second = autotune().Tuner(path=path, timer=refuse, measurable=always)
+    assert choose(second) == CANDIDATES[1] and second.tuning_runs == 0
+    first.clear_memory()
+    assert choose(first) == CANDIDATES[1] and len(timer.calls) == 4
+
+
+def test_keys_are_per_gpu_and_merged_into_the_file(tmp_path):
+    path = tmp_path / "tune.json"
+    table = {HEURISTIC: 3.0, CANDIDATES[0]: 2.0, CANDIDATES[1]: 1.0, CANDIDATES[2]: 5.0}
+    first = autotune().Tuner(path=path, timer=TableTimer(table), measurable=always)
+    second = autotune().Tuner(path=path, timer=TableTimer({**table, CANDIDATES[2]: 0.5}), measurable=always)
+    choose(first)
+    other_key = KEY[:1] + (128,) + KEY[2:]
+    assert second.choose(other_key, torch.device("cpu"), (), HEURISTIC, lambda: CANDIDATES, None) == CANDIDATES[2]
+    stored = json.loads(path.read_text())["configs"]
+    assert len(stored) == 2  # the second writer kept the first one's entry
+    assert all(key.endswith("|cpu") for key in stored)  # the device name is part of the key
+
+
+def test_tuning_disabled_by_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
+    tuner = autotune().Tuner(path=tmp_path / "tune.json", timer=refuse, measurable=always)
+    assert choose(tuner) == HEURISTIC
+    assert not (tmp_path / "tune.json").exists()
+
+
+def test_no_tuning_where_nothing_can_be_measured(tmp_path):
+    """The default predicate: CPU tensors (the interpreter) are never tuned."""
+    tuner = autotune().Tuner(path=tmp_path / "tune.json", timer=refuse)
+    assert choose(tuner) == HEURISTIC
+    assert not autotune().can_measure(torch.device("cpu"), ())
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": 99, "configs": {}}', '{"version": 1, "configs": []}',
+                                     '{"version": 1, "configs": {"k": {"tile": 3}}}'],
+                         ids=["syntax", "version", "section-type", "entry"])
+def test_corrupted_cache_file_is_ignored_with_a_warning(tmp_path, content):
+    path = tmp_path / "tune.json"
+    path.write_text(content)
+    timer = TableTimer({HEURISTIC: 3.0, CANDIDATES[0]: 2.0, CANDIDATES[1]: 1.0, CANDIDATES[2]: 5.0})
+    tuner = autotune().Tuner(path=path, timer=timer, measurable=always)
+    with pytest.warns(UserWarning, match="ignoring the corrupted tuning cache"):
+        assert choose(tuner) == CANDIDATES[1]
+    assert json.loads(path.read_text())["version"] == 1  # rewritten, valid
+
+
+def test_cache_file_from_environment(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "cache.json"
+    monkeypatch.setenv("SPARSEKERNELS_TUNE_CACHE", str(path))
+    timer = TableTimer({HEURISTIC: 3.0, CANDIDATES[0]: 2.0, CANDIDATES[1]: 1.0, CANDIDATES[2]: 5.0})
+    assert choose(autotune().Tuner(timer=timer, measurable=always)) == CANDIDATES[1]
+    assert path.exists()
+    assert autotune().Tuner().path("NVIDIA H100 80GB HBM3") == path
+    monkeypatch.delenv("SPARSEKERNELS_TUNE_CACHE")
+    assert autotune().Tuner().path("NVIDIA H100 80GB HBM3").name == "triton-tune-NVIDIA-H100-80GB-HBM3.json"
+
+
+def test_failing_candidate_is_skipped(tmp_path):
+    def timer(fn):
+        config = fn.__defaults__[0]
+        if config == CANDIDATES[1]:
+            raise RuntimeError("out of shared memory")
+        return {HEURISTIC: 3.0, CANDIDATES[0]: 2.0, CANDIDATES[2]: 5.0}[config]
+
+    tuner = autotune().Tuner(path=tmp_path / "tune.json", timer=timer, measurable=always)
+    with pytest.warns(UserWarning, match="tuning candidate"):
+        assert choose(tuner) == CANDIDATES[0]
+
+
+# ------------------------------------------------------------------ every candidate computes the same
+class Forced:
+    """A tuner that returns the candidate at ``index`` (or the heuristic past the end)."""
+
+    def __init__(self, index):
+        self.index, self.seen = index, 0
+
+    def choose(self, key, device, tensors, heuristic, candidates, run):
+        options = candidates()
+        self.seen = max(self.seen, len(options))
+        return options[self.index] if self.index < len(options) else heuristic
+
+
+@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("layout", [BlockSparse(32, 0.5), NM(2, 4)], ids=["block32", "nm2:4"])
+def test_every_tuning_candidate_matches_dense(layout, index, monkeypatch):
+    """Forward and both gradients with each candidate configuration the tuner may pick."""
+    forced = Forced(index)
+    monkeypatch.setattr(autotune(), "tuner", forced)
+    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
+    torch.manual_seed(index)
+    case = make_case(layout, torch.float32, DEVICE, features=(96, 128))
+    input = torch.randn(20, 128, device=DEVICE, requires_grad=True)
+    values = case.matrix.values.detach().clone().requires_grad_()
+    if isinstance(case.matrix, BlockSparseMatrix):
+        output = sk.triton.bsr_linear(input, values, *case.matrix.index_tensors())
+    else:
+        output = sk.triton.nm_linear(input, values, case.matrix.positions, case.matrix.n, case.matrix.m)
+    weight = case.masked.float().requires_grad_()
+    expected = F.linear(input.detach(), weight)
+    grad_output = torch.randn_like(expected)
+    output.backward(grad_output)
+    expected.backward(grad_output)
+    assert_close(output, expected, torch.float32, "output")
+    assert_close(input.grad, grad_output @ case.masked.float(), torch.float32, "grad input")
+    assert_close(values.grad, kept_values_of(case, weight.grad), torch.float32, "grad values")
+    assert forced.seen >= 2
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def dispatch_tuner(tmp_path, sparse_ms, dense_ms):
+    """A tuner whose timer runs each path once (so both must work) and reports the given times, in
+    the order dispatch measures them: sparse, then dense."""
+    times = iter([sparse_ms, dense_ms])
+    calls = []
+
+    def timer(fn):
+        calls.append(fn())
+        return next(times)
+
+    tuner = autotune().Tuner(path=tmp_path / "tune.json", timer=timer, measurable=always)
+    return tuner, calls
+
+
+def block_problem(requires_grad=False, seed=0):
+    torch.manual_seed(seed)
+    case = make_case(BlockSparse(16, 0.5), torch.float32, DEVICE, features=(48, 64))
+    values = case.matrix.values.detach().clone().requires_grad_(requires_grad)
+    return case, values, case.matrix.index_tensors()
+
+
+@pytest.mark.parametrize("sparse_ms, dense_ms, path", [(2.0, 1.0, "dense"), (1.0, 2.0, "sparse")])
+def test_dispatch_takes_the_faster_path_once_measured(tmp_path, sparse_ms, dense_ms, path):
+    tuner, calls = dispatch_tuner(tmp_path, sparse_ms, dense_ms)
+    case, values, index = block_problem()
+    input = torch.randn(5, 64, device=DEVICE)
+    bias = torch.randn(48, device=DEVICE)
+    before = dict(dispatch().path_counts)
+    output = dispatch().bsr_linear(input, values, *index, bias, tuner=tuner)
+    assert dispatch().last_path() == path and len(calls) == 2
+    assert_close(output, F.linear(input, case.masked, bias), torch.float32, "output")
+    assert_close(calls[0], calls[1], torch.float32, "the two measured paths")
+    dispatch().bsr_linear(input, values, *index, bias, tuner=tuner)
+    assert len(calls) == 2  # decided once
+    assert dispatch().path_counts[path] == before[path] + 2
+    stored = json.loads((tmp_path / "tune.json").read_text())["dispatch"]
+    assert [entry["path"] for entry in stored.values()] == [path]
+    fresh = autotune().Tuner(path=tmp_path / "tune.json", timer=refuse, measurable=always)
+    dispatch().bsr_linear(input, values, *index, bias, tuner=fresh)
+    assert dispatch().last_path() == path
+
+
+def test_dispatch_disabled_by_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
+    tuner = autotune().Tuner(path=tmp_path / "tune.json", timer=refuse, measurable=always)
+    case, values, index = block_problem()
+    dispatch().bsr_linear(torch.randn(3, 64, device=DEVICE), values, *index, tuner=tuner)
+    assert dispatch().last_path() == "sparse"
+
+
+def test_dispatch_without_measurement_stays_sparse(tmp_path):
+    tuner = autotune().Tuner(path=tmp_path / "tune.json", timer=refuse)  # CPU: cannot measure
+    case, values, index = block_problem()
+    dispatch().bsr_linear(torch.randn(3, 64, device=DEVICE), values, *index, tuner=tuner)
+    assert dispatch().last_path() == "sparse"
+    assert not (tmp_path / "tune.json").exists()
+
+
+@pytest.mark.parametrize("layout", [BlockSparse(16, 0.5), NM(2, 4)], ids=["block16", "nm2:4"])
+def test_dense_path_gradients_reach_kept_values_only(tmp_path, layout):
+    tuner, _ = dispatch_tuner(tmp_path, 2.0, 1.0)
+    torch.manual_seed(1)
+    case = make_case(layout, torch.float32, DEVICE, features=(48, 64))
+    values = case.matrix.values.detach().clone().requires_grad_()
+    input = torch.randn(2, 3, 64, device=DEVICE, requires_grad=True)
+    bias = torch.randn(48, device=DEVICE, requires_grad=True)
+    if isinstance(case.matrix, BlockSparseMatrix):
+        output = dispatch().bsr_linear(input, values, *case.matrix.index_tensors(), bias, tuner=tuner)
+    else:
+        output = dispatch().nm_linear(input, values, case.matrix.positions, 2, 4, bias, tuner=tuner)
+    assert dispatch().last_path() == "dense"
+    weight = case.masked.float().requires_grad_()
+    expected = F.linear(input.detach(), weight, bias.detach())
+    grad_output = torch.randn_like(expected)
+    output.backward(grad_output)
+    expected.backward(grad_output)
+    assert_close(output, expected, torch.float32, "output")
+    assert_close(input.grad, grad_output @ case.masked.float(), torch.float32, "grad input")
+    assert values.grad.shape == values.shape
+    assert_close(values.grad, kept_values_of(case, weight.grad), torch.float32, "grad values")
+    assert_close(bias.grad, grad_output.sum((0, 1)), torch.float32, "grad bias")
+
+
+def test_dense_weight_cache_is_reused_and_invalidated(tmp_path):
+    tuner, _ = dispatch_tuner(tmp_path, 2.0, 1.0)
+    case, values, index = block_problem()
+    input = torch.randn(4, 64, device=DEVICE)
+    built = []
+    original = dispatch().reference.bsr_to_dense
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return original(*args, **kwargs)
+
+    dispatch().clear_dense_cache()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dispatch().reference, "bsr_to_dense", counting)
+        with torch.no_grad():
+            first = dispatch().bsr_linear(input, values, *index, tuner=tuner)
+            assert len(built) == 2  # one for the measurement (not kept), one cached for the dense path
+            dispatch().bsr_linear(input, values, *index, tuner=tuner)
+            assert len(built) == 2  # reused
+            values.mul_(2)  # in-place: bumps the version counter
+            second = dispatch().bsr_linear(input, values, *index, tuner=tuner)
+            assert len(built) == 3
+            assert_close(second, 2 * first, torch.float32, "output after values changed")
+            index[1].copy_(index[1])  # an in-place write to the index invalidates too
+            dispatch().bsr_linear(input, values, *index, tuner=tuner)
+            assert len(built) == 4
+            dispatch().bsr_linear(input, values, *index, tuner=tuner)
+            assert len(built) == 4
+            index = tuple(tensor.clone() for tensor in index)  # new index objects (as set_pattern makes)
+            dispatch().bsr_linear(input, values, *index, tuner=tuner)
+            assert len(built) == 5
+        # Autograd needs the values' gradient: rebuilt (differentiably) at every call, not cached.
+        values.requires_grad_()
+        dispatch().bsr_linear(input, values, *index, tuner=tuner)
+        dispatch().bsr_linear(input, values, *index, tuner=tuner)
+        assert len(built) == 7
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU routing")
+def test_front_end_keeps_cpu_tensors_on_the_sparse_op(monkeypatch):
+    """Without a GPU the front end calls the sparse op directly (dispatch is for CUDA tensors)."""
+    monkeypatch.setattr(dispatch(), "bsr_linear", refuse)
+    case, values, index = block_problem()
+    input = torch.randn(3, 64)
+    assert_close(sk.triton.bsr_linear(input, values, *index), F.linear(input, case.masked), torch.float32, "output")
