@@ -43,6 +43,7 @@ CSV_MEASUREMENT_FIELDS = (
     "tflops",
     "gbps",
     "roofline_pct",
+    "path",
     "max_abs_error",
     "max_rel_error",
     "tolerance",
@@ -112,6 +113,8 @@ def _format_measurement(name: str, measurement: Optional[Measurement], footnotes
         text += f" [{color}]{_format_speedup(measurement.speedup)}[/]"
     if measurement.roofline_pct is not None:
         text += f" [dim]{measurement.roofline_pct:.0f}%[/]"
+    if measurement.path == "dense":
+        text += " [dim](dense fallback)[/]"
     return text
 
 
@@ -192,6 +195,7 @@ def _csv_row(cell: dict[str, Any], name: str, measurement: Measurement) -> dict[
         "tflops": measurement.tflops,
         "gbps": measurement.gbps,
         "roofline_pct": measurement.roofline_pct,
+        "path": measurement.path,
         "max_abs_error": measurement.max_abs_error,
         "max_rel_error": measurement.max_rel_error,
         "tolerance": measurement.tolerance,

@@ -32,6 +32,7 @@ class Measurement:
     tflops: Optional[float] = None  # useful TFLOP/s
     gbps: Optional[float] = None  # needed GB/s
     roofline_pct: Optional[float] = None  # useful TFLOP/s over the roofline, % (GPUs of the peak table)
+    path: Optional[str] = None  # sparsekernels on CUDA: "sparse" or "dense" (the dense fallback), else None
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)

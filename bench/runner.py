@@ -142,11 +142,28 @@ def _measure(
             else f"error {verdict.max_rel_error:.2e} of the output scale > tolerance {verdict.tolerance:.0e}"
         )
         return Measurement(Status.WRONG, detail, **errors)
+    paths_before = _dispatch_counts()
     try:
         timing = timer.measure(run)
     except Exception as error:
         return Measurement(Status.ERROR, f"timing: {describe_error(error)}", **errors)
-    return Measurement(Status.OK, timing=timing, **errors)
+    return Measurement(Status.OK, timing=timing, path=_path_taken(paths_before, _dispatch_counts()), **errors)
+
+
+def _dispatch_counts() -> Optional[dict[str, int]]:
+    """The Triton dispatcher's path counters, when it has been loaded (CUDA runs only)."""
+    dispatch = sys.modules.get("sparsekernels.triton.dispatch")
+    return None if dispatch is None else dict(dispatch.path_counts)
+
+
+def _path_taken(before: Optional[dict[str, int]], after: Optional[dict[str, int]]) -> Optional[str]:
+    """Which dispatch path ran while a cell was timed: "sparse", "dense", "mixed", or None if none."""
+    if after is None:
+        return None
+    taken = [path for path, count in after.items() if count > (before or {}).get(path, 0)]
+    if not taken:
+        return None
+    return taken[0] if len(taken) == 1 else "mixed"
 
 
 def _derive(result: CellResult, peak: Optional[Peak] = None) -> None:

@@ -10,6 +10,7 @@ import copy
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -526,3 +527,22 @@ def test_a_saved_e2e_results_file_gets_one_e2e_in_its_plot_name(tmp_path):
     assert plots.write_plots(document, tmp_path, "cpu-x-2026-11-23-e2e-") == [tmp_path / "cpu-x-2026-11-23-e2e.png"]
     assert plots.write_plots(document, tmp_path) == [tmp_path / "e2e.png"]
     _assert_png(tmp_path / "e2e.png")
+
+
+def test_cells_record_the_dispatch_path_taken(monkeypatch):
+    """A cell timed while the Triton dispatcher ran records which path (sparse or dense fallback) it took."""
+    import types
+
+    from bench import runner
+
+    assert runner._path_taken(None, None) is None
+    assert runner._path_taken({"sparse": 3, "dense": 1}, {"sparse": 3, "dense": 1}) is None
+    assert runner._path_taken({"sparse": 3, "dense": 1}, {"sparse": 9, "dense": 1}) == "sparse"
+    assert runner._path_taken(None, {"sparse": 0, "dense": 2}) == "dense"
+    assert runner._path_taken({"sparse": 0, "dense": 0}, {"sparse": 1, "dense": 1}) == "mixed"
+
+    fake = types.SimpleNamespace(path_counts={"sparse": 0, "dense": 5})
+    monkeypatch.setitem(sys.modules, "sparsekernels.triton.dispatch", fake)
+    assert runner._dispatch_counts() == {"sparse": 0, "dense": 5}
+    monkeypatch.delitem(sys.modules, "sparsekernels.triton.dispatch")
+    assert runner._dispatch_counts() is None
