@@ -108,3 +108,38 @@ def kept_values_of(case: SparseCase, dense_grad: Tensor) -> Tensor:
     block_rows = torch.repeat_interleave(torch.arange(matrix.n_block_rows, device=dense_grad.device), counts)
     blocks = dense_grad.reshape(matrix.n_block_rows, b, matrix.n_block_cols, b).permute(0, 2, 1, 3)
     return blocks[block_rows, matrix.block_col_indices.long()]
+
+
+def opcheck_samples(device="cpu", with_bias_grad: bool = True) -> list[tuple[str, tuple]]:
+    """(op name, args) for ``torch.library.opcheck``: every linear op of both layouts, bias on and
+    off, 2-D and 3-D inputs, and ``linear_bias_grad`` when ``with_bias_grad`` (the Triton namespace
+    has no op of its own for it)."""
+    samples = []
+    for layout in (BlockSparse(16, 0.5), NM(2, 4)):
+        case = make_case(layout, torch.float32, device)
+        matrix = case.matrix
+        out_features, in_features = case.dense.shape
+        for leading in ((5,), (2, 3)):
+            input = torch.randn(*leading, in_features, device=device, requires_grad=True)
+            grad_output = torch.randn(*leading, out_features, device=device)
+            values = matrix.values.detach().clone().requires_grad_()
+            bias = torch.randn(out_features, device=device, requires_grad=True)
+            if isinstance(matrix, BlockSparseMatrix):
+                index = matrix.index_tensors()
+                samples += [
+                    ("bsr_linear", (input, values, *index, bias)),
+                    ("bsr_linear", (input, values, *index, None)),
+                    ("bsr_linear_grad_input", (grad_output, values.detach(), *index)),
+                    ("bsr_linear_grad_values", (grad_output, input.detach(), *index, matrix.block_size)),
+                ]
+            else:
+                nm_args = (matrix.positions, matrix.n, matrix.m)
+                samples += [
+                    ("nm_linear", (input, values, *nm_args, bias)),
+                    ("nm_linear", (input, values, *nm_args, None)),
+                    ("nm_linear_grad_input", (grad_output, values.detach(), *nm_args)),
+                    ("nm_linear_grad_values", (grad_output, input.detach(), *nm_args)),
+                ]
+            if with_bias_grad:
+                samples.append(("linear_bias_grad", (grad_output,)))
+    return samples

@@ -15,6 +15,7 @@ from cases import (
     kept_values_of,
     layout_id,
     make_case,
+    opcheck_samples,
 )
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix
 
@@ -95,38 +96,6 @@ def test_matches_dense_reference_cuda(layout, dtype):
 
 
 # ---------------------------------------------------------------------- opcheck
-def opcheck_samples():
-    """(op name, args) covering every op, both layouts, bias on and off, 2-D and 3-D inputs."""
-    samples = []
-    for layout in (BlockSparse(16, 0.5), NM(2, 4)):
-        case = make_case(layout)
-        matrix = case.matrix
-        out_features, in_features = case.dense.shape
-        for leading in ((5,), (2, 3)):
-            input = torch.randn(*leading, in_features, requires_grad=True)
-            grad_output = torch.randn(*leading, out_features)
-            values = matrix.values.detach().clone().requires_grad_()
-            bias = torch.randn(out_features, requires_grad=True)
-            if isinstance(matrix, BlockSparseMatrix):
-                index = matrix.index_tensors()
-                samples += [
-                    ("bsr_linear", (input, values, *index, bias)),
-                    ("bsr_linear", (input, values, *index, None)),
-                    ("bsr_linear_grad_input", (grad_output, values.detach(), *index)),
-                    ("bsr_linear_grad_values", (grad_output, input.detach(), *index, matrix.block_size)),
-                ]
-            else:
-                nm_args = (matrix.positions, matrix.n, matrix.m)
-                samples += [
-                    ("nm_linear", (input, values, *nm_args, bias)),
-                    ("nm_linear", (input, values, *nm_args, None)),
-                    ("nm_linear_grad_input", (grad_output, values.detach(), *nm_args)),
-                    ("nm_linear_grad_values", (grad_output, input.detach(), *nm_args)),
-                ]
-            samples.append(("linear_bias_grad", (grad_output,)))
-    return samples
-
-
 def test_opcheck_covers_every_op():
     assert {name for name, _ in opcheck_samples()} == set(sk.ops.OP_NAMES)
 

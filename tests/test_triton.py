@@ -25,7 +25,15 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import sparsekernels as sk  # noqa: E402
-from cases import DTYPES, LAYOUTS, assert_close, kept_values_of, layout_id, make_case  # noqa: E402
+from cases import (  # noqa: E402
+    DTYPES,
+    LAYOUTS,
+    assert_close,
+    kept_values_of,
+    layout_id,
+    make_case,
+    opcheck_samples,
+)
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, SparseLinear  # noqa: E402
 from test_ops import check_against_dense  # noqa: E402
 
@@ -208,43 +216,13 @@ def test_sparse_linear_agrees_with_cpu_kernels(layout):
 
 
 # ---------------------------------------------------------------------- ops: opcheck, compile, errors
-def opcheck_samples():
-    samples = []
-    for layout in (BlockSparse(16, 0.5), NM(2, 4)):
-        case = make_case(layout, torch.float32, DEVICE)
-        matrix = case.matrix
-        out_features, in_features = case.dense.shape
-        for leading in ((5,), (2, 3)):
-            input = torch.randn(*leading, in_features, device=DEVICE, requires_grad=True)
-            grad_output = torch.randn(*leading, out_features, device=DEVICE)
-            values = matrix.values.detach().clone().requires_grad_()
-            bias = torch.randn(out_features, device=DEVICE, requires_grad=True)
-            if isinstance(matrix, BlockSparseMatrix):
-                index = matrix.index_tensors()
-                samples += [
-                    ("bsr_linear", (input, values, *index, bias)),
-                    ("bsr_linear", (input, values, *index, None)),
-                    ("bsr_linear_grad_input", (grad_output, values.detach(), *index)),
-                    ("bsr_linear_grad_values", (grad_output, input.detach(), *index, matrix.block_size)),
-                ]
-            else:
-                nm_args = (matrix.positions, matrix.n, matrix.m)
-                samples += [
-                    ("nm_linear", (input, values, *nm_args, bias)),
-                    ("nm_linear", (input, values, *nm_args, None)),
-                    ("nm_linear_grad_input", (grad_output, values.detach(), *nm_args)),
-                    ("nm_linear_grad_values", (grad_output, input.detach(), *nm_args)),
-                ]
-    return samples
-
-
 def test_opcheck_covers_every_op():
-    assert {name for name, _ in opcheck_samples()} == set(triton_ops().OP_NAMES)
+    assert {name for name, _ in opcheck_samples(DEVICE, with_bias_grad=False)} == set(triton_ops().OP_NAMES)
 
 
-@pytest.mark.parametrize("index", range(len(opcheck_samples())))
+@pytest.mark.parametrize("index", range(len(opcheck_samples(DEVICE, with_bias_grad=False))))
 def test_opcheck(index):
-    name, args = opcheck_samples()[index]
+    name, args = opcheck_samples(DEVICE, with_bias_grad=False)[index]
     torch.library.opcheck(getattr(torch.ops.sparsekernels_triton, name), args)
 
 
