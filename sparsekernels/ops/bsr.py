@@ -19,6 +19,7 @@ from .. import _C  # noqa: F401  (loads the op schemas and the C++ kernels)
 from .. import reference
 from .. import triton as triton_backend
 from ..backend import resolve_backend
+from ._autograd import bsr_linear_autograd
 from ._checks import bsr_features, bsr_grad_values_features, check_bias, check_operand
 
 __all__ = ["bsr_linear"]
@@ -55,23 +56,9 @@ def _bsr_linear_grad_values_fake(grad_output, input, block_row_offsets, block_co
     return input.new_empty((nnz, block_size, block_size))
 
 
-def _setup_context(ctx, inputs, output):
-    input, values, *index, bias = inputs
-    ctx.save_for_backward(input, values, *index)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_output):
-    input, values, *index = ctx.saved_tensors
-    needs_input, needs_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_input = _ops.bsr_linear_grad_input(grad_output, values, *index) if needs_input else None
-    grad_values = (
-        _ops.bsr_linear_grad_values(grad_output, input, *index, values.shape[-1]) if needs_values else None
-    )
-    grad_bias = _ops.linear_bias_grad(grad_output) if ctx.has_bias and ctx.needs_input_grad[7] else None
-    return grad_input, grad_values, None, None, None, None, None, grad_bias
-
-
+_setup_context, _backward = bsr_linear_autograd(
+    _ops.bsr_linear_grad_input, _ops.bsr_linear_grad_values, _ops.linear_bias_grad
+)
 torch.library.register_autograd("sparsekernels::bsr_linear", _backward, setup_context=_setup_context)
 
 

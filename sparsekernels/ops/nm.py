@@ -19,6 +19,7 @@ from .. import _C  # noqa: F401  (loads the op schemas and the C++ kernels)
 from .. import reference
 from .. import triton as triton_backend
 from ..backend import resolve_backend
+from ._autograd import nm_linear_autograd
 from ._checks import check_bias, check_operand, nm_features, nm_grad_values_features
 
 __all__ = ["nm_linear"]
@@ -46,24 +47,9 @@ def _nm_linear_grad_values_fake(grad_output, input, positions, n, m):
     return input.new_empty(nm_grad_values_features(grad_output, input, positions, n, m))
 
 
-def _setup_context(ctx, inputs, output):
-    input, values, positions, n, m, bias = inputs
-    ctx.save_for_backward(input, values, positions)
-    ctx.n, ctx.m = n, m
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_output):
-    input, values, positions = ctx.saved_tensors
-    n, m = ctx.n, ctx.m
-    grad_input = _ops.nm_linear_grad_input(grad_output, values, positions, n, m) if ctx.needs_input_grad[0] else None
-    grad_values = (
-        _ops.nm_linear_grad_values(grad_output, input, positions, n, m) if ctx.needs_input_grad[1] else None
-    )
-    grad_bias = _ops.linear_bias_grad(grad_output) if ctx.has_bias and ctx.needs_input_grad[5] else None
-    return grad_input, grad_values, None, None, None, grad_bias
-
-
+_setup_context, _backward = nm_linear_autograd(
+    _ops.nm_linear_grad_input, _ops.nm_linear_grad_values, _ops.linear_bias_grad
+)
 torch.library.register_autograd("sparsekernels::nm_linear", _backward, setup_context=_setup_context)
 
 

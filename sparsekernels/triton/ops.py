@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
+from ..ops._autograd import bsr_linear_autograd, nm_linear_autograd
 from ..ops._checks import (
     bsr_features, bsr_grad_values_features, check_bias, check_operand, nm_features, nm_grad_values_features,
 )
@@ -94,23 +95,11 @@ def _bsr_linear_grad_values(grad_output: Tensor, input: Tensor, block_row_offset
                            block_col_indices, block_row_indices, block_value_indices, block_size)
 
 
-def _bsr_setup_context(ctx, inputs, output):
-    input, values, *index, bias = inputs
-    ctx.save_for_backward(input, values, *index)
-    ctx.has_bias = bias is not None
-
-
-def _bsr_backward(ctx, grad_output):
-    input, values, *index = ctx.saved_tensors
-    ops = torch.ops.sparsekernels_triton
-    grad_input = ops.bsr_linear_grad_input(grad_output, values, *index) if ctx.needs_input_grad[0] else None
-    grad_values = (
-        ops.bsr_linear_grad_values(grad_output, input, *index, values.shape[-1]) if ctx.needs_input_grad[1] else None
-    )
-    grad_bias = _bias_grad(grad_output) if ctx.has_bias and ctx.needs_input_grad[7] else None
-    return grad_input, grad_values, None, None, None, None, None, grad_bias
-
-
+_bsr_setup_context, _bsr_backward = bsr_linear_autograd(
+    torch.ops.sparsekernels_triton.bsr_linear_grad_input,
+    torch.ops.sparsekernels_triton.bsr_linear_grad_values,
+    _bias_grad,
+)
 _bsr_linear.register_autograd(_bsr_backward, setup_context=_bsr_setup_context)
 
 
@@ -143,23 +132,11 @@ def _nm_linear_grad_values(grad_output: Tensor, input: Tensor, positions: Tensor
                           positions, n, m)
 
 
-def _nm_setup_context(ctx, inputs, output):
-    input, values, positions, n, m, bias = inputs
-    ctx.save_for_backward(input, values, positions)
-    ctx.n, ctx.m = n, m
-    ctx.has_bias = bias is not None
-
-
-def _nm_backward(ctx, grad_output):
-    input, values, positions = ctx.saved_tensors
-    ops = torch.ops.sparsekernels_triton
-    n, m = ctx.n, ctx.m
-    grad_input = ops.nm_linear_grad_input(grad_output, values, positions, n, m) if ctx.needs_input_grad[0] else None
-    grad_values = ops.nm_linear_grad_values(grad_output, input, positions, n, m) if ctx.needs_input_grad[1] else None
-    grad_bias = _bias_grad(grad_output) if ctx.has_bias and ctx.needs_input_grad[5] else None
-    return grad_input, grad_values, None, None, None, grad_bias
-
-
+_nm_setup_context, _nm_backward = nm_linear_autograd(
+    torch.ops.sparsekernels_triton.nm_linear_grad_input,
+    torch.ops.sparsekernels_triton.nm_linear_grad_values,
+    _bias_grad,
+)
 _nm_linear.register_autograd(_nm_backward, setup_context=_nm_setup_context)
 
 OP_NAMES = (
