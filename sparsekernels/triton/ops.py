@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
+from ..ops import OP_NAMES as SPARSEKERNELS_OP_NAMES
 from ..ops._autograd import bsr_linear_autograd, nm_linear_autograd
 from ..ops._checks import (
     bsr_features, bsr_grad_values_features, check_bias, check_operand, nm_features, nm_grad_values_features,
@@ -139,14 +140,8 @@ _nm_setup_context, _nm_backward = nm_linear_autograd(
 )
 _nm_linear.register_autograd(_nm_backward, setup_context=_nm_setup_context)
 
-OP_NAMES = (
-    "bsr_linear",
-    "bsr_linear_grad_input",
-    "bsr_linear_grad_values",
-    "nm_linear",
-    "nm_linear_grad_input",
-    "nm_linear_grad_values",
-)
+# The ops of torch.ops.sparsekernels, minus linear_bias_grad (a torch reduction here, see above).
+OP_NAMES = tuple(name for name in SPARSEKERNELS_OP_NAMES if name != "linear_bias_grad")
 
 
 def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
