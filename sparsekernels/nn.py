@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .formats import BlockSparseMatrix, NMMatrix
 from .formats.block_sparse import validate_bsr_index, validate_transposed_index
 from .formats.nm import validate_positions
+from .backend import resolve_backend
 from .layouts import NM, BlockSparse, Layout
 from .ops import bsr_linear, nm_linear
 
@@ -31,6 +32,19 @@ _BSR_INDEX_NAMES = (
     "block_row_indices",
     "block_value_indices",
 )
+
+
+_triton_eager = None
+
+
+def triton_eager():
+    """sparsekernels.triton.eager, imported on first use (it imports triton)."""
+    global _triton_eager
+    if _triton_eager is None:
+        from .triton import eager
+
+        _triton_eager = eager
+    return _triton_eager
 
 
 def _check_layout(layout: Layout) -> None:
@@ -185,6 +199,12 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
+        # Eager inference on the Triton backend skips the op's dispatch and re-checks (the layer's
+        # tensors were validated when the pattern was set): sparsekernels/triton/eager.py.
+        if resolve_backend(input.device) == "triton" and triton_eager().applies(
+            input, self.values, self.bias, self.in_features
+        ):
+            return self._forward_eager(input)
         if isinstance(self.layout, BlockSparse):
             return bsr_linear(
                 input,
@@ -197,6 +217,26 @@ class SparseLinear(nn.Module):
                 self.bias,
             )
         return nm_linear(input, self.values, self.positions, self.layout.n, self.layout.m, self.bias)
+
+    def _forward_eager(self, input: Tensor) -> Tensor:
+        eager = triton_eager()
+        if isinstance(self.layout, BlockSparse):
+            return eager.bsr_linear(
+                input,
+                self.values,
+                self.block_row_offsets,
+                self.block_col_indices,
+                self.block_col_offsets,
+                self.block_row_indices,
+                self.block_value_indices,
+                self.bias,
+                self.out_features,
+                self.in_features,
+            )
+        return eager.nm_linear(
+            input, self.values, self.positions, self.layout.n, self.layout.m, self.bias,
+            self.out_features, self.in_features,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,9 +118,11 @@ def _choose(key_fn, sizes: tuple, input: Tensor, values: Tensor, sparse, dense_f
 
 def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
                block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
-               bias: Optional[Tensor] = None, tuner: Optional[autotune.Tuner] = None) -> Tensor:
+               bias: Optional[Tensor] = None, tuner: Optional[autotune.Tuner] = None,
+               sparse: Optional[Callable[[], Tensor]] = None) -> Tensor:
     """``input @ W.T (+ bias)`` for a block-sparse W by the faster of the Triton kernel and dense
-    ``F.linear`` (arguments of ``sparsekernels.ops.bsr_linear``; ``tuner`` for tests)."""
+    ``F.linear`` (arguments of ``sparsekernels.ops.bsr_linear``; ``tuner`` for tests; ``sparse``
+    runs the sparse path instead of the op: the eager fast path, eager.py)."""
     from . import ops
 
     index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
@@ -133,9 +135,6 @@ def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_c
     def build(kept: Tensor) -> Tensor:
         return reference.bsr_to_dense(kept, block_row_offsets, block_col_indices, out_features, in_features)
 
-    def sparse():
-        return ops.bsr_linear(input, values, *index, bias)
-
     path = _choose(
         lambda: ("bsr", autotune.m_bucket(rows), out_features, in_features, f"b{block_size}",
                  autotune.density_bucket(nnz / max(n_block_rows * n_block_cols, 1)), str(input.dtype)),
@@ -143,13 +142,16 @@ def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_c
         lambda: build(values.detach()), tuner)
     if _took(path) == "dense":
         return F.linear(input, _dense_weight(values, index, build), bias)
-    return sparse()
+    if sparse is not None:
+        return sparse()
+    return ops.bsr_linear(input, values, *index, bias)
 
 
 def nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor] = None,
-              tuner: Optional[autotune.Tuner] = None) -> Tensor:
+              tuner: Optional[autotune.Tuner] = None, sparse: Optional[Callable[[], Tensor]] = None) -> Tensor:
     """``input @ W.T (+ bias)`` for an N:M W by the faster of the Triton kernel and dense ``F.linear``
-    (arguments of ``sparsekernels.ops.nm_linear``; ``tuner`` for tests)."""
+    (arguments of ``sparsekernels.ops.nm_linear``; ``tuner`` for tests; ``sparse`` as in
+    :func:`bsr_linear`)."""
     from . import ops
 
     out_features, kept = values.shape
@@ -167,4 +169,6 @@ def nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, 
         lambda: build(values.detach()), tuner)
     if _took(path) == "dense":
         return F.linear(input, _dense_weight(values, (positions,), build), bias)
+    if sparse is not None:
+        return sparse()
     return ops.nm_linear(input, values, positions, n, m, bias)
