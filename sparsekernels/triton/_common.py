@@ -83,6 +83,12 @@ def check_device(kernel, tensor: torch.Tensor, name: str) -> None:
     )
 
 
+def cdiv(numerator: int, denominator: int) -> int:
+    """Ceiling division on the host. (``triton.cdiv`` is a JIT function: called from Python it costs
+    about 2 µs, which the launchers would pay several times per call.)"""
+    return -(-numerator // denominator)
+
+
 # Largest grid along axis 1 (CUDA limit); the kernels put the unbounded row tiles on axis 0.
 MAX_GRID_Y = 65535
 
@@ -125,7 +131,7 @@ def nm_out_block(out_features: int, other_tiles: int, device) -> int:
     """Output-feature tile: 64 wide, narrower for small out_features or when the grid (output tiles
     times ``other_tiles`` along the other axis) would be too small to fill the GPU (decode batches)."""
     block, wanted = 64, target_programs(device)
-    while block > 16 and (block >= 2 * out_features or other_tiles * triton.cdiv(out_features, block) < wanted):
+    while block > 16 and (block >= 2 * out_features or other_tiles * cdiv(out_features, block) < wanted):
         block //= 2
     return block
 

@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    cdiv,
     Config, block_candidates, block_density_bucket, column_tile, dot_accumulate, dot_mode, launch, m_bucket,
     pipeline_stages, rows_block, tuned_config,
 )
@@ -63,7 +64,7 @@ def _bsr_forward_kernel(
 def heuristic_config(rows: int, n_block_rows: int, block_size: int, element_size: int, device) -> Config:
     """The untuned choice: 16/32/64 rows by batch, the whole block row unless the grid is too small."""
     block_rows = rows_block(rows)
-    tile = column_tile(triton.cdiv(rows, block_rows), n_block_rows, block_size, device)
+    tile = column_tile(cdiv(rows, block_rows), n_block_rows, block_size, device)
     return Config(block_rows, tile, 8 if block_rows * tile >= 64 * 128 else 4,
                   pipeline_stages((block_rows + tile) * block_size * element_size))
 
@@ -84,7 +85,7 @@ def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_
     dot = dot_mode(_bsr_forward_kernel, x.dtype)
 
     def run(config: Config) -> None:
-        grid = (triton.cdiv(rows, config.block_rows), n_block_rows * (block_size // config.tile))
+        grid = (cdiv(rows, config.block_rows), n_block_rows * (block_size // config.tile))
         launch(_bsr_forward_kernel, grid,
                x, values, block_row_offsets, block_col_indices, bias, out,
                rows, x.stride(0), x.stride(1), out.stride(0),

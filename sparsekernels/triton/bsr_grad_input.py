@@ -12,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    cdiv,
     Config, block_candidates, block_density_bucket, dot_accumulate, dot_mode, launch, m_bucket, tuned_config,
 )
 from .bsr_forward import heuristic_config
@@ -65,7 +66,7 @@ def bsr_grad_input(grad_out: Tensor, values: Tensor, block_col_offsets: Tensor, 
     dot = dot_mode(_bsr_grad_input_kernel, grad_out.dtype)
 
     def run(config: Config) -> None:
-        grid = (triton.cdiv(rows, config.block_rows), n_block_cols * (block_size // config.tile))
+        grid = (cdiv(rows, config.block_rows), n_block_cols * (block_size // config.tile))
         launch(_bsr_grad_input_kernel, grid,
                grad_out, values, block_col_offsets, block_row_indices, block_value_indices, grad_x,
                rows, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..reference import NM_BITS_PER_POSITION
 from ._common import (
+    cdiv,
     NM_BLOCK_IN, Config, dot_accumulate, dot_mode, launch, m_bucket, nm_candidates, nm_dense_weight_tile,
     nm_out_block, rows_block, tuned_config,
 )
@@ -69,7 +70,7 @@ def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bia
     dot = dot_mode(_nm_forward_kernel, x.dtype)
 
     def run(config: Config) -> None:
-        grid = (triton.cdiv(rows, config.block_rows), triton.cdiv(out_features, config.tile))
+        grid = (cdiv(rows, config.block_rows), cdiv(out_features, config.tile))
         launch(_nm_forward_kernel, grid,
                x, values, positions, bias, out,
                rows, out_features, in_features,
@@ -79,7 +80,7 @@ def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bia
                num_warps=config.num_warps, num_stages=config.num_stages)
 
     block_rows = rows_block(rows)
-    heuristic = Config(block_rows, nm_out_block(out_features, triton.cdiv(rows, block_rows), x.device), 4, 3)
+    heuristic = Config(block_rows, nm_out_block(out_features, cdiv(rows, block_rows), x.device), 4, 3)
     run(tuned_config(
         (rows, out_features, in_features),
         lambda: ("nm_forward", m_bucket(rows), out_features, in_features, f"{n}:{m}", round(n / m, 4), str(x.dtype)),

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..reference import NM_BITS_PER_POSITION
 from ._common import (
+    cdiv,
     NM_BLOCK_IN, Config, dot_accumulate, dot_mode, launch, m_bucket, nm_dense_weight_tile, rows_block, tuned_config,
 )
 
@@ -62,7 +63,7 @@ def nm_grad_input(grad_out: Tensor, values: Tensor, positions: Tensor, n: int, m
 
     def run(config: Config) -> None:
         # tile: the output features consumed per loop step (the grid runs over rows x input tiles).
-        grid = (triton.cdiv(rows, config.block_rows), triton.cdiv(in_features, NM_BLOCK_IN))
+        grid = (cdiv(rows, config.block_rows), cdiv(in_features, NM_BLOCK_IN))
         launch(_nm_grad_input_kernel, grid,
                grad_out, values, positions, grad_x,
                rows, out_features, in_features,

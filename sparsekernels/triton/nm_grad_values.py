@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..reference import NM_BITS_PER_POSITION
 from ._common import (
+    cdiv,
     NM_BLOCK_IN, Config, dot_accumulate, dot_mode, launch, m_bucket, nm_kept_offsets, nm_out_block, tuned_config,
 )
 
@@ -70,11 +71,11 @@ def nm_grad_values(grad_out: Tensor, x: Tensor, positions: Tensor, n: int, m: in
         return grad_values
     positions = positions.contiguous()
     dot = dot_mode(_nm_grad_values_kernel, x.dtype)
-    in_tiles = triton.cdiv(in_features, NM_BLOCK_IN)
+    in_tiles = cdiv(in_features, NM_BLOCK_IN)
 
     def run(config: Config) -> None:
         # block_rows: the reduction chunk over the input rows; tile: BLOCK_OUT.
-        launch(_nm_grad_values_kernel, (triton.cdiv(out_features, config.tile), in_tiles),
+        launch(_nm_grad_values_kernel, (cdiv(out_features, config.tile), in_tiles),
                grad_out, x, positions, grad_values,
                rows, out_features, in_features,
                grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), positions.stride(0),
