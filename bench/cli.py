@@ -8,6 +8,7 @@
                     [--steps N] [--out DIR]
     python -m bench compare OLD.json NEW.json [--threshold 0.1]
     python -m bench plot RESULTS.json [--out DIR] [--prefix NAME-]
+    python -m bench overhead [--device ...] [--shapes ...] [--layouts ...] [--m 1,16] [--dtype ...] [--out DIR]
 
 A run measures the suite's cells (each axis given on the command line replaces the suite's), prints
 the table, and writes ``results.json``, ``results.csv`` and the PNG plots (``speedup.png``,
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Is sparse faster for my shape, and by how much? Times sparsekernels against dense "
         "F.linear and other sparse libraries, checking every result against a float32 reference.",
         epilog="Compare two runs: python -m bench compare OLD.json NEW.json [--threshold 0.1]. "
-        "Redraw plots: python -m bench plot RESULTS.json [--out DIR]. Details: docs/benchmark.md",
+        "Redraw plots: python -m bench plot RESULTS.json [--out DIR]. Host overhead per call at small M: "
+        "python -m bench overhead. Details: docs/benchmark.md",
     )
     parser.add_argument("--suite", choices=sorted([*SUITES, E2E_SUITE]), default="quick",
                         help="cells to measure (default quick); e2e: whole sparsified GPT models")
@@ -294,4 +296,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return compare.main(argv[1:])
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
+    if argv[:1] == ["overhead"]:
+        from . import overhead
+
+        return overhead.main(argv[1:])
     return run(argv)

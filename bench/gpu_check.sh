@@ -5,15 +5,17 @@
 #   bash bench/gpu_check.sh build tests     # only some steps (a device command may run 10 minutes:
 #   bash bench/gpu_check.sh sanitizer bench #  split the visit over calls while the machine is warm)
 #
-# Steps: info, build, compile, tests, triton-tests, sanitizer, bench. A failing step does not stop
+# Steps: info, build, compile, tests, triton-tests, sanitizer, racecheck, bench (the quick suite and
+# `python -m bench overhead`, the eager host overhead per call at small M). A failing step does not stop
 # the later ones: each step's exit status is appended to $OUT/summary.txt, and the script exits
 # non-zero when any step failed. Each step has a time limit (seconds, below) so that the whole visit
 # stays under ~25 minutes of GPU time. No network is needed: the CUTLASS headers come from a carried
 # wheel folder .whl/ when present (else the CUDA 2:4 GEMMs are built without them, or skipped).
 #
-# Files in $OUT (at most 8, as the device tool returns): summary.txt, info.txt, build.txt,
-# compile-check.txt, gpu-tests.txt, sanitizer.txt, bench.txt and <gpu>-<date>-quick.json (the
-# benchmark's results, named by GPU and date, ready to copy to bench/results/).
+# Files in $OUT (at most 8, as the device tool returns): summary.txt, build.txt (info and build),
+# compile-check.txt, gpu-tests.txt, sanitizer.txt (memcheck and racecheck), bench.txt,
+# <gpu>-<date>-quick.json and <gpu>-<date>-overhead.json (the benchmark's results, named by GPU and
+# date, ready to copy to bench/results/).
 set -euo pipefail
 
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -78,6 +80,9 @@ bench() {
     name="$(gpu_name_for_file)-$(date -u +%Y-%m-%d)-quick.json"
     cp "$dir/results.json" "$OUT/$name"
     echo "results: $OUT/$name"
+    "$PY" -m bench overhead --device cuda --shapes 4096x4096,14336x4096 --layouts b64d0.1,2:4 --m 1,16 \
+        --dtype bfloat16 --out "$dir"
+    cp "$dir/overhead.json" "$OUT/${name%-quick.json}-overhead.json"
 }
 
 export OUT PY
@@ -85,26 +90,30 @@ export -f info build bench gpu_name_for_file
 
 steps=("$@")
 if [ ${#steps[@]} -eq 0 ]; then
-    steps=(info build compile tests triton-tests sanitizer bench)
+    steps=(info build compile tests triton-tests sanitizer racecheck bench)
 fi
 export PYTHONUNBUFFERED=1
 
 for name in "${steps[@]}"; do
     case "$name" in
-        info) step info 60 "$OUT/info.txt" info ;;
+        info) step info 60 "$OUT/build.txt" info ;;
         build) step build 480 "$OUT/build.txt" build ;;
         compile) step compile 180 "$OUT/compile-check.txt" "$PY" -m sparsekernels.triton.compile_check --quick ;;
         # The gpu-marked tests of the whole suite (larger shapes, bfloat16, CUDA-only checks).
         tests) step tests 300 "$OUT/gpu-tests.txt" "$PY" -m pytest -q -m gpu tests/ ;;
         # The Triton kernel tests run on CUDA tensors whenever a GPU is present (marked or not).
         triton-tests) step triton-tests 420 "$OUT/gpu-tests.txt" \
-            "$PY" -m pytest -q -x tests/test_triton.py tests/test_triton_dispatch.py ;;
+            "$PY" -m pytest -q -x tests/test_triton*.py ;;
         # memcheck over a small subset: every kernel family once, bf16, a partial row tile.
         sanitizer) step sanitizer 300 "$OUT/sanitizer.txt" \
             compute-sanitizer --tool memcheck --target-processes all --error-exitcode 1 \
             "$PY" -m pytest -q -x tests/test_triton.py -k "test_matches_dense_reference and bfloat16 and 7 and bias" ;;
-        bench) step bench 480 "$OUT/bench.txt" bench ;;
-        *) echo "unknown step $name (info, build, compile, tests, triton-tests, sanitizer, bench)" | tee -a "$SUMMARY"
+        # racecheck (shared-memory hazards) is much slower: one forward and one backward test per family.
+        racecheck) step racecheck 300 "$OUT/sanitizer.txt" \
+            compute-sanitizer --tool racecheck --target-processes all --error-exitcode 1 \
+            "$PY" -m pytest -q -x tests/test_triton.py -k "test_matches_dense_reference and bfloat16 and 7 and nobias and (block32 or nm2:4)" ;;
+        bench) step bench 540 "$OUT/bench.txt" bench ;;
+        *) echo "unknown step $name (info, build, compile, tests, triton-tests, sanitizer, racecheck, bench)" | tee -a "$SUMMARY"
            failed=1 ;;
     esac
 done

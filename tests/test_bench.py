@@ -546,3 +546,19 @@ def test_cells_record_the_dispatch_path_taken(monkeypatch):
     assert runner._dispatch_counts() == {"sparse": 0, "dense": 5}
     monkeypatch.delitem(sys.modules, "sparsekernels.triton.dispatch")
     assert runner._dispatch_counts() is None
+
+
+def test_overhead_subcommand_times_every_contender(tmp_path):
+    """python -m bench overhead: one row per contender and cell, times on CPU, kernel time CUDA-only."""
+    assert cli.main(["overhead", "--shapes", "64x64", "--layouts", "b16d0.5,2:4", "--m", "1,3",
+                     "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "overhead.json").read_text())
+    rows = document["rows"]
+    assert document["environment"]["device"] == "cpu"
+    block = {row["implementation"] for row in rows if row["layout"] == "b16d0.5"}
+    assert block == {"SparseLinear", "SparseLinear (op path)", "dense nn.Linear", "torch BSR"}
+    assert {row["implementation"] for row in rows if row["layout"] == "2:4"} == block - {"torch BSR"}
+    assert len(rows) == 2 * (4 + 3)
+    for row in rows:
+        assert row["error"] is None and row["eager_us"] > 0, row
+        assert row["kernel_us"] is None and row["overhead_us"] is None

@@ -1,0 +1,161 @@
+"""Host overhead of one ``SparseLinear.forward`` at decode batch sizes: ``python -m bench overhead``.
+
+    python -m bench overhead [--device cpu|cuda] [--shapes 4096x4096] [--layouts b64d0.1,2:4]
+                             [--m 1,16] [--dtype bfloat16] [--out DIR]
+
+Issue 4 bounds what an eager call may cost beyond its kernel (15 µs at small M; torch's BSR path
+costs about 220 µs per call). For each cell this measures, in inference (``torch.no_grad``):
+
+* ``eager_us``: wall time per call over a batch of back-to-back calls ended by one synchronize: at
+  small M the GPU finishes each kernel before the host issues the next call, so this is the host
+  cost per call, or the kernel time if that is longer;
+* ``kernel_us`` (CUDA): the same call replayed from a CUDA graph, which removes the host;
+* ``overhead_us = eager_us - kernel_us``, the figure the budget is about;
+
+for SparseLinear (the eager fast path of sparsekernels/triton/eager.py where it applies), the same
+layer with the fast path switched off (``SPARSEKERNELS_EAGER_FAST_PATH=0``: the op path), dense
+``nn.Linear``, and torch's BSR (``to_sparse_bsr`` + ``F.linear``) for block layouts. On CPU there is
+no kernel time: ``eager_us`` is the whole call. Results go to the terminal and ``overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+
+from sparsekernels import BlockSparse, SparseLinear
+
+from .cases import dtype_name, layout_label, parse_dtype, parse_layout, parse_shape
+from .environment import collect_environment
+from .errors import describe_error
+from .report import wide_console
+from .timing import TimingConfig, _wall_clock_samples
+
+JSON_NAME = "overhead.json"
+DEFAULTS = {"shapes": [(4096, 4096)], "layouts": ["b64d0.1", "2:4"], "m": [1, 16]}
+TIMING = TimingConfig(warmup=20, repeats=15, budget_s=1.0)
+
+
+def _median_us(samples_ms: Sequence[float]) -> float:
+    return float(np.median(samples_ms)) * 1e3
+
+
+def _eager_us(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return _median_us(_wall_clock_samples(fn, TIMING, synchronize))
+
+
+def _kernel_us(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench_cudagraph
+
+    return _median_us(do_bench_cudagraph(fn, rep=20, return_mode="all"))
+
+
+def _fast_path_off(fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        previous = os.environ.get("SPARSEKERNELS_EAGER_FAST_PATH")
+        os.environ["SPARSEKERNELS_EAGER_FAST_PATH"] = "0"
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["SPARSEKERNELS_EAGER_FAST_PATH"]
+            else:
+                os.environ["SPARSEKERNELS_EAGER_FAST_PATH"] = previous
+
+    return run
+
+
+def _contenders(layer: SparseLinear, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    dense_weight = layer.dense_weight()
+    contenders = {
+        "SparseLinear": lambda: layer(x),
+        "SparseLinear (op path)": _fast_path_off(lambda: layer(x)),
+        "dense nn.Linear": lambda: F.linear(x, dense_weight, layer.bias),
+    }
+    if isinstance(layer.layout, BlockSparse):
+        try:
+            with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta state"
+                warnings.simplefilter("ignore", UserWarning)
+                bsr = dense_weight.to_sparse_bsr((layer.layout.block_size,) * 2)
+            contenders["torch BSR"] = lambda: F.linear(x, bsr, layer.bias)
+        except Exception:  # no BSR conversion for this dtype/device: the row says so below
+            contenders["torch BSR"] = None
+    return contenders
+
+
+def measure_cell(shape: tuple[int, int], layout, rows: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    layer = SparseLinear(in_features, out_features, layout, dtype=dtype, device=device).eval()
+    x = torch.randn(rows, in_features, dtype=dtype, device=device)
+    cell = {"shape": f"{out_features}x{in_features}", "layout": layout_label(layout), "M": rows,
+            "dtype": dtype_name(dtype)}
+    rows_out = []
+    with torch.no_grad():
+        for name, fn in _contenders(layer, x).items():
+            row = {**cell, "implementation": name, "eager_us": None, "kernel_us": None, "overhead_us": None,
+                   "error": None}
+            try:
+                if fn is None:
+                    raise RuntimeError("torch cannot convert this weight to BSR here")
+                row["eager_us"] = _eager_us(fn, device)
+                if device.type == "cuda":
+                    row["kernel_us"] = _kernel_us(fn)
+                    row["overhead_us"] = max(row["eager_us"] - row["kernel_us"], 0.0)
+            except Exception as error:  # a contender that cannot run records why
+                row["error"] = describe_error(error)
+            rows_out.append(row)
+    return rows_out
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def print_rows(rows: list[dict], environment: dict, console) -> None:
+    where = (environment.get("gpu") or {}).get("name") if environment["device"] == "cuda" else environment["cpu_model"]
+    table = Table(title=f"eager call cost on {where}, backend {environment['sparsekernels_backend']} "
+                  "(µs per call, torch.no_grad)")
+    for column in ("shape", "layout", "M", "dtype", "implementation", "eager", "kernel", "overhead", "error"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["shape"], row["layout"], str(row["M"]), row["dtype"], row["implementation"],
+                      _fmt(row["eager_us"]), _fmt(row["kernel_us"]), _fmt(row["overhead_us"]), row["error"] or "")
+    console.print(table)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", type=lambda text: [parse_shape(part) for part in text.split(",")])
+    parser.add_argument("--layouts", type=lambda text: [parse_layout(part) for part in text.split(",")])
+    parser.add_argument("--m", type=lambda text: [int(part) for part in text.split(",")])
+    parser.add_argument("--dtype", type=lambda text: [parse_dtype(part) for part in text.split(",")])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    shapes = args.shapes or DEFAULTS["shapes"]
+    layouts = args.layouts or [parse_layout(text) for text in DEFAULTS["layouts"]]
+    dtypes = args.dtype or [torch.bfloat16 if device.type == "cuda" else torch.float32]
+    environment = collect_environment(device)
+    rows = [row for shape in shapes for layout in layouts for m in (args.m or DEFAULTS["m"]) for dtype in dtypes
+            for row in measure_cell(shape, layout, m, dtype, device)]
+    console = wide_console()
+    print_rows(rows, environment, console)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / JSON_NAME
+    path.write_text(json.dumps({"environment": environment, "rows": rows}, indent=1))
+    console.print(f"wrote {path}", highlight=False)
+    return 1 if any(row["error"] for row in rows if row["implementation"].startswith("SparseLinear")) else 0
