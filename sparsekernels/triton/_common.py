@@ -89,7 +89,8 @@ def cdiv(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-# Largest grid along axis 1 (CUDA limit); the kernels put the unbounded row tiles on axis 0.
+# Largest grid along axis 1 (CUDA limit); the kernels put the unbounded row tiles on axis 0 (the
+# block forward and input-gradient kernels use a one-dimensional grid, see bsr_schedule.py).
 MAX_GRID_Y = 65535
 
 
@@ -122,9 +123,36 @@ def column_tile(row_tiles: int, n_blocks: int, block_size: int, device) -> int:
     """Width of the output slice one program computes: the whole block (fewest loads of x) unless
     that leaves fewer programs than the GPU wants (decode-sized batches), then halved down to 16."""
     tile, wanted = block_size, target_programs(device)
-    while tile > 16 and row_tiles * n_blocks * (block_size // tile) < wanted and n_blocks * (block_size // tile) * 2 <= MAX_GRID_Y:
+    while tile > 16 and row_tiles * n_blocks * (block_size // tile) < wanted:
         tile //= 2
     return tile
+
+
+# Fewest input rows one program of the block weight-gradient kernel reduces when the rows are split
+# (see row_split); tests lower it to split small batches.
+MIN_ROWS_PER_SPLIT = 1024
+
+
+def row_split(rows: int, programs: int, block_rows: int, device) -> tuple:
+    """``(splits, rows_per_split)``: how the block weight-gradient kernel cuts the reduction over
+    the input rows.
+
+    With few kept blocks and many rows, one program per (block, sub-tile) leaves most SMs idle while
+    each program loops over every row. Then the rows are cut into ``splits`` slices reduced by
+    separate programs into float32 partial sums (summed afterwards, in a fixed order): enough slices
+    to reach ``target_programs`` launched programs, but none shorter than ``MIN_ROWS_PER_SPLIT``
+    rows, so the partial buffer and the final sum stay small next to the reduction. Slices are whole
+    multiples of ``block_rows`` (the kernel's reduction step); rounding may leave fewer slices than
+    asked, never an empty one. ``(1, rows)`` (no split) otherwise, or when ``rows`` is symbolic.
+    """
+    if type(rows) is not int:
+        return 1, rows
+    wanted = target_programs(device)
+    splits = min(triton.cdiv(wanted, max(programs, 1)), rows // MIN_ROWS_PER_SPLIT) if programs < wanted else 1
+    if splits <= 1:
+        return 1, rows
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_rows) * block_rows
+    return triton.cdiv(rows, rows_per_split), rows_per_split
 
 
 def nm_out_block(out_features: int, other_tiles: int, device) -> int:
@@ -176,13 +204,12 @@ def block_density_bucket(nnz: int, n_block_rows: int, n_block_cols: int) -> floa
     return density_bucket(nnz / max(n_block_rows * n_block_cols, 1))
 
 
-def block_candidates(rows: int, n_blocks: int, block_size: int, element_size: int) -> list:
+def block_candidates(rows: int, block_size: int, element_size: int) -> list:
     """Tuning candidates of the block forward / input-grad kernels (at most 8): the row tile of the
     heuristic and, for large batches, 128; the whole block or half of it; 4 or 8 warps; as many
     pipeline stages as fit in shared memory."""
     row_tiles = sorted({rows_block(rows)} | ({128} if rows >= 256 else set()))
-    tiles = [tile for tile in (block_size, block_size // 2)
-             if tile >= 16 and n_blocks * (block_size // tile) <= MAX_GRID_Y]
+    tiles = [tile for tile in (block_size, block_size // 2) if tile >= 16]
     return [Config(block_rows, tile, warps, pipeline_stages((block_rows + tile) * block_size * element_size))
             for block_rows in row_tiles for tile in tiles for warps in (4, 8)]
 

@@ -7,6 +7,9 @@ sparsekernels/formats/block_sparse.py). Each program walks its block row's kept 
 small to keep the GPU busy, a block row is split into slices of ``TILE`` outputs over several
 programs: each slice re-reads the x tile, but the weight, which dominates the traffic then, is read
 once. Accumulates in float32 and rounds once, to the input dtype.
+
+Program order (bsr_schedule.py): a one-dimensional grid, block rows visited longest first (the
+most kept blocks), in groups of ``GROUP`` row tiles that share x tiles in L2.
 """
 
 from __future__ import annotations
@@ -22,21 +25,24 @@ from ._common import (
     Config, block_candidates, block_density_bucket, column_tile, dot_accumulate, dot_mode, launch, m_bucket,
     pipeline_stages, rows_block, tuned_config,
 )
+from .bsr_schedule import LINE_GROUP, block_grid, grouped_block_tile, line_order
 
 __all__ = ["bsr_forward"]
 
 
 @triton.jit
 def _bsr_forward_kernel(
-    x_ptr, values_ptr, row_offsets_ptr, col_indices_ptr, bias_ptr, out_ptr,
-    rows, stride_x_row, stride_x_col, stride_out_row,
-    HAS_BIAS: tl.constexpr, B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
+    x_ptr, values_ptr, row_offsets_ptr, col_indices_ptr, row_order_ptr, bias_ptr, out_ptr,
+    rows, n_block_rows, stride_x_row, stride_x_col, stride_out_row,
+    HAS_BIAS: tl.constexpr, B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    GROUP: tl.constexpr, DOT: tl.constexpr,
 ):
     # Output columns [block_row * B + part * TILE, + TILE): a whole block row when TILE == B, a
     # slice of it when few input rows leave too few programs otherwise (see _common.column_tile).
-    row_tile = tl.program_id(0)
-    block_row = tl.program_id(1) // (B // TILE)
-    part = tl.program_id(1) % (B // TILE)
+    # Which (row tile, block row, part) this program computes: grouped, long rows first.
+    row_tile, block_row, part = grouped_block_tile(tl.program_id(0), rows, row_order_ptr, n_block_rows,
+                                                   B, TILE, BLOCK_ROWS, GROUP)
+    block_row = block_row.to(tl.int64)
     offs_rows = row_tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = offs_rows < rows
     offs_k = tl.arange(0, B)
@@ -83,14 +89,15 @@ def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_
     bias = out if bias is None else bias.contiguous()
     has_bias = bias is not out
     dot = dot_mode(_bsr_forward_kernel, x.dtype)
+    row_order = line_order(block_row_offsets)  # cached per pattern: no work after the first call
 
     def run(config: Config) -> None:
-        grid = (cdiv(rows, config.block_rows), n_block_rows * (block_size // config.tile))
+        grid = block_grid(rows, config.block_rows, n_block_rows, block_size // config.tile)
         launch(_bsr_forward_kernel, grid,
-               x, values, block_row_offsets, block_col_indices, bias, out,
-               rows, x.stride(0), x.stride(1), out.stride(0),
-               HAS_BIAS=has_bias, B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows, DOT=dot,
-               num_warps=config.num_warps, num_stages=config.num_stages)
+               x, values, block_row_offsets, block_col_indices, row_order, bias, out,
+               rows, n_block_rows, x.stride(0), x.stride(1), out.stride(0),
+               HAS_BIAS=has_bias, B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows,
+               GROUP=LINE_GROUP, DOT=dot, num_warps=config.num_warps, num_stages=config.num_stages)
 
     nnz, out_features, element_size = values.shape[0], out.shape[1], x.element_size()
     config = tuned_config(
@@ -98,6 +105,6 @@ def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_
         lambda: ("bsr_forward", m_bucket(rows), out_features, in_features, f"b{block_size}",
                  block_density_bucket(nnz, n_block_rows, in_features // block_size), str(x.dtype)),
         x.device, (x, values), heuristic_config(rows, n_block_rows, block_size, element_size, x.device),
-        lambda: block_candidates(rows, n_block_rows, block_size, element_size), run)
+        lambda: block_candidates(rows, block_size, element_size), run)
     run(config)
     return out

@@ -3,6 +3,10 @@
 Each program walks the CSC index of its block column, ``grad_x[rows, col] = sum_t grad_out[rows, row_t]
 @ values[value_t]``. Empty block columns write zeros, so nothing needs pre-zeroing. Small batches split
 a block column into ``TILE``-wide slices, as the forward kernel does. Accumulates in float32.
+
+Program order (bsr_schedule.py), as in the forward kernel with block columns in place of block rows:
+a one-dimensional grid, the columns with the most kept blocks first (a single long column starts in
+the first wave instead of finishing alone), in groups of ``GROUP`` row tiles of grad_out.
 """
 
 from __future__ import annotations
@@ -12,24 +16,25 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    cdiv,
     Config, block_candidates, block_density_bucket, dot_accumulate, dot_mode, launch, m_bucket, tuned_config,
 )
 from .bsr_forward import heuristic_config
+from .bsr_schedule import LINE_GROUP, block_grid, grouped_block_tile, line_order
 
 __all__ = ["bsr_grad_input"]
 
 
 @triton.jit
 def _bsr_grad_input_kernel(
-    grad_out_ptr, values_ptr, col_offsets_ptr, row_indices_ptr, value_indices_ptr, grad_x_ptr,
-    rows, stride_g_row, stride_g_col, stride_gx_row,
-    B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
+    grad_out_ptr, values_ptr, col_offsets_ptr, row_indices_ptr, value_indices_ptr, col_order_ptr, grad_x_ptr,
+    rows, n_block_cols, stride_g_row, stride_g_col, stride_gx_row,
+    B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, GROUP: tl.constexpr, DOT: tl.constexpr,
 ):
-    # Input-gradient columns [block_col * B + part * TILE, + TILE), as in the forward kernel.
-    row_tile = tl.program_id(0)
-    block_col = tl.program_id(1) // (B // TILE)
-    part = tl.program_id(1) % (B // TILE)
+    # Input-gradient columns [block_col * B + part * TILE, + TILE), as in the forward kernel, and
+    # the same grouped, long-columns-first program order.
+    row_tile, block_col, part = grouped_block_tile(tl.program_id(0), rows, col_order_ptr, n_block_cols,
+                                                   B, TILE, BLOCK_ROWS, GROUP)
+    block_col = block_col.to(tl.int64)
     offs_rows = row_tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = offs_rows < rows
     offs_n = tl.arange(0, B)
@@ -64,13 +69,14 @@ def bsr_grad_input(grad_out: Tensor, values: Tensor, block_col_offsets: Tensor, 
         values.contiguous(), block_col_offsets.contiguous(), block_row_indices.contiguous(),
         block_value_indices.contiguous())
     dot = dot_mode(_bsr_grad_input_kernel, grad_out.dtype)
+    col_order = line_order(block_col_offsets)  # cached per pattern: no work after the first call
 
     def run(config: Config) -> None:
-        grid = (cdiv(rows, config.block_rows), n_block_cols * (block_size // config.tile))
+        grid = block_grid(rows, config.block_rows, n_block_cols, block_size // config.tile)
         launch(_bsr_grad_input_kernel, grid,
-               grad_out, values, block_col_offsets, block_row_indices, block_value_indices, grad_x,
-               rows, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
-               B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows, DOT=dot,
+               grad_out, values, block_col_offsets, block_row_indices, block_value_indices, col_order, grad_x,
+               rows, n_block_cols, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
+               B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows, GROUP=LINE_GROUP, DOT=dot,
                num_warps=config.num_warps, num_stages=config.num_stages)
 
     nnz, in_features, element_size = values.shape[0], grad_x.shape[1], grad_out.element_size()
@@ -81,6 +87,6 @@ def bsr_grad_input(grad_out: Tensor, values: Tensor, block_col_offsets: Tensor, 
                  block_density_bucket(nnz, out_features // block_size, n_block_cols), str(grad_out.dtype)),
         grad_out.device, (grad_out, values),
         heuristic_config(rows, n_block_cols, block_size, element_size, grad_out.device),
-        lambda: block_candidates(rows, n_block_cols, block_size, element_size), run)
+        lambda: block_candidates(rows, block_size, element_size), run)
     run(config)
     return grad_x

@@ -114,8 +114,15 @@ def recorded_launches(quick: bool = False) -> list[Launch]:
 
 def _call_launchers(bsr_forward, bsr_grad_input, bsr_grad_values, nm_forward, nm_grad_input, nm_grad_values,
                     quick: bool) -> None:
-    """Call every launcher over block sizes, N:M patterns, dtypes and batch sizes (CPU tensors)."""
+    """Call every launcher over block sizes, N:M patterns, dtypes and batch sizes (CPU tensors).
+
+    The block weight gradient also gets a batch long enough to split its rows when the device wants
+    many programs (``_common.row_split``): half-precision inputs then write float32 partial sums, a
+    different pointer type to compile. The block forward and input-gradient kernels take the
+    program-order constexpr ``GROUP`` (bsr_schedule.LINE_GROUP) as the launchers pass it."""
     from sparsekernels import BlockSparseMatrix, NMMatrix
+
+    from ._common import MIN_ROWS_PER_SPLIT
 
     dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16]
     batches = [300] if quick else [1, 20, 300]
@@ -133,6 +140,10 @@ def _call_launchers(bsr_forward, bsr_grad_input, bsr_grad_values, nm_forward, nm
                                               matrix.block_row_indices, matrix.block_value_indices)
                 bsr_grad_values.bsr_grad_values(grad, x, matrix.block_col_indices, matrix.block_row_indices,
                                                 matrix.block_value_indices, block_size)
+            split_rows = 2 * MIN_ROWS_PER_SPLIT
+            bsr_grad_values.bsr_grad_values(
+                torch.zeros(split_rows, matrix.shape[0], dtype=dtype), torch.zeros(split_rows, matrix.shape[1], dtype=dtype),
+                matrix.block_col_indices, matrix.block_row_indices, matrix.block_value_indices, block_size)
         for n, m in patterns:
             matrix = NMMatrix.random((96, 8 * m), n, m, dtype=dtype)
             for rows in batches:
