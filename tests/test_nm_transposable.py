@@ -498,3 +498,32 @@ def test_cuda_grad_input_runs_the_sparse_tensor_core_gemm():
     names = " ".join(event.key for event in profile.key_averages())
     assert "cutlass" in names and "Sparse" in names, names
     assert_close(x.grad, grad_output.float() @ case.masked.float(), torch.bfloat16, "grad input")
+
+
+# ---------------------------------------------------------------------- benchmark cell
+def test_bench_transposable_cells_run_and_are_correct():
+    """The ``2:4T`` layout of the full suite: every op measured on CPU and checked against dense."""
+    from bench.cases import Op, build_cases, layout_label, parse_layout
+    from bench.implementations import Dense, Sparsekernels
+    from bench.results import Status
+    from bench.runner import run_cells
+    from bench.suites import full
+    from bench.timing import TimingConfig
+
+    assert layout_label(NM(2, 4, transposable=True)) == "2:4T"
+    assert parse_layout("2:4T") == NM(2, 4, transposable=True) and parse_layout("2:4") == NM(2, 4)
+    assert NM(2, 4, transposable=True) in full("cuda").layouts
+    cases, misfits = build_cases([(64, 96)], [NM(2, 4, transposable=True)], [torch.float32], [1, 5], list(Op))
+    assert not misfits and len(cases) == 2 * len(Op)
+    timing = TimingConfig(warmup=0, repeats=2, budget_s=0.01)
+    for result in run_cells(cases, [Dense, Sparsekernels], torch.device("cpu"), timing, progress=False):
+        assert result.measurements["sparsekernels"].status is Status.OK, result
+    assert Sparsekernels(build_weight_for_bench()).transposed is not None
+
+
+def build_weight_for_bench():
+    from bench.workloads import build_weight
+
+    weight = build_weight(64, 96, NM(2, 4, transposable=True), torch.float32, torch.device("cpu"))
+    assert is_nm_both_ways(weight.mask, 2, 4)
+    return weight
