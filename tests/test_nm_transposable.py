@@ -345,8 +345,11 @@ def test_compiles_without_graph_breaks(backend, monkeypatch):
         assert_close(actual, wanted, torch.float32, f"grad {what}")
     assert len(backward_graphs) == 1
     code = backward_graphs[0]
-    assert "index_select" in code and "nm_linear_grad_values" in code, code
-    assert "nm_linear_grad_input" not in code, code
+    assert "index_select" in code and "nm_linear_grad_input" not in code, code
+    if device == "cpu":
+        # Opaque ops (C++, or Triton under the interpreter) appear by name; on a GPU a triton_op is
+        # decomposed into its kernel launches, so only the gather is recognisable there.
+        assert "nm_linear_grad_values" in code and "nm_linear.default" in code, code
 
 
 # ---------------------------------------------------------------------- SparseLinear
