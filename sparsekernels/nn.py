@@ -29,7 +29,6 @@ from .formats.nm import validate_positions
 from .layouts import NM, BlockSparse, Layout
 from .ops import bsr_linear, nm_linear, nm_linear_transposable
 from .pruning import magnitude_scores, transposable_nm_mask
-from .pruning.transposable import _SUPPORTED_M as _TRANSPOSABLE_MASK_M
 
 __all__ = ["SparseLinear", "sparsify_"]
 
@@ -191,14 +190,14 @@ class SparseLinear(nn.Module):
         if isinstance(layout, BlockSparse):
             matrix = BlockSparseMatrix.from_dense(weight.clone(), layout.block_size, layout.density)
         elif layout.transposable:
-            if layout.m not in _TRANSPOSABLE_MASK_M:
+            try:
+                mask = transposable_nm_mask(magnitude_scores(weight), layout.n, layout.m)
+            except ValueError as error:  # m >= 8: no exact search (sparsekernels/pruning/transposable.py)
                 raise ValueError(
-                    f"from_dense cannot prune into {layout}: transposable_nm_mask only finds transposable masks "
-                    f"for m in {_TRANSPOSABLE_MASK_M}; build a transposable {layout.n}:{layout.m} mask yourself and "
-                    f"use SparseLinear.from_matrix(NMMatrix.from_dense(weight, {layout.n}, {layout.m}, mask=mask), "
-                    f"transposable=True)"
-                )
-            mask = transposable_nm_mask(magnitude_scores(weight), layout.n, layout.m)
+                    f"from_dense cannot prune into {layout} by magnitude ({error}); build a transposable "
+                    f"{layout.n}:{layout.m} mask yourself and use SparseLinear.from_matrix("
+                    f"NMMatrix.from_dense(weight, {layout.n}, {layout.m}, mask=mask), transposable=True)"
+                ) from None
             matrix = NMMatrix.from_dense(weight.clone(), layout.n, layout.m, mask=mask)
         else:
             matrix = NMMatrix.from_dense(weight.clone(), layout.n, layout.m)

@@ -391,8 +391,8 @@ def test_from_dense_and_sparsify_prune_transposably(n, m):
 
 def test_other_patterns_need_an_explicit_transposable_mask():
     linear = nn.Linear(24, 16)
-    with pytest.raises(ValueError, match=r"transposable_nm_mask only finds transposable masks for m in \(2, 4\).*"
-                                         r"from_matrix"):
+    with pytest.raises(ValueError, match=r"cannot prune into NM\(n=4, m=8, transposable=True\) by magnitude "
+                                         r"\(transposable masks support m in \(2, 4\), got m=8\).*from_matrix"):
         SparseLinear.from_dense(linear, NM(4, 8, transposable=True))
     mask = hand_built_mask(16, 24, 4, 8, torch.Generator().manual_seed(0))
     layer = SparseLinear.from_matrix(NMMatrix.from_dense(linear.weight.detach(), 4, 8, mask=mask),
