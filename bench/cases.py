@@ -37,7 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 _BLOCK_LABEL = re.compile(r"^b(\d+)d(\d*\.?\d+)$")
-_NM_LABEL = re.compile(r"^(\d+):(\d+)$")
+_NM_LABEL = re.compile(r"^(\d+):(\d+)(T?)$")
 _SHAPE_LABEL = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -67,10 +67,10 @@ class Case:
 
 
 def layout_label(layout: Layout) -> str:
-    """``b64d0.1`` for BlockSparse(64, 0.1), ``2:4`` for NM(2, 4)."""
+    """``b64d0.1`` for BlockSparse(64, 0.1), ``2:4`` for NM(2, 4), ``2:4T`` for NM(2, 4, transposable=True)."""
     if isinstance(layout, BlockSparse):
         return f"b{layout.block_size}d{layout.density:g}"
-    return f"{layout.n}:{layout.m}"
+    return f"{layout.n}:{layout.m}{'T' if layout.transposable else ''}"
 
 
 def parse_layout(text: str) -> Layout:
@@ -79,8 +79,11 @@ def parse_layout(text: str) -> Layout:
     if match := _BLOCK_LABEL.match(text):
         return BlockSparse(int(match[1]), float(match[2]))
     if match := _NM_LABEL.match(text):
-        return NM(int(match[1]), int(match[2]))
-    raise ValueError(f"layout {text!r} is neither b<block>d<density> (e.g. b64d0.1) nor n:m (e.g. 2:4)")
+        return NM(int(match[1]), int(match[2]), transposable=bool(match[3]))
+    raise ValueError(
+        f"layout {text!r} is neither b<block>d<density> (e.g. b64d0.1) nor n:m (e.g. 2:4; 2:4T for a "
+        "transposable mask)"
+    )
 
 
 def parse_shape(text: str) -> tuple[int, int]:

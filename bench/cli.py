@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: cuda when available, else cpu",
     )
     parser.add_argument("--shapes", type=_comma_list(parse_shape), help="weights OUTxIN, e.g. 4096x4096,14336x4096")
-    parser.add_argument("--layouts", type=_comma_list(parse_layout), help="e.g. b64d0.1,b64d0.5,2:4")
+    parser.add_argument("--layouts", type=_comma_list(parse_layout), help="e.g. b64d0.1,b64d0.5,2:4 (2:4T: transposable 2:4 mask)")
     parser.add_argument("--dtype", type=_comma_list(parse_dtype), help="e.g. float32,bfloat16 (or fp32,bf16,fp16)")
     parser.add_argument("--m", type=_comma_list(_positive_int), help="rows M of the input, e.g. 1,16,256")
     parser.add_argument("--ops", type=_comma_list(Op), help=f"any of {','.join(op.value for op in Op)}")

@@ -9,7 +9,10 @@ the pattern, and ``(y, dx, dW)`` for a training step. Converting to that form is
 Implementations, in table order:
 
 * ``dense``: ``F.linear`` on the masked dense weight. The baseline (1.00x), always measured.
-* ``sparsekernels``: this library, through its public front ends and raw ops (always measured).
+* ``sparsekernels``: this library, through its public front ends and raw ops (always measured). For a
+  transposable N:M layout (``2:4T``) the forward and training step run ``nm_linear_transposable`` and
+  the input gradient is what that op's backward does: a gather of W.T's values, then the ``nm_linear``
+  front end on W.T (the N:M forward kernels).
 * ``torch_bsr``: torch's BSR tensors (``to_sparse_bsr``) in ``F.linear``; block layouts.
 * ``torch_semi_cusparselt`` / ``torch_semi_cutlass``: ``to_sparse_semi_structured`` with either
   backend (``SparseSemiStructuredTensor._FORCE_CUTLASS``); 2:4 on CUDA only.
@@ -33,6 +36,7 @@ from torch import Tensor
 import sparsekernels
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, reference
 from sparsekernels.layouts import Layout
+from sparsekernels.ops.nm_transposable import transposed_values
 
 from .cases import Op
 from .workloads import Inputs, SparseWeight
@@ -145,11 +149,18 @@ class Sparsekernels(Implementation):
         self.matrix = weight.matrix
         self.is_block = isinstance(weight.matrix, BlockSparseMatrix)
         self.leaf = weight.matrix.values.detach().requires_grad_()
+        # W.T's pattern, derived once per weight (untimed), as SparseLinear does when a pattern is set.
+        transposable = isinstance(weight.layout, NM) and weight.layout.transposable
+        self.transposed = weight.matrix.transposed_pattern() if transposable else None
 
     def _linear(self, x: Tensor, values: Tensor) -> Tensor:
+        matrix = self.matrix
         if self.is_block:
-            return sparsekernels.ops.bsr_linear(x, values, *self.matrix.index_tensors())
-        return sparsekernels.ops.nm_linear(x, values, self.matrix.positions, self.matrix.n, self.matrix.m)
+            return sparsekernels.ops.bsr_linear(x, values, *matrix.index_tensors())
+        if self.transposed is not None:
+            return sparsekernels.ops.nm_linear_transposable(x, values, matrix.positions, *self.transposed, matrix.n,
+                                                            matrix.m)
+        return sparsekernels.ops.nm_linear(x, values, matrix.positions, matrix.n, matrix.m)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._linear(x, self.matrix.values)
@@ -166,6 +177,9 @@ class Sparsekernels(Implementation):
 
     def grad_input(self, grad_output: Tensor) -> Tensor:
         matrix = self.matrix
+        if self.transposed is not None:  # the backward of nm_linear_transposable: gather, then the N:M forward
+            values_t = transposed_values(matrix.values, self.transposed.transpose_index, matrix.shape[1])
+            return sparsekernels.ops.nm_linear(grad_output, values_t, self.transposed.positions_t, matrix.n, matrix.m)
         ops = self._backward_ops(grad_output.device)
         if self.is_block:
             return ops.bsr_linear_grad_input(grad_output, matrix.values, *matrix.index_tensors())
@@ -242,7 +256,8 @@ class _TorchSemiStructured(Implementation):
 
     @classmethod
     def unsupported_reason(cls, layout: Layout) -> Optional[str]:
-        return None if layout == NM(2, 4) else "torch semi-structured sparsity is 2:4 only"
+        is_24 = isinstance(layout, NM) and (layout.n, layout.m) == (2, 4)  # transposable or not
+        return None if is_24 else "torch semi-structured sparsity is 2:4 only"
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.semi_structured)

@@ -1,6 +1,7 @@
 """The tensors of a cell: a pruned weight (sparse and masked dense) and the inputs.
 
-A random dense weight is pruned by magnitude into the layout with sparsekernels' own ``from_dense``;
+A random dense weight is pruned by magnitude into the layout with sparsekernels' own ``from_dense``
+(a transposable N:M layout with ``pruning.transposable_nm_mask``, as ``SparseLinear.from_dense`` does);
 its masked dense form is what the dense baseline and the peers start from, so every implementation
 multiplies by exactly the same numbers. Random values are drawn from generators seeded by the cell's
 label, so two runs (say, before and after a change, for ``bench compare``) see identical tensors.
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from sparsekernels import BlockSparse, BlockSparseMatrix, NMMatrix
 from sparsekernels.layouts import Layout
+from sparsekernels.pruning import magnitude_scores, transposable_nm_mask
 
 from .cases import dtype_name, layout_label
 
@@ -74,6 +76,9 @@ def build_weight(
     dense = (dense / math.sqrt(in_features)).to(dtype)
     if isinstance(layout, BlockSparse):
         matrix = BlockSparseMatrix.from_dense(dense, layout.block_size, layout.density)
+    elif layout.transposable:
+        mask = transposable_nm_mask(magnitude_scores(dense), layout.n, layout.m)
+        matrix = NMMatrix.from_dense(dense, layout.n, layout.m, mask=mask)
     else:
         matrix = NMMatrix.from_dense(dense, layout.n, layout.m)
     return SparseWeight(layout, matrix, matrix.to_dense(), matrix.mask())

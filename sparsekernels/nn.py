@@ -6,6 +6,13 @@ A SparseLinear owns the kept weight values (an ``nn.Parameter``) and the pattern
 dtype promotion (input and weight dtypes must match), and the same initial scale: every kept weight
 and the bias are drawn from U(-1/sqrt(in_features), 1/sqrt(in_features)), as nn.Linear draws
 them, on a uniformly random pattern of the requested density.
+
+Transposable N:M (``NM(n, m, transposable=True)``): the mask is N:M along both dimensions, and the
+layer also holds W.T's pattern, ``transpose_index`` and ``positions_t`` (sparsekernels/formats/nm.py).
+They are derived from ``positions`` whenever the pattern is set (construction, ``set_pattern``,
+``load_state_dict``), which also checks that the pattern is transposable, and are not saved: the
+state dict is the plain N:M one, loadable into a layer of either kind. The forward calls
+``nm_linear_transposable``, whose input gradient is the N:M forward on W.T.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from .formats.block_sparse import validate_bsr_index, validate_transposed_index
 from .formats.nm import validate_positions
 from .backend import resolve_backend
 from .layouts import NM, BlockSparse, Layout
-from .ops import bsr_linear, nm_linear
+from .ops import bsr_linear, nm_linear, nm_linear_transposable
+from .pruning import magnitude_scores, transposable_nm_mask
 
 __all__ = ["SparseLinear", "sparsify_"]
 
@@ -60,14 +68,16 @@ class SparseLinear(nn.Module):
     Args:
         in_features, out_features: as nn.Linear. Must fit the layout (multiples of block_size, or
             in_features a multiple of m).
-        layout: ``BlockSparse(block_size, density)`` or ``NM(n, m)``.
+        layout: ``BlockSparse(block_size, density)`` or ``NM(n, m)`` (``NM(n, m, transposable=True)``
+            for a mask that is N:M along both dimensions: out_features a multiple of m too).
         bias, device, dtype: as nn.Linear.
 
     Attributes:
         values: the kept weights (``[nnz_blocks, b, b]`` or ``[out, in * n / m]``), a Parameter.
         bias: ``[out_features]`` Parameter or None.
         Index buffers: ``block_row_offsets``, ``block_col_indices``, ``block_col_offsets``,
-            ``block_row_indices``, ``block_value_indices`` (block-sparse) or ``positions`` (N:M).
+            ``block_row_indices``, ``block_value_indices`` (block-sparse) or ``positions`` (N:M);
+            transposable N:M layers add ``transpose_index`` and ``positions_t`` (not persistent).
     """
 
     def __init__(
@@ -97,7 +107,10 @@ class SparseLinear(nn.Module):
                 (out_features, in_features), layout.block_size, layout.density, dtype=dtype, device=device
             )
         else:
-            matrix = NMMatrix.random((out_features, in_features), layout.n, layout.m, dtype=dtype, device=device)
+            matrix = NMMatrix.random(
+                (out_features, in_features), layout.n, layout.m, dtype=dtype, device=device,
+                transposable=layout.transposable,
+            )
         self._register_matrix(matrix)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=matrix.dtype, device=matrix.device))
@@ -114,6 +127,25 @@ class SparseLinear(nn.Module):
                 self.register_buffer(name, tensor)
         else:
             self.register_buffer("positions", matrix.positions)
+            if self.layout.transposable:
+                self._set_transposed_pattern(self._transposed_pattern_of(matrix))
+
+    def _transposed_pattern_of(self, matrix: NMMatrix) -> tuple[Tensor, Tensor]:
+        """W.T's pattern for ``matrix``; ValueError naming the layout when it is not transposable."""
+        try:
+            return matrix.transposed_pattern()
+        except ValueError as error:
+            raise ValueError(f"the pattern does not fit the layout {self.layout}: {error}") from None
+
+    def _set_transposed_pattern(self, pattern: tuple[Tensor, Tensor]) -> None:
+        """Store W.T's pattern: in place when the buffers exist (their shapes never change for a
+        layer), so optimizers, DDP and compiled graphs keep valid references; derived, not saved."""
+        for name, tensor in zip(("transpose_index", "positions_t"), pattern):
+            buffer = getattr(self, name, None)
+            if isinstance(buffer, Tensor) and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
+                buffer.copy_(tensor)
+            else:
+                self.register_buffer(name, tensor.to(self.positions.device), persistent=False)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation, applied to the kept weights: U(-1/sqrt(in), 1/sqrt(in))."""
@@ -125,9 +157,15 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_matrix(
-        cls, matrix: Union[BlockSparseMatrix, NMMatrix], bias: Optional[Tensor] = None
+        cls, matrix: Union[BlockSparseMatrix, NMMatrix], bias: Optional[Tensor] = None, *, transposable: bool = False
     ) -> "SparseLinear":
-        """A layer holding ``matrix`` (tensors adopted, not copied) and an optional bias."""
+        """A layer holding ``matrix`` (tensors adopted, not copied) and an optional bias.
+
+        ``transposable=True`` (N:M only): layout ``NM(n, m, transposable=True)``; the matrix's mask
+        must be transposable (ValueError otherwise). This is how to build a transposable layer
+        from a hand-made mask of any n:m, e.g.
+        ``from_matrix(NMMatrix.from_dense(w, 4, 8, mask=mask), transposable=True)``.
+        """
         out_features, in_features = matrix.shape
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -135,9 +173,12 @@ class SparseLinear(nn.Module):
         if isinstance(matrix, BlockSparseMatrix):
             layer.layout = BlockSparse(matrix.block_size, matrix.density)
         elif isinstance(matrix, NMMatrix):
-            layer.layout = NM(matrix.n, matrix.m)
+            layer.layout = NM(matrix.n, matrix.m, transposable=transposable)
+            layer.layout.check_shape(out_features, in_features)
         else:
             raise TypeError(f"matrix must be a BlockSparseMatrix or NMMatrix, got {type(matrix).__name__}")
+        if transposable and not isinstance(matrix, NMMatrix):
+            raise ValueError("transposable=True needs an NMMatrix (block-sparse layers have no transposable layout)")
         layer._register_matrix(matrix)
         if bias is None:
             layer.register_parameter("bias", None)
@@ -150,7 +191,11 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_dense(cls, linear: nn.Linear, layout: Layout) -> "SparseLinear":
         """Prune an ``nn.Linear`` by magnitude into ``layout`` (block Frobenius norm, or the n
-        largest |w| of every group of m). Keeps dtype, device, bias and training mode."""
+        largest |w| of every group of m). Keeps dtype, device, bias and training mode.
+
+        A transposable N:M layout keeps the largest total |w| of every m x m tile among the tiles
+        with n kept per row and per column (``pruning.transposable_nm_mask``: exact, for m in {2, 4});
+        for other n:m, build the mask yourself and use ``from_matrix(..., transposable=True)``."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         _check_layout(layout)
@@ -158,9 +203,20 @@ class SparseLinear(nn.Module):
         layout.check_shape(linear.out_features, linear.in_features)
         if isinstance(layout, BlockSparse):
             matrix = BlockSparseMatrix.from_dense(weight.clone(), layout.block_size, layout.density)
+        elif layout.transposable:
+            try:
+                mask = transposable_nm_mask(magnitude_scores(weight), layout.n, layout.m)
+            except ValueError as error:  # m >= 8: no exact search (sparsekernels/pruning/transposable.py)
+                raise ValueError(
+                    f"from_dense cannot prune into {layout} by magnitude ({error}); build a transposable "
+                    f"{layout.n}:{layout.m} mask yourself and use SparseLinear.from_matrix("
+                    f"NMMatrix.from_dense(weight, {layout.n}, {layout.m}, mask=mask), transposable=True)"
+                ) from None
+            matrix = NMMatrix.from_dense(weight.clone(), layout.n, layout.m, mask=mask)
         else:
             matrix = NMMatrix.from_dense(weight.clone(), layout.n, layout.m)
-        layer = cls.from_matrix(matrix, None if linear.bias is None else linear.bias.detach())
+        bias = None if linear.bias is None else linear.bias.detach()
+        layer = cls.from_matrix(matrix, bias, transposable=isinstance(layout, NM) and layout.transposable)
         layer.layout = layout
         layer.values.requires_grad_(linear.weight.requires_grad)
         if layer.bias is not None:
@@ -215,6 +271,11 @@ class SparseLinear(nn.Module):
                 self.block_row_indices,
                 self.block_value_indices,
                 self.bias,
+            )
+        if self.layout.transposable:
+            return nm_linear_transposable(
+                input, self.values, self.positions, self.transpose_index, self.positions_t, self.layout.n,
+                self.layout.m, self.bias,
             )
         return nm_linear(input, self.values, self.positions, self.layout.n, self.layout.m, self.bias)
 
@@ -272,6 +333,9 @@ class SparseLinear(nn.Module):
         compiled graphs stay valid. When it changes (gradual pruning), ``values`` becomes a new
         Parameter and the index buffers whose length changed are replaced: whoever holds the old
         Parameter (an optimizer) must be told, see ``remap_optimizer_state``.
+
+        A transposable N:M layer takes transposable patterns only (ValueError otherwise, and the
+        layer is unchanged); its W.T pattern buffers are rewritten in place.
         """
         if isinstance(self.layout, BlockSparse):
             old_grid = self.matrix.block_mask()
@@ -281,6 +345,8 @@ class SparseLinear(nn.Module):
             old_grid = self.matrix.mask()
             new_matrix = self._nm_matrix_for(pattern, values)
             new_grid = new_matrix.mask()
+            # Checked before anything changes: a non-transposable pattern leaves the layer as it was.
+            transposed = self._transposed_pattern_of(new_matrix) if self.layout.transposable else None
         # Slots are numbered in row-major order of the grid, which is the order of ``values``.
         slot_of = torch.full(old_grid.shape, -1, dtype=torch.int64, device=old_grid.device)
         slot_of[old_grid] = torch.arange(int(old_grid.sum()), device=old_grid.device)
@@ -288,6 +354,8 @@ class SparseLinear(nn.Module):
         if values is None and not isinstance(pattern, (BlockSparseMatrix, NMMatrix)):
             new_matrix.values.copy_(_gather_slots(self.values.detach(), source))
         self._adopt(new_matrix, source)
+        if isinstance(self.layout, NM) and self.layout.transposable:
+            self._set_transposed_pattern(transposed)
         return source
 
     def _block_matrix_for(self, pattern, values: Optional[Tensor]) -> BlockSparseMatrix:
@@ -396,6 +464,8 @@ class SparseLinear(nn.Module):
         )
         try:
             self._validate_pattern()
+            if isinstance(self.layout, NM) and self.layout.transposable:
+                self._set_transposed_pattern(self._transposed_pattern_of(self.matrix))
         except (TypeError, ValueError) as error:
             error_msgs.append(f"invalid sparse pattern for {prefix or 'SparseLinear'}: {error}")
             for name, tensor in previous.items():

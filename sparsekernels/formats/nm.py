@@ -11,20 +11,39 @@ Storage, shared by every backend (see csrc/cpu/nm.h for the kernels' view of it)
 This portable encoding is what the CPU and Triton kernels read. The sparse tensor cores of NVIDIA
 GPUs want 2:4 metadata in their own interleaved layout; the CUDA kernels derive that from this
 format (``hardware_metadata`` slot below) rather than replacing it.
+
+Transposed view. When the mask is also N:M along ``out_features`` (a *transposable* mask: n kept in
+every row and every column of each m x m tile), ``W.T`` ``[in_features, out_features]`` is itself an
+N:M matrix, so ``grad_output @ W = linear(grad_output, W.T)`` is an N:M *forward*.
+:meth:`NMMatrix.transposed_pattern` derives W.T's pattern once per mask:
+
+* ``positions_t``: W.T's packed positions (same encoding, rows = input features, groups of m output
+  features), fixed while the mask is fixed;
+* ``transpose_index`` (int64, one entry per kept weight): W.T's values are a permutation of W's,
+  ``values_t.flatten() = values.flatten()[transpose_index]``, so after every optimizer step W.T's
+  values cost one gather of nnz elements, no search.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..layouts import NM
-from ._common import FLOAT_DTYPES, check_dense_weight, check_mask
+from ._common import FLOAT_DTYPES, check_dense_weight, check_mask, index_dtype_for
 
-__all__ = ["NMMatrix", "pack_positions", "unpack_positions", "validate_positions"]
+__all__ = [
+    "NMMatrix",
+    "TransposedPattern",
+    "pack_positions",
+    "random_transposable_mask",
+    "transposability_problem",
+    "unpack_positions",
+    "validate_positions",
+]
 
 unpack_positions = reference.unpack_positions
 
@@ -62,6 +81,65 @@ def validate_positions(positions: Tensor, out_features: int, kept_per_row: int, 
         raise ValueError(f"positions must hold {n} strictly increasing offsets in [0, {m}) per group")
     if not torch.equal(pack_positions(offsets.reshape(out_features, -1), m), positions):
         raise ValueError("positions has non-zero padding bits after the last kept value of a row")
+
+
+def kept_offsets(mask: Tensor, n: int, m: int) -> Tensor:
+    """In-group offsets ``[rows, cols / m * n]`` (uint8) of a bool ``[rows, cols]`` mask that keeps
+    exactly n of every m; each row's offsets come group after group, increasing inside a group.
+
+    ``masked_select`` walks the mask in row-major order, which is exactly that order, and needs no
+    index tensor (``nonzero`` would take 16 bytes per kept weight).
+    """
+    rows, cols = mask.shape
+    in_group = torch.arange(m, dtype=torch.uint8, device=mask.device).expand(rows, cols // m, m)
+    return torch.masked_select(in_group, mask.reshape(rows, cols // m, m)).reshape(rows, cols // m * n)
+
+
+def transposability_problem(mask: Tensor, n: int, m: int) -> Optional[str]:
+    """None when the bool ``[out, in]`` mask of an N:M matrix (n of every m along ``in``) also keeps
+    n of every m consecutive rows in every column, else what is wrong (for an error message)."""
+    out_features, in_features = mask.shape
+    if out_features % m:
+        return (f"out_features={out_features} is not a multiple of m={m}, so W.T [{in_features}, "
+                f"{out_features}] cannot be {n}:{m} along out_features")
+    column_counts = mask.reshape(out_features // m, m, in_features).sum(dim=1)  # [out / m, in]
+    bad = column_counts != n
+    if bool(bad.any()):
+        group, column = (int(i) for i in bad.nonzero()[0])
+        return (f"the mask is {n}:{m} along in_features but not along out_features: {int(bad.sum())} column "
+                f"groups keep a number other than n={n} of their m={m} rows (the first: column {column}, "
+                f"rows {group * m}..{group * m + m - 1} keep {int(column_counts[group, column])})")
+    return None
+
+
+def random_transposable_mask(
+    out_features: int, in_features: int, n: int, m: int, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """A random bool ``[out, in]`` mask keeping n of every m along both dimensions (CPU).
+
+    Each m x m tile is the circulant tile (row i keeps columns i, i+1, ..., i+n-1 mod m: n per row
+    and per column) with its rows and its columns randomly permuted, which keeps both counts. Works
+    for every n:m; random, though not uniform over all transposable tiles (for 2:4 it draws the 72
+    tiles whose kept entries form one 8-cycle, not the 18 made of two 2 x 2 blocks).
+    """
+    NM(n, m, transposable=True).check_shape(out_features, in_features)
+    offsets = torch.arange(m)
+    circulant = (offsets[None, :] - offsets[:, None]) % m < n  # [m, m]
+    tiles = (out_features // m) * (in_features // m)
+    row_order = torch.rand(tiles, m, generator=generator).argsort(dim=-1)
+    col_order = torch.rand(tiles, m, generator=generator).argsort(dim=-1)
+    mask_tiles = circulant[row_order[:, :, None], col_order[:, None, :]]  # [tiles, m, m]
+    return (
+        mask_tiles.reshape(out_features // m, in_features // m, m, m).permute(0, 2, 1, 3)
+        .reshape(out_features, in_features)
+    )
+
+
+class TransposedPattern(NamedTuple):
+    """The pattern of ``W.T`` for a transposable N:M weight W (see the module doc)."""
+
+    transpose_index: Tensor  # int64 [nnz]: values_t.flatten() = values.flatten()[transpose_index]
+    positions_t: Tensor  # uint8 [in_features, ceil(out_features * n / m / per_byte)]
 
 
 class NMMatrix:
@@ -137,12 +215,21 @@ class NMMatrix:
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
         generator: Optional[torch.Generator] = None,
+        transposable: bool = False,
     ) -> "NMMatrix":
-        """A uniformly random N:M pattern; values are uninitialised (``torch.empty``)."""
+        """A uniformly random N:M pattern; values are uninitialised (``torch.empty``).
+
+        ``transposable=True``: a random pattern that is N:M along out_features too
+        (:func:`random_transposable_mask`; out_features must be a multiple of m).
+        """
         out_features, in_features = shape
-        NM(n, m).check_shape(out_features, in_features)
-        scores = torch.rand(out_features, in_features // m, m, generator=generator)
-        offsets = scores.argsort(dim=-1)[..., :n].sort(dim=-1).values.reshape(out_features, -1)
+        NM(n, m, transposable=transposable).check_shape(out_features, in_features)
+        if transposable:
+            mask = random_transposable_mask(out_features, in_features, n, m, generator)
+            offsets = kept_offsets(mask, n, m)
+        else:
+            scores = torch.rand(out_features, in_features // m, m, generator=generator)
+            offsets = scores.argsort(dim=-1)[..., :n].sort(dim=-1).values.reshape(out_features, -1)
         values = torch.empty(out_features, in_features // m * n, dtype=dtype, device=device)
         return cls(values, pack_positions(offsets, m).to(values.device), n, m, validate=False)
 
@@ -182,6 +269,46 @@ class NMMatrix:
         values = self.values.to(*args, **kwargs)
         return NMMatrix(values, self.positions.to(values.device), self.n, self.m, validate=False)
 
+    # ------------------------------------------------------------------ transposed view
+    def is_transposable(self) -> bool:
+        """Whether W.T is N:M too (n of every m consecutive output rows kept in every column).
+
+        Reads the whole pattern (host side on a GPU: one synchronisation); call it when a pattern
+        is set, not per step.
+        """
+        return transposability_problem(self.mask(), self.n, self.m) is None
+
+    def transposed_pattern(self) -> TransposedPattern:
+        """``(transpose_index, positions_t)``, the pattern of ``W.T`` (see the module doc).
+
+        Raises ValueError, saying which column group breaks it, when the mask is not transposable.
+        Computed once per mask (on the pattern's device); every later W.T is one gather.
+        """
+        n, m = self.n, self.m
+        mask = self.mask()
+        problem = transposability_problem(mask, n, m)
+        if problem is not None:
+            raise ValueError(f"this {n}:{m} NMMatrix has no N:M transpose: {problem}")
+        nnz = self.values.numel()
+        # Slot of every kept weight in values.flatten(): values are row-major over the mask.
+        slot_dtype = index_dtype_for(nnz)
+        slot_of = torch.zeros(mask.shape, dtype=slot_dtype, device=mask.device)
+        slot_of.masked_scatter_(mask, torch.arange(nnz, dtype=slot_dtype, device=mask.device))
+        # W.T's values are row-major over mask.T: walking the transposed views in that order lists,
+        # column by column of W, the slots of its kept rows in increasing row order.
+        mask_t = mask.t()
+        transpose_index = torch.masked_select(slot_of.t(), mask_t).to(torch.int64)
+        positions_t = pack_positions(kept_offsets(mask_t, n, m), m)
+        return TransposedPattern(transpose_index, positions_t)
+
+    def t(self) -> "NMMatrix":
+        """``W.T`` as an N:M matrix ``[in_features, out_features]`` (values gathered, a copy);
+        ValueError when the mask is not transposable."""
+        transpose_index, positions_t = self.transposed_pattern()
+        values_t = self.values.reshape(-1)[transpose_index].reshape(positions_t.shape[0], -1)
+        return NMMatrix(values_t, positions_t, self.n, self.m, validate=False)
+
+    # ------------------------------------------------------------------
     def __repr__(self) -> str:
         return (
             f"NMMatrix(shape={tuple(self.shape)}, n={self.n}, m={self.m}, "

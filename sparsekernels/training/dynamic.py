@@ -12,6 +12,9 @@ weight gradient is largest (RigL) or at random (SET). The fraction dropped decay
 * a just-dropped block is never regrown in the same update (growth picks among the blocks that
   were not kept before it), so every update with something to drop changes the mask.
 
+Layers with a transposable N:M layout (``NM(n, m, transposable=True)``) are refused with a
+ValueError naming them: drop-and-grow per row group would break the column condition.
+
 The dense gradient ``dW = grad_output^T @ input`` is never formed on ordinary steps: hooks that
 capture it are installed only for the forward/backward that precedes an update, and removed after.
 Under DDP the captured gradients are summed over ranks and rank 0's new mask is broadcast, so every
@@ -25,7 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..layouts import BlockSparse
+from ..layouts import NM, BlockSparse
 from ..nn import SparseLinear
 from ..pruning import block_scores
 from ._common import all_reduce_, broadcast_mask, check_step_args, sparse_layers
@@ -72,6 +75,14 @@ class RigL:
         self.layers = sparse_layers(model, filter_fn=filter_fn)
         if not self.layers:
             raise ValueError("model has no SparseLinear layers")
+        transposable = [fqn for fqn, layer in self.layers if isinstance(layer.layout, NM) and layer.layout.transposable]
+        if transposable:
+            # Drop-and-grow refills each row group on its own; keeping n per column group as well is
+            # a matching problem per tile that it does not solve, so it refuses rather than break the mask.
+            raise ValueError(
+                f"{type(self).__name__} does not keep N:M masks transposable; these layers have a transposable "
+                f"layout: {', '.join(transposable)}. Exclude them with filter_fn"
+            )
         self.optimizer = optimizer
         self.update_every, self.drop_fraction, self.end_step = update_every, float(drop_fraction), end_step
         self.seed = seed

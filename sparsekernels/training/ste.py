@@ -88,9 +88,11 @@ class SRSTELinear(nn.Linear):
         return F.linear(input, weight, self.bias)
 
     def to_sparse_linear(self) -> SparseLinear:
-        """An N:M SparseLinear holding the masked weight (copied)."""
+        """An N:M SparseLinear holding the masked weight (copied); with a transposable mask, a
+        layer of layout ``NM(n, m, transposable=True)`` (its input gradient runs on N:M kernels)."""
         matrix = NMMatrix.from_dense(self.weight.detach().clone(), self.n, self.m, mask=self.mask())
-        layer = SparseLinear.from_matrix(matrix, None if self.bias is None else self.bias.detach())
+        layer = SparseLinear.from_matrix(matrix, None if self.bias is None else self.bias.detach(),
+                                         transposable=self.transposable)
         return layer.train(self.training)
 
     def extra_repr(self) -> str:
