@@ -294,6 +294,7 @@ class SparseLinear(nn.Module):
                 self.out_features,
                 self.in_features,
             )
+        # A transposable layout's op differs from nm_linear only in its backward: same forward.
         return eager.nm_linear(
             input, self.values, self.positions, self.layout.n, self.layout.m, self.bias,
             self.out_features, self.in_features,

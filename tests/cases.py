@@ -38,7 +38,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 def layout_id(layout) -> str:
     if isinstance(layout, BlockSparse):
         return f"block{layout.block_size}-d{layout.density}"
-    return f"nm{layout.n}:{layout.m}"
+    return f"nm{layout.n}:{layout.m}" + ("T" if getattr(layout, "transposable", False) else "")
 
 
 def features_for(layout) -> tuple[int, int]:

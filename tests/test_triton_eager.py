@@ -64,7 +64,7 @@ def make_layer(layout, dtype=torch.float32, bias=True):
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 64), (7, 64), (2, 3, 64), (0, 64)], ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+@pytest.mark.parametrize("layout", LAYOUTS + [NM(2, 4, transposable=True)], ids=layout_id)
 def test_fast_path_matches_the_op(layout, shape, dtype, bias, paths):
     layer = make_layer(layout, dtype, bias)
     input = torch.randn(shape, dtype=dtype, device=DEVICE)
