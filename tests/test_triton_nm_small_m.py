@@ -353,15 +353,24 @@ def test_every_tuning_candidate_matches_reference(index, rows, narrow, monkeypat
     assert forced.count >= 3
 
 
-def test_candidates_keep_the_product_tile_bounded():
+@pytest.mark.parametrize("wanted", [1, 10**9], ids=["wide", "narrow"])
+def test_configurations_keep_the_product_tile_bounded(wanted, monkeypatch):
+    """Heuristic and candidates, every row bucket: whole position bytes per chunk, and at most twice
+    the per-thread product budget (more spilled registers when compiled)."""
+    from sparsekernels.triton import _common
+
     module = small_m()
+    monkeypatch.setattr(_common, "target_programs", lambda device: wanted)
     for rows_padded in (1, 2, 4, 8, 16):
-        candidates = module.small_m_candidates(rows_padded, 4096)
-        assert 3 <= len(candidates) <= 6
-        for config in candidates:
-            block_kept = module.kept_block(rows_padded, config.tile, config.num_warps)
-            assert block_kept % 8 == 0  # whole position bytes for every m
-            assert rows_padded * config.tile * block_kept <= 2 * module.PRODUCTS_PER_THREAD * 32 * config.num_warps
+        for out_features in (20, 37, 4096, 10**5):
+            candidates = module.small_m_candidates(rows_padded, out_features)
+            assert 2 <= len(candidates) <= 6
+            heuristic = module.heuristic_config(rows_padded, out_features, torch.device(DEVICE))
+            for config in [heuristic, *candidates]:
+                block_kept = module.kept_block(rows_padded, config.tile, config.num_warps)
+                assert block_kept % 8 == 0 and config.block_rows == rows_padded
+                products = rows_padded * config.tile * block_kept
+                assert products <= 2 * module.PRODUCTS_PER_THREAD * 32 * config.num_warps, config
 
 
 # ------------------------------------------------------------------------------ SparseLinear at M=1

@@ -36,7 +36,7 @@ from ..reference import NM_BITS_PER_POSITION
 from . import _common
 from ._common import Config, launch, m_bucket, nm_out_block, tuned_config
 
-__all__ = ["SMALL_M_MAX_ROWS", "nm_forward_small_m", "kept_block", "split_count"]
+__all__ = ["SMALL_M_MAX_ROWS", "nm_forward_small_m"]
 
 # nm_forward.nm_forward sends batches of at most this many (flattened) rows here.
 SMALL_M_MAX_ROWS = 16
@@ -157,15 +157,29 @@ def split_count(out_tiles: int, kept: int, block_kept: int, device) -> int:
     return max(1, min(triton.cdiv(wanted, out_tiles), chunks // MIN_CHUNKS_PER_SPLIT, MAX_SPLITS))
 
 
+def fits_registers(rows_padded: int, block_out: int, num_warps: int) -> bool:
+    """Whether the product tile holds at most twice PRODUCTS_PER_THREAD per thread (it can hold more
+    only where BLOCK_KEPT is held at its minimum of 8: wide tiles at 16 rows). Compiled for sm_90,
+    float16, 2:4, the tiles within this bound used at most 158 registers per thread and no stack; a
+    64-wide tile at 16 rows with 4 warps (4x the budget) used 254."""
+    products = rows_padded * block_out * kept_block(rows_padded, block_out, num_warps)
+    return products <= 2 * PRODUCTS_PER_THREAD * 32 * num_warps
+
+
+def heuristic_config(rows_padded: int, out_features: int, device) -> Config:
+    """The N:M forward's output tile (64, narrowed down to 16 to fill the grid; split-K makes up the
+    rest) with 4 warps, or 8 where 4 would not fit the registers."""
+    tile = nm_out_block(out_features, 1, device)
+    return Config(rows_padded, tile, 4 if fits_registers(rows_padded, tile, 4) else 8, 3)
+
+
 def small_m_candidates(rows_padded: int, out_features: int) -> list:
     """Tuning candidates (at most 6): output tiles 32/64/128 (16/32 for tiny weights) and 4 or 8 warps
-    (which also set BLOCK_KEPT, see kept_block; the split count follows from the tile). Tiles whose
-    BLOCK_KEPT is held at its minimum of 8 with more than twice the per-thread product budget (wide
-    tiles at 16 rows) are left out: they would spill registers."""
+    (which also set BLOCK_KEPT, see kept_block; the split count follows from the tile), except those
+    that do not fit the registers (fits_registers)."""
     tiles = [16, 32] if out_features <= 32 else [32, 64, 128]
-    budget = 2 * PRODUCTS_PER_THREAD * 32
     return [Config(rows_padded, tile, warps, 3) for tile in tiles for warps in (4, 8)
-            if rows_padded * tile * kept_block(rows_padded, tile, warps) <= budget * warps]
+            if fits_registers(rows_padded, tile, warps)]
 
 
 def nm_forward_small_m(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
@@ -207,8 +221,7 @@ def nm_forward_small_m(x: Tensor, values: Tensor, positions: Tensor, n: int, m: 
                    target, bias, out, out.numel(), out_features, splits,
                    HAS_BIAS=has_bias, BLOCK=SUM_BLOCK, num_warps=4)
 
-    # Heuristic: the N:M forward's output tile (narrowed to fill the grid); split-K makes up the rest.
-    heuristic = Config(rows_padded, nm_out_block(out_features, 1, x.device), 4, 3)
+    heuristic = heuristic_config(rows_padded, out_features, x.device)
     run(tuned_config(
         (rows, out_features, in_features),
         lambda: ("nm_forward_small_m", rows_padded, out_features, in_features, f"{n}:{m}", round(n / m, 4),
