@@ -131,8 +131,10 @@ def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, out_features, spli
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in range(0, splits):
-        total += tl.load(partial_ptr + split * numel + offs, mask=mask, other=0.0)
+    plane = partial_ptr + offs
+    for _ in range(0, splits):
+        total += tl.load(plane, mask=mask, other=0.0)
+        plane += numel  # next split's plane (pointer arithmetic: no int32 product to overflow)
     if HAS_BIAS:
         total += tl.load(bias_ptr + offs % out_features, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
