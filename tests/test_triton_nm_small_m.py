@@ -29,7 +29,7 @@ from cases import (  # noqa: E402
     random_mask,
 )
 from sparsekernels import NM, NMMatrix, SparseLinear, reference  # noqa: E402
-from test_triton import DEVICE, HeuristicOnly, narrowest_tiles  # noqa: E402
+from test_triton import DEVICE, narrowest_tiles  # noqa: E402
 
 # Every N:M pattern the layouts accept (layouts.NM: m in 2, 4, 8, 16 and 1 <= n < m).
 ALL_PATTERNS = [(n, m) for m in (2, 4, 8, 16) for n in range(1, m)]
