@@ -43,7 +43,7 @@ class Launch:
     def description(self) -> str:
         constants = ", ".join(f"{name}={value}" for name, value in self.constexprs)
         types = {name: kind for name, kind in self.signature}
-        dtype = types.get("x_ptr", types.get("grad_out_ptr"))
+        dtype = types.get("x_ptr", types.get("grad_out_ptr", types.get("out_ptr")))
         options = ", ".join(f"{name}={value}" for name, value in self.options)
         return f"{self.kernel.__name__}[{dtype}; {constants}; {options}]"
 
@@ -69,7 +69,8 @@ def _record(kernel, grid, *args, **kwargs) -> Launch:
     return Launch(kernel, tuple(signature), tuple(constexprs), options)
 
 
-KERNEL_MODULES = ("bsr_forward", "bsr_grad_input", "bsr_grad_values", "nm_forward", "nm_grad_input", "nm_grad_values")
+KERNEL_MODULES = ("bsr_forward", "bsr_grad_input", "bsr_grad_values", "nm_forward", "nm_grad_input", "nm_grad_values",
+                  "nm_forward_small_m")
 
 
 class _EveryCandidate:
@@ -85,7 +86,8 @@ class _EveryCandidate:
 def recorded_launches(quick: bool = False) -> list[Launch]:
     """Every distinct configuration the launchers pick, for GPUs of any size, and (not ``quick``)
     every autotuning candidate (``quick``: float32 and bfloat16, 128-blocks and 5:16, 300 rows: the
-    largest heuristic tiles, and the narrowest)."""
+    largest heuristic tiles, and the narrowest; and the small-M N:M forward at 1 row (5:16) and 16
+    rows (1:2: the one-byte position chunks), one split and split-K)."""
     import importlib
 
     from . import _common, autotune
@@ -113,7 +115,7 @@ def recorded_launches(quick: bool = False) -> list[Launch]:
 
 
 def _call_launchers(bsr_forward, bsr_grad_input, bsr_grad_values, nm_forward, nm_grad_input, nm_grad_values,
-                    quick: bool) -> None:
+                    nm_forward_small_m, quick: bool) -> None:
     """Call every launcher over block sizes, N:M patterns, dtypes and batch sizes (CPU tensors).
 
     The block weight gradient also gets a batch long enough to split its rows when the device wants
@@ -152,6 +154,19 @@ def _call_launchers(bsr_forward, bsr_grad_input, bsr_grad_values, nm_forward, nm
                 nm_forward.nm_forward(x, matrix.values, matrix.positions, n, m, torch.zeros(96, dtype=dtype))
                 nm_grad_input.nm_grad_input(grad, matrix.values, matrix.positions, n, m)
                 nm_grad_values.nm_grad_values(grad, x, matrix.positions, n, m)
+        # Small-M forward (nm_forward sends it at most 16 rows): 1 and 16 rows for every pattern, the
+        # other padded row counts (ROWS 2, 4, 8) for 2:4; 256 groups so that the narrow-tile pass
+        # splits the kept dimension (split-K and the sum kernel).
+        if quick:
+            small_m_cases = [((5, 16), 1), ((1, 2), 16)]
+        else:
+            small_m_cases = [(pattern, rows) for pattern in patterns for rows in (1, 16)]
+            small_m_cases += [((2, 4), rows) for rows in (2, 3, 5)]
+        for (n, m), rows in small_m_cases:
+            matrix = NMMatrix.random((96, 256 * m), n, m, dtype=dtype)
+            x = torch.zeros(rows, matrix.shape[1], dtype=dtype)
+            nm_forward_small_m.nm_forward_small_m(x, matrix.values, matrix.positions, n, m,
+                                                  torch.zeros(96, dtype=dtype))
 
 
 def compile_launch(launch: Launch, capability: int):

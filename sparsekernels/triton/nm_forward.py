@@ -57,10 +57,18 @@ def _nm_forward_kernel(
 
 
 def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
-    """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]``; returns ``[rows, out_features]``."""
+    """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]``; returns ``[rows, out_features]``.
+
+    At most 16 rows go to ``nm_forward_small_m`` (reads only the compressed weight, no ``tl.dot``)."""
+    from . import nm_forward_small_m as small_m
+
     out_features, kept = values.shape
     in_features = kept // n * m
     rows = x.shape[0]
+    # Decode-sized batches: the kernel that reads only the compressed weight (no tl.dot). A symbolic
+    # row count (dynamic-shape tracing) stays here rather than specialising the graph on it.
+    if type(rows) is int and rows <= small_m.SMALL_M_MAX_ROWS:
+        return small_m.nm_forward_small_m(x, values, positions, n, m, bias)
     out = x.new_empty((rows, out_features))
     if out.numel() == 0:
         return out
