@@ -55,11 +55,18 @@ def _triton_backend(monkeypatch):
     monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
 
 
+def resolve_heuristic(heuristic):
+    """The Config of a launcher's heuristic (a Config, or a callable returning one)."""
+    from sparsekernels.triton.autotune import resolve_heuristic
+
+    return resolve_heuristic(heuristic)
+
+
 class HeuristicOnly:
     """Stands in for the tuner: always the launcher's heuristic configuration."""
 
     def choose(self, key, device, tensors, heuristic, candidates, run):
-        return heuristic
+        return resolve_heuristic(heuristic)
 
 
 def triton_ops():

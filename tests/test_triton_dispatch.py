@@ -52,6 +52,13 @@ def always(device, tensors):
     return True
 
 
+def resolve_heuristic(heuristic):
+    """The Config of a launcher's heuristic (a Config, or a callable returning one)."""
+    from sparsekernels.triton.autotune import resolve_heuristic
+
+    return resolve_heuristic(heuristic)
+
+
 class TableTimer:
     """A timer that runs nothing and returns the time listed for each config (ms)."""
 
@@ -86,7 +93,7 @@ class KeyRecorder:
 
     def choose(self, key, device, tensors, heuristic, candidates, run):
         self.keys.append(key)
-        return heuristic
+        return resolve_heuristic(heuristic)
 
 
 def test_launchers_key_by_bucketed_shape(monkeypatch):
@@ -208,7 +215,7 @@ class Forced:
     def choose(self, key, device, tensors, heuristic, candidates, run):
         options = candidates()
         self.seen = max(self.seen, len(options))
-        return options[self.index] if self.index < len(options) else heuristic
+        return options[self.index] if self.index < len(options) else resolve_heuristic(heuristic)
 
 
 @pytest.mark.parametrize("index", range(4))

@@ -56,6 +56,13 @@ def small_m():
     return nm_forward_small_m
 
 
+def resolve_heuristic(heuristic):
+    """The Config of a launcher's heuristic (a Config, or a callable returning one)."""
+    from sparsekernels.triton.autotune import resolve_heuristic
+
+    return resolve_heuristic(heuristic)
+
+
 class LaunchRecorder:
     """Wraps ``launch`` of the small-M module: records (kernel name, grid), then launches."""
 
@@ -309,7 +316,7 @@ class KeyRecorder:
 
     def choose(self, key, device, tensors, heuristic, candidates, run):
         self.keys.append(key)
-        return heuristic
+        return resolve_heuristic(heuristic)
 
 
 def test_tuning_key(monkeypatch):

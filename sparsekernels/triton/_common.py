@@ -148,11 +148,11 @@ def row_split(rows: int, programs: int, block_rows: int, device) -> tuple:
     if type(rows) is not int:
         return 1, rows
     wanted = target_programs(device)
-    splits = min(triton.cdiv(wanted, max(programs, 1)), rows // MIN_ROWS_PER_SPLIT) if programs < wanted else 1
+    splits = min(cdiv(wanted, max(programs, 1)), rows // MIN_ROWS_PER_SPLIT) if programs < wanted else 1
     if splits <= 1:
         return 1, rows
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_rows) * block_rows
-    return triton.cdiv(rows, rows_per_split), rows_per_split
+    rows_per_split = cdiv(cdiv(rows, splits), block_rows) * block_rows
+    return cdiv(rows, rows_per_split), rows_per_split
 
 
 def nm_out_block(out_features: int, other_tiles: int, device) -> int:
@@ -224,10 +224,10 @@ def nm_candidates(rows: int, out_features: int) -> list:
 
 def tuned_config(sizes: tuple, key, device, tensors: tuple, heuristic, candidates, run):
     """The launch configuration: ``autotune.tuner.choose`` with the key ``key()``, or ``heuristic``
-    when a size is symbolic (dynamic-shape tracing: a key would specialise the shapes, and nothing
+    (a Config, or a callable returning one: evaluated only when needed) when a size is symbolic (dynamic-shape tracing: a key would specialise the shapes, and nothing
     runs there anyway). ``sizes`` lists every size that the key is built from."""
     from . import autotune
 
     if not all(type(size) is int for size in sizes):
-        return heuristic
+        return autotune.resolve_heuristic(heuristic)
     return autotune.tuner.choose(key(), device, tensors, heuristic, candidates, run)

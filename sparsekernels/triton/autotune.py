@@ -35,11 +35,11 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["Config", "Tuner", "DENSITY_BUCKETS", "density_bucket", "m_bucket", "tuner", "gpu_name"]
+__all__ = ["Config", "Heuristic", "resolve_heuristic", "Tuner", "DENSITY_BUCKETS", "density_bucket", "m_bucket", "tuner", "gpu_name"]
 
 FILE_VERSION = 1
 DENSITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -58,6 +58,14 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict) -> "Config":
         return cls(**{name: int(data[name]) for name in ("block_rows", "tile", "num_warps", "num_stages")})
+
+
+Heuristic = Union[Config, Callable[[], Config]]
+
+
+def resolve_heuristic(heuristic: Heuristic) -> Config:
+    """The Config of a heuristic given as a Config or as a callable returning one."""
+    return heuristic() if callable(heuristic) else heuristic
 
 
 def m_bucket(rows: int) -> int:
@@ -201,13 +209,14 @@ class Tuner:
         return "|".join(str(part) for part in key)
 
     # ------------------------------------------------------------------ configurations
-    def choose(self, key: tuple, device: torch.device, tensors: Iterable[torch.Tensor], heuristic: Config,
+    def choose(self, key: tuple, device: torch.device, tensors: Iterable[torch.Tensor], heuristic: Heuristic,
                candidates: Callable[[], list], run: Callable[[Config], None]) -> Config:
         """The configuration for ``key`` (without the GPU, which is added here).
 
         Memory first, then the file; else, where timing may run, every candidate is timed with
         ``run(config)`` and the fastest stored; else the heuristic (not stored: it may depend on
-        facts that tests patch, and it is cheap).
+        facts that tests patch, and it is cheap). ``heuristic`` may be a callable returning the
+        Config, evaluated only on a miss (a launcher's hot path then skips it).
         """
         gpu = gpu_name(device)
         full_key = key + (gpu,)
@@ -219,6 +228,7 @@ class Tuner:
             if stored is not None:
                 config = self._configs[full_key] = Config.from_dict(stored)
                 return config
+        heuristic = resolve_heuristic(heuristic)
         if not tuning_enabled() or not self.measurable(device, tensors):
             return heuristic
         config, timings = self._tune(heuristic, candidates(), run)

@@ -104,7 +104,7 @@ def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_
         (rows, nnz, in_features),
         lambda: ("bsr_forward", m_bucket(rows), out_features, in_features, f"b{block_size}",
                  block_density_bucket(nnz, n_block_rows, in_features // block_size), str(x.dtype)),
-        x.device, (x, values), heuristic_config(rows, n_block_rows, block_size, element_size, x.device),
+        x.device, (x, values), lambda: heuristic_config(rows, n_block_rows, block_size, element_size, x.device),
         lambda: block_candidates(rows, block_size, element_size), run)
     run(config)
     return out

@@ -78,9 +78,11 @@ class _EveryCandidate:
     the heuristic configuration, so that the configurations tuning may pick are compiled too."""
 
     def choose(self, key, device, tensors, heuristic, candidates, run):
+        from .autotune import resolve_heuristic
+
         for config in candidates():
             run(config)
-        return heuristic
+        return resolve_heuristic(heuristic)
 
 
 def recorded_launches(quick: bool = False) -> list[Launch]:

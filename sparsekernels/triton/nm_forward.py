@@ -88,7 +88,10 @@ def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bia
                num_warps=config.num_warps, num_stages=config.num_stages)
 
     block_rows = rows_block(rows)
-    heuristic = Config(block_rows, nm_out_block(out_features, cdiv(rows, block_rows), x.device), 4, 3)
+
+    def heuristic() -> Config:
+        return Config(block_rows, nm_out_block(out_features, cdiv(rows, block_rows), x.device), 4, 3)
+
     run(tuned_config(
         (rows, out_features, in_features),
         lambda: ("nm_forward", m_bucket(rows), out_features, in_features, f"{n}:{m}", round(n / m, 4), str(x.dtype)),

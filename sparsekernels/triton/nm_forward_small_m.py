@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..reference import NM_BITS_PER_POSITION
 from . import _common
-from ._common import Config, launch, m_bucket, nm_out_block, tuned_config
+from ._common import Config, cdiv, launch, m_bucket, nm_out_block, tuned_config
 
 __all__ = ["SMALL_M_MAX_ROWS", "nm_forward_small_m"]
 
@@ -155,8 +155,8 @@ def split_count(out_tiles: int, kept: int, block_kept: int, device) -> int:
     wanted = _common.target_programs(device)
     if out_tiles >= wanted:
         return 1
-    chunks = triton.cdiv(kept, block_kept)
-    return max(1, min(triton.cdiv(wanted, out_tiles), chunks // MIN_CHUNKS_PER_SPLIT, MAX_SPLITS))
+    chunks = cdiv(kept, block_kept)
+    return max(1, min(cdiv(wanted, out_tiles), chunks // MIN_CHUNKS_PER_SPLIT, MAX_SPLITS))
 
 
 def fits_registers(rows_padded: int, block_out: int, num_warps: int) -> bool:
@@ -203,11 +203,11 @@ def nm_forward_small_m(x: Tensor, values: Tensor, positions: Tensor, n: int, m: 
 
     def run(config: Config) -> None:
         block_kept = kept_block(rows_padded, config.tile, config.num_warps)
-        out_tiles = triton.cdiv(out_features, config.tile)
+        out_tiles = cdiv(out_features, config.tile)
         splits = split_count(out_tiles, kept, block_kept, x.device)
         # Whole chunks per split, so every split starts on a chunk (and position byte) boundary.
-        kept_per_split = max(1, triton.cdiv(triton.cdiv(kept, block_kept), splits)) * block_kept
-        splits = max(1, triton.cdiv(kept, kept_per_split))
+        kept_per_split = max(1, cdiv(cdiv(kept, block_kept), splits)) * block_kept
+        splits = max(1, cdiv(kept, kept_per_split))
         target = out if splits == 1 else torch.empty((splits, rows, out_features), dtype=torch.float32,
                                                       device=x.device)
         launch(_nm_forward_small_m_kernel, (out_tiles, splits),
@@ -219,14 +219,14 @@ def nm_forward_small_m(x: Tensor, values: Tensor, positions: Tensor, n: int, m: 
                ROWS=rows_padded, BLOCK_OUT=config.tile, BLOCK_KEPT=block_kept,
                num_warps=config.num_warps, num_stages=config.num_stages)
         if splits > 1:
-            launch(_sum_splits_kernel, (triton.cdiv(out.numel(), SUM_BLOCK),),
+            launch(_sum_splits_kernel, (cdiv(out.numel(), SUM_BLOCK),),
                    target, bias, out, out.numel(), out_features, splits,
                    HAS_BIAS=has_bias, BLOCK=SUM_BLOCK, num_warps=4)
 
-    heuristic = heuristic_config(rows_padded, out_features, x.device)
     run(tuned_config(
         (rows, out_features, in_features),
         lambda: ("nm_forward_small_m", rows_padded, out_features, in_features, f"{n}:{m}", round(n / m, 4),
                  str(x.dtype)),
-        x.device, (x, values), heuristic, lambda: small_m_candidates(rows_padded, out_features), run))
+        x.device, (x, values), lambda: heuristic_config(rows_padded, out_features, x.device),
+        lambda: small_m_candidates(rows_padded, out_features), run))
     return out
