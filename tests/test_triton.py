@@ -28,13 +28,14 @@ import sparsekernels as sk  # noqa: E402
 from cases import (  # noqa: E402
     DTYPES,
     LAYOUTS,
+    TOLERANCE,
     assert_close,
     kept_values_of,
     layout_id,
     make_case,
     opcheck_samples,
 )
-from sparsekernels import NM, BlockSparse, BlockSparseMatrix, SparseLinear  # noqa: E402
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear  # noqa: E402
 from test_ops import check_against_dense  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -324,3 +325,220 @@ def test_kernels_compile_for_a100_and_h100():
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert re.search(r"\b[1-9]\d* configurations x 2 architectures: 0 failures", result.stdout), result.stdout[-2000:]
+
+
+# ------------------------------------------------------------- N:M NaN / Inf: a dropped weight is absent
+# The N:M forward and input-gradient kernels rebuild dense weight tiles (zeros where a weight is
+# dropped) for tl.dot. A NaN or Inf operand must still meet the kept weights only, exactly as a dense
+# product over the kept weights (docs/reliability.md): checked against a reference that forms every
+# kept term on its own, so its NaN / +Inf / -Inf pattern is the IEEE one.
+NONFINITE_LAYOUTS = [NM(2, 4), NM(1, 4), NM(4, 8), NM(5, 16)]
+# 80 input features: a full 64-wide input tile and a partial one for every m; 40 outputs: a partial
+# output tile; 70 rows: two row tiles.
+NONFINITE_FEATURES = (40, 80)
+
+
+def nonfinite_weight(layout, dtype, seed: int = 0):
+    """(weight [out, in] float32, masked to the pattern, with ~8% kept exact zeros; mask; a column
+    that every output drops). The column is the last one of group 1."""
+    torch.manual_seed(seed)
+    out_features, in_features = NONFINITE_FEATURES
+    draws = torch.rand(out_features, in_features // layout.m, layout.m)
+    draws[:, 1, -1] = 2.0  # never among the n smallest draws of its group: dropped in every row
+    keep = draws.argsort(dim=-1)[..., : layout.n]
+    mask = torch.zeros_like(draws, dtype=torch.bool).scatter_(-1, keep, True).reshape(out_features, in_features)
+    weight = torch.randn(out_features, in_features).to(dtype).float()
+    weight[torch.rand(out_features, in_features) < 0.08] = 0.0
+    return weight * mask, mask, 2 * layout.m - 1
+
+
+def nm_apply(weight, mask, layout, operand, direction, bias=None):
+    """The Triton kernel of ``direction`` on ``operand``: the forward ``x @ W.T (+ bias)`` or the input
+    gradient ``grad_out @ W`` (weight entries may be non-finite; they are stored as they are)."""
+    matrix = NMMatrix.from_dense(weight.to(operand.dtype), layout.n, layout.m, mask=mask)
+    triton_ops()  # registers the ops
+    ops = torch.ops.sparsekernels_triton
+    values, positions = matrix.values.to(DEVICE), matrix.positions.to(DEVICE)
+    if direction == "forward":
+        bias = None if bias is None else bias.to(operand.dtype).to(DEVICE)
+        return ops.nm_linear(operand.to(DEVICE), values, positions, layout.n, layout.m, bias).cpu()
+    return ops.nm_linear_grad_input(operand.to(DEVICE), values, positions, layout.n, layout.m).cpu()
+
+
+def kept_terms_product(operand, weight, mask, direction):
+    """``operand @ W.T`` (forward) or ``operand @ W`` (input gradient) in float32, summing the kept
+    terms only, each formed on its own: a dropped weight is absent, never 0 * NaN."""
+    weight_op, mask_op = (weight, mask) if direction == "forward" else (weight.T, mask.T)
+    terms = operand.float()[:, None, :] * weight_op.float()[None]
+    return torch.where(mask_op[None], terms, torch.zeros(())).sum(-1)
+
+
+def operand_for(direction, rows):
+    out_features, in_features = NONFINITE_FEATURES
+    return torch.randn(rows, in_features if direction == "forward" else out_features)
+
+
+def check_kept_terms(actual, operand, weight, mask, direction, dtype, what, bias=None):
+    expected = kept_terms_product(operand.to(dtype), weight.to(dtype), mask, direction)
+    if bias is not None:
+        expected = expected + bias.to(dtype).float()
+    tolerance = TOLERANCE[dtype]
+    finite = torch.isfinite(expected)
+    scale = max(expected[finite].abs().max().item(), 1.0) if finite.any() else 1.0
+    torch.testing.assert_close(actual.float(), expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True,
+                               msg=lambda message: f"{direction}, {what}: {message}")
+    return expected
+
+
+# NaN/Inf operands make the interpreter's numpy arithmetic warn; the results are what is checked.
+EXPECTS_NONFINITE = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+NONFINITE_PARAMS = [
+    pytest.mark.parametrize("direction", ["forward", "grad_input"]),
+    pytest.mark.parametrize("rows", [1, 70]),
+    pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str),
+    pytest.mark.parametrize("layout", NONFINITE_LAYOUTS, ids=layout_id),
+    EXPECTS_NONFINITE,
+]
+
+
+def nonfinite_params(test):
+    for mark in NONFINITE_PARAMS:
+        test = mark(test)
+    return test
+
+
+@nonfinite_params
+def test_nm_nan_and_inf_reach_only_the_outputs_that_keep_them(layout, dtype, rows, direction):
+    """A NaN / Inf operand entry reaches exactly the outputs whose kept weights touch it: none for an
+    input column that every output drops, and never through a dropped weight (0 * NaN)."""
+    weight, mask, dropped_everywhere = nonfinite_weight(layout, dtype)
+    mask_op = mask if direction == "forward" else mask.T  # [outputs of the product, operand columns]
+    # forward: a column dropped by every output, and one kept by some; input grad: two outputs.
+    first, second = (dropped_everywhere, 3 * layout.m) if direction == "forward" else (5, 38)
+    operand = operand_for(direction, rows)
+    operand[0, first] = operand[0, second] = float("nan")
+    if rows > 1:  # in another row tile
+        operand[-1, first], operand[-1, second] = float("inf"), float("-inf")
+    result = nm_apply(weight, mask, layout, operand.to(dtype), direction)
+    touched = mask_op[:, first] | mask_op[:, second]
+    assert touched.any() and not touched.all()
+    assert torch.equal(torch.isnan(result[0]), touched)
+    assert torch.equal(~torch.isfinite(result[-1]), touched)
+    if direction == "forward":
+        assert not mask_op[:, dropped_everywhere].any()
+    check_kept_terms(result, operand, weight, mask, direction, dtype, "NaN / Inf entries")
+
+
+@nonfinite_params
+def test_nm_inf_times_kept_zero_and_opposite_infs_give_nan(layout, dtype, rows, direction):
+    """Kept-only IEEE arithmetic: Inf times a KEPT weight that is exactly 0 is NaN, and +Inf and -Inf
+    terms meeting in one output give NaN (a dropped 0 weight gives neither)."""
+    weight, mask, _ = nonfinite_weight(layout, dtype)
+    weight_op, mask_op = (weight, mask) if direction == "forward" else (weight.T, mask.T)  # views
+    target = 2  # an output of the product
+    kept = mask_op[target].nonzero().squeeze(1)
+    assert len(kept) >= 3
+    zero_at, positive_at, negative_at = kept[0].item(), kept[1].item(), kept[-1].item()
+    weight_op[target, zero_at] = 0.0
+    weight_op[target, positive_at] = 1.5
+    weight_op[target, negative_at] = -0.5
+    dropped_at = (~mask_op[target]).nonzero()[0].item()
+    # Inf at a kept zero weight, and at a dropped one (absent: no effect on this output).
+    operand = operand_for(direction, rows)
+    operand[0, zero_at] = float("inf")
+    operand[0, dropped_at] = float("-inf")
+    result = nm_apply(weight, mask, layout, operand.to(dtype), direction)
+    assert torch.isnan(result[0, target])
+    check_kept_terms(result, operand, weight, mask, direction, dtype, "Inf times a kept zero")
+    # +Inf * 1.5 and +Inf * -0.5 in the same output: NaN; each alone would be +Inf / -Inf.
+    operand = operand_for(direction, rows)
+    operand[-1, positive_at] = operand[-1, negative_at] = float("inf")
+    result = nm_apply(weight, mask, layout, operand.to(dtype), direction)
+    assert torch.isnan(result[-1, target])
+    expected = check_kept_terms(result, operand, weight, mask, direction, dtype, "+Inf and -Inf meet")
+    assert torch.isposinf(expected).any() or torch.isneginf(expected).any()
+
+
+@nonfinite_params
+def test_nm_sprinkled_nan_and_inf_match_kept_only_product(layout, dtype, rows, direction):
+    """NaN, +Inf and -Inf sprinkled over the operand (as after an fp16 overflow), kept zero weights,
+    and a few non-finite KEPT weights (an Inf weight meeting an Inf operand is +-Inf, not NaN; meeting
+    a 0 operand, NaN): every output gets the class and the value of the sum over its kept terms."""
+    weight, mask, _ = nonfinite_weight(layout, dtype, seed=3)
+    weight_op, mask_op = (weight, mask) if direction == "forward" else (weight.T, mask.T)
+    operand = operand_for(direction, rows)
+    pick = torch.rand(operand.shape)
+    operand[pick < 0.02] = float("nan")
+    operand[(pick >= 0.02) & (pick < 0.04)] = float("inf")
+    operand[(pick >= 0.04) & (pick < 0.06)] = float("-inf")
+    # Non-finite kept weights; the last row of the operand holds +-Inf right where they are.
+    kept_rows, kept_cols = mask_op.nonzero(as_tuple=True)
+    for index, value in ((3, float("inf")), (len(kept_rows) // 2, float("-inf")), (-1, float("nan"))):
+        weight_op[kept_rows[index], kept_cols[index]] = value
+    operand[-1, kept_cols[3]] = float("-inf")
+    operand[-1, kept_cols[len(kept_rows) // 2]] = float("-inf")
+    # 0 times the +Inf weight is NaN, also in a tile that holds a NaN operand (the next column).
+    operand[0, kept_cols[3]], operand[0, kept_cols[3] ^ 1] = 0.0, float("nan")
+    bias = torch.randn(NONFINITE_FEATURES[0]) if direction == "forward" else None  # added on either path
+    result = nm_apply(weight, mask, layout, operand.to(dtype), direction, bias)
+    expected = check_kept_terms(result, operand, weight, mask, direction, dtype, "sprinkled", bias)
+    if rows > 1:
+        assert torch.isfinite(expected).any() and torch.isnan(expected).any()
+        assert torch.isposinf(expected).any() and torch.isneginf(expected).any()
+
+
+@pytest.mark.parametrize("rows", [1, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", NONFINITE_LAYOUTS, ids=layout_id)
+@EXPECTS_NONFINITE
+def test_nm_grad_values_never_sample_dropped_positions(layout, dtype, rows):
+    """The kept-value gradient picks kept entries of a dense grad_out.T @ x tile: an entry involves one
+    input column and one output only, so a NaN / Inf at a dropped position is never sampled."""
+    weight, mask, dropped_everywhere = nonfinite_weight(layout, dtype)
+    matrix = NMMatrix.from_dense(weight.to(dtype), layout.n, layout.m, mask=mask)
+    x = operand_for("forward", rows)
+    x[:, dropped_everywhere] = float("nan")
+    x[-1, 3 * layout.m + 1] = float("inf")
+    grad_out = operand_for("grad_input", rows)
+    grad_out[0, 7] = float("-inf")
+    triton_ops()
+    grad_values = torch.ops.sparsekernels_triton.nm_linear_grad_values(
+        grad_out.to(dtype).to(DEVICE), x.to(dtype).to(DEVICE), matrix.positions.to(DEVICE), layout.n, layout.m).cpu()
+    columns = matrix.column_indices()
+    expected = (grad_out.to(dtype).float().T @ x.to(dtype).float()).gather(1, columns)  # entrywise exact
+    assert torch.isfinite(expected).any() and not torch.isfinite(expected).all()
+    tolerance = TOLERANCE[dtype]
+    scale = max(expected[torch.isfinite(expected)].abs().max().item(), 1.0)
+    torch.testing.assert_close(grad_values.float(), expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts calls of an interpreted kernel helper")
+@pytest.mark.parametrize("direction", ["forward", "grad_input"])
+@EXPECTS_NONFINITE
+def test_nm_kept_only_path_runs_only_where_a_tile_is_not_finite(monkeypatch, direction):
+    """The exact path is for programs whose result is not finite: none for finite operands, and for a
+    NaN in one row, only the programs of that row tile (70 rows: two row tiles of 64)."""
+    from sparsekernels.triton import nm_forward, nm_grad_input
+
+    module, name = ((nm_forward, "_nm_forward_kept_only") if direction == "forward"
+                    else (nm_grad_input, "_nm_grad_input_kept_only"))
+    calls = []
+    exact_path = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return exact_path(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    layout = NM(2, 4)
+    weight, mask, _ = nonfinite_weight(layout, torch.float32)
+    operand = operand_for(direction, 70)
+    finite = nm_apply(weight, mask, layout, operand, direction)
+    assert calls == []
+    operand[66, 3] = float("nan")
+    result = nm_apply(weight, mask, layout, operand, direction)
+    programs = 1 if direction == "forward" else 2  # output tiles / input tiles (80 inputs: two of 64)
+    assert len(calls) == programs
+    assert torch.equal(result[:64], finite[:64])  # the other row tile: the plain product, untouched
+    check_kept_terms(result, operand, weight, mask, direction, torch.float32, "one NaN")

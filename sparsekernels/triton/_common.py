@@ -1,5 +1,7 @@
 """Pieces shared by the Triton kernel families: the dot-product helper, launch-time facts, tile
-choices, and the N:M register helpers (unpacking offsets, rebuilding a dense weight tile).
+choices, the N:M register helpers (unpacking offsets, rebuilding a dense weight tile), and the
+pieces of the N:M kernels' exact path for NaN / Inf operands (``any_nonfinite``,
+``add_kept_terms``, ``nm_group_slots``, ``nm_weight_row``).
 
 Why a dot helper: every kernel accumulates in float32 and multiplies tiles with ``tl.dot``. On a GPU
 the tiles go to the tensor cores in their storage dtype; float32 tiles are multiplied in full
@@ -28,6 +30,21 @@ def dot_accumulate(a, b, acc, DOT: tl.constexpr):
     if DOT == "widen":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT)
+
+
+@triton.jit
+def any_nonfinite(tile):
+    """True (a runtime scalar) when ``tile`` holds a NaN or an Inf: ``|v| < inf`` is false for both."""
+    return tl.max(tl.where(tl.abs(tile.to(tl.float32)) < float("inf"), 0, 1)) > 0
+
+
+@triton.jit
+def add_kept_terms(acc, a_column, b_row, kept):
+    """``acc + a_column * b_row`` (an outer product, ``[R, 1]`` times ``[1, C]``) over the ``kept``
+    entries only. Each term is formed on its own in float32, so NaN and Inf follow IEEE arithmetic
+    exactly (``Inf * 0`` is NaN for a kept 0, +Inf and -Inf terms sum to NaN), and a dropped weight
+    takes no part at all: ``where`` skips it, where a dot would multiply it as a stored 0."""
+    return acc + tl.where(kept, a_column.to(tl.float32) * b_row, 0.0)
 
 
 def is_interpreted(kernel) -> bool:
@@ -167,6 +184,10 @@ def nm_out_block(out_features: int, other_tiles: int, device) -> int:
 # N:M input tile: a multiple of every m (2, 4, 8, 16), so groups never straddle tiles.
 NM_BLOCK_IN = 64
 
+# Rows per step of the N:M kernels' kept-only path (NaN / Inf operands): a [16, tile] accumulator,
+# at most a quarter of the dot's, so that the rare path needs fewer registers than the common one.
+NM_KEPT_ONLY_ROWS = tl.constexpr(16)
+
 
 @triton.jit
 def nm_kept_offsets(positions_ptr, offs_out, kept_index, mask, stride_pos_row,
@@ -196,6 +217,45 @@ def nm_dense_weight_tile(values_ptr, positions_ptr, offs_out, out_mask, in_start
         # Offsets of one group are distinct, so each dense element receives at most one kept value.
         tile += tl.where(offset[:, :, None] == in_group[None, None, :], kept.to(tl.float32)[:, :, None], 0.0)
     return tl.reshape(tile, [BLOCK_OUT, BLOCK_IN])
+
+
+@triton.jit
+def nm_group_slots(values_ptr, positions_ptr, offs_out, out_mask, group, stride_val_row, stride_pos_row,
+                   N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr):
+    """The kept values (float32) of input group ``group`` and their in-group offsets, ``[BLOCK_OUT, M]``:
+    the first ``N`` slots per output are the group's kept weights; the others (``M`` is a power of 2
+    above ``N``) have offset -1, so they match no column."""
+    slots = tl.arange(0, M)
+    kept_index = group * N + slots
+    mask = out_mask[:, None] & (slots < N)[None, :]
+    offsets = nm_kept_offsets(positions_ptr, offs_out, kept_index, mask, stride_pos_row, BITS)
+    values = tl.load(values_ptr + offs_out[:, None] * stride_val_row + kept_index[None, :], mask=mask, other=0.0)
+    return values.to(tl.float32), tl.where(mask, offsets, -1)
+
+
+@triton.jit
+def nm_weight_row(values_ptr, positions_ptr, out_feature, in_start, n_groups, stride_val_row, stride_pos_row,
+                  N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, BLOCK_IN: tl.constexpr):
+    """Row ``out_feature`` of the weight over ``in_start : in_start + BLOCK_IN``, as
+    :func:`nm_dense_weight_tile` builds it (float32, 0 where dropped), and whether each entry is kept,
+    as ``[1, BLOCK_IN]`` rows. All ``N`` slots of every group are loaded at once (``[groups, slots]``,
+    the slot axis padded to ``M``), then matched against the in-group positions."""
+    GROUPS: tl.constexpr = BLOCK_IN // M
+    PER_BYTE: tl.constexpr = 8 // BITS
+    groups = in_start // M + tl.arange(0, GROUPS)
+    slots = tl.arange(0, M)
+    mask = (groups < n_groups)[:, None] & (slots < N)[None, :]
+    kept_index = groups[:, None] * N + slots[None, :]
+    row = (out_feature + tl.arange(0, 1)).to(tl.int64)[:, None]  # [1, 1]: 64-bit row offsets, as the tiles use
+    values = tl.load(values_ptr + row * stride_val_row + kept_index, mask=mask, other=0.0)
+    packed = tl.load(positions_ptr + row * stride_pos_row + kept_index // PER_BYTE, mask=mask, other=0).to(tl.int32)
+    offsets = (packed >> ((kept_index % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
+    # [groups, slots, in-group position]; offsets within a group are distinct, so at most one slot
+    # matches a position, and the sum over slots is that weight (NaN and Inf included) or 0.
+    here = (offsets[:, :, None] == tl.arange(0, M)[None, None, :]) & mask[:, :, None]
+    weight = tl.sum(tl.where(here, values.to(tl.float32)[:, :, None], 0.0), axis=1)
+    kept = tl.max(here.to(tl.int32), axis=1) > 0
+    return tl.reshape(weight, [1, BLOCK_IN]), tl.reshape(kept, [1, BLOCK_IN])
 
 
 

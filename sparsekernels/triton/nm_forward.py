@@ -4,6 +4,16 @@ The weight keeps ``n`` of every ``m`` consecutive input features in each row: ``
 and packed in-group offsets ``positions`` (see sparsekernels/formats/nm.py). The kernel never stores
 a dense weight: each ``[BLOCK_OUT, 64]`` tile is rebuilt in registers (``_common.nm_dense_weight_tile``)
 and goes to ``tl.dot`` like a dense one. in_features need not be a multiple of 64 (the tail is masked).
+
+NaN and Inf. In that dense product a dropped weight is a stored 0, so a NaN or Inf input would reach
+every output of its row (``0 * Inf = NaN``), while a dropped weight must be absent (docs/reliability.md).
+The dense product cannot hide such an input: it meets the whole weight tile, zeros included, and
+leaves its row of the accumulator non-finite. So one check of the finished accumulator proves the
+tile exact, and that is all the common case pays (one reduction per program). A tile that fails it
+(a NaN / Inf input or weight, or an overflow) is computed again by ``_nm_forward_kept_only``: every
+kept term on its own, none for a dropped weight. That path is much slower than the dot, and it is
+kept small in registers on purpose, so that it does not raise the register count, and so lower the
+occupancy, of the common path it shares the kernel with.
 """
 
 from __future__ import annotations
@@ -16,12 +26,52 @@ from torch import Tensor
 
 from ..reference import NM_BITS_PER_POSITION
 from ._common import (
-    cdiv,
-    NM_BLOCK_IN, Config, dot_accumulate, dot_mode, launch, m_bucket, nm_candidates, nm_dense_weight_tile,
-    nm_out_block, rows_block, tuned_config,
+    NM_BLOCK_IN, NM_KEPT_ONLY_ROWS, Config, add_kept_terms, any_nonfinite, cdiv, dot_accumulate, dot_mode, launch,
+    m_bucket, nm_candidates, nm_dense_weight_tile, nm_group_slots, nm_out_block, rows_block, tuned_config,
 )
 
 __all__ = ["nm_forward"]
+
+
+@triton.jit
+def _add_bias_and_store(acc, bias_ptr, out_ptr, offs_rows, offs_out, row_mask, out_mask, stride_out_row,
+                        HAS_BIAS: tl.constexpr):
+    """Add the bias (``HAS_BIAS``) to a float32 tile of outputs and store it in the output dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_out, mask=out_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_rows.to(tl.int64)[:, None] * stride_out_row + offs_out[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & out_mask[None, :])
+
+
+@triton.jit
+def _nm_forward_kept_only(
+    x_ptr, values_ptr, positions_ptr, bias_ptr, out_ptr, row_start, offs_out, out_mask,
+    rows, n_groups, stride_x_row, stride_x_col, stride_val_row, stride_pos_row, stride_out_row,
+    HAS_BIAS: tl.constexpr, N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, CHUNK_ROWS: tl.constexpr,
+):
+    """The exact path: this program's outputs (bias added, stored) summed over kept terms only, each
+    formed on its own, with IEEE NaN / Inf semantics. ``CHUNK_ROWS`` rows at a time; per input group,
+    its kept slots are loaded once, then one column at a time: ``x[:, column]`` times the kept
+    ``W[:, column]`` (``_common.add_kept_terms``)."""
+    offs_out64 = offs_out.to(tl.int64)
+    for chunk_start in range(row_start, tl.minimum(row_start + BLOCK_ROWS, rows), CHUNK_ROWS):
+        offs_rows = chunk_start + tl.arange(0, CHUNK_ROWS)
+        row_mask = offs_rows < rows
+        x_rows = x_ptr + offs_rows.to(tl.int64)[:, None] * stride_x_row
+        acc = tl.zeros([CHUNK_ROWS, BLOCK_OUT], dtype=tl.float32)
+        for group in range(0, n_groups):
+            kept_values, kept_offsets = nm_group_slots(values_ptr, positions_ptr, offs_out64, out_mask, group,
+                                                       stride_val_row, stride_pos_row, N, M, BITS)
+            for offset in range(0, M):
+                x_column = tl.load(x_rows + (group * M + offset) * stride_x_col, mask=row_mask[:, None], other=0.0)
+                # Offsets within a group are distinct: at most one slot per output holds this column.
+                here = kept_offsets == offset
+                w_column = tl.sum(tl.where(here, kept_values, 0.0), axis=1)
+                kept = tl.max(here.to(tl.int32), axis=1) > 0
+                acc = add_kept_terms(acc, x_column, w_column[None, :], kept[None, :])
+        _add_bias_and_store(acc, bias_ptr, out_ptr, offs_rows, offs_out, row_mask, out_mask, stride_out_row,
+                            HAS_BIAS)
 
 
 @triton.jit
@@ -49,10 +99,14 @@ def _nm_forward_kernel(
                                stride_val_row, stride_pos_row, N, M, BITS, BLOCK_OUT, BLOCK_IN)
         acc = dot_accumulate(x_tile, tl.trans(w.to(x_tile.dtype)), acc, DOT)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_out, mask=out_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_rows.to(tl.int64)[:, None] * stride_out_row + offs_out[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & out_mask[None, :])
+    # All finite: no NaN / Inf met a dropped zero, the tile is exact. Else the kept-only path (module docstring).
+    if any_nonfinite(acc):
+        _nm_forward_kept_only(x_ptr, values_ptr, positions_ptr, bias_ptr, out_ptr, tl.program_id(0) * BLOCK_ROWS,
+                              offs_out, out_mask, rows, n_groups,
+                              stride_x_row, stride_x_col, stride_val_row, stride_pos_row, stride_out_row,
+                              HAS_BIAS, N, M, BITS, BLOCK_ROWS, BLOCK_OUT, NM_KEPT_ONLY_ROWS)
+    else:
+        _add_bias_and_store(acc, bias_ptr, out_ptr, offs_rows, offs_out, row_mask, out_mask, stride_out_row, HAS_BIAS)
 
 
 
