@@ -90,17 +90,18 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
 def _kept_only_matmul(a: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
     """``a @ weight.T`` (2-D operands) over the kept terms only.
 
-    ``weight`` is zero where ``mask`` is False. Non-finite entries of ``a`` are zeroed for the dense
-    product, then their terms are added back over kept weights only (rare, so computed on the few
-    rows that hold them).
+    ``weight`` is zero where ``mask`` is False, so rows of ``a`` that are all finite are a dense
+    product. Rows holding a non-finite entry are recomputed term by term over kept weights only
+    (rare, so only those rows): zeroing the entry instead would still meet a non-finite kept weight
+    as 0 * Inf = NaN where Inf * Inf = Inf is right.
     """
     finite = torch.isfinite(a)
     out = torch.matmul(torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)), weight.T)
     if not bool(finite.all()):
         rows = (~finite).any(dim=1).nonzero().squeeze(1)
         terms = a[rows, None, :] * weight[None]  # [rows, out, in]
-        keep = mask[None] & ~finite[rows, None, :]
-        out = out.index_add(0, rows, torch.where(keep, terms, torch.zeros((), dtype=terms.dtype, device=a.device)).sum(-1))
+        kept_terms = torch.where(mask[None], terms, torch.zeros((), dtype=terms.dtype, device=a.device))
+        out = out.index_copy(0, rows, kept_terms.sum(-1))
     return out
 
 

@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparsekernels as sk
 from cases import TOLERANCE
-from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear, reference
 from sparsekernels.backend import backend_available
 from sparsekernels.formats._common import INT32_MAX, index_dtype_for
 
@@ -459,3 +459,22 @@ def test_non_finite_and_determinism_hold_for_the_portable_kernels():
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_reference_kept_only_linear_keeps_inf_times_inf_infinite():
+    """The reference backend's kept-only product: an Inf input meeting an Inf kept weight gives Inf
+    (not 0 * Inf = NaN from zeroing the input), a NaN at a dropped position stays out, and both
+    the forward and the input gradient match the term-by-term sum."""
+    inf, nan = float("inf"), float("nan")
+    mask = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    weight = torch.tensor([[inf, 2.0, 0.0, 0.0], [0.0, -3.0, -inf, 0.0]])
+    x = torch.tensor([[inf, 1.0, 2.0, nan], [1.0, inf, 4.0, 5.0], [-1.0, 0.5, -inf, nan]], requires_grad=True)
+    output = reference.kept_only_linear(x, weight, mask)
+    expected = kept_only_linear(x.detach(), weight, mask)
+    assert torch.equal(torch.isinf(expected), torch.isinf(output)) and torch.isinf(output[0, 0])
+    torch.testing.assert_close(output, expected, equal_nan=True)
+    grad_output = torch.tensor([[1.0, inf], [nan, 2.0], [1.0, 1.0]])
+    output.backward(grad_output)
+    # grad_input[r, k] = sum over kept (o, k) of grad_output[r, o] * W[o, k]
+    expected_grad = kept_only_linear(grad_output, weight.T, mask.T)
+    torch.testing.assert_close(x.grad, expected_grad, equal_nan=True)
