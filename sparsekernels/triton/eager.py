@@ -47,6 +47,8 @@ def enabled() -> bool:
 
 def applies(input: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int) -> bool:
     """Whether a forward on these operands may skip the op (see the module docstring)."""
+    if torch.compiler.is_compiling():  # first: under torch.compile nothing below is traced
+        return False
     if type(input) is not Tensor or type(values) not in _PLAIN_WEIGHT_TYPES:
         return False
     if bias is not None and type(bias) not in _PLAIN_WEIGHT_TYPES:
@@ -56,8 +58,7 @@ def applies(input: Tensor, values: Tensor, bias: Optional[Tensor], in_features: 
     ):
         return False
     if (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_function_stack() > 0
+        torch._C._len_torch_function_stack() > 0
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._functorch.peek_interpreter_stack() is not None
         or torch.autograd._profiler_enabled()
