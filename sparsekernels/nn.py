@@ -18,6 +18,7 @@ state dict is the plain N:M one, loadable into a layer of either kind. The forwa
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -29,6 +30,7 @@ from .formats.nm import validate_positions
 from .backend import resolve_backend
 from .layouts import NM, BlockSparse, Layout
 from .ops import bsr_linear, nm_linear, nm_linear_transposable
+from .ops._checks import bsr_features, check_bias, nm_features
 from .pruning import magnitude_scores, transposable_nm_mask
 
 __all__ = ["SparseLinear", "sparsify_"]
@@ -43,6 +45,9 @@ _BSR_INDEX_NAMES = (
 
 
 _triton_eager = None
+# SparseLinear -> weak references to the tensors whose metadata the fast path checked (kept outside
+# the modules, so that pickling and deepcopy of a layer never meet them).
+_fast_path_checked: "weakref.WeakKeyDictionary[SparseLinear, tuple]" = weakref.WeakKeyDictionary()
 
 
 def triton_eager():
@@ -287,24 +292,33 @@ class SparseLinear(nn.Module):
         values, bias = parameters["values"], parameters["bias"]
         if not eager.applies(input, values, bias, self.in_features):
             return None
-        if isinstance(self.layout, BlockSparse):
-            return eager.bsr_linear(
-                input,
-                values,
-                buffers["block_row_offsets"],
-                buffers["block_col_indices"],
-                buffers["block_col_offsets"],
-                buffers["block_row_indices"],
-                buffers["block_value_indices"],
-                bias,
-                self.out_features,
-                self.in_features,
-            )
+        block = isinstance(self.layout, BlockSparse)
+        index = tuple(buffers[name] for name in (_BSR_INDEX_NAMES if block else ("positions",)))
+        self._check_fast_path_tensors(values, bias, index)
+        if block:
+            return eager.bsr_linear(input, values, *index, bias, self.out_features, self.in_features)
         # A transposable layout's op differs from nm_linear only in its backward: same forward.
         return eager.nm_linear(
-            input, values, buffers["positions"], self.layout.n, self.layout.m, bias, self.out_features,
-            self.in_features,
+            input, values, index[0], self.layout.n, self.layout.m, bias, self.out_features, self.in_features
         )
+
+    def _check_fast_path_tensors(self, values: Tensor, bias: Optional[Tensor], index: tuple) -> None:
+        """The op's metadata checks of the layer's own tensors (dtype, device, shapes), run again only
+        when one of those tensors is a new object (``.to()``, ``load_state_dict``, an assignment):
+        in-place writes cannot change metadata. Raises the op's error for a bad tensor."""
+        tensors = (values, bias, *index)
+        seen = _fast_path_checked.get(self)
+        if seen is not None and len(seen) == len(tensors) and all(
+            (ref is None and tensor is None) or (ref is not None and ref() is tensor)
+            for ref, tensor in zip(seen, tensors)
+        ):
+            return
+        if isinstance(self.layout, BlockSparse):
+            out_features, _ = bsr_features(values, *index)
+        else:
+            out_features, _ = nm_features(values, index[0], self.layout.n, self.layout.m)
+        check_bias(bias, values, out_features)
+        _fast_path_checked[self] = tuple(None if tensor is None else weakref.ref(tensor) for tensor in tensors)
 
     def extra_repr(self) -> str:
         return (

@@ -175,3 +175,38 @@ def test_pattern_update_is_seen(paths):
     assert not torch.equal(before, after)
     assert_close(after, F.linear(input, layer.dense_weight(), layer.bias), torch.float32, "output")
     assert paths["fast"] == 2
+
+
+def test_layer_tensors_are_checked_once_and_again_when_replaced(paths, monkeypatch):
+    """The fast path runs the op's metadata checks on the layer's own tensors once, and again when
+    one of them is a new object; a bad replacement gets the op's error, not a kernel launch."""
+    import sparsekernels.nn as sk_nn
+
+    calls = []
+    check = sk_nn.bsr_features
+    monkeypatch.setattr(sk_nn, "bsr_features", lambda *args: calls.append(1) or check(*args))
+    layer = make_layer(BlockSparse(16, 0.5))
+    input = torch.randn(3, 64, device=DEVICE)
+    with torch.no_grad():
+        layer(input)
+        layer(input)
+        assert len(calls) == 1
+        layer.block_col_indices = layer.block_col_indices.clone()  # same metadata, new object
+        layer(input)
+        assert len(calls) == 2 and paths == {"op": 0, "fast": 3}
+        layer.block_col_indices = layer.block_col_indices.long()  # no longer the offsets' dtype
+        with pytest.raises(TypeError, match="block_col_indices must have the dtype of block_row_offsets"):
+            layer(input)
+    assert paths["fast"] == 3
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_replaced_bias_of_another_dtype_gets_the_op_error(layout, paths):
+    layer = make_layer(layout)
+    with torch.no_grad():
+        layer.bias = torch.nn.Parameter(layer.bias.half())
+        with pytest.raises(TypeError, match="same dtype"):
+            layer(torch.randn(3, 64, device=DEVICE))
+        layer.bias = None
+        output = layer(torch.randn(3, 64, device=DEVICE))
+    assert output.shape == (3, 48) and paths["fast"] == 1

@@ -17,8 +17,9 @@ When. :func:`applies` is True only for plain eager inference:
   and device and ``in_features`` last; values and bias are plain tensors or Parameters;
 * ``SPARSEKERNELS_EAGER_FAST_PATH`` is not ``0``.
 
-Anything else, including every bad argument, takes the op path, which raises the documented
-errors. The fast path runs exactly what the op would run on these arguments: on CUDA the
+Anything else, including every bad input, takes the op path, which raises the documented
+errors. The layer's own tensors get the op's metadata checks once per tensor object (SparseLinear
+re-runs them when one is replaced), so a bad replacement raises the same errors. The fast path runs exactly what the op would run on these arguments: on CUDA the
 dense-fallback decision (dispatch.py, a dictionary lookup after the first call) and then the
 sparse launcher or ``F.linear``; on CPU tensors (the interpreter, in tests) the sparse launcher.
 """
