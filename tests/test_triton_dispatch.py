@@ -103,6 +103,7 @@ def test_launchers_key_by_bucketed_shape(monkeypatch):
     monkeypatch.setattr(autotune(), "tuner", recorder)
     monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")  # CUDA tensors: the sparse kernel only
     matrix = BlockSparseMatrix.random((48, 64), 16, 0.5, dtype=torch.float32).to(DEVICE)  # 6 of 12 blocks
+    matrix.values.normal_()  # random() leaves the values uninitialised
     for rows in (5, 8):
         sk.triton.bsr_linear(torch.randn(rows, 64, device=DEVICE), matrix.values, *matrix.index_tensors())
     expected = ("bsr_forward", 8, 48, 64, "b16", 0.5, "torch.float32")

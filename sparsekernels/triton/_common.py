@@ -25,6 +25,12 @@ from .autotune import Config, density_bucket, m_bucket  # noqa: F401  (re-export
 
 
 @triton.jit
+def clamp_index(index, low, high):
+    """``index`` clamped to ``[low, high]``: how the kernels keep a corrupted index in bounds."""
+    return tl.minimum(tl.maximum(index, low), high)
+
+
+@triton.jit
 def dot_accumulate(a, b, acc, DOT: tl.constexpr):
     """``acc + a @ b`` in float32, the multiply chosen by ``DOT`` (see :func:`dot_mode`)."""
     if DOT == "widen":

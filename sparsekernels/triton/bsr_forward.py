@@ -21,9 +21,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    cdiv,
-    Config, block_candidates, block_density_bucket, column_tile, dot_accumulate, dot_mode, launch, m_bucket,
-    pipeline_stages, rows_block, tuned_config,
+    Config, block_candidates, block_density_bucket, cdiv, clamp_index, column_tile, dot_accumulate, dot_mode,
+    launch, m_bucket, pipeline_stages, rows_block, tuned_config,
 )
 from .bsr_schedule import LINE_GROUP, block_grid, grouped_block_tile, line_order
 
@@ -33,7 +32,7 @@ __all__ = ["bsr_forward"]
 @triton.jit
 def _bsr_forward_kernel(
     x_ptr, values_ptr, row_offsets_ptr, col_indices_ptr, row_order_ptr, bias_ptr, out_ptr,
-    rows, n_block_rows, stride_x_row, stride_x_col, stride_out_row,
+    rows, n_block_rows, n_block_cols, nnz, stride_x_row, stride_x_col, stride_out_row,
     HAS_BIAS: tl.constexpr, B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     GROUP: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -49,11 +48,14 @@ def _bsr_forward_kernel(
     offs_n = part * TILE + tl.arange(0, TILE)
     x_rows = x_ptr + offs_rows.to(tl.int64)[:, None] * stride_x_row
 
-    start = tl.load(row_offsets_ptr + block_row).to(tl.int64)
-    end = tl.load(row_offsets_ptr + block_row + 1).to(tl.int64)
+    # Index values are clamped into range (offsets to [0, nnz], columns to [0, n_block_cols)): the
+    # index is validated when a pattern is set, and a corrupted one passed to the op directly then
+    # gives wrong numbers, never an access outside the tensors (two integer ops per block).
+    start = clamp_index(tl.load(row_offsets_ptr + block_row).to(tl.int64), 0, nnz)
+    end = clamp_index(tl.load(row_offsets_ptr + block_row + 1).to(tl.int64), start, nnz)
     acc = tl.zeros([BLOCK_ROWS, TILE], dtype=tl.float32)
     for j in range(start, end):
-        block_col = tl.load(col_indices_ptr + j).to(tl.int64)
+        block_col = clamp_index(tl.load(col_indices_ptr + j).to(tl.int64), 0, n_block_cols - 1)
         x_tile = tl.load(x_rows + (block_col * B + offs_k)[None, :] * stride_x_col, mask=row_mask[:, None], other=0.0)
         # values[j] is [out, in] row-major; read rows offs_n of it as [in, out] (transposed) for x @ W.T.
         w_t = tl.load(values_ptr + j * B * B + offs_k[:, None] + offs_n[None, :] * B)
@@ -95,7 +97,8 @@ def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_
         grid = block_grid(rows, config.block_rows, n_block_rows, block_size // config.tile)
         launch(_bsr_forward_kernel, grid,
                x, values, block_row_offsets, block_col_indices, row_order, bias, out,
-               rows, n_block_rows, x.stride(0), x.stride(1), out.stride(0),
+               rows, n_block_rows, in_features // block_size, values.shape[0], x.stride(0), x.stride(1),
+               out.stride(0),
                HAS_BIAS=has_bias, B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows,
                GROUP=LINE_GROUP, DOT=dot, num_warps=config.num_warps, num_stages=config.num_stages)
 

@@ -16,7 +16,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    Config, block_candidates, block_density_bucket, dot_accumulate, dot_mode, launch, m_bucket, tuned_config,
+    Config, block_candidates, block_density_bucket, clamp_index, dot_accumulate, dot_mode, launch, m_bucket,
+    tuned_config,
 )
 from .bsr_forward import heuristic_config
 from .bsr_schedule import LINE_GROUP, block_grid, grouped_block_tile, line_order
@@ -27,7 +28,7 @@ __all__ = ["bsr_grad_input"]
 @triton.jit
 def _bsr_grad_input_kernel(
     grad_out_ptr, values_ptr, col_offsets_ptr, row_indices_ptr, value_indices_ptr, col_order_ptr, grad_x_ptr,
-    rows, n_block_cols, stride_g_row, stride_g_col, stride_gx_row,
+    rows, n_block_cols, n_block_rows, nnz, stride_g_row, stride_g_col, stride_gx_row,
     B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, GROUP: tl.constexpr, DOT: tl.constexpr,
 ):
     # Input-gradient columns [block_col * B + part * TILE, + TILE), as in the forward kernel, and
@@ -41,12 +42,14 @@ def _bsr_grad_input_kernel(
     offs_k = part * TILE + tl.arange(0, TILE)
     g_rows = grad_out_ptr + offs_rows.to(tl.int64)[:, None] * stride_g_row
 
-    start = tl.load(col_offsets_ptr + block_col).to(tl.int64)
-    end = tl.load(col_offsets_ptr + block_col + 1).to(tl.int64)
+    # Index values clamped into range, as in the forward kernel: a corrupted index never addresses
+    # memory outside the tensors.
+    start = clamp_index(tl.load(col_offsets_ptr + block_col).to(tl.int64), 0, nnz)
+    end = clamp_index(tl.load(col_offsets_ptr + block_col + 1).to(tl.int64), start, nnz)
     acc = tl.zeros([BLOCK_ROWS, TILE], dtype=tl.float32)
     for t in range(start, end):
-        block_row = tl.load(row_indices_ptr + t).to(tl.int64)
-        value = tl.load(value_indices_ptr + t).to(tl.int64)
+        block_row = clamp_index(tl.load(row_indices_ptr + t).to(tl.int64), 0, n_block_rows - 1)
+        value = clamp_index(tl.load(value_indices_ptr + t).to(tl.int64), 0, nnz - 1)
         g_tile = tl.load(g_rows + (block_row * B + offs_n)[None, :] * stride_g_col, mask=row_mask[:, None], other=0.0)
         w = tl.load(values_ptr + value * B * B + offs_n[:, None] * B + offs_k[None, :])
         acc = dot_accumulate(g_tile, w, acc, DOT)
@@ -75,7 +78,8 @@ def bsr_grad_input(grad_out: Tensor, values: Tensor, block_col_offsets: Tensor, 
         grid = block_grid(rows, config.block_rows, n_block_cols, block_size // config.tile)
         launch(_bsr_grad_input_kernel, grid,
                grad_out, values, block_col_offsets, block_row_indices, block_value_indices, col_order, grad_x,
-               rows, n_block_cols, grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
+               rows, n_block_cols, out_features // block_size, values.shape[0],
+               grad_out.stride(0), grad_out.stride(1), grad_x.stride(0),
                B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows, GROUP=LINE_GROUP, DOT=dot,
                num_warps=config.num_warps, num_stages=config.num_stages)
 

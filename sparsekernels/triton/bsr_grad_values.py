@@ -22,7 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    Config, block_density_bucket, dot_accumulate, dot_mode, launch, m_bucket, row_split, tuned_config,
+    Config, block_density_bucket, clamp_index, dot_accumulate, dot_mode, launch, m_bucket, row_split,
+    tuned_config,
 )
 
 __all__ = ["bsr_grad_values"]
@@ -31,13 +32,15 @@ __all__ = ["bsr_grad_values"]
 @triton.jit
 def _bsr_grad_values_kernel(
     grad_out_ptr, x_ptr, col_indices_ptr, row_indices_ptr, value_indices_ptr, grad_values_ptr,
-    rows, rows_per_split, split_stride, stride_g_row, stride_g_col, stride_x_row, stride_x_col,
+    rows, rows_per_split, split_stride, n_block_rows, n_block_cols, nnz, stride_g_row, stride_g_col, stride_x_row, stride_x_col,
     B: tl.constexpr, TILE: tl.constexpr, BLOCK_ROWS: tl.constexpr, DOT: tl.constexpr,
 ):
     t = tl.program_id(0)  # position in the CSC index
-    value = tl.load(value_indices_ptr + t).to(tl.int64)
-    block_row = tl.load(row_indices_ptr + t).to(tl.int64)
-    block_col = tl.load(col_indices_ptr + value).to(tl.int64)
+    # Index values clamped into range (a corrupted index gives wrong numbers, never an access outside
+    # the tensors; validated indexes are unchanged).
+    value = clamp_index(tl.load(value_indices_ptr + t).to(tl.int64), 0, nnz - 1)
+    block_row = clamp_index(tl.load(row_indices_ptr + t).to(tl.int64), 0, n_block_rows - 1)
+    block_col = clamp_index(tl.load(col_indices_ptr + value).to(tl.int64), 0, n_block_cols - 1)
     SUB_TILES: tl.constexpr = B // TILE
     offs_out = (tl.program_id(1) // SUB_TILES) * TILE + tl.arange(0, TILE)  # output features inside the block
     offs_in = (tl.program_id(1) % SUB_TILES) * TILE + tl.arange(0, TILE)  # input features inside the block
@@ -85,7 +88,7 @@ def bsr_grad_values(grad_out: Tensor, x: Tensor, block_col_indices: Tensor, bloc
         launch(_bsr_grad_values_kernel, (nnz, sub_tiles * sub_tiles, splits),
                grad_out, x, block_col_indices, block_row_indices, block_value_indices, target,
                rows, rows_per_split, nnz * block_size * block_size,
-               grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
+               grad_out.shape[1] // block_size, x.shape[1] // block_size, nnz, grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
                B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows, DOT=dot,
                num_warps=config.num_warps, num_stages=config.num_stages)
         # The partial sums are added in float32 in a fixed order (deterministic), rounded once.

@@ -26,8 +26,9 @@ from torch import Tensor
 
 from ..reference import NM_BITS_PER_POSITION
 from ._common import (
-    NM_BLOCK_IN, NM_KEPT_ONLY_ROWS, Config, add_kept_terms, any_nonfinite, cdiv, dot_accumulate, dot_mode, launch,
-    m_bucket, nm_candidates, nm_dense_weight_tile, nm_group_slots, nm_out_block, rows_block, tuned_config,
+    NM_BLOCK_IN, NM_KEPT_ONLY_ROWS, Config, add_kept_terms, any_nonfinite, cdiv, dot_accumulate, dot_mode,
+    launch, m_bucket, nm_candidates, nm_dense_weight_tile, nm_group_slots, nm_out_block, rows_block,
+    tuned_config,
 )
 
 __all__ = ["nm_forward"]

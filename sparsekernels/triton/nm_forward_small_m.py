@@ -109,7 +109,9 @@ def _nm_forward_small_m_kernel(
         weight = tl.load(value_rows + kept_index[None, :], mask=kept_mask, other=0.0).to(tl.float32)
         offset = _kept_offsets(positions_ptr, offs_out64, out_mask, kept_start, n_position_bytes,
                                stride_pos_row, BITS, BLOCK_OUT, BLOCK_KEPT)
-        column = (kept_index // N * M)[None, :] + offset  # input feature of each kept value
+        # Input feature of each kept value. A valid offset is < M; m = 8 stores 4-bit codes, so a
+        # corrupted code is clamped to the group (wrong numbers, never a read past the row).
+        column = (kept_index // N * M)[None, :] + tl.minimum(offset, M - 1)
         # Gather x at the kept columns only (masked lanes load nothing): dropped inputs are never read.
         x_kept = tl.load(x_rows + column.to(tl.int64)[None, :, :] * stride_x_col,
                          mask=row_mask[:, None, None] & kept_mask[None, :, :], other=0.0)

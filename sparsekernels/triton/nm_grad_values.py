@@ -12,8 +12,8 @@ from torch import Tensor
 
 from ..reference import NM_BITS_PER_POSITION
 from ._common import (
-    cdiv,
-    NM_BLOCK_IN, Config, dot_accumulate, dot_mode, launch, m_bucket, nm_kept_offsets, nm_out_block, tuned_config,
+    NM_BLOCK_IN, Config, cdiv, dot_accumulate, dot_mode, launch, m_bucket, nm_kept_offsets, nm_out_block,
+    tuned_config,
 )
 
 __all__ = ["nm_grad_values"]
