@@ -546,6 +546,9 @@ def _ddp_worker(rank, world_size, store_path, out_dir):
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # Both ranks finish every collective before either tears gloo down (a rank destroying its
+        # process group while the other still talks to it aborts in gloo's threads).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -594,6 +597,9 @@ def _fsdp_worker(rank, world_size, store_path, out_dir):
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # Both ranks finish every collective before either tears gloo down (a rank destroying its
+        # process group while the other still talks to it aborts in gloo's threads).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
