@@ -46,6 +46,7 @@ from .. import _C  # noqa: F401  (loads the schemas of the ops composed here)
 from .. import reference
 from ..backend import resolve_backend
 from ._checks import check_bias, check_operand, nm_features
+from .bias import bias_grad_reduction
 from .nm import nm_linear
 
 __all__ = ["nm_linear_transposable", "transposed_values"]
@@ -137,7 +138,7 @@ def _grad_values(grad_output: Tensor, input: Tensor, positions: Tensor, n: int, 
 def _bias_grad(grad_output: Tensor) -> Tensor:
     if resolve_backend(grad_output.device) in ("cpu", "cuda"):
         return _ops.linear_bias_grad(grad_output)
-    return grad_output.reshape(-1, grad_output.shape[-1]).sum(0, dtype=torch.float32).to(grad_output.dtype)
+    return bias_grad_reduction(grad_output)
 
 
 def _setup_context(ctx, inputs, output):

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from ..ops import OP_NAMES as SPARSEKERNELS_OP_NAMES
+from ..ops.bias import bias_grad_reduction
 from ..ops._autograd import bsr_linear_autograd, nm_linear_autograd
 from ..ops._checks import (
     bsr_features, bsr_grad_values_features, check_bias, check_operand, nm_features, nm_grad_values_features,
@@ -50,10 +51,6 @@ def _define(name: str):
         return op
 
     return define
-
-
-def _bias_grad(grad_output: Tensor) -> Tensor:
-    return grad_output.reshape(-1, grad_output.shape[-1]).sum(0, dtype=torch.float32).to(grad_output.dtype)
 
 
 # ---------------------------------------------------------------------------------------- block-sparse
@@ -99,7 +96,7 @@ def _bsr_linear_grad_values(grad_output: Tensor, input: Tensor, block_row_offset
 _bsr_setup_context, _bsr_backward = bsr_linear_autograd(
     torch.ops.sparsekernels_triton.bsr_linear_grad_input,
     torch.ops.sparsekernels_triton.bsr_linear_grad_values,
-    _bias_grad,
+    bias_grad_reduction,
 )
 _bsr_linear.register_autograd(_bsr_backward, setup_context=_bsr_setup_context)
 
@@ -136,7 +133,7 @@ def _nm_linear_grad_values(grad_output: Tensor, input: Tensor, positions: Tensor
 _nm_setup_context, _nm_backward = nm_linear_autograd(
     torch.ops.sparsekernels_triton.nm_linear_grad_input,
     torch.ops.sparsekernels_triton.nm_linear_grad_values,
-    _bias_grad,
+    bias_grad_reduction,
 )
 _nm_linear.register_autograd(_nm_backward, setup_context=_nm_setup_context)
 
