@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix
@@ -143,3 +144,65 @@ def opcheck_samples(device="cpu", with_bias_grad: bool = True) -> list[tuple[str
             if with_bias_grad:
                 samples.append(("linear_bias_grad", (grad_output,)))
     return samples
+
+
+def check_op_against_dense(case: SparseCase, op, dtype, leading_shape, with_bias, device="cpu",
+                           noncontiguous=False) -> None:
+    """``op(input, values, bias)`` (a linear on ``case``'s weight with ``values`` as its kept values):
+    the forward and the gradients of input, values and bias against dense float32 autograd on the
+    masked weight."""
+    out_features, in_features = case.dense.shape
+    if noncontiguous:  # every other column of a wider tensor: strided last dim
+        input = torch.randn(*leading_shape, 2 * in_features, device=device).to(dtype)[..., ::2]
+        assert not input.is_contiguous()
+    else:
+        input = torch.randn(*leading_shape, in_features, device=device).to(dtype)
+    input.requires_grad_()
+    values = case.matrix.values.detach().clone().requires_grad_()
+    bias = torch.randn(out_features, device=device).to(dtype).requires_grad_() if with_bias else None
+
+    output = op(input, values, bias)
+
+    input_ref = input.detach().float().requires_grad_()
+    weight_ref = case.masked.float().requires_grad_()
+    bias_ref = bias.detach().float().requires_grad_() if with_bias else None
+    output_ref = F.linear(input_ref, weight_ref, bias_ref)
+    assert output.shape == output_ref.shape
+    assert output.dtype == dtype and output.device == input.device
+    assert_close(output, output_ref, dtype, "output")
+
+    grad_output = torch.randn(output_ref.shape, device=device).to(dtype)
+    output.backward(grad_output)
+    output_ref.backward(grad_output.float())
+    assert input.grad.dtype == dtype and values.grad.dtype == dtype
+    assert_close(input.grad, input_ref.grad, dtype, "grad input")
+    assert_close(values.grad, kept_values_of(case, weight_ref.grad), dtype, "grad values")
+    if with_bias:
+        assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
+
+
+# ------------------------------------------------------------------ tuner stand-ins (Triton tests)
+def resolve_heuristic(heuristic):
+    """The Config of a launcher's heuristic (a Config, or a callable returning one). Imported lazily:
+    the Triton test modules set TRITON_INTERPRET before the kernels are first imported."""
+    from sparsekernels.triton.autotune import resolve_heuristic
+
+    return resolve_heuristic(heuristic)
+
+
+class HeuristicOnly:
+    """Stands in for the tuner: always the launcher's heuristic configuration."""
+
+    def choose(self, key, device, tensors, heuristic, candidates, run):
+        return resolve_heuristic(heuristic)
+
+
+class KeyRecorder:
+    """Stands in for the tuner: records every tuning key, then gives the heuristic configuration."""
+
+    def __init__(self):
+        self.keys = []
+
+    def choose(self, key, device, tensors, heuristic, candidates, run):
+        self.keys.append(key)
+        return resolve_heuristic(heuristic)

@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import sparsekernels as sk  # noqa: E402
-from cases import SparseCase, TOLERANCE, assert_close, kept_values_of  # noqa: E402
+from cases import SparseCase, TOLERANCE, assert_close, check_op_against_dense  # noqa: E402
 from sparsekernels import NM, BlockSparseMatrix, NMMatrix, SparseLinear  # noqa: E402
 from sparsekernels.formats.nm import random_transposable_mask  # noqa: E402
 from sparsekernels.ops.nm_transposable import nm_linear_transposable  # noqa: E402
@@ -93,28 +93,10 @@ def use_backend(backend: str, monkeypatch) -> str:
 
 def check_against_dense(case: SparseCase, dtype, leading, with_bias, device="cpu"):
     """Forward and the three gradients of nm_linear_transposable against dense float32 autograd."""
-    out_features, in_features = case.dense.shape
-    input = torch.randn(*leading, in_features, device=device).to(dtype).requires_grad_()
-    values = case.matrix.values.detach().clone().requires_grad_()
-    bias = torch.randn(out_features, device=device).to(dtype).requires_grad_() if with_bias else None
-
-    output = nm_linear_transposable(input, values, *op_args(case.matrix), bias)
-
-    input_ref = input.detach().float().requires_grad_()
-    weight_ref = case.masked.float().requires_grad_()
-    bias_ref = bias.detach().float().requires_grad_() if with_bias else None
-    output_ref = F.linear(input_ref, weight_ref, bias_ref)
-    assert output.shape == output_ref.shape and output.dtype == dtype
-    assert_close(output, output_ref, dtype, "output")
-
-    grad_output = torch.randn(output_ref.shape, device=device).to(dtype)
-    output.backward(grad_output)
-    output_ref.backward(grad_output.float())
-    assert input.grad.dtype == dtype and values.grad.dtype == dtype
-    assert_close(input.grad, input_ref.grad, dtype, "grad input")
-    assert_close(values.grad, kept_values_of(case, weight_ref.grad), dtype, "grad values")
-    if with_bias:
-        assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
+    check_op_against_dense(
+        case, lambda input, values, bias: nm_linear_transposable(input, values, *op_args(case.matrix), bias),
+        dtype, leading, with_bias, device,
+    )
 
 
 # ---------------------------------------------------------------------- the format: W.T's pattern

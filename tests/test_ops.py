@@ -12,7 +12,7 @@ from cases import (
     DTYPES,
     LAYOUTS,
     assert_close,
-    kept_values_of,
+    check_op_against_dense,
     layout_id,
     make_case,
     opcheck_samples,
@@ -29,34 +29,10 @@ def sparse_linear(matrix, input, values, bias):
 
 def check_against_dense(layout, dtype, leading_shape, with_bias, device="cpu", noncontiguous=False):
     case = make_case(layout, dtype, device)
-    out_features, in_features = case.dense.shape
-    if noncontiguous:  # every other column of a wider tensor: strided last dim
-        input = torch.randn(*leading_shape, 2 * in_features, device=device).to(dtype)[..., ::2]
-        assert not input.is_contiguous()
-    else:
-        input = torch.randn(*leading_shape, in_features, device=device).to(dtype)
-    input.requires_grad_()
-    values = case.matrix.values.detach().clone().requires_grad_()
-    bias = torch.randn(out_features, device=device).to(dtype).requires_grad_() if with_bias else None
-
-    output = sparse_linear(case.matrix, input, values, bias)
-
-    input_ref = input.detach().float().requires_grad_()
-    weight_ref = case.masked.float().requires_grad_()
-    bias_ref = bias.detach().float().requires_grad_() if with_bias else None
-    output_ref = F.linear(input_ref, weight_ref, bias_ref)
-    assert output.shape == output_ref.shape
-    assert output.dtype == dtype and output.device == input.device
-    assert_close(output, output_ref, dtype, "output")
-
-    grad_output = torch.randn(output_ref.shape, device=device).to(dtype)
-    output.backward(grad_output)
-    output_ref.backward(grad_output.float())
-    assert input.grad.dtype == dtype and values.grad.dtype == dtype
-    assert_close(input.grad, input_ref.grad, dtype, "grad input")
-    assert_close(values.grad, kept_values_of(case, weight_ref.grad), dtype, "grad values")
-    if with_bias:
-        assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
+    check_op_against_dense(
+        case, lambda input, values, bias: sparse_linear(case.matrix, input, values, bias), dtype, leading_shape,
+        with_bias, device, noncontiguous,
+    )
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])

@@ -29,11 +29,13 @@ from cases import (  # noqa: E402
     DTYPES,
     LAYOUTS,
     TOLERANCE,
+    HeuristicOnly,
     assert_close,
     kept_values_of,
     layout_id,
     make_case,
     opcheck_samples,
+    resolve_heuristic,
 )
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear  # noqa: E402
 from test_ops import check_against_dense  # noqa: E402
@@ -54,20 +56,6 @@ def _triton_backend(monkeypatch):
     # (tests/test_triton_dispatch.py covers both).
     monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
     monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
-
-
-def resolve_heuristic(heuristic):
-    """The Config of a launcher's heuristic (a Config, or a callable returning one)."""
-    from sparsekernels.triton.autotune import resolve_heuristic
-
-    return resolve_heuristic(heuristic)
-
-
-class HeuristicOnly:
-    """Stands in for the tuner: always the launcher's heuristic configuration."""
-
-    def choose(self, key, device, tensors, heuristic, candidates, run):
-        return resolve_heuristic(heuristic)
 
 
 def triton_ops():

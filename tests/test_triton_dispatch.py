@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sparsekernels as sk  # noqa: E402
-from cases import assert_close, kept_values_of, make_case  # noqa: E402
+from cases import assert_close, kept_values_of, KeyRecorder, make_case, resolve_heuristic  # noqa: E402
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,13 +52,6 @@ def always(device, tensors):
     return True
 
 
-def resolve_heuristic(heuristic):
-    """The Config of a launcher's heuristic (a Config, or a callable returning one)."""
-    from sparsekernels.triton.autotune import resolve_heuristic
-
-    return resolve_heuristic(heuristic)
-
-
 class TableTimer:
     """A timer that runs nothing and returns the time listed for each config (ms)."""
 
@@ -85,15 +78,6 @@ def test_m_bucket(rows, bucket):
                                              (0.51, 0.7), (0.99, 1.0), (1.0, 1.0)])
 def test_density_bucket(density, bucket):
     assert autotune().density_bucket(density) == bucket
-
-
-class KeyRecorder:
-    def __init__(self):
-        self.keys = []
-
-    def choose(self, key, device, tensors, heuristic, candidates, run):
-        self.keys.append(key)
-        return resolve_heuristic(heuristic)
 
 
 def test_launchers_key_by_bucketed_shape(monkeypatch):

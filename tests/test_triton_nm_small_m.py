@@ -21,12 +21,14 @@ import torch.nn.functional as F  # noqa: E402
 import sparsekernels as sk  # noqa: E402
 from cases import (  # noqa: E402
     TOLERANCE,
+    KeyRecorder,
     SparseCase,
     assert_close,
     kept_values_of,
     layout_id,
     make_case,
     random_mask,
+    resolve_heuristic,
 )
 from sparsekernels import NM, NMMatrix, SparseLinear, reference  # noqa: E402
 from test_triton import DEVICE, narrowest_tiles  # noqa: E402
@@ -54,13 +56,6 @@ def small_m():
     from sparsekernels.triton import nm_forward_small_m
 
     return nm_forward_small_m
-
-
-def resolve_heuristic(heuristic):
-    """The Config of a launcher's heuristic (a Config, or a callable returning one)."""
-    from sparsekernels.triton.autotune import resolve_heuristic
-
-    return resolve_heuristic(heuristic)
 
 
 class LaunchRecorder:
@@ -308,15 +303,6 @@ def test_rows_up_to_16_take_the_small_m_kernel(rows, small, launches):
         patch.setattr(module, "nm_forward_small_m", lambda *args: called.append(1) or original(*args))
         run_forward(case, input)
     assert bool(called) == small
-
-
-class KeyRecorder:
-    def __init__(self):
-        self.keys = []
-
-    def choose(self, key, device, tensors, heuristic, candidates, run):
-        self.keys.append(key)
-        return resolve_heuristic(heuristic)
 
 
 def test_tuning_key(monkeypatch):
