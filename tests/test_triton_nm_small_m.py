@@ -294,15 +294,15 @@ def test_rows_up_to_16_take_the_small_m_kernel(rows, small, launches):
     input = torch.randn(rows, case.dense.shape[1], device=DEVICE)
     output = run_forward(case, input)
     assert_close(output, expected_output(case, input), torch.float32, f"rows={rows}")
-    # rows=0: the small-M launcher runs and returns the empty output without a launch.
+    # rows=0: the empty output is returned before any kernel is planned or launched.
     assert bool(launches.grids("_nm_forward_small_m_kernel")) == (small and rows > 0)
     called = []
     module = small_m()
-    original = module.nm_forward_small_m
+    original = module.plan_nm_forward_small_m
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "nm_forward_small_m", lambda *args: called.append(1) or original(*args))
+        patch.setattr(module, "plan_nm_forward_small_m", lambda *args: called.append(1) or original(*args))
         run_forward(case, input)
-    assert bool(called) == small
+    assert bool(called) == (small and rows > 0)
 
 
 def test_tuning_key(monkeypatch):

@@ -14,7 +14,7 @@ most kept blocks), in groups of ``GROUP`` row tiles that share x tiles in L2.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import triton
 import triton.language as tl
@@ -26,7 +26,7 @@ from ._common import (
 )
 from .bsr_schedule import LINE_GROUP, block_grid, grouped_block_tile, line_order
 
-__all__ = ["bsr_forward"]
+__all__ = ["bsr_forward", "plan_bsr_forward"]
 
 
 @triton.jit
@@ -77,37 +77,54 @@ def heuristic_config(rows: int, n_block_rows: int, block_size: int, element_size
                   pipeline_stages((block_rows + tile) * block_size * element_size))
 
 
-def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
-                bias: Optional[Tensor]) -> Tensor:
-    """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]``; returns ``[rows, out_features]``."""
+def plan_bsr_forward(x: Tensor, out: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
+                     bias: Optional[Tensor]) -> Callable[..., None]:
+    """Every host decision of a forward on these operands, taken once: the configuration (tuned on
+    ``x`` and ``out`` at a tuning miss), the grid, the program order and the kernel's integer and
+    constexpr arguments. ``out`` is a fresh ``[rows, out_features]`` tensor, the weight operands are
+    contiguous. Returns ``launch_forward(x, out, values, block_row_offsets, block_col_indices, bias)``,
+    which launches for operands with the same shapes, strides, dtype and device, ``bias`` present or
+    not as here, and the same pattern (the program order is this ``block_row_offsets``'s)."""
     block_size = values.shape[-1]
     n_block_rows = block_row_offsets.shape[0] - 1
     rows, in_features = x.shape
-    out = x.new_empty((rows, n_block_rows * block_size))
-    if out.numel() == 0:
-        return out
-    values, block_row_offsets, block_col_indices = (
-        values.contiguous(), block_row_offsets.contiguous(), block_col_indices.contiguous())
-    bias = out if bias is None else bias.contiguous()
-    has_bias = bias is not out
+    n_block_cols, nnz, out_features = in_features // block_size, values.shape[0], out.shape[1]
+    stride_x_row, stride_x_col = x.stride()
+    stride_out_row = out.stride(0)
+    has_bias = bias is not None
     dot = dot_mode(_bsr_forward_kernel, x.dtype)
     row_order = line_order(block_row_offsets)  # cached per pattern: no work after the first call
 
-    def run(config: Config) -> None:
+    def launch_with(config: Config):
         grid = block_grid(rows, config.block_rows, n_block_rows, block_size // config.tile)
-        launch(_bsr_forward_kernel, grid,
-               x, values, block_row_offsets, block_col_indices, row_order, bias, out,
-               rows, n_block_rows, in_features // block_size, values.shape[0], x.stride(0), x.stride(1),
-               out.stride(0),
-               HAS_BIAS=has_bias, B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows,
-               GROUP=LINE_GROUP, DOT=dot, num_warps=config.num_warps, num_stages=config.num_stages)
+        constants = dict(HAS_BIAS=has_bias, B=block_size, TILE=config.tile, BLOCK_ROWS=config.block_rows,
+                         GROUP=LINE_GROUP, DOT=dot, num_warps=config.num_warps, num_stages=config.num_stages)
 
-    nnz, out_features, element_size = values.shape[0], out.shape[1], x.element_size()
+        def launch_forward(x, out, values, block_row_offsets, block_col_indices, bias) -> None:
+            launch(_bsr_forward_kernel, grid,
+                   x, values, block_row_offsets, block_col_indices, row_order, out if bias is None else bias, out,
+                   rows, n_block_rows, n_block_cols, nnz, stride_x_row, stride_x_col, stride_out_row, **constants)
+
+        return launch_forward
+
+    element_size = x.element_size()
     config = tuned_config(
         (rows, nnz, in_features),
         lambda: ("bsr_forward", m_bucket(rows), out_features, in_features, f"b{block_size}",
-                 block_density_bucket(nnz, n_block_rows, in_features // block_size), str(x.dtype)),
+                 block_density_bucket(nnz, n_block_rows, n_block_cols), str(x.dtype)),
         x.device, (x, values), lambda: heuristic_config(rows, n_block_rows, block_size, element_size, x.device),
-        lambda: block_candidates(rows, block_size, element_size), run)
-    run(config)
+        lambda: block_candidates(rows, block_size, element_size),
+        lambda config: launch_with(config)(x, out, values, block_row_offsets, block_col_indices, bias))
+    return launch_with(config)
+
+
+def bsr_forward(x: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
+                bias: Optional[Tensor]) -> Tensor:
+    """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]``; returns ``[rows, out_features]``."""
+    out = x.new_empty((x.shape[0], (block_row_offsets.shape[0] - 1) * values.shape[-1]))
+    if out.numel() == 0:
+        return out
+    operands = (x, out, values.contiguous(), block_row_offsets.contiguous(), block_col_indices.contiguous(),
+                None if bias is None else bias.contiguous())
+    plan_bsr_forward(*operands)(*operands)
     return out

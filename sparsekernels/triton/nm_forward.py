@@ -18,7 +18,7 @@ occupancy, of the common path it shares the kernel with.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import triton
 import triton.language as tl
@@ -31,7 +31,7 @@ from ._common import (
     tuned_config,
 )
 
-__all__ = ["nm_forward"]
+__all__ = ["nm_forward", "plan_nm_forward"]
 
 
 @triton.jit
@@ -111,10 +111,13 @@ def _nm_forward_kernel(
 
 
 
-def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
-    """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]``; returns ``[rows, out_features]``.
-
-    At most 16 rows go to ``nm_forward_small_m`` (reads only the compressed weight, no ``tl.dot``)."""
+def plan_nm_forward(x: Tensor, out: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
+                    bias: Optional[Tensor]) -> Callable[..., None]:
+    """Every host decision of a forward on these operands, taken once (configuration, grid, kernel
+    arguments; at most 16 rows, ``nm_forward_small_m``'s plan). ``out`` is a fresh
+    ``[rows, out_features]`` tensor, the weight operands are contiguous. Returns
+    ``launch_forward(x, out, values, positions, bias)`` for operands with the same shapes, strides,
+    dtype and device, ``bias`` present or not as here."""
     from . import nm_forward_small_m as small_m
 
     out_features, kept = values.shape
@@ -123,32 +126,44 @@ def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bia
     # Decode-sized batches: the kernel that reads only the compressed weight (no tl.dot). A symbolic
     # row count (dynamic-shape tracing) stays here rather than specialising the graph on it.
     if type(rows) is int and rows <= small_m.SMALL_M_MAX_ROWS:
-        return small_m.nm_forward_small_m(x, values, positions, n, m, bias)
-    out = x.new_empty((rows, out_features))
-    if out.numel() == 0:
-        return out
-    values, positions = values.contiguous(), positions.contiguous()
-    bias = out if bias is None else bias.contiguous()
-    has_bias = bias is not out
+        return small_m.plan_nm_forward_small_m(x, out, values, positions, n, m, bias)
+    stride_x_row, stride_x_col = x.stride()
+    strides = (stride_x_row, stride_x_col, values.stride(0), positions.stride(0), out.stride(0))
     dot = dot_mode(_nm_forward_kernel, x.dtype)
 
-    def run(config: Config) -> None:
+    def launch_with(config: Config):
         grid = (cdiv(rows, config.block_rows), cdiv(out_features, config.tile))
-        launch(_nm_forward_kernel, grid,
-               x, values, positions, bias, out,
-               rows, out_features, in_features,
-               x.stride(0), x.stride(1), values.stride(0), positions.stride(0), out.stride(0),
-               HAS_BIAS=has_bias, N=n, M=m, BITS=NM_BITS_PER_POSITION[m],
-               BLOCK_ROWS=config.block_rows, BLOCK_OUT=config.tile, BLOCK_IN=NM_BLOCK_IN, DOT=dot,
-               num_warps=config.num_warps, num_stages=config.num_stages)
+        constants = dict(HAS_BIAS=bias is not None, N=n, M=m, BITS=NM_BITS_PER_POSITION[m],
+                         BLOCK_ROWS=config.block_rows, BLOCK_OUT=config.tile, BLOCK_IN=NM_BLOCK_IN, DOT=dot,
+                         num_warps=config.num_warps, num_stages=config.num_stages)
+
+        def launch_forward(x, out, values, positions, bias) -> None:
+            launch(_nm_forward_kernel, grid, x, values, positions, out if bias is None else bias, out,
+                   rows, out_features, in_features, *strides, **constants)
+
+        return launch_forward
 
     block_rows = rows_block(rows)
 
     def heuristic() -> Config:
         return Config(block_rows, nm_out_block(out_features, cdiv(rows, block_rows), x.device), 4, 3)
 
-    run(tuned_config(
+    config = tuned_config(
         (rows, out_features, in_features),
         lambda: ("nm_forward", m_bucket(rows), out_features, in_features, f"{n}:{m}", round(n / m, 4), str(x.dtype)),
-        x.device, (x, values), heuristic, lambda: nm_candidates(rows, out_features), run))
+        x.device, (x, values), heuristic, lambda: nm_candidates(rows, out_features),
+        lambda config: launch_with(config)(x, out, values, positions, bias))
+    return launch_with(config)
+
+
+def nm_forward(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
+    """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]``; returns ``[rows, out_features]``.
+
+    At most 16 rows go to ``nm_forward_small_m`` (reads only the compressed weight, no ``tl.dot``)."""
+    out = x.new_empty((x.shape[0], values.shape[0]))
+    if out.numel() == 0:
+        return out
+    values, positions = values.contiguous(), positions.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    plan_nm_forward(x, out, values, positions, n, m, bias)(x, out, values, positions, bias)
     return out

@@ -25,7 +25,7 @@ on the first GPU run.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -36,7 +36,7 @@ from ..reference import NM_BITS_PER_POSITION
 from . import _common
 from ._common import Config, cdiv, launch, m_bucket, nm_out_block, tuned_config
 
-__all__ = ["SMALL_M_MAX_ROWS", "nm_forward_small_m"]
+__all__ = ["SMALL_M_MAX_ROWS", "nm_forward_small_m", "plan_nm_forward_small_m"]
 
 # nm_forward.nm_forward sends batches of at most this many (flattened) rows here.
 SMALL_M_MAX_ROWS = 16
@@ -186,49 +186,71 @@ def small_m_candidates(rows_padded: int, out_features: int) -> list:
             if fits_registers(rows_padded, tile, warps)]
 
 
-def nm_forward_small_m(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
-                       bias: Optional[Tensor]) -> Tensor:
-    """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]`` with ``rows <= SMALL_M_MAX_ROWS`` (any
-    strides); returns a contiguous ``[rows, out_features]`` tensor of x's dtype."""
+def plan_nm_forward_small_m(x: Tensor, out: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
+                            bias: Optional[Tensor]) -> Callable[..., None]:
+    """Every host decision of a forward on these operands, taken once (configuration, splits, grids,
+    kernel arguments). ``out`` is a fresh ``[rows, out_features]`` tensor, the weight operands are
+    contiguous. Returns ``launch_forward(x, out, values, positions, bias)`` for operands with the same
+    shapes, strides, dtype and device, ``bias`` present or not as here. With a split, each launch
+    allocates its float32 partial buffer (from torch's caching allocator: no device sync)."""
     out_features, kept = values.shape
     in_features = kept // n * m
     rows = x.shape[0]
     if rows > SMALL_M_MAX_ROWS:
         raise ValueError(f"nm_forward_small_m takes at most {SMALL_M_MAX_ROWS} rows, got {rows}")
-    out = x.new_empty((rows, out_features))
-    if out.numel() == 0:
-        return out
-    values, positions = values.contiguous(), positions.contiguous()
     has_bias = bias is not None
-    bias = bias.contiguous() if has_bias else out
     rows_padded = m_bucket(rows)
+    strides = (*x.stride(), values.stride(0), positions.stride(0))
 
-    def run(config: Config) -> None:
+    def launch_with(config: Config):
         block_kept = kept_block(rows_padded, config.tile, config.num_warps)
         out_tiles = cdiv(out_features, config.tile)
         splits = split_count(out_tiles, kept, block_kept, x.device)
         # Whole chunks per split, so every split starts on a chunk (and position byte) boundary.
         kept_per_split = max(1, cdiv(cdiv(kept, block_kept), splits)) * block_kept
         splits = max(1, cdiv(kept, kept_per_split))
-        target = out if splits == 1 else torch.empty((splits, rows, out_features), dtype=torch.float32,
-                                                      device=x.device)
-        launch(_nm_forward_small_m_kernel, (out_tiles, splits),
-               x, values, positions, bias, target,
-               rows, out_features, kept, kept_per_split, positions.shape[1],
-               x.stride(0), x.stride(1), values.stride(0), positions.stride(0),
-               rows * out_features if splits > 1 else 0, out_features,
-               HAS_BIAS=has_bias and splits == 1, N=n, M=m, BITS=NM_BITS_PER_POSITION[m],
-               ROWS=rows_padded, BLOCK_OUT=config.tile, BLOCK_KEPT=block_kept,
-               num_warps=config.num_warps, num_stages=config.num_stages)
-        if splits > 1:
-            launch(_sum_splits_kernel, (cdiv(out.numel(), SUM_BLOCK),),
-                   target, bias, out, out.numel(), out_features, splits,
-                   HAS_BIAS=has_bias, BLOCK=SUM_BLOCK, num_warps=4)
+        numel = rows * out_features
+        constants = dict(HAS_BIAS=has_bias and splits == 1, N=n, M=m, BITS=NM_BITS_PER_POSITION[m],
+                         ROWS=rows_padded, BLOCK_OUT=config.tile, BLOCK_KEPT=block_kept,
+                         num_warps=config.num_warps, num_stages=config.num_stages)
+        sizes = (rows, out_features, kept, kept_per_split, positions.shape[1], *strides,
+                 numel if splits > 1 else 0, out_features)
 
-    run(tuned_config(
+        def launch_forward(x, out, values, positions, bias) -> None:
+            bias_or_out = out if bias is None else bias
+            if splits == 1:
+                launch(_nm_forward_small_m_kernel, (out_tiles, 1), x, values, positions, bias_or_out, out,
+                       *sizes, **constants)
+                return
+            partial = torch.empty((splits, rows, out_features), dtype=torch.float32, device=x.device)
+            launch(_nm_forward_small_m_kernel, (out_tiles, splits), x, values, positions, bias_or_out, partial,
+                   *sizes, **constants)
+            launch(_sum_splits_kernel, (cdiv(numel, SUM_BLOCK),), partial, bias_or_out, out, numel, out_features,
+                   splits, HAS_BIAS=has_bias, BLOCK=SUM_BLOCK, num_warps=4)
+
+        return launch_forward
+
+    config = tuned_config(
         (rows, out_features, in_features),
         lambda: ("nm_forward_small_m", rows_padded, out_features, in_features, f"{n}:{m}", round(n / m, 4),
                  str(x.dtype)),
         x.device, (x, values), lambda: heuristic_config(rows_padded, out_features, x.device),
-        lambda: small_m_candidates(rows_padded, out_features), run))
+        lambda: small_m_candidates(rows_padded, out_features),
+        lambda config: launch_with(config)(x, out, values, positions, bias))
+    return launch_with(config)
+
+
+def nm_forward_small_m(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
+                       bias: Optional[Tensor]) -> Tensor:
+    """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]`` with ``rows <= SMALL_M_MAX_ROWS`` (any
+    strides); returns a contiguous ``[rows, out_features]`` tensor of x's dtype."""
+    rows = x.shape[0]
+    if rows > SMALL_M_MAX_ROWS:
+        raise ValueError(f"nm_forward_small_m takes at most {SMALL_M_MAX_ROWS} rows, got {rows}")
+    out = x.new_empty((rows, values.shape[0]))
+    if out.numel() == 0:
+        return out
+    values, positions = values.contiguous(), positions.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    plan_nm_forward_small_m(x, out, values, positions, n, m, bias)(x, out, values, positions, bias)
     return out
