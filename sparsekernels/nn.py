@@ -45,9 +45,35 @@ _BSR_INDEX_NAMES = (
 
 
 _triton_eager = None
-# SparseLinear -> weak references to the tensors whose metadata the fast path checked (kept outside
-# the modules, so that pickling and deepcopy of a layer never meet them).
-_fast_path_checked: "weakref.WeakKeyDictionary[SparseLinear, tuple]" = weakref.WeakKeyDictionary()
+
+
+class _FastPathState:
+    """What the eager fast path keeps per layer: which tensors it checked, and its launch plans.
+
+    ``tensor_ids`` are the ``id()`` of the layer's values, bias and index tensors when they passed
+    the op's metadata checks. An id alone could be reused by a new object once the old one is freed,
+    so the state holds weak references whose callbacks mark it stale (``alive[0] = False``) when any
+    of those tensors dies: while it is alive, equal ids mean the same objects, one tuple comparison
+    per call. ``plans`` maps input signatures to launch plans (sparsekernels/triton/eager.py); a new
+    state (new tensors) starts with none.
+    """
+
+    __slots__ = ("tensor_ids", "alive", "refs", "plans")
+
+    def __init__(self, tensors: tuple) -> None:
+        self.tensor_ids = tuple(map(id, tensors))
+        alive = self.alive = [True]
+
+        def died(_ref, alive=alive) -> None:  # holds the flag, not the state: no reference cycle
+            alive[0] = False
+
+        self.refs = tuple(weakref.ref(tensor, died) for tensor in tensors if tensor is not None)
+        self.plans: dict = {}
+
+
+# SparseLinear -> _FastPathState (kept outside the modules, so that pickling and deepcopy of a layer
+# never meet it).
+_fast_path_state: "weakref.WeakKeyDictionary[SparseLinear, _FastPathState]" = weakref.WeakKeyDictionary()
 
 
 def triton_eager():
@@ -294,31 +320,30 @@ class SparseLinear(nn.Module):
             return None
         block = isinstance(self.layout, BlockSparse)
         index = tuple(buffers[name] for name in (_BSR_INDEX_NAMES if block else ("positions",)))
-        self._check_fast_path_tensors(values, bias, index)
+        plans = self._fast_path_plans(values, bias, index)
         if block:
-            return eager.bsr_linear(input, values, *index, bias, self.out_features, self.in_features)
+            return eager.bsr_linear(plans, input, values, *index, bias, self.out_features, self.in_features)
         # A transposable layout's op differs from nm_linear only in its backward: same forward.
         return eager.nm_linear(
-            input, values, index[0], self.layout.n, self.layout.m, bias, self.out_features, self.in_features
+            plans, input, values, index[0], self.layout.n, self.layout.m, bias, self.out_features, self.in_features
         )
 
-    def _check_fast_path_tensors(self, values: Tensor, bias: Optional[Tensor], index: tuple) -> None:
-        """The op's metadata checks of the layer's own tensors (dtype, device, shapes), run again only
-        when one of those tensors is a new object (``.to()``, ``load_state_dict``, an assignment):
-        in-place writes cannot change metadata. Raises the op's error for a bad tensor."""
+    def _fast_path_plans(self, values: Tensor, bias: Optional[Tensor], index: tuple) -> dict:
+        """The fast path's launch plans for these tensors. When one of them is a new object
+        (``.to()``, ``load_state_dict``, an assignment) the op's metadata checks (dtype, device,
+        shapes) run on them first and the plans start afresh; in-place writes cannot change
+        metadata. Raises the op's error for a bad tensor."""
         tensors = (values, bias, *index)
-        seen = _fast_path_checked.get(self)
-        if seen is not None and len(seen) == len(tensors) and all(
-            (ref is None and tensor is None) or (ref is not None and ref() is tensor)
-            for ref, tensor in zip(seen, tensors)
-        ):
-            return
+        state = _fast_path_state.get(self)
+        if state is not None and state.alive[0] and state.tensor_ids == tuple(map(id, tensors)):
+            return state.plans
         if isinstance(self.layout, BlockSparse):
             out_features, _ = bsr_features(values, *index)
         else:
             out_features, _ = nm_features(values, index[0], self.layout.n, self.layout.m)
         check_bias(bias, values, out_features)
-        _fast_path_checked[self] = tuple(None if tensor is None else weakref.ref(tensor) for tensor in tensors)
+        state = _fast_path_state[self] = _FastPathState(tensors)
+        return state.plans
 
     def extra_repr(self) -> str:
         return (

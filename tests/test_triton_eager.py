@@ -38,21 +38,38 @@ def _triton_backend(monkeypatch):
     monkeypatch.delenv("SPARSEKERNELS_EAGER_FAST_PATH", raising=False)
 
 
+def _count_calls(monkeypatch, module, name: str, counts: dict, key: str) -> None:
+    function = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counts[key] += 1
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
 @pytest.fixture
 def paths(monkeypatch):
-    """Counts launcher calls by caller: ``{"op": n, "fast": n}``."""
+    """Counts forwards by path: ``{"op": n, "fast": n}`` (the op's launcher calls, the fast path's
+    entry points in eager.py)."""
     from sparsekernels.triton import eager, ops
 
     counts = {"op": 0, "fast": 0}
-    for module, path in ((ops, "op"), (eager, "fast")):
-        for name in ("bsr_forward", "nm_forward"):
-            launcher = getattr(module, name)
+    for name in ("bsr_forward", "nm_forward"):
+        _count_calls(monkeypatch, ops, name, counts, "op")
+    for name in ("bsr_linear", "nm_linear"):
+        _count_calls(monkeypatch, eager, name, counts, "fast")
+    return counts
 
-            def counted(*args, _launcher=launcher, _path=path, **kwargs):
-                counts[_path] += 1
-                return _launcher(*args, **kwargs)
 
-            monkeypatch.setattr(module, name, counted)
+@pytest.fixture
+def plan_builds(monkeypatch):
+    """Counts launch plans built by the fast path: ``{"built": n}``."""
+    from sparsekernels.triton import eager
+
+    counts = {"built": 0}
+    for name in ("plan_bsr_forward", "plan_nm_forward"):
+        _count_calls(monkeypatch, eager, name, counts, "built")
     return counts
 
 
@@ -210,3 +227,201 @@ def test_replaced_bias_of_another_dtype_gets_the_op_error(layout, paths):
         layer.bias = None
         output = layer(torch.randn(3, 64, device=DEVICE))
     assert output.shape == (3, 48) and paths["fast"] == 1
+
+
+# ---------------------------------------------------------------------------------- launch plans
+# The fast path keeps, per layer and input signature, a launch plan: every host decision of the
+# launcher taken once. A kept plan must give the launcher's result bitwise, and must be rebuilt
+# whenever a decision in it could change (tests below); paths["fast"] counts forwards, plan_builds
+# counts plans built.
+
+
+def _op_result(layer, input):
+    with torch.enable_grad():
+        return layer(input).detach()  # values requires grad: the op path, no plan
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + [NM(2, 4, transposable=True), NM(1, 4)], ids=layout_id)
+@pytest.mark.parametrize("shape", [(1, 64), (17, 64), (2, 3, 64), (64,)], ids=str)
+def test_a_kept_plan_gives_the_launchers_result(layout, shape, paths, plan_builds):
+    layer = make_layer(layout)
+    input = torch.randn(shape, device=DEVICE)
+    with torch.no_grad():
+        first, second, third = layer(input), layer(input), layer(input.clone())
+    assert plan_builds["built"] == 1 and paths["fast"] == 3
+    expected = _op_result(layer, input)
+    for output in (first, second, third):
+        assert output.shape == expected.shape
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+def test_plans_are_kept_per_input_signature(plan_builds):
+    layer = make_layer(NM(2, 4))
+    inputs = [torch.randn(5, 64, device=DEVICE), torch.randn(6, 64, device=DEVICE),
+              torch.randn(5, 64, device=DEVICE).half(), torch.randn(64, 5, device=DEVICE).t()]
+    with torch.no_grad():
+        for input in inputs:  # 5 rows, 6 rows, float16 (op path: dtype differs), transposed strides
+            if input.dtype == torch.float32:
+                layer(input)
+        for input in inputs:
+            if input.dtype == torch.float32:
+                torch.testing.assert_close(layer(input), _op_result(layer, input), rtol=0, atol=0)
+    assert plan_builds["built"] == 3
+
+
+def test_a_dtype_change_of_the_layer_builds_a_new_plan(plan_builds):
+    """``.half()`` keeps the Parameter objects (their ``.data`` is swapped) and the integer index
+    buffers: same tensor ids, so the dtype is part of the plan key."""
+    layer = make_layer(BlockSparse(16, 0.5))
+    input = torch.randn(4, 64, device=DEVICE)
+    with torch.no_grad():
+        layer(input)
+        layer.half()
+        output = layer(input.half())
+    assert plan_builds["built"] == 2
+    assert output.dtype == torch.float16
+    torch.testing.assert_close(output, _op_result(layer, input.half()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_a_pattern_change_in_place_builds_a_new_plan(layout, plan_builds):
+    """set_pattern with the same number of kept weights rewrites the index in place (same objects):
+    the block kernels' program order is of the old pattern, so the plan is rebuilt (its stamp holds
+    the offsets' version)."""
+    layer = make_layer(layout)
+    input = torch.randn(4, 64, device=DEVICE)
+    torch.manual_seed(3)
+    mask = layer.matrix.block_mask() if isinstance(layout, BlockSparse) else layer.dense_mask()
+    new_mask = mask[torch.randperm(mask.shape[0])]  # (block) rows permuted: the same count kept
+    with torch.no_grad():
+        layer(input)
+        layer.set_pattern(new_mask)
+        after = layer(input)
+        layer(input)
+    assert plan_builds["built"] == (2 if isinstance(layout, BlockSparse) else 1)
+    torch.testing.assert_close(after, _op_result(layer, input), rtol=0, atol=0)
+
+
+def test_tuner_changes_and_settings_rebuild_the_plan(plan_builds, monkeypatch):
+    from sparsekernels.triton import autotune
+
+    layer = make_layer(NM(2, 4))
+    input = torch.randn(4, 64, device=DEVICE)
+    with torch.no_grad():
+        layer(input)
+        layer(input)
+        assert plan_builds["built"] == 1
+        autotune.tuner.clear_memory()  # the tuner's answers may differ now
+        layer(input)
+        assert plan_builds["built"] == 2
+        monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "1")  # the fixture set 0
+        layer(input)
+        assert plan_builds["built"] == 3
+        monkeypatch.setattr(autotune, "tuner", autotune.Tuner(path="/nonexistent/never-written.json"))
+        layer(input)
+        layer(input)
+        assert plan_builds["built"] == 4
+
+
+def test_a_tuner_stand_in_without_generation_keeps_no_plan(plan_builds, monkeypatch):
+    from cases import HeuristicOnly
+
+    from sparsekernels.triton import autotune
+
+    monkeypatch.setattr(autotune, "tuner", HeuristicOnly())
+    layer = make_layer(BlockSparse(16, 0.5))
+    input = torch.randn(4, 64, device=DEVICE)
+    with torch.no_grad():
+        outputs = [layer(input) for _ in range(3)]
+    assert plan_builds["built"] == 3
+    for output in outputs:
+        torch.testing.assert_close(output, _op_result(layer, input), rtol=0, atol=0)
+
+
+def test_a_tuned_configuration_is_planned_once(plan_builds, monkeypatch, tmp_path):
+    """With a tuner that stores its choice (timing stubbed), the first call tunes, the plan is
+    built after the store (its generation is the new one) and kept."""
+    from sparsekernels.triton import autotune
+
+    tuner = autotune.Tuner(path=tmp_path / "tune.json", timer=lambda fn: (fn(), 1.0)[1],
+                           measurable=lambda device, tensors: True)
+    monkeypatch.setattr(autotune, "tuner", tuner)
+    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "1")
+    layer = make_layer(BlockSparse(16, 0.5))
+    input = torch.randn(20, 64, device=DEVICE)
+    with torch.no_grad():
+        first = layer(input)
+        for _ in range(3):
+            torch.testing.assert_close(layer(input), first, rtol=0, atol=0)
+    assert tuner.tuning_runs == 1 and plan_builds["built"] == 1
+    torch.testing.assert_close(first, _op_result(layer, input), rtol=0, atol=0)
+
+
+def test_inference_mode_layers_keep_no_plan(plan_builds):
+    """Index tensors made under inference_mode have no version counter: nothing to stamp a plan with."""
+    with torch.inference_mode():
+        layer = make_layer(BlockSparse(16, 0.5))
+        input = torch.randn(4, 64, device=DEVICE)
+        outputs = [layer(input) for _ in range(2)]
+        expected = F.linear(input, layer.dense_weight(), layer.bias)
+    assert plan_builds["built"] == 2
+    for output in outputs:
+        assert_close(output, expected, torch.float32, "output")
+
+
+def test_plans_per_layer_are_bounded(plan_builds, monkeypatch):
+    from sparsekernels.triton import eager
+
+    monkeypatch.setattr(eager, "MAX_PLANS_PER_LAYER", 3)
+    layer = make_layer(NM(2, 4))
+    inputs = [torch.randn(rows, 64, device=DEVICE) for rows in (1, 2, 3, 4)]
+    with torch.no_grad():
+        for input in inputs:
+            layer(input)
+        layer(inputs[3])  # kept after the clear
+        layer(inputs[0])  # dropped by the clear: built again
+    assert plan_builds["built"] == 5
+
+
+def test_a_non_contiguous_weight_is_not_planned(plan_builds):
+    layer = make_layer(NM(2, 4))
+    input = torch.randn(4, 64, device=DEVICE)
+    with torch.no_grad():
+        strided = torch.empty(layer.values.shape[1], layer.values.shape[0], device=DEVICE).t()
+        strided.copy_(layer.values)
+        layer.values = torch.nn.Parameter(strided)
+        outputs = [layer(input) for _ in range(2)]
+    assert plan_builds["built"] == 0
+    for output in outputs:
+        torch.testing.assert_close(output, _op_result(layer, input), rtol=0, atol=0)
+
+
+def test_a_split_small_m_plan_allocates_its_partials_per_call(plan_builds, monkeypatch):
+    """The small-M N:M kernel split over the kept dimension: the plan holds the split, and each
+    call gets its own float32 partial buffer (two calls in a row must both be right)."""
+    from sparsekernels.triton import _common
+
+    monkeypatch.setattr(_common, "target_programs", lambda device: 64)
+    layer = SparseLinear(512, 8, NM(2, 4), dtype=torch.float32).to(DEVICE)
+    first_input, second_input = torch.randn(3, 512, device=DEVICE), torch.randn(3, 512, device=DEVICE)
+    with torch.no_grad():
+        first = layer(first_input)
+        second = layer(second_input)
+    assert plan_builds["built"] == 1
+    torch.testing.assert_close(first, _op_result(layer, first_input), rtol=0, atol=0)
+    torch.testing.assert_close(second, _op_result(layer, second_input), rtol=0, atol=0)
+
+
+def test_the_layer_state_goes_stale_when_a_checked_tensor_dies():
+    """Equal ids mean the same objects only while those objects live: a freed tensor's id can be
+    reused, so its death marks the state stale."""
+    import gc
+
+    from sparsekernels.nn import _FastPathState
+
+    tensors = (torch.zeros(3), None, torch.zeros(2, dtype=torch.int32))
+    state = _FastPathState(tensors)
+    assert state.alive[0]
+    tensors = None
+    gc.collect()
+    assert not state.alive[0]

@@ -143,6 +143,9 @@ class Tuner:
         self._loaded: dict = {}  # gpu -> the file's content as read (dict of sections)
         self._lock = threading.Lock()
         self.tuning_runs = 0  # how many keys were tuned by this object (for tests and the benchmark)
+        # Bumped whenever an answer of choose() or decide() may change (an entry stored in memory,
+        # memory cleared): the eager launch plans (eager.py) hold answers and check it per call.
+        self.generation = 0
 
     # ------------------------------------------------------------------ file
     def path(self, gpu: str) -> Path:
@@ -227,12 +230,14 @@ class Tuner:
             stored = self._sections(gpu)["configs"].get(self._text_key(full_key))
             if stored is not None:
                 config = self._configs[full_key] = Config.from_dict(stored)
+                self.generation += 1
                 return config
         heuristic = resolve_heuristic(heuristic)
         if not tuning_enabled() or not self.measurable(device, tensors):
             return heuristic
         config, timings = self._tune(heuristic, candidates(), run)
         self._configs[full_key] = config
+        self.generation += 1
         self._write(gpu, "configs", self._text_key(full_key), {**asdict(config), "ms": timings.get(config)})
         return config
 
@@ -262,12 +267,14 @@ class Tuner:
             stored = self._sections(gpu)["dispatch"].get(self._text_key(full_key))
             if stored is not None:
                 path = self._dispatch[full_key] = stored["path"]
+                self.generation += 1
                 return path
         if not self.measurable(device, tensors):
             return default
         sparse_ms, dense_ms = measure()
         path = "dense" if dense_ms < sparse_ms else "sparse"
         self._dispatch[full_key] = path
+        self.generation += 1
         self._write(gpu, "dispatch", self._text_key(full_key),
                     {"path": path, "sparse_ms": sparse_ms, "dense_ms": dense_ms})
         return path
@@ -277,6 +284,7 @@ class Tuner:
         self._configs.clear()
         self._dispatch.clear()
         self._loaded.clear()
+        self.generation += 1
 
 
 tuner = Tuner()

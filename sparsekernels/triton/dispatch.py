@@ -47,7 +47,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import reference
 from . import autotune
 
-__all__ = ["bsr_linear", "nm_linear", "last_path", "path_counts", "clear_dense_cache", "fallback_enabled"]
+__all__ = ["bsr_linear", "nm_linear", "last_path", "path_counts", "count_sparse", "clear_dense_cache", "fallback_enabled"]
 
 path_counts = {"sparse": 0, "dense": 0}
 _last = [None]
@@ -63,6 +63,13 @@ def _took(path: str) -> str:
     _last[0] = path
     path_counts[path] += 1
     return path
+
+
+def count_sparse() -> None:
+    """Record a sparse forward that a kept launch plan ran without asking here again (eager.py):
+    the plan exists only for a key whose decision was ``"sparse"``."""
+    _last[0] = "sparse"
+    path_counts["sparse"] += 1
 
 
 def fallback_enabled() -> bool:
