@@ -267,9 +267,10 @@ void check_close(const scalar_t* got, const Expected& expected, const std::strin
 }
 
 template <typename scalar_t>
-void check_identical(const scalar_t* got, const scalar_t* serial, int64_t count, const std::string& what) {
-  for (int64_t i = 0; i < count; ++i) {
-    if (!same_bits(got[i], serial[i])) {
+void check_identical(const GuardedOutput<scalar_t>& got, const GuardedOutput<scalar_t>& serial,
+                     const std::string& what) {
+  for (int64_t i = 0; i < got.size; ++i) {
+    if (!same_bits(got.data()[i], serial.data()[i])) {
       check(false, what + " differs from serial_for at element " + std::to_string(i));
       return;
     }
@@ -422,6 +423,10 @@ CaseData<scalar_t> make_case(const Pattern& pattern, int64_t block_size, int64_t
 template <typename scalar_t>
 struct KernelOutputs {
   GuardedOutput<scalar_t> forward, grad_input, grad_values;
+
+  bool guards_intact() const {
+    return forward.guards_intact() && grad_input.guards_intact() && grad_values.guards_intact();
+  }
 };
 
 template <typename scalar_t, typename index_t>
@@ -455,19 +460,14 @@ void check_case(const Pattern& pattern, const CaseData<scalar_t>& data, const st
     check_close(serial.forward.data(), with_bias ? data.forward_bias : data.forward, base + " forward");
     check_close(serial.grad_input.data(), data.grad_input, base + " grad_input");
     check_close(serial.grad_values.data(), data.grad_values, base + " grad_values");
-    check(serial.forward.guards_intact() && serial.grad_input.guards_intact() && serial.grad_values.guards_intact(),
-          base + " writes stay inside the outputs");
+    check(serial.guards_intact(), base + " writes stay inside the outputs");
     for (size_t h = 1; h < hooks.size(); ++h) {
       const std::string name = base + " [" + hooks[h].name + "]";
       const auto threaded = run_kernels(data, owned.view, with_bias, hooks[h].run);
-      check_identical(threaded.forward.data(), serial.forward.data(), threaded.forward.size, name + " forward");
-      check_identical(threaded.grad_input.data(), serial.grad_input.data(), threaded.grad_input.size,
-                      name + " grad_input");
-      check_identical(threaded.grad_values.data(), serial.grad_values.data(), threaded.grad_values.size,
-                      name + " grad_values");
-      check(threaded.forward.guards_intact() && threaded.grad_input.guards_intact() &&
-                threaded.grad_values.guards_intact(),
-            name + " writes stay inside the outputs");
+      check_identical(threaded.forward, serial.forward, name + " forward");
+      check_identical(threaded.grad_input, serial.grad_input, name + " grad_input");
+      check_identical(threaded.grad_values, serial.grad_values, name + " grad_values");
+      check(threaded.guards_intact(), name + " writes stay inside the outputs");
     }
   }
 }
