@@ -1,4 +1,5 @@
-// Argument checks shared by the op bindings of every device.
+// Argument checks shared by the op bindings of every device (and the two shape helpers they use,
+// with_last_dim and as_matrix).
 //
 // They run before any kernel reads memory: a wrong shape, dtype or index length raises a
 // ValueError / TypeError (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) naming the argument and what was
@@ -61,6 +62,11 @@ inline std::vector<int64_t> with_last_dim(const at::Tensor& operand, int64_t las
   std::vector<int64_t> shape(operand.sizes().begin(), operand.sizes().end());
   shape.back() = last_dim;
   return shape;
+}
+
+// [..., features] -> contiguous [M, features]: the matrix every kernel sees.
+inline at::Tensor as_matrix(const at::Tensor& operand) {
+  return operand.reshape({-1, operand.size(-1)}).contiguous();
 }
 
 // Shapes of a block-sparse weight, derived from its values and index tensors (checked).

@@ -45,9 +45,6 @@ T* mutable_data_as(at::Tensor& tensor) {
   return reinterpret_cast<T*>(tensor.mutable_data_ptr());
 }
 
-// [..., features] -> contiguous [M, features].
-at::Tensor as_matrix(const at::Tensor& operand) { return operand.reshape({-1, operand.size(-1)}).contiguous(); }
-
 template <typename index_t>
 cpu::BsrIndex<index_t> bsr_index(const BsrShape& shape, const at::Tensor& block_row_offsets,
                                  const at::Tensor& block_col_indices, const at::Tensor& block_col_offsets,
@@ -267,8 +264,6 @@ at::Tensor nm_linear_grad_values(const at::Tensor& grad_output, const at::Tensor
   return grad_values;
 }
 
-at::Tensor linear_bias_grad(const at::Tensor& grad_output) { return linear_bias_grad_any_device(grad_output); }
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsekernels, CPU, m) {
@@ -278,7 +273,7 @@ TORCH_LIBRARY_IMPL(sparsekernels, CPU, m) {
   m.impl("nm_linear", &nm_linear);
   m.impl("nm_linear_grad_input", &nm_linear_grad_input);
   m.impl("nm_linear_grad_values", &nm_linear_grad_values);
-  m.impl("linear_bias_grad", &linear_bias_grad);
+  m.impl("linear_bias_grad", &linear_bias_grad_any_device);
 }
 
 }  // namespace sparsekernels::bindings

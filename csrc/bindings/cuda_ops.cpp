@@ -65,9 +65,6 @@ DeviceInfo device_info(int device) {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// [..., features] -> contiguous [M, features].
-at::Tensor as_matrix(const at::Tensor& operand) { return operand.reshape({-1, operand.size(-1)}).contiguous(); }
-
 // 16-byte aligned contiguous copy when the tensor's data is not (e.g. a view with an odd offset).
 at::Tensor aligned_contiguous(const at::Tensor& tensor) {
   at::Tensor result = tensor.contiguous();
@@ -290,8 +287,6 @@ at::Tensor bsr_linear_grad_values(const at::Tensor& grad_output, const at::Tenso
   return at::bmm(dy_blocks.permute({1, 2, 0}), x_blocks.permute({1, 0, 2})).contiguous();
 }
 
-at::Tensor linear_bias_grad(const at::Tensor& grad_output) { return linear_bias_grad_any_device(grad_output); }
-
 // ------------------------------------------------------------------------- 2:4 compression
 kernels::Nm24Layout nm24_layout(c10::string_view name) {
   if (name == "natural") return kernels::Nm24Layout::natural;
@@ -384,7 +379,7 @@ TORCH_LIBRARY_IMPL(sparsekernels, CUDA, m) {
   m.impl("nm_linear", &nm_linear);
   m.impl("nm_linear_grad_input", &nm_linear_grad_input);
   m.impl("nm_linear_grad_values", &nm_linear_grad_values);
-  m.impl("linear_bias_grad", &linear_bias_grad);
+  m.impl("linear_bias_grad", &linear_bias_grad_any_device);
 }
 
 }  // namespace sparsekernels::bindings

@@ -82,6 +82,10 @@ constexpr int64_t round_up(int64_t value, int64_t multiple) { return ceil_div(va
 constexpr int64_t kSmallBatchRows = 12;
 // Smallest amount of multiply-add work (in scalar FMAs) worth handing to a parallel chunk.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+// Parallel grain, in items of work_per_item FMAs each, that gives every chunk kMinParallelWork.
+constexpr int64_t parallel_grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinParallelWork / work_per_item);
+}
 // Rows of M reduced per step in grad_values: the packed dy and x slices, 64 x b floats each,
 // stay in L1 next to the [b][b] accumulator for b <= 64.
 constexpr int64_t kGradValuesRowStep = 64;
@@ -213,6 +217,13 @@ int64_t choose_row_chunk(int64_t M, int64_t n_lines, int64_t granule, int64_t mi
   return round_up(std::min(rows, M), granule);
 }
 
+// Block row of kept block `block` (BSR order): the last row whose first block is at or before it.
+template <typename index_t>
+int64_t block_row_of(const BsrIndex<index_t>& index, int64_t block) {
+  const index_t* row_offsets = index.block_row_offsets;
+  return std::upper_bound(row_offsets, row_offsets + index.n_block_rows + 1, block) - row_offsets - 1;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Problem descriptions shared by the drivers.
 
@@ -236,6 +247,21 @@ struct LineProduct {
   const scalar_t* block(int64_t entry) const {
     const int64_t stored = value_index != nullptr ? static_cast<int64_t>(value_index[entry]) : entry;
     return values + stored * block_size * block_size;
+  }
+
+  // What the task (line, rows [m_begin, m_end)) works on. The drivers unpack it by position:
+  //   const auto [rows, first, count, out, bias] = product.task(line, m_begin, m_end);
+  struct Task {
+    int64_t rows;          // m_end - m_begin
+    int64_t first;         // the line's entries are [first, first + count)
+    int64_t count;
+    scalar_t* out;         // the line's output strip at row m_begin, row stride ldo
+    const scalar_t* bias;  // the bias of the line's outputs, or null
+  };
+  Task task(int64_t line, int64_t m_begin, int64_t m_end) const {
+    const int64_t first = offsets[line];
+    return Task{m_end - m_begin, first, static_cast<int64_t>(offsets[line + 1]) - first,
+                out + m_begin * ldo + line * block_size, bias != nullptr ? bias + line * block_size : nullptr};
   }
 };
 
@@ -780,11 +806,7 @@ template <typename index_t>
 SPARSEKERNELS_AMX void amx_line_task(const LineProduct<bfloat16, index_t>& product, int64_t line, int64_t m_begin,
                                      int64_t m_end, AmxWorkspace& workspace) {
   const int64_t block_size = product.block_size;
-  const int64_t rows = m_end - m_begin;
-  const int64_t first = product.offsets[line];
-  const int64_t count = static_cast<int64_t>(product.offsets[line + 1]) - first;
-  bfloat16* out = product.out + m_begin * product.ldo + line * block_size;
-  const bfloat16* bias = product.bias != nullptr ? product.bias + line * block_size : nullptr;
+  const auto [rows, first, count, out, bias] = product.task(line, m_begin, m_end);
   if (count == 0) {
     avx512_store_rows<bfloat16>(nullptr, 0, rows, block_size, bias, out, product.ldo);
     return;
@@ -1010,7 +1032,7 @@ SPARSEKERNELS_AMX void amx_grad_values_range(const bfloat16* grad_out, const bfl
                                              bfloat16* grad_values) {
   AmxGradValuesWorkspace workspace;
   const index_t* row_offsets = index.block_row_offsets;
-  int64_t block_row = std::upper_bound(row_offsets, row_offsets + index.n_block_rows + 1, begin) - row_offsets - 1;
+  int64_t block_row = block_row_of(index, begin);
   amx_configure(32);
   for (int64_t block = begin; block < end; ++block) {
     while (row_offsets[block_row + 1] <= block) ++block_row;
@@ -1029,15 +1051,12 @@ template <class Kernels, typename scalar_t, typename index_t>
 void fma_line_task(const LineProduct<scalar_t, index_t>& product, int64_t line, int64_t m_begin, int64_t m_end,
                    FmaWorkspace<scalar_t>& workspace) {
   const int64_t block_size = product.block_size;
-  const int64_t rows = m_end - m_begin;
-  const int64_t first = product.offsets[line];
-  const int64_t last = product.offsets[line + 1];
-  scalar_t* out = product.out + m_begin * product.ldo + line * block_size;
-  const scalar_t* bias = product.bias != nullptr ? product.bias + line * block_size : nullptr;
-  if (first == last) {
+  const auto [rows, first, count, out, bias] = product.task(line, m_begin, m_end);
+  if (count == 0) {
     Kernels::store_rows(nullptr, 0, rows, block_size, bias, out, product.ldo);
     return;
   }
+  const int64_t last = first + count;
   float* acc = workspace.acc.get(rows * block_size);
   for (int64_t entry = first; entry < last; ++entry) {
     // Right-hand operand [depth][block_size]; grad_input float32 blocks are used in place.
@@ -1078,11 +1097,7 @@ template <class Kernels, typename scalar_t, typename index_t>
 void gemv_line_task(const LineProduct<scalar_t, index_t>& product, int64_t line, int64_t m_begin, int64_t m_end,
                     FmaWorkspace<scalar_t>& workspace) {
   const int64_t block_size = product.block_size;
-  const int64_t rows = m_end - m_begin;
-  const int64_t first = product.offsets[line];
-  const int64_t count = static_cast<int64_t>(product.offsets[line + 1]) - first;
-  scalar_t* out = product.out + m_begin * product.ldo + line * block_size;
-  const scalar_t* bias = product.bias != nullptr ? product.bias + line * block_size : nullptr;
+  const auto [rows, first, count, out, bias] = product.task(line, m_begin, m_end);
   if (count == 0) {
     Kernels::store_rows(nullptr, 0, rows, block_size, bias, out, product.ldo);
     return;
@@ -1124,7 +1139,7 @@ void run_fma_line_product(const LineProduct<scalar_t, index_t>& product, int64_t
   // most 256 rows, so the float32 accumulator of a 64-wide line (64 KiB) stays in L2.
   const int64_t m_chunk = gemv ? M : choose_row_chunk(M, product.n_lines, 12, 48, 256);
   const LineSchedule<index_t> schedule(product.offsets, product.n_lines, ceil_div(M, m_chunk));
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (m_chunk * block_size * block_size));
+  const int64_t grain = parallel_grain(m_chunk * block_size * block_size);
   parallel_for(0, schedule.total_units(), grain, [&](int64_t begin, int64_t end) {
     FmaWorkspace<scalar_t> workspace;
     schedule.for_each_task(begin, end, [&](int64_t chunk, int64_t line) {
@@ -1190,12 +1205,11 @@ template <class Kernels, typename scalar_t, typename index_t>
 void run_grad_values(const scalar_t* grad_out, const scalar_t* x, int64_t M, const BsrIndex<index_t>& index,
                      scalar_t* grad_values, const ParallelFor& parallel_for) {
   const int64_t block_size = index.block_size;
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (std::max<int64_t>(M, 1) * block_size * block_size));
+  const int64_t grain = parallel_grain(std::max<int64_t>(M, 1) * block_size * block_size);
   parallel_for(0, index.nnz, grain, [&](int64_t begin, int64_t end) {
     FmaWorkspace<scalar_t> workspace;
-    // Block row of `begin`: the last row whose first block is at or before it.
     const index_t* row_offsets = index.block_row_offsets;
-    int64_t block_row = std::upper_bound(row_offsets, row_offsets + index.n_block_rows + 1, begin) - row_offsets - 1;
+    int64_t block_row = block_row_of(index, begin);
     for (int64_t block = begin; block < end; ++block) {
       while (row_offsets[block_row + 1] <= block) ++block_row;
       grad_values_task<Kernels>(grad_out, x, M, index, block, block_row, grad_values, workspace);
@@ -1254,7 +1268,7 @@ void bsr_linear_grad_values(const scalar_t* grad_out, const scalar_t* x, int64_t
   const CpuIsa isa = isa_for_block_size(index.block_size);
   if constexpr (std::is_same_v<scalar_t, bfloat16>) {
     if (isa == CpuIsa::amx && M >= kSmallBatchRows) {
-      const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (M * index.block_size * index.block_size));
+      const int64_t grain = parallel_grain(M * index.block_size * index.block_size);
       parallel_for(0, index.nnz, grain, [&](int64_t begin, int64_t end) {
         amx_grad_values_range(grad_out, x, M, index, begin, end, grad_values);
       });

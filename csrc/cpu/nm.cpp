@@ -200,6 +200,23 @@ struct KernelSet {
 #define SPARSEKERNELS_BY_VECTORS(fn) \
   { nullptr, &fn<1>, &fn<2>, &fn<3>, &fn<4>, &fn<5>, &fn<6>, &fn<7>, &fn<8> }
 
+// Defines `kernels<scalar_t>`, the table of the implementation namespace it is expanded in
+// (generic, avx512): every entry names that namespace's own function, in KernelSet's order, so
+// the two tables cannot drift apart.
+#define SPARSEKERNELS_DEFINE_KERNEL_SET               \
+  template <typename scalar_t>                        \
+  const KernelSet<scalar_t> kernels = {               \
+      &to_float_array<scalar_t>,                      \
+      &from_float_array<scalar_t>,                    \
+      &forward_small_batch<scalar_t>,                 \
+      &decode_rows,                                   \
+      &unpack_rows<scalar_t>,                         \
+      &expand_rows<scalar_t>,                         \
+      SPARSEKERNELS_BY_VECTORS(forward_panel),        \
+      SPARSEKERNELS_BY_VECTORS(grad_values_panel),    \
+      &dense_strip,                                   \
+  };
+
 // ------------------------------------------------------------------------------------------------
 // Portable implementation. Loops over a compile-time number of lanes so that the compiler can
 // vectorise them with whatever the baseline ISA offers.
@@ -340,18 +357,7 @@ void dense_strip(const float* a, int64_t rows, int64_t depth, const float* b, in
   }
 }
 
-template <typename scalar_t>
-const KernelSet<scalar_t> kernels = {
-    &to_float_array<scalar_t>,
-    &from_float_array<scalar_t>,
-    &forward_small_batch<scalar_t>,
-    &decode_rows,
-    &unpack_rows<scalar_t>,
-    &expand_rows<scalar_t>,
-    SPARSEKERNELS_BY_VECTORS(forward_panel),
-    SPARSEKERNELS_BY_VECTORS(grad_values_panel),
-    &dense_strip,
-};
+SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 
 }  // namespace generic
 
@@ -877,22 +883,12 @@ SPARSEKERNELS_AVX512 void dense_strip(const float* a, int64_t rows, int64_t dept
   by_rows[rows](a, depth, b, b_stride, strips, c, c_stride, accumulate);
 }
 
-template <typename scalar_t>
-const KernelSet<scalar_t> kernels = {
-    &to_float_array<scalar_t>,
-    &from_float_array<scalar_t>,
-    &forward_small_batch<scalar_t>,
-    &decode_rows,
-    &unpack_rows<scalar_t>,
-    &expand_rows<scalar_t>,
-    SPARSEKERNELS_BY_VECTORS(forward_panel),
-    SPARSEKERNELS_BY_VECTORS(grad_values_panel),
-    &dense_strip,
-};
+SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 
 }  // namespace avx512
 #endif  // defined(__x86_64__)
 
+#undef SPARSEKERNELS_DEFINE_KERNEL_SET
 #undef SPARSEKERNELS_BY_VECTORS
 
 // ------------------------------------------------------------------------------------------------

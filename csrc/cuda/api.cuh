@@ -18,4 +18,11 @@ enum class DType : int { bfloat16 = 0, float16 = 1 };
 // True when p is aligned for 16-byte vector loads.
 inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
+// True when the GEMM extents are positive and fit the int sizes that CUTLASS takes.
+inline bool gemm_extents_fit_int(int64_t out_features, int64_t in_features, int64_t tokens) {
+  constexpr int64_t kLimit = int64_t(1) << 31;
+  return out_features > 0 && in_features > 0 && tokens > 0 && out_features < kLimit && in_features < kLimit &&
+         tokens < kLimit;
+}
+
 }  // namespace sparsekernels::cuda

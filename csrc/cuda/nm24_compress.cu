@@ -24,6 +24,9 @@ struct LayoutShape {
   int64_t rows, words;                // real rows and words per row (cols / 16)
   int64_t padded_rows, padded_words;  // thread grid: the layout's padded extent
   int num_k;                          // sm_90 layouts: NumK; else 0
+
+  // Words of the padded layout: the metadata size, and one thread each.
+  __host__ __device__ int64_t padded_count() const { return padded_rows * padded_words; }
 };
 
 __host__ __device__ inline LayoutShape layout_shape(int64_t rows, int64_t cols, Nm24Layout layout) {
@@ -56,6 +59,27 @@ __host__ __device__ __forceinline__ int64_t metadata_offset(int64_t r, int64_t w
          128 * k * (r / 64) + 2 * k * s.padded_rows * (w / (2 * k));
 }
 
+// The word a thread of either kernel owns: natural coordinates (r, w) and offset in the layout.
+struct WordSite {
+  int64_t r, w, offset;
+};
+
+// Maps this thread to its word of the padded grid. False when the thread has nothing (more) to do:
+// past the grid, or on a padding word, which it has just filled with kPadWord.
+__device__ __forceinline__ bool claim_real_word(const LayoutShape& shape, Nm24Layout layout, uint16_t* metadata,
+                                                WordSite& site) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= shape.padded_count()) return false;
+  site.r = i / shape.padded_words;
+  site.w = i % shape.padded_words;
+  site.offset = metadata_offset(site.r, site.w, shape, layout);
+  if (site.r >= shape.rows || site.w >= shape.words) {
+    metadata[site.offset] = kPadWord;
+    return false;
+  }
+  return true;
+}
+
 // Selection score as NMMatrix.from_dense: |w|, NaN counted as +inf.
 __device__ __forceinline__ float score(float w) { return isnan(w) ? INFINITY : fabsf(w); }
 
@@ -84,14 +108,9 @@ __global__ void __launch_bounds__(kThreads)
                          const uint8_t* __restrict__ mask, int64_t mask_row_stride, LayoutShape shape,
                          Nm24Layout layout, uint16_t* __restrict__ values, uint16_t* __restrict__ metadata,
                          int* bad_groups) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= shape.padded_rows * shape.padded_words) return;
-  const int64_t r = i / shape.padded_words, w = i % shape.padded_words;
-  const int64_t offset = metadata_offset(r, w, shape, layout);
-  if (r >= shape.rows || w >= shape.words) {
-    metadata[offset] = kPadWord;
-    return;
-  }
+  WordSite site;
+  if (!claim_real_word(shape, layout, metadata, site)) return;
+  const int64_t r = site.r, w = site.w;
   const uint4* src = reinterpret_cast<const uint4*>(dense + r * dense_row_stride + 16 * w);
   const uint4 lo = __ldg(src), hi = __ldg(src + 1);
   uint4 mask_bits{};
@@ -140,23 +159,18 @@ __global__ void __launch_bounds__(kThreads)
   out.z = kept[4] | (static_cast<unsigned>(kept[5]) << 16);
   out.w = kept[6] | (static_cast<unsigned>(kept[7]) << 16);
   *reinterpret_cast<uint4*>(values + r * (shape.words * 8) + 8 * w) = out;
-  metadata[offset] = static_cast<uint16_t>(word);
+  metadata[site.offset] = static_cast<uint16_t>(word);
 }
 
 __global__ void __launch_bounds__(kThreads)
     nm24_metadata_from_positions_kernel(const uint8_t* __restrict__ positions, LayoutShape shape, Nm24Layout layout,
                                         uint16_t* __restrict__ metadata) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= shape.padded_rows * shape.padded_words) return;
-  const int64_t r = i / shape.padded_words, w = i % shape.padded_words;
-  const int64_t offset = metadata_offset(r, w, shape, layout);
-  if (r >= shape.rows || w >= shape.words) {
-    metadata[offset] = kPadWord;
-    return;
-  }
+  WordSite site;
+  if (!claim_real_word(shape, layout, metadata, site)) return;
+  const int64_t r = site.r, w = site.w;
   // Little-endian: byte 2w holds groups 4w, 4w+1; byte 2w+1 groups 4w+2, 4w+3.
   const uint8_t* row = positions + r * (2 * shape.words);
-  metadata[offset] = static_cast<uint16_t>(row[2 * w] | (row[2 * w + 1] << 8));
+  metadata[site.offset] = static_cast<uint16_t>(row[2 * w] | (row[2 * w + 1] << 8));
 }
 
 bool shape_ok(int64_t rows, int64_t cols, Nm24Layout layout) {
@@ -170,7 +184,7 @@ bool shape_ok(int64_t rows, int64_t cols, Nm24Layout layout) {
 size_t nm24_metadata_words(int64_t rows, int64_t cols, Nm24Layout layout) {
   if (!shape_ok(rows, cols, layout)) return 0;
   const LayoutShape s = layout_shape(rows, cols, layout);
-  return static_cast<size_t>(s.padded_rows * s.padded_words);
+  return static_cast<size_t>(s.padded_count());
 }
 
 int64_t nm24_metadata_offset(int64_t r, int64_t w, int64_t rows, int64_t cols, Nm24Layout layout) {
@@ -187,7 +201,7 @@ cudaError_t nm24_compress(DType dtype, const void* dense, int64_t dense_row_stri
   if (mask != nullptr && (mask_row_stride < cols || mask_row_stride % 16 != 0 || !aligned16(mask)))
     return cudaErrorInvalidValue;
   const LayoutShape s = layout_shape(rows, cols, layout);
-  const unsigned blocks = detail::ceil_div(s.padded_rows * s.padded_words, kThreads);
+  const unsigned blocks = detail::ceil_div(s.padded_count(), kThreads);
   const auto* src = static_cast<const uint16_t*>(dense);
   auto* dst = static_cast<uint16_t*>(values);
   if (dtype == DType::bfloat16) {
@@ -204,8 +218,8 @@ cudaError_t nm24_metadata_from_positions(const uint8_t* positions, int64_t rows,
                                          uint16_t* metadata, cudaStream_t stream) {
   if (!shape_ok(rows, cols, layout)) return cudaErrorInvalidValue;
   const LayoutShape s = layout_shape(rows, cols, layout);
-  nm24_metadata_from_positions_kernel<<<detail::ceil_div(s.padded_rows * s.padded_words, kThreads), kThreads, 0,
-                                        stream>>>(positions, s, layout, metadata);
+  nm24_metadata_from_positions_kernel<<<detail::ceil_div(s.padded_count(), kThreads), kThreads, 0, stream>>>(
+      positions, s, layout, metadata);
   return cudaGetLastError();
 }
 

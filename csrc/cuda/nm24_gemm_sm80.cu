@@ -54,8 +54,7 @@ cudaError_t run(const void* values, const uint16_t* metadata, const void* x, voi
 }  // namespace
 
 bool nm24_gemm_sm80_supported(int64_t out, int64_t in, int64_t tokens) {
-  return out > 0 && in > 0 && tokens > 0 && out % 32 == 0 && in % 64 == 0 && tokens % 8 == 0 &&
-         out < (int64_t(1) << 31) && in < (int64_t(1) << 31) && tokens < (int64_t(1) << 31);
+  return gemm_extents_fit_int(out, in, tokens) && out % 32 == 0 && in % 64 == 0 && tokens % 8 == 0;
 }
 
 cudaError_t nm24_gemm_sm80(DType dtype, const void* values, const uint16_t* metadata, const void* x, void* y_t,

@@ -237,6 +237,14 @@ struct GuardedOutput {
 struct Expected {
   std::vector<double> value;      // exact result
   std::vector<double> magnitude;  // sum of |products| that make it up, for the accumulation bound
+
+  Expected() = default;
+  explicit Expected(int64_t count) : value(count, 0.0), magnitude(count, 0.0) {}
+  // Adds one product to element i.
+  void add(int64_t i, double product) {
+    value[i] += product;
+    magnitude[i] += std::fabs(product);
+  }
 };
 
 void check(bool condition, const std::string& what) {
@@ -267,9 +275,10 @@ void check_close(const scalar_t* got, const Expected& expected, const std::strin
 }
 
 template <typename scalar_t>
-void check_identical(const scalar_t* got, const scalar_t* serial, int64_t count, const std::string& what) {
-  for (int64_t i = 0; i < count; ++i) {
-    if (!same_bits(got[i], serial[i])) {
+void check_identical(const GuardedOutput<scalar_t>& got, const GuardedOutput<scalar_t>& serial,
+                     const std::string& what) {
+  for (int64_t i = 0; i < got.size; ++i) {
+    if (!same_bits(got.data()[i], serial.data()[i])) {
       check(false, what + " differs from serial_for at element " + std::to_string(i));
       return;
     }
@@ -344,64 +353,52 @@ CaseData<scalar_t> make_case(const Pattern& pattern, int64_t block_size, int64_t
   const std::vector<double> weight = dense_weight(pattern, p, data.values);
   const std::vector<double> x = widen(data.x), grad_out = widen(data.grad_out), bias = widen(data.bias);
 
-  // forward: y[m][o] = sum_i x[m][i] W[o][i] (+ bias[o])
-  data.forward.value.assign(M * p.out_features, 0.0);
-  data.forward.magnitude.assign(M * p.out_features, 0.0);
-  // The loops skip whole masked-out blocks of W: they hold exact zeros and only cost time.
+  // Calls visit(i) for every input column i of the kept blocks of output row o, in increasing
+  // order. The references skip whole masked-out blocks of W: they hold exact zeros and only cost time.
   const int64_t b = block_size;
+  const auto for_each_kept_column = [&](int64_t o, const auto& visit) {
+    for (int64_t col = 0; col < pattern.n_block_cols; ++col) {
+      if (!pattern.is_kept(o / b, col)) continue;
+      for (int64_t i = col * b; i < (col + 1) * b; ++i) visit(i);
+    }
+  };
+
+  // forward: y[m][o] = sum_i x[m][i] W[o][i] (+ bias[o])
+  data.forward = Expected(M * p.out_features);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t o = 0; o < p.out_features; ++o) {
-      double sum = 0.0, magnitude = 0.0;
-      for (int64_t col = 0; col < pattern.n_block_cols; ++col) {
-        if (!pattern.is_kept(o / b, col)) continue;
-        for (int64_t i = col * b; i < (col + 1) * b; ++i) {
-          const double product = x[m * p.in_features + i] * weight[o * p.in_features + i];
-          sum += product;
-          magnitude += std::fabs(product);
-        }
-      }
+      double sum = 0.0, magnitude = 0.0;  // locals, so that the loop keeps them in registers
+      for_each_kept_column(o, [&](int64_t i) {
+        const double product = x[m * p.in_features + i] * weight[o * p.in_features + i];
+        sum += product;
+        magnitude += std::fabs(product);
+      });
       data.forward.value[m * p.out_features + o] = sum;
       data.forward.magnitude[m * p.out_features + o] = magnitude;
     }
   }
   data.forward_bias = data.forward;
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t o = 0; o < p.out_features; ++o) {
-      data.forward_bias.value[m * p.out_features + o] += bias[o];
-      data.forward_bias.magnitude[m * p.out_features + o] += std::fabs(bias[o]);
-    }
+    for (int64_t o = 0; o < p.out_features; ++o) data.forward_bias.add(m * p.out_features + o, bias[o]);
   }
 
   // grad_input: dx[m][i] = sum_o dy[m][o] W[o][i]
-  data.grad_input.value.assign(M * p.in_features, 0.0);
-  data.grad_input.magnitude.assign(M * p.in_features, 0.0);
+  data.grad_input = Expected(M * p.in_features);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t o = 0; o < p.out_features; ++o) {
       const double dy = grad_out[m * p.out_features + o];
-      for (int64_t col = 0; col < pattern.n_block_cols; ++col) {
-        if (!pattern.is_kept(o / b, col)) continue;
-        for (int64_t i = col * b; i < (col + 1) * b; ++i) {
-          const double product = dy * weight[o * p.in_features + i];
-          data.grad_input.value[m * p.in_features + i] += product;
-          data.grad_input.magnitude[m * p.in_features + i] += std::fabs(product);
-        }
-      }
+      for_each_kept_column(o, [&](int64_t i) {
+        data.grad_input.add(m * p.in_features + i, dy * weight[o * p.in_features + i]);
+      });
     }
   }
 
   // grad_values: the weight gradient dW[o][i] = sum_m dy[m][o] x[m][i], read at kept blocks.
-  std::vector<double> dense_grad(p.out_features * p.in_features, 0.0), dense_magnitude(dense_grad.size(), 0.0);
+  Expected dense_grad(p.out_features * p.in_features);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t o = 0; o < p.out_features; ++o) {
       const double dy = grad_out[m * p.out_features + o];
-      for (int64_t col = 0; col < pattern.n_block_cols; ++col) {
-        if (!pattern.is_kept(o / b, col)) continue;
-        for (int64_t i = col * b; i < (col + 1) * b; ++i) {
-          const double product = dy * x[m * p.in_features + i];
-          dense_grad[o * p.in_features + i] += product;
-          dense_magnitude[o * p.in_features + i] += std::fabs(product);
-        }
-      }
+      for_each_kept_column(o, [&](int64_t i) { dense_grad.add(o * p.in_features + i, dy * x[m * p.in_features + i]); });
     }
   }
   for (int64_t row = 0; row < pattern.n_block_rows; ++row) {
@@ -410,8 +407,8 @@ CaseData<scalar_t> make_case(const Pattern& pattern, int64_t block_size, int64_t
       for (int64_t n = 0; n < b; ++n) {
         for (int64_t k = 0; k < b; ++k) {
           const int64_t dense = (row * b + n) * p.in_features + col * b + k;
-          data.grad_values.value.push_back(dense_grad[dense]);
-          data.grad_values.magnitude.push_back(dense_magnitude[dense]);
+          data.grad_values.value.push_back(dense_grad.value[dense]);
+          data.grad_values.magnitude.push_back(dense_grad.magnitude[dense]);
         }
       }
     }
@@ -422,6 +419,10 @@ CaseData<scalar_t> make_case(const Pattern& pattern, int64_t block_size, int64_t
 template <typename scalar_t>
 struct KernelOutputs {
   GuardedOutput<scalar_t> forward, grad_input, grad_values;
+
+  bool guards_intact() const {
+    return forward.guards_intact() && grad_input.guards_intact() && grad_values.guards_intact();
+  }
 };
 
 template <typename scalar_t, typename index_t>
@@ -455,19 +456,14 @@ void check_case(const Pattern& pattern, const CaseData<scalar_t>& data, const st
     check_close(serial.forward.data(), with_bias ? data.forward_bias : data.forward, base + " forward");
     check_close(serial.grad_input.data(), data.grad_input, base + " grad_input");
     check_close(serial.grad_values.data(), data.grad_values, base + " grad_values");
-    check(serial.forward.guards_intact() && serial.grad_input.guards_intact() && serial.grad_values.guards_intact(),
-          base + " writes stay inside the outputs");
+    check(serial.guards_intact(), base + " writes stay inside the outputs");
     for (size_t h = 1; h < hooks.size(); ++h) {
       const std::string name = base + " [" + hooks[h].name + "]";
       const auto threaded = run_kernels(data, owned.view, with_bias, hooks[h].run);
-      check_identical(threaded.forward.data(), serial.forward.data(), threaded.forward.size, name + " forward");
-      check_identical(threaded.grad_input.data(), serial.grad_input.data(), threaded.grad_input.size,
-                      name + " grad_input");
-      check_identical(threaded.grad_values.data(), serial.grad_values.data(), threaded.grad_values.size,
-                      name + " grad_values");
-      check(threaded.forward.guards_intact() && threaded.grad_input.guards_intact() &&
-                threaded.grad_values.guards_intact(),
-            name + " writes stay inside the outputs");
+      check_identical(threaded.forward, serial.forward, name + " forward");
+      check_identical(threaded.grad_input, serial.grad_input, name + " grad_input");
+      check_identical(threaded.grad_values, serial.grad_values, name + " grad_values");
+      check(threaded.guards_intact(), name + " writes stay inside the outputs");
     }
   }
 }

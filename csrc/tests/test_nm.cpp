@@ -212,26 +212,29 @@ const std::vector<NamedParallelFor>& parallel_flavours() {
 // ------------------------------------------------------------------------------------------------
 // Naive references on the dense masked weight, in double. Each also returns sum |terms|.
 
-struct Reference {
-  std::vector<double> value;
-  std::vector<double> sum_abs;
+// One reference element: its exact value and the sum of |terms| that make it up.
+struct TermSum {
+  double value = 0.0;
+  double sum_abs = 0.0;
+
+  void add(double term) {
+    value += term;
+    sum_abs += std::fabs(term);
+  }
 };
+using Reference = std::vector<TermSum>;
 
 // y[m][o] = sum_k x[m][k] W[o][k] + bias[o]
 Reference reference_forward(const std::vector<double>& x, int64_t M, const std::vector<double>& dense,
                             const NMShape& shape, const std::vector<double>* bias) {
   const int64_t N = shape.out_features, K = shape.in_features;
-  Reference ref{std::vector<double>(static_cast<size_t>(M * N)), std::vector<double>(static_cast<size_t>(M * N))};
+  Reference ref(static_cast<size_t>(M * N));
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t o = 0; o < N; ++o) {
-      double sum = bias ? (*bias)[o] : 0.0, sum_abs = std::fabs(sum);
-      for (int64_t k = 0; k < K; ++k) {
-        const double term = x[m * K + k] * dense[o * K + k];
-        sum += term;
-        sum_abs += std::fabs(term);
-      }
-      ref.value[m * N + o] = sum;
-      ref.sum_abs[m * N + o] = sum_abs;
+      TermSum sum;  // a local, so that the loop keeps it in registers
+      if (bias) sum.add((*bias)[o]);
+      for (int64_t k = 0; k < K; ++k) sum.add(x[m * K + k] * dense[o * K + k]);
+      ref[m * N + o] = sum;
     }
   }
   return ref;
@@ -241,14 +244,10 @@ Reference reference_forward(const std::vector<double>& x, int64_t M, const std::
 Reference reference_grad_input(const std::vector<double>& dy, int64_t M, const std::vector<double>& dense,
                                const NMShape& shape) {
   const int64_t N = shape.out_features, K = shape.in_features;
-  Reference ref{std::vector<double>(static_cast<size_t>(M * K), 0.0), std::vector<double>(static_cast<size_t>(M * K), 0.0)};
+  Reference ref(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t o = 0; o < N; ++o) {
-      for (int64_t k = 0; k < K; ++k) {
-        const double term = dy[m * N + o] * dense[o * K + k];
-        ref.value[m * K + k] += term;
-        ref.sum_abs[m * K + k] += std::fabs(term);
-      }
+      for (int64_t k = 0; k < K; ++k) ref[m * K + k].add(dy[m * N + o] * dense[o * K + k]);
     }
   }
   return ref;
@@ -259,20 +258,14 @@ Reference reference_grad_input(const std::vector<double>& dy, int64_t M, const s
 Reference reference_grad_values(const std::vector<double>& dy, const std::vector<double>& x, int64_t M,
                                 const std::vector<uint8_t>& mask, const NMShape& shape) {
   const int64_t N = shape.out_features, K = shape.in_features, kept = shape.kept_per_row();
-  Reference ref{std::vector<double>(static_cast<size_t>(N * kept)), std::vector<double>(static_cast<size_t>(N * kept))};
+  Reference ref(static_cast<size_t>(N * kept));
   for (int64_t o = 0; o < N; ++o) {
     int64_t j = 0;
     for (int64_t k = 0; k < K; ++k) {
       if (!mask[o * K + k]) continue;
-      double sum = 0.0, sum_abs = 0.0;
-      for (int64_t m = 0; m < M; ++m) {
-        const double term = dy[m * N + o] * x[m * K + k];
-        sum += term;
-        sum_abs += std::fabs(term);
-      }
-      ref.value[o * kept + j] = sum;
-      ref.sum_abs[o * kept + j] = sum_abs;
-      ++j;
+      TermSum sum;
+      for (int64_t m = 0; m < M; ++m) sum.add(dy[m * N + o] * x[m * K + k]);
+      ref[o * kept + j++] = sum;
     }
   }
   return ref;
@@ -284,12 +277,12 @@ void compare(const std::string& what, const GuardedOutput<T>& got, const Referen
   int mismatches = 0;
   for (int64_t i = 0; i < got.size; ++i) {
     const double value = to_float(got.storage[i]);
-    const double error = std::fabs(value - ref.value[i]);
-    if (!(error <= tolerance<T>(ref.value[i], ref.sum_abs[i]))) {  // also catches NaN
+    const double error = std::fabs(value - ref[i].value);
+    if (!(error <= tolerance<T>(ref[i].value, ref[i].sum_abs))) {  // also catches NaN
       if (mismatches++ == 0) {
         char detail[160];
         std::snprintf(detail, sizeof(detail), ": element %lld is %.9g, expected %.9g (tolerance %.3g)",
-                      static_cast<long long>(i), value, ref.value[i], tolerance<T>(ref.value[i], ref.sum_abs[i]));
+                      static_cast<long long>(i), value, ref[i].value, tolerance<T>(ref[i].value, ref[i].sum_abs));
         fail(what + detail);
       }
     }

@@ -58,16 +58,11 @@ bool run_typed(const Case& c, Random& rng) {
   SK_CHECK_CUDA(bsr_decode_linear(c.dtype, c.int64_index, d_x.ptr, d_values.ptr, d_offsets.ptr, d_cols.ptr,
                                   c.bias ? d_bias.ptr : nullptr, d_y.ptr, problem, nullptr));
   SK_CHECK_CUDA(cudaDeviceSynchronize());
-  const auto y = d_y.to_host();
-  std::vector<float> got(c.rows * c.out);
-  for (int64_t r = 0; r < c.rows; ++r)
-    for (int64_t o = 0; o < c.out; ++o) got[r * c.out + o] = from_bits(y[r * ldy + o], c.dtype);
+  const std::vector<float> got = rows_to_float(d_y.to_host(), c.rows, c.out, ldy, c.dtype);
   char what[160];
   std::snprintf(what, sizeof what, "bsr_decode M=%lld %lldx%lld b=%lld nnz=%lld int64=%d bias=%d", (long long)c.rows,
                 (long long)c.out, (long long)c.in, (long long)b, (long long)nnz, c.int64_index, c.bias);
-  const bool ok = all_close(got, want, c.dtype == DType::bfloat16 ? 1.6e-2f : 2e-3f, 2e-2f, what);
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
-  return ok;
+  return report_close(got, want, rtol_for(c.dtype), 2e-2f, what);
 }
 
 bool run(const Case& c, Random& rng) {

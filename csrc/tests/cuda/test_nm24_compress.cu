@@ -62,12 +62,7 @@ bool run(int64_t rows, int64_t cols, Nm24Layout layout, DType dtype, bool masked
       if (!masked) {
         float s[4];
         for (int t = 0; t < 4; ++t) s[t] = score(from_bits(grp[t], dtype));
-        int best = 0;
-        for (int t = 1; t < 4; ++t) if (s[t] > s[best]) best = t;
-        int second = best == 0 ? 1 : 0;
-        for (int t = 0; t < 4; ++t) if (t != best && s[t] > s[second]) second = t;
-        i0 = best < second ? best : second;
-        i1 = best < second ? second : best;
+        top2_of_4(s, i0, i1);
       } else {
         int found = 0;
         for (int t = 0; t < 4; ++t)

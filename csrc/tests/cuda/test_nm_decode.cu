@@ -69,18 +69,12 @@ bool run(const Case& c, Random& rng) {
   SK_CHECK_CUDA(nm_decode_linear(c.dtype, d_x.ptr, d_values.ptr, d_positions.ptr, c.bias ? d_bias.ptr : nullptr,
                                  d_y.ptr, workspace.ptr, problem, c.sm_count, nullptr));
   SK_CHECK_CUDA(cudaDeviceSynchronize());
-  const auto y = d_y.to_host();
-  std::vector<float> got(c.rows * c.out);
-  for (int64_t r = 0; r < c.rows; ++r)
-    for (int64_t o = 0; o < c.out; ++o) got[r * c.out + o] = from_bits(y[r * ldy + o], c.dtype);
-  const float rtol = c.dtype == DType::bfloat16 ? 1.6e-2f : 2e-3f;
+  const std::vector<float> got = rows_to_float(d_y.to_host(), c.rows, c.out, ldy, c.dtype);
   char what[160];
   std::snprintf(what, sizeof what, "nm_decode M=%lld %lldx%lld %lld:%lld bias=%d splits_sm=%d workspace=%zu",
                 (long long)c.rows, (long long)c.out, (long long)c.in, (long long)c.n, (long long)c.m, c.bias,
                 c.sm_count, workspace_bytes);
-  const bool ok = all_close(got, want, rtol, 2e-2f, what);
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
-  return ok;
+  return report_close(got, want, rtol_for(c.dtype), 2e-2f, what);
 }
 
 }  // namespace

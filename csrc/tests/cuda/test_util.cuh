@@ -1,5 +1,6 @@
 // Shared helpers of the CUDA test programs: GPU presence (exit code 77 = skipped, for CTest),
-// error checks, 16-bit host conversions and a deterministic random generator.
+// error checks, 16-bit host conversions, a deterministic random generator and host-side pieces of
+// the references (2:4 selection, reading strided results back).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -95,6 +96,28 @@ struct DeviceBuffer {
   }
 };
 
+// Offsets i0 < i1 of the two largest of four scores, the first maximum winning ties: the host
+// reference of 2:4 magnitude selection.
+inline void top2_of_4(const float s[4], int& i0, int& i1) {
+  int best = 0;
+  for (int t = 1; t < 4; ++t)
+    if (s[t] > s[best]) best = t;
+  int second = best == 0 ? 1 : 0;
+  for (int t = 0; t < 4; ++t)
+    if (t != best && s[t] > s[second]) second = t;
+  i0 = best < second ? best : second;
+  i1 = best < second ? second : best;
+}
+
+// rows x cols 16-bit values of a strided device result (row stride ld), as float [rows, cols].
+inline std::vector<float> rows_to_float(const std::vector<uint16_t>& bits, int64_t rows, int64_t cols, int64_t ld,
+                                        DType dtype) {
+  std::vector<float> values(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) values[r * cols + c] = from_bits(bits[r * ld + c], dtype);
+  return values;
+}
+
 // |got - want| <= atol + rtol * |want| for every element; prints the first mismatch.
 inline bool all_close(const std::vector<float>& got, const std::vector<float>& want, float rtol, float atol,
                       const char* what) {
@@ -105,6 +128,17 @@ inline bool all_close(const std::vector<float>& got, const std::vector<float>& w
     }
   }
   return true;
+}
+
+// Relative tolerance of a 16-bit kernel result against a float64 reference.
+inline float rtol_for(DType dtype) { return dtype == DType::bfloat16 ? 1.6e-2f : 2e-3f; }
+
+// all_close, then one "ok" or "FAIL" line naming the case.
+inline bool report_close(const std::vector<float>& got, const std::vector<float>& want, float rtol, float atol,
+                         const char* what) {
+  const bool ok = all_close(got, want, rtol, atol, what);
+  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
+  return ok;
 }
 
 }  // namespace sparsekernels::cuda::test
