@@ -7,13 +7,16 @@ dense float32 PyTorch on ``W * mask`` (forward, and autograd for the gradients).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import sparsekernels
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix
 
 # Layouts of the sweep: every block size at low, middle and full density, and the N:M patterns.
@@ -179,6 +182,25 @@ def check_op_against_dense(case: SparseCase, op, dtype, leading_shape, with_bias
     assert_close(values.grad, kept_values_of(case, weight_ref.grad), dtype, "grad values")
     if with_bias:
         assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
+
+
+# ------------------------------------------------------------------ Triton test modules
+def triton_device() -> str:
+    """Where a Triton test module runs the kernels: "cuda" on a GPU, else "cpu" under the Triton
+    interpreter, for which it sets TRITON_INTERPRET. Call it at module level before any kernel module
+    is imported: triton.jit reads TRITON_INTERPRET when a kernel is defined (sparsekernels/triton)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
+def skip_without_triton():
+    """A mark that skips a Triton test module where the kernels cannot run (after ``triton_device()``).
+    Modules that test the kernels themselves add ``pytest.mark.usefixtures("triton_backend")``
+    (tests/conftest.py)."""
+    reason = sparsekernels.triton.unavailable_reason()
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
 
 
 # ------------------------------------------------------------------ tuner stand-ins (Triton tests)

@@ -1,8 +1,9 @@
 """The Triton kernels (sparsekernels/triton) against dense PyTorch on the masked weight.
 
 On a machine with a CUDA GPU they run compiled, on CUDA tensors. Without one they run under the
-Triton interpreter on CPU tensors: TRITON_INTERPRET is set here, before the kernel modules are first
-imported (they are imported lazily, on the first call), so the same tests cover the same kernel code.
+Triton interpreter on CPU tensors: ``triton_device()`` (tests/cases.py) sets TRITON_INTERPRET here,
+before the kernel modules are first imported (they are imported lazily, on the first call), so the
+same tests cover the same kernel code.
 """
 
 from __future__ import annotations
@@ -14,18 +15,14 @@ import subprocess
 import sys
 from unittest import mock
 
+import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import sparsekernels as sk  # noqa: E402
-from cases import (  # noqa: E402
+import sparsekernels as sk
+from cases import (
     DTYPES,
     LAYOUTS,
     TOLERANCE,
@@ -36,26 +33,17 @@ from cases import (  # noqa: E402
     make_case,
     opcheck_samples,
     resolve_heuristic,
+    skip_without_triton,
+    triton_device,
 )
-from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear  # noqa: E402
-from test_ops import check_against_dense  # noqa: E402
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear
+from test_ops import check_against_dense
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_device()
 # m=16 (4-bit offsets, two per byte, groups of 16 inside the 64-wide input tiles) on top of the sweep.
 TRITON_LAYOUTS = LAYOUTS + [NM(5, 16)]
 
-pytestmark = pytest.mark.skipif(
-    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
-)
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    sk.set_backend("triton")
-    # On a GPU: test the kernels themselves (no dense fallback), and do not spend the run tuning
-    # (tests/test_triton_dispatch.py covers both).
-    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
-    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
+pytestmark = [skip_without_triton(), pytest.mark.usefixtures("triton_backend")]
 
 
 def triton_ops():

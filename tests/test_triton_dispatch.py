@@ -11,23 +11,19 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import sparsekernels as sk  # noqa: E402
-from cases import assert_close, kept_values_of, KeyRecorder, make_case, resolve_heuristic  # noqa: E402
-from sparsekernels import NM, BlockSparse, BlockSparseMatrix  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-pytestmark = pytest.mark.skipif(
-    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
+import sparsekernels as sk
+from cases import (
+    KeyRecorder, assert_close, kept_values_of, make_case, resolve_heuristic, skip_without_triton, triton_device,
 )
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix
+
+DEVICE = triton_device()
+
+pytestmark = skip_without_triton()
 
 
 @pytest.fixture(autouse=True)

@@ -3,23 +3,18 @@
 Expectations come from a dense float32 weight and mask drawn first (tests/cases.py) and the kept-only
 reference (``sparsekernels.reference.kept_only_linear``), which sums kept terms only, so that NaN and
 Inf inputs have one right answer. Under the Triton interpreter (no GPU) the kernel runs on CPU
-tensors; TRITON_INTERPRET is set before the kernel modules are first imported, as in test_triton.py.
+tensors; TRITON_INTERPRET is set before the kernel modules are first imported (``triton_device()``,
+tests/cases.py), as in test_triton.py.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import sparsekernels as sk  # noqa: E402
-from cases import (  # noqa: E402
+import sparsekernels as sk
+from cases import (
     TOLERANCE,
     KeyRecorder,
     SparseCase,
@@ -29,9 +24,13 @@ from cases import (  # noqa: E402
     make_case,
     random_mask,
     resolve_heuristic,
+    skip_without_triton,
+    triton_device,
 )
-from sparsekernels import NM, NMMatrix, SparseLinear, reference  # noqa: E402
-from test_triton import DEVICE, narrowest_tiles  # noqa: E402
+from sparsekernels import NM, NMMatrix, SparseLinear, reference
+from test_triton import narrowest_tiles
+
+DEVICE = triton_device()
 
 # Every N:M pattern the layouts accept (layouts.NM: m in 2, 4, 8, 16 and 1 <= n < m).
 ALL_PATTERNS = [(n, m) for m in (2, 4, 8, 16) for n in range(1, m)]
@@ -40,16 +39,7 @@ SOME_PATTERNS = [(1, 2), (2, 4), (3, 8), (5, 16)]
 ROWS = [1, 2, 7, 16]
 OUT_FEATURES = 37  # not a multiple of any output tile
 
-pytestmark = pytest.mark.skipif(
-    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
-)
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    sk.set_backend("triton")
-    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")  # the kernels themselves, on a GPU too
-    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
+pytestmark = [skip_without_triton(), pytest.mark.usefixtures("triton_backend")]
 
 
 def small_m():
