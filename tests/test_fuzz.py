@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsekernels as sk
-from cases import assert_close
+from cases import assert_close, sparse_linear
 from sparsekernels import BlockSparseMatrix, NMMatrix
 from sparsekernels.backend import backend_available
 from sparsekernels.formats import validate_bsr_index, validate_transposed_index
@@ -121,10 +121,7 @@ def check_op_against_dense(matrix, dense_masked, rebuild, backend, dtype, leadin
     bias = torch.randn(out_features, generator=generator).to(dtype=dtype, device=device) if with_bias else None
     if bias is not None:
         bias.requires_grad_()
-    if isinstance(matrix, BlockSparseMatrix):
-        output = sk.ops.bsr_linear(x, values, *matrix.index_tensors(), bias)
-    else:
-        output = sk.ops.nm_linear(x, values, matrix.positions, matrix.n, matrix.m, bias)
+    output = sparse_linear(matrix, x, values, bias)
 
     x_ref = x.detach().float().requires_grad_()
     weight_ref = dense_masked.to(device).float().requires_grad_()

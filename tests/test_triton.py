@@ -28,12 +28,12 @@ from cases import (
     TOLERANCE,
     HeuristicOnly,
     assert_close,
-    kept_values_of,
+    check_op_against_dense,
     layout_id,
     make_case,
     opcheck_samples,
-    resolve_heuristic,
     skip_without_triton,
+    sparse_linear,
     triton_device,
 )
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear
@@ -96,20 +96,10 @@ def check_shape(layout, out_features, in_features, leading, seed):
     """Forward and both gradients of one random weight of the given shape, in float32."""
     torch.manual_seed(seed)
     case = make_case(layout, torch.float32, DEVICE, features=(out_features, in_features))
-    input = torch.randn(*leading, in_features, device=DEVICE, requires_grad=True)
-    values = case.matrix.values.detach().clone().requires_grad_()
-    if isinstance(case.matrix, BlockSparseMatrix):
-        output = sk.ops.bsr_linear(input, values, *case.matrix.index_tensors())
-    else:
-        output = sk.ops.nm_linear(input, values, case.matrix.positions, case.matrix.n, case.matrix.m)
-    weight = case.masked.float().requires_grad_()
-    expected = F.linear(input.detach(), weight)
-    assert_close(output, expected, torch.float32, "output")
-    grad_output = torch.randn_like(expected)
-    output.backward(grad_output)
-    expected.backward(grad_output)
-    assert_close(input.grad, grad_output @ case.masked.float(), torch.float32, "grad input")
-    assert_close(values.grad, kept_values_of(case, weight.grad), torch.float32, "grad values")
+    check_op_against_dense(
+        case, lambda input, values, bias: sparse_linear(case.matrix, input, values, bias), torch.float32, leading,
+        with_bias=False, device=DEVICE,
+    )
 
 
 @pytest.mark.parametrize(
@@ -165,10 +155,7 @@ def test_meta_tensors_give_shapes(layout):
     matrix = case.matrix
     input = torch.empty(2, 3, case.dense.shape[1], dtype=torch.bfloat16, device="meta", requires_grad=True)
     values = matrix.values.detach().requires_grad_()
-    if isinstance(matrix, BlockSparseMatrix):
-        output = sk.ops.bsr_linear(input, values, *matrix.index_tensors())
-    else:
-        output = sk.ops.nm_linear(input, values, matrix.positions, matrix.n, matrix.m)
+    output = sparse_linear(matrix, input, values)
     assert output.shape == (2, 3, case.dense.shape[0]) and output.device.type == "meta"
     output.sum().backward()
     assert input.grad.shape == input.shape and values.grad.shape == values.shape

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparsekernels as sk
 from cases import (
@@ -19,12 +18,12 @@ from cases import (
     KeyRecorder,
     SparseCase,
     assert_close,
-    kept_values_of,
+    check_op_against_dense,
     layout_id,
     make_case,
     random_mask,
-    resolve_heuristic,
     skip_without_triton,
+    sparse_linear,
     triton_device,
 )
 from sparsekernels import NM, NMMatrix, SparseLinear, reference
@@ -121,24 +120,10 @@ def test_every_pattern_matches_reference(pattern, with_bias, launches):
 def test_dtypes_forward_and_backward(pattern, dtype, rows, with_bias):
     """Forward (this kernel) and both gradients (the unchanged backward ops) against dense float32."""
     case = nm_case(pattern, dtype)
-    matrix = case.matrix
-    input = torch.randn(rows, case.dense.shape[1], device=DEVICE).to(dtype).requires_grad_()
-    values = matrix.values.detach().clone().requires_grad_()
-    bias = torch.randn(OUT_FEATURES, device=DEVICE).to(dtype).requires_grad_() if with_bias else None
-    output = sk.ops.nm_linear(input, values, matrix.positions, matrix.n, matrix.m, bias)
-    assert output.dtype == dtype
-    input_ref = input.detach().float().requires_grad_()
-    weight_ref = case.masked.float().requires_grad_()
-    bias_ref = bias.detach().float().requires_grad_() if with_bias else None
-    expected = F.linear(input_ref, weight_ref, bias_ref)
-    assert_close(output, expected, dtype, "output")
-    grad_output = torch.randn_like(expected).to(dtype)
-    output.backward(grad_output)
-    expected.backward(grad_output.float())
-    assert_close(input.grad, input_ref.grad, dtype, "grad input")
-    assert_close(values.grad, kept_values_of(case, weight_ref.grad), dtype, "grad values")
-    if with_bias:
-        assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
+    check_op_against_dense(
+        case, lambda input, values, bias: sparse_linear(case.matrix, input, values, bias), dtype, (rows,), with_bias,
+        DEVICE,
+    )
 
 
 def strided_input(kind: str, rows: int, in_features: int, dtype):
