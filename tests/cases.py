@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsekernels
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix
@@ -194,6 +195,19 @@ def check_op_against_dense(case: SparseCase, op, dtype, leading_shape, with_bias
     assert_close(values.grad, kept_values_of(case, weight_ref.grad), dtype, "grad values")
     if with_bias:
         assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
+
+
+class OpRecorder(TorchDispatchMode):
+    """A dispatch mode that runs every op it sees and records its name (``names``), to tell which ops
+    a call reached."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------------------------ Triton test modules

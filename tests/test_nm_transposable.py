@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsekernels as sk
-from cases import SparseCase, TOLERANCE, assert_close, check_op_against_dense, triton_device
+from cases import OpRecorder, SparseCase, TOLERANCE, assert_close, check_op_against_dense, triton_device
 from sparsekernels import NM, BlockSparseMatrix, NMMatrix, SparseLinear
 from sparsekernels.formats.nm import random_transposable_mask
 from sparsekernels.ops.nm_transposable import nm_linear_transposable
@@ -215,17 +214,7 @@ def test_backward_runs_the_nm_forward_on_w_transposed(monkeypatch):
     matrix = transposable_case(2, 4, (12, 20)).matrix
     x = torch.randn(3, 20, requires_grad=True)
     output = nm_linear_transposable(x, matrix.values.detach().clone().requires_grad_(), *op_args(matrix))
-
-    class RecordOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with RecordOps() as recorder:
+    with OpRecorder() as recorder:
         output.sum().backward()
     assert "sparsekernels.nm_linear.default" in recorder.names, recorder.names
     assert "sparsekernels.nm_linear_grad_values.default" in recorder.names

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from cases import assert_close, layout_id, skip_without_triton, triton_device
+from cases import OpRecorder, assert_close, layout_id, skip_without_triton, triton_device
 from sparsekernels import NM, BlockSparse, SparseLinear
 
 DEVICE = triton_device()
@@ -90,24 +89,14 @@ def test_training_takes_the_op(layout, paths):
     assert input.grad is not None
 
 
-class CountingMode(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 def test_dispatch_modes_profiler_and_switch_see_the_op(layout, paths, monkeypatch):
     layer = make_layer(layout)
     input = torch.randn(3, 64, device=DEVICE)
     with torch.no_grad():
-        with CountingMode() as mode:
+        with OpRecorder() as recorder:
             layer(input)
-        assert any("sparsekernels_triton" in name for name in mode.ops), mode.ops
+        assert any("sparsekernels_triton" in name for name in recorder.names), recorder.names
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             layer(input)
         assert any("sparsekernels_triton" in event.name for event in profile.events())
