@@ -62,6 +62,13 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ODD_SIZES = (1, 2, 3, 5, 7, 13, 17, 31)
 LEADING = st.lists(st.sampled_from((0, 1, 2, 3, 5, 7, 13, 29)), min_size=0, max_size=2)
 INPUT_LAYOUTS = ("contiguous", "strided", "transposed", "broadcast")
+# What the two linear properties draw besides the weight.
+OPERANDS = dict(
+    dtype=st.sampled_from(DTYPES),
+    leading=LEADING,
+    layout=st.sampled_from(INPUT_LAYOUTS),
+    with_bias=st.booleans(),
+)
 
 
 @st.composite
@@ -141,13 +148,7 @@ def check_op_against_dense(matrix, dense_masked, rebuild, backend, dtype, leadin
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz_settings(1.0)
-@given(
-    case=block_sparse_cases(),
-    dtype=st.sampled_from(DTYPES),
-    leading=LEADING,
-    layout=st.sampled_from(INPUT_LAYOUTS),
-    with_bias=st.booleans(),
-)
+@given(case=block_sparse_cases(), **OPERANDS)
 def test_block_sparse_matches_dense(backend, case, dtype, leading, layout, with_bias):
     block_size, block_mask, generator = case
     rows, cols = block_mask.shape
@@ -163,13 +164,7 @@ def test_block_sparse_matches_dense(backend, case, dtype, leading, layout, with_
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz_settings(1.5)
-@given(
-    case=nm_cases(),
-    dtype=st.sampled_from(DTYPES),
-    leading=LEADING,
-    layout=st.sampled_from(INPUT_LAYOUTS),
-    with_bias=st.booleans(),
-)
+@given(case=nm_cases(), **OPERANDS)
 def test_nm_matches_dense(backend, case, dtype, leading, layout, with_bias):
     n, m, mask, generator = case
     dense = torch.randn(mask.shape, generator=generator).to(dtype)
