@@ -7,13 +7,17 @@ dense float32 PyTorch on ``W * mask`` (forward, and autograd for the gradients).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import sparsekernels
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix
 
 # Layouts of the sweep: every block size at low, middle and full density, and the N:M patterns.
@@ -111,6 +115,16 @@ def kept_values_of(case: SparseCase, dense_grad: Tensor) -> Tensor:
     return blocks[block_rows, matrix.block_col_indices.long()]
 
 
+def sparse_linear(matrix, input: Tensor, values: Tensor, bias: Optional[Tensor] = None, ops=None, **kwargs) -> Tensor:
+    """The linear op of ``matrix``'s format, with ``values`` standing in for the matrix's own:
+    ``bsr_linear`` or ``nm_linear`` of ``ops``, ``sparsekernels.ops`` by default (or another module
+    with both, such as ``sparsekernels.triton``; ``kwargs`` go to the op)."""
+    ops = sparsekernels.ops if ops is None else ops
+    if isinstance(matrix, BlockSparseMatrix):
+        return ops.bsr_linear(input, values, *matrix.index_tensors(), bias, **kwargs)
+    return ops.nm_linear(input, values, matrix.positions, matrix.n, matrix.m, bias, **kwargs)
+
+
 def opcheck_samples(device="cpu", with_bias_grad: bool = True) -> list[tuple[str, tuple]]:
     """(op name, args) for ``torch.library.opcheck``: every linear op of both layouts, bias on and
     off, 2-D and 3-D inputs, and ``linear_bias_grad`` when ``with_bias_grad`` (the Triton namespace
@@ -147,19 +161,19 @@ def opcheck_samples(device="cpu", with_bias_grad: bool = True) -> list[tuple[str
 
 
 def check_op_against_dense(case: SparseCase, op, dtype, leading_shape, with_bias, device="cpu",
-                           noncontiguous=False) -> None:
+                           noncontiguous=False, backward=True) -> None:
     """``op(input, values, bias)`` (a linear on ``case``'s weight with ``values`` as its kept values):
-    the forward and the gradients of input, values and bias against dense float32 autograd on the
-    masked weight."""
+    the forward and (unless ``backward=False``, then nothing requires grad) the gradients of input,
+    values and bias against dense float32 autograd on the masked weight."""
     out_features, in_features = case.dense.shape
     if noncontiguous:  # every other column of a wider tensor: strided last dim
         input = torch.randn(*leading_shape, 2 * in_features, device=device).to(dtype)[..., ::2]
         assert not input.is_contiguous()
     else:
         input = torch.randn(*leading_shape, in_features, device=device).to(dtype)
-    input.requires_grad_()
-    values = case.matrix.values.detach().clone().requires_grad_()
-    bias = torch.randn(out_features, device=device).to(dtype).requires_grad_() if with_bias else None
+    input.requires_grad_(backward)
+    values = case.matrix.values.detach().clone().requires_grad_(backward)
+    bias = torch.randn(out_features, device=device).to(dtype).requires_grad_(backward) if with_bias else None
 
     output = op(input, values, bias)
 
@@ -170,6 +184,8 @@ def check_op_against_dense(case: SparseCase, op, dtype, leading_shape, with_bias
     assert output.shape == output_ref.shape
     assert output.dtype == dtype and output.device == input.device
     assert_close(output, output_ref, dtype, "output")
+    if not backward:
+        return
 
     grad_output = torch.randn(output_ref.shape, device=device).to(dtype)
     output.backward(grad_output)
@@ -179,6 +195,38 @@ def check_op_against_dense(case: SparseCase, op, dtype, leading_shape, with_bias
     assert_close(values.grad, kept_values_of(case, weight_ref.grad), dtype, "grad values")
     if with_bias:
         assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
+
+
+class OpRecorder(TorchDispatchMode):
+    """A dispatch mode that runs every op it sees and records its name (``names``), to tell which ops
+    a call reached."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# ------------------------------------------------------------------ Triton test modules
+def triton_device() -> str:
+    """Where a Triton test module runs the kernels: "cuda" on a GPU, else "cpu" under the Triton
+    interpreter, for which it sets TRITON_INTERPRET. Call it at module level before any kernel module
+    is imported: triton.jit reads TRITON_INTERPRET when a kernel is defined (sparsekernels/triton)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
+def skip_without_triton():
+    """A mark that skips a Triton test module where the kernels cannot run (after ``triton_device()``).
+    Modules that test the kernels themselves add ``pytest.mark.usefixtures("triton_backend")``
+    (tests/conftest.py)."""
+    reason = sparsekernels.triton.unavailable_reason()
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
 
 
 # ------------------------------------------------------------------ tuner stand-ins (Triton tests)

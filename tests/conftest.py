@@ -1,4 +1,5 @@
-"""Shared test configuration: the gpu marker, seeding, and a clean backend for every test."""
+"""Shared test configuration: the gpu marker, seeding, a clean backend for every test, and the
+Triton backend for the modules that test its kernels."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def _seed_and_restore_backend():
     previous = sparsekernels.get_backend()
     yield
     sparsekernels.set_backend(previous)
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """The Triton backend, and on a GPU its kernels themselves: no dense fallback and no tuning
+    (tests/test_triton_dispatch.py covers both). Used by the Triton test modules through
+    ``pytest.mark.usefixtures`` (with ``cases.skip_without_triton``)."""
+    sparsekernels.set_backend("triton")
+    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
+    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
 
 
 # Hypothesis profiles of the fuzz tests (tests/test_fuzz.py), chosen with SPARSEKERNELS_FUZZ_PROFILE:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import sparsekernels as sk
-from cases import assert_close, kept_values_of, layout_id, make_case
-from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix
+from cases import assert_close, check_op_against_dense, layout_id, make_case, sparse_linear
+from sparsekernels import NM, BlockSparse, NMMatrix
 from sparsekernels.formats import nm24_metadata as meta
 
 pytestmark = pytest.mark.gpu
@@ -51,40 +51,11 @@ def cuda_backend():
     yield
 
 
-def sparse_linear(matrix, input, values, bias):
-    if isinstance(matrix, BlockSparseMatrix):
-        return sk.ops.bsr_linear(input, values, *matrix.index_tensors(), bias)
-    return sk.ops.nm_linear(input, values, matrix.positions, matrix.n, matrix.m, bias)
-
-
 def check_against_dense(case, dtype, leading_shape, with_bias, noncontiguous=False, backward=True):
-    out_features, in_features = case.dense.shape
-    if noncontiguous:  # every other column of a wider tensor: strided last dim
-        input = torch.randn(*leading_shape, 2 * in_features, device="cuda").to(dtype)[..., ::2]
-        assert not input.is_contiguous()
-    else:
-        input = torch.randn(*leading_shape, in_features, device="cuda").to(dtype)
-    input.requires_grad_(backward)
-    values = case.matrix.values.detach().clone().requires_grad_(backward)
-    bias = torch.randn(out_features, device="cuda").to(dtype).requires_grad_(backward) if with_bias else None
-
-    output = sparse_linear(case.matrix, input, values, bias)
-
-    input_ref = input.detach().float().requires_grad_()
-    weight_ref = case.masked.float().requires_grad_()
-    bias_ref = bias.detach().float().requires_grad_() if with_bias else None
-    output_ref = F.linear(input_ref, weight_ref, bias_ref)
-    assert output.shape == output_ref.shape and output.dtype == dtype and output.is_cuda
-    assert_close(output, output_ref, dtype, "output")
-    if not backward:
-        return
-    grad_output = torch.randn(output_ref.shape, device="cuda").to(dtype)
-    output.backward(grad_output)
-    output_ref.backward(grad_output.float())
-    assert_close(input.grad, input_ref.grad, dtype, "grad input")
-    assert_close(values.grad, kept_values_of(case, weight_ref.grad), dtype, "grad values")
-    if with_bias:
-        assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
+    check_op_against_dense(
+        case, lambda input, values, bias: sparse_linear(case.matrix, input, values, bias), dtype, leading_shape,
+        with_bias, "cuda", noncontiguous, backward,
+    )
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])

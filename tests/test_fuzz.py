@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsekernels as sk
-from cases import assert_close
+from cases import assert_close, sparse_linear
 from sparsekernels import BlockSparseMatrix, NMMatrix
 from sparsekernels.backend import backend_available
 from sparsekernels.formats import validate_bsr_index, validate_transposed_index
@@ -62,6 +62,13 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ODD_SIZES = (1, 2, 3, 5, 7, 13, 17, 31)
 LEADING = st.lists(st.sampled_from((0, 1, 2, 3, 5, 7, 13, 29)), min_size=0, max_size=2)
 INPUT_LAYOUTS = ("contiguous", "strided", "transposed", "broadcast")
+# What the two linear properties draw besides the weight.
+OPERANDS = dict(
+    dtype=st.sampled_from(DTYPES),
+    leading=LEADING,
+    layout=st.sampled_from(INPUT_LAYOUTS),
+    with_bias=st.booleans(),
+)
 
 
 @st.composite
@@ -121,10 +128,7 @@ def check_op_against_dense(matrix, dense_masked, rebuild, backend, dtype, leadin
     bias = torch.randn(out_features, generator=generator).to(dtype=dtype, device=device) if with_bias else None
     if bias is not None:
         bias.requires_grad_()
-    if isinstance(matrix, BlockSparseMatrix):
-        output = sk.ops.bsr_linear(x, values, *matrix.index_tensors(), bias)
-    else:
-        output = sk.ops.nm_linear(x, values, matrix.positions, matrix.n, matrix.m, bias)
+    output = sparse_linear(matrix, x, values, bias)
 
     x_ref = x.detach().float().requires_grad_()
     weight_ref = dense_masked.to(device).float().requires_grad_()
@@ -144,13 +148,7 @@ def check_op_against_dense(matrix, dense_masked, rebuild, backend, dtype, leadin
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz_settings(1.0)
-@given(
-    case=block_sparse_cases(),
-    dtype=st.sampled_from(DTYPES),
-    leading=LEADING,
-    layout=st.sampled_from(INPUT_LAYOUTS),
-    with_bias=st.booleans(),
-)
+@given(case=block_sparse_cases(), **OPERANDS)
 def test_block_sparse_matches_dense(backend, case, dtype, leading, layout, with_bias):
     block_size, block_mask, generator = case
     rows, cols = block_mask.shape
@@ -166,13 +164,7 @@ def test_block_sparse_matches_dense(backend, case, dtype, leading, layout, with_
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz_settings(1.5)
-@given(
-    case=nm_cases(),
-    dtype=st.sampled_from(DTYPES),
-    leading=LEADING,
-    layout=st.sampled_from(INPUT_LAYOUTS),
-    with_bias=st.booleans(),
-)
+@given(case=nm_cases(), **OPERANDS)
 def test_nm_matches_dense(backend, case, dtype, leading, layout, with_bias):
     n, m, mask, generator = case
     dense = torch.randn(mask.shape, generator=generator).to(dtype)

@@ -4,31 +4,26 @@ input gradient is the N:M forward on W.T, and SparseLinear with ``NM(n, m, trans
 Expectations come from dense float32 PyTorch on the masked weight (tests/cases.py). Masks are the
 pruning function's (``transposable_nm_mask``, 1:2 and 2:4) or built here by hand (2:8, 4:8), with
 another construction than the library's ``random_transposable_mask``. The Triton backend runs under
-the interpreter on CPU tensors (TRITON_INTERPRET is set before the kernels are first imported, as in
-tests/test_triton.py), on small shapes.
+the interpreter on CPU tensors (TRITON_INTERPRET is set before the kernels are first imported,
+``triton_device()`` as in tests/test_triton.py), on small shapes.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import sparsekernels as sk
+from cases import OpRecorder, SparseCase, TOLERANCE, assert_close, check_op_against_dense, triton_device
+from sparsekernels import NM, BlockSparseMatrix, NMMatrix, SparseLinear
+from sparsekernels.formats.nm import random_transposable_mask
+from sparsekernels.ops.nm_transposable import nm_linear_transposable
+from sparsekernels.pruning import transposable_nm_mask
+from sparsekernels.training import RigL, SET, SRSTELinear, finalize_ste_
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-import sparsekernels as sk  # noqa: E402
-from cases import SparseCase, TOLERANCE, assert_close, check_op_against_dense  # noqa: E402
-from sparsekernels import NM, BlockSparseMatrix, NMMatrix, SparseLinear  # noqa: E402
-from sparsekernels.formats.nm import random_transposable_mask  # noqa: E402
-from sparsekernels.ops.nm_transposable import nm_linear_transposable  # noqa: E402
-from sparsekernels.pruning import transposable_nm_mask  # noqa: E402
-from sparsekernels.training import RigL, SET, SRSTELinear, finalize_ste_  # noqa: E402
+TRITON_DEVICE = triton_device()
 
 # (n, m, (out_features, in_features)): not powers of two where the pattern allows, several tiles
 # both ways. 1:2 and 2:4 masks come from transposable_nm_mask, 2:8 and 4:8 from hand_built_mask.
@@ -88,7 +83,7 @@ def use_backend(backend: str, monkeypatch) -> str:
         monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")  # on a GPU: the kernels, not F.linear
         monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
     sk.set_backend(backend)
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 def check_against_dense(case: SparseCase, dtype, leading, with_bias, device="cpu"):
@@ -219,17 +214,7 @@ def test_backward_runs_the_nm_forward_on_w_transposed(monkeypatch):
     matrix = transposable_case(2, 4, (12, 20)).matrix
     x = torch.randn(3, 20, requires_grad=True)
     output = nm_linear_transposable(x, matrix.values.detach().clone().requires_grad_(), *op_args(matrix))
-
-    class RecordOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with RecordOps() as recorder:
+    with OpRecorder() as recorder:
         output.sum().backward()
     assert "sparsekernels.nm_linear.default" in recorder.names, recorder.names
     assert "sparsekernels.nm_linear_grad_values.default" in recorder.names

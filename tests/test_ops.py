@@ -16,15 +16,9 @@ from cases import (
     layout_id,
     make_case,
     opcheck_samples,
+    sparse_linear,
 )
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix
-
-
-def sparse_linear(matrix, input, values, bias):
-    """Call the layout's front-end op with ``values`` standing in for the matrix's own."""
-    if isinstance(matrix, BlockSparseMatrix):
-        return sk.ops.bsr_linear(input, values, *matrix.index_tensors(), bias)
-    return sk.ops.nm_linear(input, values, matrix.positions, matrix.n, matrix.m, bias)
 
 
 def check_against_dense(layout, dtype, leading_shape, with_bias, device="cpu", noncontiguous=False):

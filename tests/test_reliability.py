@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparsekernels as sk
-from cases import TOLERANCE
+from cases import TOLERANCE, sparse_linear
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear, reference
 from sparsekernels.backend import backend_available
 from sparsekernels.formats._common import INT32_MAX, index_dtype_for
@@ -104,10 +104,7 @@ def nan_case(kind: str, dtype):
 
 
 def run_op(matrix, x, values=None):
-    values = matrix.values if values is None else values
-    if isinstance(matrix, BlockSparseMatrix):
-        return sk.ops.bsr_linear(x, values, *matrix.index_tensors())
-    return sk.ops.nm_linear(x, values, matrix.positions, matrix.n, matrix.m)
+    return sparse_linear(matrix, x, matrix.values if values is None else values)
 
 
 @pytest.mark.parametrize("backend", NAN_BACKENDS)

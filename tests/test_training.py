@@ -219,6 +219,16 @@ def _regression_batch(step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Ten
     return input, torch.sin(input[:, :32] * 1.5) + 0.5 * input.roll(1, dims=1)
 
 
+def _training_step(model, optimizer, step: int, rank: int = 0) -> torch.Tensor:
+    """One optimizer step of ``model`` on the regression batch of ``step``; returns the loss."""
+    input, target = _regression_batch(step, rank)
+    loss = F.mse_loss(model(input), target)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def test_gradual_pruner_hits_its_densities_and_keeps_training():
     torch.manual_seed(0)
     model = _mlp(BlockSparse(16, 1.0), BlockSparse(16, 1.0))
@@ -227,11 +237,7 @@ def test_gradual_pruner_hits_its_densities_and_keeps_training():
     densities = {}
     losses = []
     for step in range(1, 13):
-        input, target = _regression_batch(step)
-        loss = F.mse_loss(model(input), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        loss = _training_step(model, optimizer, step)
         before = model[0].matrix.block_mask()
         pruner.step()
         after = model[0].matrix.block_mask()
@@ -283,11 +289,7 @@ def test_gradual_pruner_taylor_and_argument_errors():
 def _train(model, optimizer, hooks, steps, start=1, rank=0):
     losses = []
     for step in range(start, start + steps):
-        input, target = _regression_batch(step, rank)
-        loss = F.mse_loss(model(input), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        loss = _training_step(model, optimizer, step, rank)
         for hook in hooks:
             hook.step()
         losses.append(loss.item())
@@ -432,11 +434,7 @@ def test_training_step_compiles_fullgraph_and_sees_pattern_updates():
     compiled = torch.compile(model, fullgraph=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(1, 4):
-        input, target = _regression_batch(step)
-        loss = F.mse_loss(compiled(input), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        _training_step(compiled, optimizer, step)
     assert all(layer.values.grad is not None for layer in (model[0], model[2]))
     input, _ = _regression_batch(99)
     model[0].set_pattern(_swap_one(model[0].matrix.block_mask()))
@@ -456,12 +454,8 @@ def test_rigl_with_a_compiled_model_captures_in_eager_mode():
     masks = [layer.dense_mask() for layer in (model[0], model[2])]
     capturing = []
     for step in range(1, 5):
-        input, target = _regression_batch(step)
         capturing.append(rigl.capturing)
-        loss = F.mse_loss((model if rigl.capturing else compiled)(input), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        _training_step(model if rigl.capturing else compiled, optimizer, step)
         rigl.step()
     assert capturing == [False, True, False, True]
     assert all(not torch.equal(mask, layer.dense_mask()) for mask, layer in zip(masks, (model[0], model[2])))
@@ -530,11 +524,7 @@ def _ddp_worker(rank, world_size, store_path, out_dir):
         gradual_optimizer = torch.optim.SGD(gradual_model.parameters(), lr=0.05)
         pruner = GradualPruner(gradual_ddp, 0.25, start_step=1, end_step=4, every=1, optimizer=gradual_optimizer)
         for step in range(1, 7):
-            input, target = _regression_batch(step, rank)
-            loss = F.mse_loss(gradual_ddp(input), target)
-            gradual_optimizer.zero_grad()
-            loss.backward()
-            gradual_optimizer.step()
+            _training_step(gradual_ddp, gradual_optimizer, step, rank)
             if pruner.step():
                 gradual_ddp = nn.parallel.DistributedDataParallel(gradual_model)
         torch.save(

@@ -1,8 +1,9 @@
 """The Triton kernels (sparsekernels/triton) against dense PyTorch on the masked weight.
 
 On a machine with a CUDA GPU they run compiled, on CUDA tensors. Without one they run under the
-Triton interpreter on CPU tensors: TRITON_INTERPRET is set here, before the kernel modules are first
-imported (they are imported lazily, on the first call), so the same tests cover the same kernel code.
+Triton interpreter on CPU tensors: ``triton_device()`` (tests/cases.py) sets TRITON_INTERPRET here,
+before the kernel modules are first imported (they are imported lazily, on the first call), so the
+same tests cover the same kernel code.
 """
 
 from __future__ import annotations
@@ -14,48 +15,35 @@ import subprocess
 import sys
 from unittest import mock
 
+import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import sparsekernels as sk  # noqa: E402
-from cases import (  # noqa: E402
+import sparsekernels as sk
+from cases import (
     DTYPES,
     LAYOUTS,
     TOLERANCE,
     HeuristicOnly,
     assert_close,
-    kept_values_of,
+    check_op_against_dense,
     layout_id,
     make_case,
     opcheck_samples,
-    resolve_heuristic,
+    skip_without_triton,
+    sparse_linear,
+    triton_device,
 )
-from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear  # noqa: E402
-from test_ops import check_against_dense  # noqa: E402
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix, NMMatrix, SparseLinear
+from test_ops import check_against_dense
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_device()
 # m=16 (4-bit offsets, two per byte, groups of 16 inside the 64-wide input tiles) on top of the sweep.
 TRITON_LAYOUTS = LAYOUTS + [NM(5, 16)]
 
-pytestmark = pytest.mark.skipif(
-    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
-)
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    sk.set_backend("triton")
-    # On a GPU: test the kernels themselves (no dense fallback), and do not spend the run tuning
-    # (tests/test_triton_dispatch.py covers both).
-    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
-    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
+pytestmark = [skip_without_triton(), pytest.mark.usefixtures("triton_backend")]
 
 
 def triton_ops():
@@ -108,20 +96,10 @@ def check_shape(layout, out_features, in_features, leading, seed):
     """Forward and both gradients of one random weight of the given shape, in float32."""
     torch.manual_seed(seed)
     case = make_case(layout, torch.float32, DEVICE, features=(out_features, in_features))
-    input = torch.randn(*leading, in_features, device=DEVICE, requires_grad=True)
-    values = case.matrix.values.detach().clone().requires_grad_()
-    if isinstance(case.matrix, BlockSparseMatrix):
-        output = sk.ops.bsr_linear(input, values, *case.matrix.index_tensors())
-    else:
-        output = sk.ops.nm_linear(input, values, case.matrix.positions, case.matrix.n, case.matrix.m)
-    weight = case.masked.float().requires_grad_()
-    expected = F.linear(input.detach(), weight)
-    assert_close(output, expected, torch.float32, "output")
-    grad_output = torch.randn_like(expected)
-    output.backward(grad_output)
-    expected.backward(grad_output)
-    assert_close(input.grad, grad_output @ case.masked.float(), torch.float32, "grad input")
-    assert_close(values.grad, kept_values_of(case, weight.grad), torch.float32, "grad values")
+    check_op_against_dense(
+        case, lambda input, values, bias: sparse_linear(case.matrix, input, values, bias), torch.float32, leading,
+        with_bias=False, device=DEVICE,
+    )
 
 
 @pytest.mark.parametrize(
@@ -177,10 +155,7 @@ def test_meta_tensors_give_shapes(layout):
     matrix = case.matrix
     input = torch.empty(2, 3, case.dense.shape[1], dtype=torch.bfloat16, device="meta", requires_grad=True)
     values = matrix.values.detach().requires_grad_()
-    if isinstance(matrix, BlockSparseMatrix):
-        output = sk.ops.bsr_linear(input, values, *matrix.index_tensors())
-    else:
-        output = sk.ops.nm_linear(input, values, matrix.positions, matrix.n, matrix.m)
+    output = sparse_linear(matrix, input, values)
     assert output.shape == (2, 3, case.dense.shape[0]) and output.device.type == "meta"
     output.sum().backward()
     assert input.grad.shape == input.shape and values.grad.shape == values.shape

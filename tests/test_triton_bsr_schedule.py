@@ -2,8 +2,8 @@
 the forward and input-gradient kernels (bsr_schedule.py), its per-pattern cache, and the split
 reduction over rows of the weight gradient (bsr_grad_values.py, ``_common.row_split``).
 
-Like tests/test_triton.py (whose setup this module imports: TRITON_INTERPRET without a GPU, the
-forced Triton backend), on CPU tensors under the interpreter, or compiled on a GPU. The interpreter
+Like tests/test_triton.py (the same setup: TRITON_INTERPRET without a GPU, the forced Triton
+backend), on CPU tensors under the interpreter, or compiled on a GPU. The interpreter
 asks for one program (``target_programs``), so the split tests pretend a GPU that wants many and
 lower ``MIN_ROWS_PER_SPLIT``.
 """
@@ -17,21 +17,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_triton import DEVICE, _triton_backend, narrowest_tiles  # noqa: F401  (autouse fixture; sets TRITON_INTERPRET)
+import sparsekernels as sk
+from cases import DTYPES, SparseCase, assert_close, kept_values_of, skip_without_triton, triton_device
+from sparsekernels import BlockSparseMatrix
+from test_triton import narrowest_tiles
 
-import sparsekernels as sk  # noqa: E402
-from cases import DTYPES, SparseCase, assert_close, kept_values_of  # noqa: E402
-from sparsekernels import BlockSparseMatrix  # noqa: E402
-
+DEVICE = triton_device()
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-# After test_triton's import (TRITON_INTERPRET is settled): triton.jit decides when a kernel is defined.
+# After triton_device() (TRITON_INTERPRET is settled): triton.jit decides when a kernel is defined.
 from sparsekernels.triton import bsr_schedule  # noqa: E402
 from sparsekernels.triton.bsr_schedule import grouped_block_tile  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
-)
+pytestmark = [skip_without_triton(), pytest.mark.usefixtures("triton_backend")]
 
 
 def lengths_to_offsets(lengths, dtype=torch.int32) -> torch.Tensor:

@@ -9,25 +9,16 @@ semantics exactly (a read past a tensor under the interpreter gives garbage or a
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from cases import assert_close, skip_without_triton, triton_device
+from sparsekernels import BlockSparseMatrix, NMMatrix
 
-import pytest  # noqa: E402
-
-import sparsekernels as sk  # noqa: E402
-from cases import assert_close  # noqa: E402
-from sparsekernels import BlockSparseMatrix, NMMatrix  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_device()
 B = 16
 
-pytestmark = pytest.mark.skipif(
-    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
-)
+pytestmark = skip_without_triton()
 
 
 def triton_ops():

@@ -11,23 +11,27 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import sparsekernels as sk  # noqa: E402
-from cases import assert_close, kept_values_of, KeyRecorder, make_case, resolve_heuristic  # noqa: E402
-from sparsekernels import NM, BlockSparse, BlockSparseMatrix  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-pytestmark = pytest.mark.skipif(
-    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
+import sparsekernels as sk
+from cases import (
+    KeyRecorder,
+    assert_close,
+    check_op_against_dense,
+    kept_values_of,
+    make_case,
+    resolve_heuristic,
+    skip_without_triton,
+    sparse_linear,
+    triton_device,
 )
+from sparsekernels import NM, BlockSparse, BlockSparseMatrix
+
+DEVICE = triton_device()
+
+pytestmark = skip_without_triton()
 
 
 @pytest.fixture(autouse=True)
@@ -212,20 +216,10 @@ def test_every_tuning_candidate_matches_dense(layout, index, monkeypatch):
     monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
     torch.manual_seed(index)
     case = make_case(layout, torch.float32, DEVICE, features=(96, 128))
-    input = torch.randn(20, 128, device=DEVICE, requires_grad=True)
-    values = case.matrix.values.detach().clone().requires_grad_()
-    if isinstance(case.matrix, BlockSparseMatrix):
-        output = sk.triton.bsr_linear(input, values, *case.matrix.index_tensors())
-    else:
-        output = sk.triton.nm_linear(input, values, case.matrix.positions, case.matrix.n, case.matrix.m)
-    weight = case.masked.float().requires_grad_()
-    expected = F.linear(input.detach(), weight)
-    grad_output = torch.randn_like(expected)
-    output.backward(grad_output)
-    expected.backward(grad_output)
-    assert_close(output, expected, torch.float32, "output")
-    assert_close(input.grad, grad_output @ case.masked.float(), torch.float32, "grad input")
-    assert_close(values.grad, kept_values_of(case, weight.grad), torch.float32, "grad values")
+    check_op_against_dense(
+        case, lambda input, values, bias: sparse_linear(case.matrix, input, values, bias, sk.triton), torch.float32,
+        (20,), with_bias=False, device=DEVICE,
+    )
     assert forced.seen >= 2
 
 
@@ -296,10 +290,7 @@ def test_dense_path_gradients_reach_kept_values_only(tmp_path, layout):
     values = case.matrix.values.detach().clone().requires_grad_()
     input = torch.randn(2, 3, 64, device=DEVICE, requires_grad=True)
     bias = torch.randn(48, device=DEVICE, requires_grad=True)
-    if isinstance(case.matrix, BlockSparseMatrix):
-        output = dispatch().bsr_linear(input, values, *case.matrix.index_tensors(), bias, tuner=tuner)
-    else:
-        output = dispatch().nm_linear(input, values, case.matrix.positions, 2, 4, bias, tuner=tuner)
+    output = sparse_linear(case.matrix, input, values, bias, dispatch(), tuner=tuner)
     assert dispatch().last_path() == "dense"
     weight = case.masked.float().requires_grad_()
     expected = F.linear(input.detach(), weight, bias.detach())

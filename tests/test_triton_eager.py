@@ -7,34 +7,21 @@ calls of the launchers as the op (triton/ops.py) and the fast path (triton/eager
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from cases import OpRecorder, assert_close, layout_id, skip_without_triton, triton_device
+from sparsekernels import NM, BlockSparse, SparseLinear
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-import sparsekernels as sk  # noqa: E402
-from cases import assert_close, layout_id  # noqa: E402
-from sparsekernels import NM, BlockSparse, SparseLinear  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_device()
 LAYOUTS = [BlockSparse(16, 0.5), NM(2, 4)]
 
-pytestmark = pytest.mark.skipif(
-    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
-)
+pytestmark = [skip_without_triton(), pytest.mark.usefixtures("triton_backend")]
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    sk.set_backend("triton")
-    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
-    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
+def _fast_path_not_disabled(monkeypatch):
     monkeypatch.delenv("SPARSEKERNELS_EAGER_FAST_PATH", raising=False)
 
 
@@ -119,24 +106,14 @@ def test_training_takes_the_op(layout, paths):
     assert input.grad is not None
 
 
-class CountingMode(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 def test_dispatch_modes_profiler_and_switch_see_the_op(layout, paths, monkeypatch):
     layer = make_layer(layout)
     input = torch.randn(3, 64, device=DEVICE)
     with torch.no_grad():
-        with CountingMode() as mode:
+        with OpRecorder() as recorder:
             layer(input)
-        assert any("sparsekernels_triton" in name for name in mode.ops), mode.ops
+        assert any("sparsekernels_triton" in name for name in recorder.names), recorder.names
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             layer(input)
         assert any("sparsekernels_triton" in event.name for event in profile.events())

@@ -3,35 +3,33 @@
 Expectations come from a dense float32 weight and mask drawn first (tests/cases.py) and the kept-only
 reference (``sparsekernels.reference.kept_only_linear``), which sums kept terms only, so that NaN and
 Inf inputs have one right answer. Under the Triton interpreter (no GPU) the kernel runs on CPU
-tensors; TRITON_INTERPRET is set before the kernel modules are first imported, as in test_triton.py.
+tensors; TRITON_INTERPRET is set before the kernel modules are first imported (``triton_device()``,
+tests/cases.py), as in test_triton.py.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import sparsekernels as sk  # noqa: E402
-from cases import (  # noqa: E402
+import sparsekernels as sk
+from cases import (
     TOLERANCE,
     KeyRecorder,
     SparseCase,
     assert_close,
-    kept_values_of,
+    check_op_against_dense,
     layout_id,
     make_case,
     random_mask,
-    resolve_heuristic,
+    skip_without_triton,
+    sparse_linear,
+    triton_device,
 )
-from sparsekernels import NM, NMMatrix, SparseLinear, reference  # noqa: E402
-from test_triton import DEVICE, narrowest_tiles  # noqa: E402
+from sparsekernels import NM, NMMatrix, SparseLinear, reference
+from test_triton import narrowest_tiles
+
+DEVICE = triton_device()
 
 # Every N:M pattern the layouts accept (layouts.NM: m in 2, 4, 8, 16 and 1 <= n < m).
 ALL_PATTERNS = [(n, m) for m in (2, 4, 8, 16) for n in range(1, m)]
@@ -40,16 +38,7 @@ SOME_PATTERNS = [(1, 2), (2, 4), (3, 8), (5, 16)]
 ROWS = [1, 2, 7, 16]
 OUT_FEATURES = 37  # not a multiple of any output tile
 
-pytestmark = pytest.mark.skipif(
-    sk.triton.unavailable_reason() is not None, reason=str(sk.triton.unavailable_reason())
-)
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    sk.set_backend("triton")
-    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")  # the kernels themselves, on a GPU too
-    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
+pytestmark = [skip_without_triton(), pytest.mark.usefixtures("triton_backend")]
 
 
 def small_m():
@@ -131,24 +120,10 @@ def test_every_pattern_matches_reference(pattern, with_bias, launches):
 def test_dtypes_forward_and_backward(pattern, dtype, rows, with_bias):
     """Forward (this kernel) and both gradients (the unchanged backward ops) against dense float32."""
     case = nm_case(pattern, dtype)
-    matrix = case.matrix
-    input = torch.randn(rows, case.dense.shape[1], device=DEVICE).to(dtype).requires_grad_()
-    values = matrix.values.detach().clone().requires_grad_()
-    bias = torch.randn(OUT_FEATURES, device=DEVICE).to(dtype).requires_grad_() if with_bias else None
-    output = sk.ops.nm_linear(input, values, matrix.positions, matrix.n, matrix.m, bias)
-    assert output.dtype == dtype
-    input_ref = input.detach().float().requires_grad_()
-    weight_ref = case.masked.float().requires_grad_()
-    bias_ref = bias.detach().float().requires_grad_() if with_bias else None
-    expected = F.linear(input_ref, weight_ref, bias_ref)
-    assert_close(output, expected, dtype, "output")
-    grad_output = torch.randn_like(expected).to(dtype)
-    output.backward(grad_output)
-    expected.backward(grad_output.float())
-    assert_close(input.grad, input_ref.grad, dtype, "grad input")
-    assert_close(values.grad, kept_values_of(case, weight_ref.grad), dtype, "grad values")
-    if with_bias:
-        assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
+    check_op_against_dense(
+        case, lambda input, values, bias: sparse_linear(case.matrix, input, values, bias), dtype, (rows,), with_bias,
+        DEVICE,
+    )
 
 
 def strided_input(kind: str, rows: int, in_features: int, dtype):

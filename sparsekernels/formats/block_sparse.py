@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from ..layouts import BLOCK_SIZES
+from ..ops._checks import check_index_dtype, check_index_tensors
 from ._common import FLOAT_DTYPES, check_dense_weight, check_density, check_mask, index_dtype_for
 
 __all__ = ["BlockSparseMatrix", "build_transposed_index", "validate_bsr_index", "validate_transposed_index"]
@@ -73,19 +74,7 @@ def validate_transposed_index(
         "block_row_indices": block_row_indices,
         "block_value_indices": block_value_indices,
     }
-    for name, tensor in given.items():
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype != block_row_offsets.dtype:
-            raise TypeError(
-                f"{name} must have the dtype of block_row_offsets ({block_row_offsets.dtype}), got {tensor.dtype}"
-            )
-        if tensor.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
-        if tensor.device != block_row_offsets.device:
-            raise ValueError(
-                f"{name} must be on the device of block_row_offsets ({block_row_offsets.device}), got {tensor.device}"
-            )
+    check_index_tensors(given.items(), block_row_offsets.dtype, block_row_offsets.device, "block_row_offsets")
     expected = build_transposed_index(block_row_offsets, block_col_indices, n_block_cols)
     for (name, tensor), rebuilt in zip(given.items(), expected):
         if tensor.shape != rebuilt.shape:
@@ -105,12 +94,11 @@ def validate_bsr_index(
 
     Checked once when a pattern is set: offsets start at 0, end at nnz and never decrease; column
     indices are in range and strictly increasing inside each block row (so no block is duplicated).
+    The metadata checks are the ops' (ops/_checks.py); the lengths are checked against the block
+    counts the caller expects, where the ops can only derive them.
     """
     for name, tensor in (("block_row_offsets", block_row_offsets), ("block_col_indices", block_col_indices)):
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
+        check_index_dtype(name, tensor)
         if tensor.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
     if block_row_offsets.shape[0] != n_block_rows + 1:
@@ -120,16 +108,10 @@ def validate_bsr_index(
         )
     if block_col_indices.shape[0] != nnz:
         raise ValueError(f"block_col_indices must have nnz = {nnz} entries, got {block_col_indices.shape[0]}")
-    if block_col_indices.dtype != block_row_offsets.dtype:
-        raise TypeError(
-            f"block_col_indices must have the dtype of block_row_offsets ({block_row_offsets.dtype}), "
-            f"got {block_col_indices.dtype}"
-        )
-    if block_col_indices.device != block_row_offsets.device:
-        raise ValueError(
-            f"block_col_indices must be on the device of block_row_offsets ({block_row_offsets.device}), "
-            f"got {block_col_indices.device}"
-        )
+    check_index_tensors(
+        (("block_col_indices", block_col_indices),),
+        block_row_offsets.dtype, block_row_offsets.device, "block_row_offsets",
+    )
     offsets = block_row_offsets.to(torch.int64)
     if int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
         raise ValueError(

@@ -5,12 +5,13 @@ expected. They read metadata only (shapes, dtypes, devices, lengths), never tens
 cost a few attribute reads, never synchronise a GPU, and vanish under torch.compile (traced away).
 Index *contents* are checked once when a pattern is set (sparsekernels.formats,
 SparseLinear.load_state_dict) and, for memory safety, on every call by the C++ CPU ops
-(docs/reliability.md).
+(docs/reliability.md). The index metadata checks (``check_index_dtype``, ``check_index_tensors``)
+serve both: the formats' full check starts with the same metadata checks as the ops.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -59,23 +60,47 @@ NM_GROUP_SIZES = (2, 4, 8, 16)
 NM_MAX_IN_FEATURES = 2**31 - 1
 
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_index_dtype(name: str, tensor: Tensor) -> None:
+    """``tensor`` is a tensor of an index dtype (int32 or int64)."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
+
+
+def check_index_tensors(
+    named: Iterable[tuple[str, Tensor]], dtype: torch.dtype, device: torch.device, device_owner: str
+) -> None:
+    """Each ``(name, tensor)`` is a 1-D tensor of ``dtype``, the dtype of block_row_offsets that all
+    five index tensors share, on ``device`` (the device of ``device_owner``, as the message says).
+    One call for all of them: the op front ends run this on every call."""
+    for name, tensor in named:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype != dtype:
+            raise TypeError(f"{name} must have the dtype of block_row_offsets ({dtype}), got {tensor.dtype}")
+        if tensor.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+        if tensor.device != device:
+            raise ValueError(f"{name} must be on the device of {device_owner} ({device}), got {tensor.device}")
+
+
 def check_bsr_index(index: tuple[Tensor, ...], nnz: int, device: torch.device, block_size: int) -> tuple[int, int]:
-    """Metadata of the five index tensors (op argument order); returns (n_block_rows, n_block_cols)."""
+    """Metadata of the five index tensors (op argument order); returns (n_block_rows, n_block_cols).
+
+    The lengths are checked against each other only: unlike the formats (validate_bsr_index), the
+    ops know no expected block counts, they derive them from the offsets.
+    """
     if len(index) != len(BSR_INDEX_NAMES):
         raise ValueError(f"expected the {len(BSR_INDEX_NAMES)} index tensors {BSR_INDEX_NAMES}, got {len(index)}")
     for name, tensor in zip(BSR_INDEX_NAMES, index):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    index_dtype = index[0].dtype
-    if index_dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"block_row_offsets must be int32 or int64, got {index_dtype}")
-    for name, tensor in zip(BSR_INDEX_NAMES, index):
-        if tensor.dtype != index_dtype:
-            raise TypeError(f"{name} must have the dtype of block_row_offsets ({index_dtype}), got {tensor.dtype}")
-        if tensor.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
-        if tensor.device != device:
-            raise ValueError(f"{name} must be on the device of the operands ({device}), got {tensor.device}")
+    check_index_dtype("block_row_offsets", index[0])
+    check_index_tensors(zip(BSR_INDEX_NAMES, index), index[0].dtype, device, "the operands")
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
     for name in ("block_row_offsets", "block_col_offsets"):

@@ -190,6 +190,11 @@ class Tuner:
             sections = self._loaded[gpu] = self._read(gpu)
         return sections
 
+    def _reads_file(self, device: torch.device) -> bool:
+        """Whether ``choose`` and ``decide`` look in the file after memory: on a GPU, or wherever a file
+        was named (``path=`` or ``SPARSEKERNELS_TUNE_CACHE``)."""
+        return device.type == "cuda" or self._path is not None or bool(os.environ.get("SPARSEKERNELS_TUNE_CACHE"))
+
     def _write(self, gpu: str, section: str, key: str, entry: dict) -> None:
         """Add one entry and rewrite the file atomically, merged with its current content."""
         path = self.path(gpu)
@@ -226,7 +231,7 @@ class Tuner:
         config = self._configs.get(full_key)
         if config is not None:
             return config
-        if device.type == "cuda" or self._path is not None or os.environ.get("SPARSEKERNELS_TUNE_CACHE"):
+        if self._reads_file(device):
             stored = self._sections(gpu)["configs"].get(self._text_key(full_key))
             if stored is not None:
                 config = self._configs[full_key] = Config.from_dict(stored)
@@ -263,7 +268,7 @@ class Tuner:
         path = self._dispatch.get(full_key)
         if path is not None:
             return path
-        if device.type == "cuda" or self._path is not None or os.environ.get("SPARSEKERNELS_TUNE_CACHE"):
+        if self._reads_file(device):
             stored = self._sections(gpu)["dispatch"].get(self._text_key(full_key))
             if stored is not None:
                 path = self._dispatch[full_key] = stored["path"]
