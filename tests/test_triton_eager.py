@@ -2,7 +2,8 @@
 
 It must give the op's result, be taken only for plain eager inference, and leave every other case
 (autograd, tracing, modes, profiler, bad input) to the op. Which path ran is observed by counting
-calls of the launchers as the op (triton/ops.py) and the fast path (triton/eager.py) reach them.
+calls of the launchers as the op (triton/ops.py) reaches them and of the fast path's entry points
+(triton/eager.py); the fast path's launch plans, by counting the plans it builds.
 """
 
 from __future__ import annotations

@@ -559,3 +559,18 @@ class TestLoadStateDict:
     def test_nm_values_from_a_different_layer(self):
         other = SparseLinear(128, 32, NM(2, 8)).state_dict()
         self.check_rejected(NM(2, 8), dict(other), "values", "[32, 16]")
+
+
+@pytest.mark.parametrize("which", range(5))
+def test_validate_transposed_index_names_a_non_tensor_argument(which):
+    """Every index argument gets the TypeError naming it, the offsets included (they give the
+    dtype and device the others are checked against)."""
+    from sparsekernels.formats import validate_transposed_index
+
+    matrix = BlockSparseMatrix.random((32, 48), 16, 0.5)
+    names = ("block_row_offsets", "block_col_indices", "block_col_offsets", "block_row_indices",
+             "block_value_indices")
+    index = [getattr(matrix, name) for name in names]
+    index[which] = index[which].tolist()
+    with pytest.raises(TypeError, match=f"{names[which]} must be a torch.Tensor"):
+        validate_transposed_index(*index, 3)

@@ -74,6 +74,9 @@ def validate_transposed_index(
         "block_row_indices": block_row_indices,
         "block_value_indices": block_value_indices,
     }
+    # The BSR index is validated before this is called; still, a non-tensor gets a TypeError naming it.
+    check_index_dtype("block_row_offsets", block_row_offsets)
+    check_index_dtype("block_col_indices", block_col_indices)
     check_index_tensors(given.items(), block_row_offsets.dtype, block_row_offsets.device, "block_row_offsets")
     expected = build_transposed_index(block_row_offsets, block_col_indices, n_block_cols)
     for (name, tensor), rebuilt in zip(given.items(), expected):
