@@ -322,10 +322,10 @@ class SparseLinear(nn.Module):
         index = tuple(buffers[name] for name in (_BSR_INDEX_NAMES if block else ("positions",)))
         plans = self._fast_path_plans(values, bias, index)
         if block:
-            return eager.bsr_linear(plans, input, values, *index, bias, self.out_features, self.in_features)
+            return eager.bsr_linear(plans, input, values, index, bias, self.out_features, self.in_features)
         # A transposable layout's op differs from nm_linear only in its backward: same forward.
         return eager.nm_linear(
-            plans, input, values, index[0], self.layout.n, self.layout.m, bias, self.out_features, self.in_features
+            plans, input, values, index, self.layout.n, self.layout.m, bias, self.out_features, self.in_features
         )
 
     def _fast_path_plans(self, values: Tensor, bias: Optional[Tensor], index: tuple) -> dict:

@@ -403,3 +403,71 @@ def test_the_layer_state_goes_stale_when_a_checked_tensor_dies():
     tensors = None
     gc.collect()
     assert not state.alive[0]
+
+
+# The dense-fallback decision (CUDA: dispatch.py) held by a plan. eager.routed is patched so that
+# the decision is asked for CPU tensors too; a tuner that may measure, with a timer that reports
+# the sparse and then the dense timing given, makes the decision and stores it.
+
+
+def _deciding_tuner(tmp_path, sparse_ms: float, dense_ms: float):
+    from sparsekernels.triton import autotune
+
+    timings = iter([sparse_ms, dense_ms] * 8)
+    return autotune.Tuner(path=tmp_path / "tune.json", timer=lambda fn: next(timings),
+                          measurable=lambda device, tensors: True)
+
+
+@pytest.fixture
+def routed(monkeypatch, tmp_path):
+    """Routes CPU calls through dispatch.py's decision; returns ``counts`` of decisions asked."""
+    from sparsekernels.triton import dispatch, eager
+
+    monkeypatch.setattr(eager, "routed", lambda input: True)
+    monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "1")
+    counts = {"decisions": 0}
+    for name in ("bsr_path", "nm_path"):
+        _count_calls(monkeypatch, dispatch, name, counts, "decisions")
+    return counts
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_a_dense_decision_is_kept_in_the_plan(layout, routed, plan_builds, monkeypatch, tmp_path):
+    from sparsekernels.triton import autotune, dispatch
+
+    monkeypatch.setattr(autotune, "tuner", _deciding_tuner(tmp_path, sparse_ms=2.0, dense_ms=1.0))
+    layer = make_layer(layout)
+    input = torch.randn(4, 64, device=DEVICE)
+    before = dispatch.path_counts["dense"]
+    with torch.no_grad():
+        outputs = [layer(input) for _ in range(3)]
+        expected = F.linear(input, layer.dense_weight(), layer.bias)
+        for output in outputs:
+            torch.testing.assert_close(output, expected, rtol=0, atol=0)
+        assert routed["decisions"] == 1 and plan_builds["built"] == 0
+        assert dispatch.path_counts["dense"] - before == 3 and dispatch.last_path() == "dense"
+        # The kept dense plan reads dispatch.py's dense weight, which follows in-place value updates.
+        layer.values.mul_(2)
+        torch.testing.assert_close(layer(input), F.linear(input, layer.dense_weight(), layer.bias), rtol=0, atol=0)
+        assert routed["decisions"] == 1
+        # Turning the fallback off changes the stamp: the next call plans the sparse kernel.
+        monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
+        assert_close(layer(input), F.linear(input, layer.dense_weight(), layer.bias), torch.float32, "output")
+        assert plan_builds["built"] == 1 and dispatch.last_path() == "sparse"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_a_sparse_decision_is_kept_in_the_plan(layout, routed, plan_builds, monkeypatch, tmp_path):
+    from sparsekernels.triton import autotune, dispatch
+
+    monkeypatch.setattr(autotune, "tuner", _deciding_tuner(tmp_path, sparse_ms=1.0, dense_ms=2.0))
+    layer = make_layer(layout)
+    input = torch.randn(2, 3, 64, device=DEVICE)
+    before = dispatch.path_counts["sparse"]
+    with torch.no_grad():
+        outputs = [layer(input) for _ in range(3)]
+    assert routed["decisions"] == 1 and plan_builds["built"] == 1
+    assert dispatch.path_counts["sparse"] - before == 3 and dispatch.last_path() == "sparse"
+    expected = _op_result(layer, input)
+    for output in outputs:
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)

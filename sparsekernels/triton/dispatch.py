@@ -25,9 +25,9 @@ Dense weight. It is built only when the dense path is taken, by a scatter of the
   is a gather); in training the values change at every step anyway;
 * otherwise (inference, ``torch.no_grad``) it is cached per ``values`` tensor (weakly: the cache
   dies with the tensor) and reused while the *stamp* is unchanged: the ``_version`` counter and
-  ``data_ptr()`` of ``values`` and of every index tensor, and the index tensors are the same objects.
-  An in-place write (``optimizer.step()``,
-  ``values.mul_()``, ``copy_``) bumps ``_version``; assigning new storage changes ``data_ptr``;
+  ``data_ptr()`` of ``values`` and of the index tensors it is built from (``block_row_offsets`` and
+  ``block_col_indices``, or ``positions``), and those are the same objects. An in-place write
+  (``optimizer.step()``, ``values.mul_()``, ``copy_``) bumps ``_version``; assigning new storage changes ``data_ptr``;
   either invalidates the copy. Writes the version counter cannot see (through ``.data`` or
   ``.detach()`` aliases, DLPack, numpy views) are not detected: call :func:`clear_dense_cache` after
   them. Inference-mode tensors have no version counter and are never cached.
@@ -47,7 +47,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import reference
 from . import autotune
 
-__all__ = ["bsr_linear", "nm_linear", "last_path", "path_counts", "count_sparse", "clear_dense_cache", "fallback_enabled"]
+__all__ = ["bsr_linear", "nm_linear", "last_path", "path_counts", "count_path", "bsr_path", "nm_path", "bsr_dense", "nm_dense", "clear_dense_cache", "fallback_enabled"]
 
 path_counts = {"sparse": 0, "dense": 0}
 _last = [None]
@@ -59,17 +59,12 @@ def last_path() -> Optional[str]:
     return _last[0]
 
 
-def _took(path: str) -> str:
+def count_path(path: str) -> str:
+    """Record that a forward took ``path`` (:func:`last_path`, :data:`path_counts`); returns it.
+    The eager fast path's kept plans (eager.py) call this for the path they were built for."""
     _last[0] = path
     path_counts[path] += 1
     return path
-
-
-def count_sparse() -> None:
-    """Record a sparse forward that a kept launch plan ran without asking here again (eager.py):
-    the plan exists only for a key whose decision was ``"sparse"``."""
-    _last[0] = "sparse"
-    path_counts["sparse"] += 1
 
 
 def fallback_enabled() -> bool:
@@ -123,59 +118,81 @@ def _choose(key_fn, sizes: tuple, input: Tensor, values: Tensor, sparse, dense_f
     return tuner.decide(key_fn(), input.device, (input, values), measure)
 
 
-def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
-               block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
-               bias: Optional[Tensor] = None, tuner: Optional[autotune.Tuner] = None,
-               sparse: Optional[Callable[[], Tensor]] = None) -> Tensor:
-    """``input @ W.T (+ bias)`` for a block-sparse W by the faster of the Triton kernel and dense
-    ``F.linear`` (arguments of ``sparsekernels.ops.bsr_linear``; ``tuner`` for tests; ``sparse``
-    runs the sparse path instead of the op: the eager fast path, eager.py)."""
-    from . import ops
-
-    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
+def _bsr_builder(values: Tensor, index: tuple):
+    """(build, sizes): ``build(kept_values)`` scatters kept blocks into the masked dense weight."""
+    block_row_offsets, block_col_indices, block_col_offsets = index[:3]
     block_size = values.shape[-1]
     n_block_rows, n_block_cols = block_row_offsets.shape[0] - 1, block_col_offsets.shape[0] - 1
     out_features, in_features = n_block_rows * block_size, n_block_cols * block_size
-    rows = input.numel() // in_features if in_features else 0
-    nnz = values.shape[0]
 
     def build(kept: Tensor) -> Tensor:
         return reference.bsr_to_dense(kept, block_row_offsets, block_col_indices, out_features, in_features)
 
-    path = _choose(
+    return build, (block_size, n_block_rows, n_block_cols, out_features, in_features)
+
+
+def bsr_path(input: Tensor, values: Tensor, index: tuple, tuner: Optional[autotune.Tuner] = None) -> str:
+    """``"sparse"`` or ``"dense"`` for this block-sparse forward (``index``: the five index tensors in
+    op order), by the rule above; decided once per key, nothing counted or run after that."""
+    from . import ops
+
+    build, (block_size, n_block_rows, n_block_cols, out_features, in_features) = _bsr_builder(values, index)
+    rows = input.numel() // in_features if in_features else 0
+    nnz = values.shape[0]
+    return _choose(
         lambda: ("bsr", autotune.m_bucket(rows), out_features, in_features, f"b{block_size}",
                  autotune.density_bucket(nnz / max(n_block_rows * n_block_cols, 1)), str(input.dtype)),
         (rows, nnz, in_features), input, values, lambda: ops.bsr_linear(input.detach(), values.detach(), *index),
         lambda: build(values.detach()), tuner)
-    if _took(path) == "dense":
-        return F.linear(input, _dense_weight(values, index, build), bias)
-    if sparse is not None:
-        return sparse()
+
+
+def bsr_dense(input: Tensor, values: Tensor, index: tuple, bias: Optional[Tensor]) -> Tensor:
+    """The dense path: ``F.linear`` on the masked dense weight (cached as described above; the
+    weight is a function of ``values`` and the BSR half of the index, so only those are stamped)."""
+    return F.linear(input, _dense_weight(values, index[:2], _bsr_builder(values, index)[0]), bias)
+
+
+def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
+               block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
+               bias: Optional[Tensor] = None, tuner: Optional[autotune.Tuner] = None) -> Tensor:
+    """``input @ W.T (+ bias)`` for a block-sparse W by the faster of the Triton kernel and dense
+    ``F.linear`` (arguments of ``sparsekernels.ops.bsr_linear``; ``tuner`` for tests)."""
+    from . import ops
+
+    index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
+    if count_path(bsr_path(input, values, index, tuner)) == "dense":
+        return bsr_dense(input, values, index, bias)
     return ops.bsr_linear(input, values, *index, bias)
 
 
-def nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor] = None,
-              tuner: Optional[autotune.Tuner] = None, sparse: Optional[Callable[[], Tensor]] = None) -> Tensor:
-    """``input @ W.T (+ bias)`` for an N:M W by the faster of the Triton kernel and dense ``F.linear``
-    (arguments of ``sparsekernels.ops.nm_linear``; ``tuner`` for tests; ``sparse`` as in
-    :func:`bsr_linear`)."""
+def nm_path(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
+            tuner: Optional[autotune.Tuner] = None) -> str:
+    """``"sparse"`` or ``"dense"`` for this N:M forward, as :func:`bsr_path`."""
     from . import ops
 
     out_features, kept = values.shape
     in_features = kept // n * m
     rows = input.numel() // in_features if in_features else 0
-
-    def build(kept_values: Tensor) -> Tensor:
-        return reference.nm_to_dense(kept_values, positions, n, m)
-
-    path = _choose(
+    return _choose(
         lambda: ("nm", autotune.m_bucket(rows), out_features, in_features, f"{n}:{m}", round(n / m, 4),
                  str(input.dtype)),
         (rows, out_features, in_features), input, values,
         lambda: ops.nm_linear(input.detach(), values.detach(), positions, n, m),
-        lambda: build(values.detach()), tuner)
-    if _took(path) == "dense":
-        return F.linear(input, _dense_weight(values, (positions,), build), bias)
-    if sparse is not None:
-        return sparse()
+        lambda: reference.nm_to_dense(values.detach(), positions, n, m), tuner)
+
+
+def nm_dense(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
+    """The dense path of an N:M forward: ``F.linear`` on the masked dense weight (cached)."""
+    weight = _dense_weight(values, (positions,), lambda kept_values: reference.nm_to_dense(kept_values, positions, n, m))
+    return F.linear(input, weight, bias)
+
+
+def nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor] = None,
+              tuner: Optional[autotune.Tuner] = None) -> Tensor:
+    """``input @ W.T (+ bias)`` for an N:M W by the faster of the Triton kernel and dense ``F.linear``
+    (arguments of ``sparsekernels.ops.nm_linear``; ``tuner`` for tests)."""
+    from . import ops
+
+    if count_path(nm_path(input, values, positions, n, m, tuner)) == "dense":
+        return nm_dense(input, values, positions, n, m, bias)
     return ops.nm_linear(input, values, positions, n, m, bias)

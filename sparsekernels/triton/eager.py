@@ -34,10 +34,12 @@ again. The stamp: the tuner object and its ``generation`` (bumped when a stored 
 dispatch decision appears or memory is cleared), ``SPARSEKERNELS_AUTOTUNE``, for block layouts the
 version counter of ``block_row_offsets`` (the program order is of that pattern; ``set_pattern``
 rewrites it in place), and on CUDA ``SPARSEKERNELS_DENSE_FALLBACK`` and, for float32, torch's TF32
-flag. A plan is kept only for the sparse path (a dense decision asks dispatch.py at every call),
-with contiguous weight tensors, a non-empty output, and never while a CUDA graph is being captured,
-for an inference-mode index (no version counter) or with a tuner stand-in that has no
-``generation``. A kept plan's call is the output allocation and the launch. At most
+flag. On CUDA a plan holds dispatch.py's decision: a *dense* plan is ``F.linear`` on dispatch.py's
+cached dense weight (which follows the values by its own stamp), a *sparse* plan the output
+allocation and the planned launch. A sparse plan is kept only with contiguous weight tensors and a
+non-empty output (otherwise the launcher runs at every call); no plan is kept while a CUDA graph is
+being captured, for an inference-mode index (no version counter) or with a tuner stand-in that has
+no ``generation``. At most
 :data:`MAX_PLANS_PER_LAYER` are kept per layer (then they start afresh). Not seen, as anywhere in
 the fast path: a tensor's storage replaced through ``.data`` by hand (``set_pattern``, ``.to()``
 and ``load_state_dict`` are seen).
@@ -116,11 +118,19 @@ def _plan_stamp(input: Tensor, block_row_offsets: Optional[Tensor]) -> Optional[
     if input.device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return None
-        stamp += (dispatch.fallback_enabled(), input.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+        stamp += (input.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,)
+    if routed(input):
+        stamp += (dispatch.fallback_enabled(),)
     return stamp
 
 
-def _planned(plans: dict, key: tuple, input: Tensor, block_row_offsets: Optional[Tensor]):
+def routed(input: Tensor) -> bool:
+    """Whether dispatch.py decides this call's path (sparse kernel or dense ``F.linear``): CUDA
+    tensors, as the op's front end does. Tests patch it to run that logic on CPU tensors."""
+    return input.device.type == "cuda"
+
+
+def _lookup(plans: dict, key: tuple, input: Tensor, block_row_offsets: Optional[Tensor]):
     """The kept plan for ``key`` if its stamp still holds, else None."""
     entry = plans.get(key)
     if entry is not None and entry[1] == _plan_stamp(input, block_row_offsets):
@@ -137,93 +147,110 @@ def _keep(plans: dict, key: tuple, run, input: Tensor, block_row_offsets: Option
     plans[key] = (run, stamp)
 
 
-def _flat_operands(input: Tensor, in_features: int, out_features: int):
-    """(rows, x, out, restore): ``input`` as 2-D rows, a fresh output, and how to give it input's
-    leading dimensions back."""
-    if input.dim() == 2:
-        x = input
-        out = x.new_empty((x.shape[0], out_features))
-        return x.shape[0], x, out, None
-    lead = input.shape[:-1]
-    x = input.reshape(-1, in_features)
-    return x.shape[0], x, x.new_empty((x.shape[0], out_features)), (*lead, out_features)
-
-
-def bsr_linear(plans: dict, input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
-               block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
-               bias: Optional[Tensor], out_features: int, in_features: int) -> Tensor:
-    """``sparsekernels.ops.bsr_linear`` on arguments for which :func:`applies` holds; ``plans`` is
-    the layer's plan dict (kept plans by input shape, strides, dtype and weight shape)."""
+def bsr_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, bias: Optional[Tensor],
+               out_features: int, in_features: int) -> Tensor:
+    """``sparsekernels.ops.bsr_linear`` on arguments for which :func:`applies` holds (``index``: the
+    five index tensors in op order); ``plans`` is the layer's plan dict."""
     key = (input.shape, input.stride(), input.dtype, values.shape)
-    run = _planned(plans, key, input, block_row_offsets)
-    if run is not None:
-        return run(input, values, block_row_offsets, block_col_indices, bias)
-
-    def sparse() -> Tensor:
-        if not _plannable(input, in_features, out_features, values, block_row_offsets, block_col_indices, bias):
-            output = bsr_forward(input.reshape(-1, in_features), values, block_row_offsets, block_col_indices, bias)
-            return output.view(*input.shape[:-1], out_features)
-        rows, x, out, restore = _flat_operands(input, in_features, out_features)
-        launch_forward = plan_bsr_forward(x, out, values, block_row_offsets, block_col_indices, bias)
-        run = _plan_run(launch_forward, rows, in_features, out_features, restore, input.device.type == "cuda")
-        _keep(plans, key, run, input, block_row_offsets)
-        launch_forward(x, out, values, block_row_offsets, block_col_indices, bias)
-        return out if restore is None else out.view(restore)
-
-    if input.device.type == "cuda":
-        return dispatch.bsr_linear(input, values, block_row_offsets, block_col_indices, block_col_offsets,
-                                   block_row_indices, block_value_indices, bias, sparse=sparse)
-    return sparse()
+    run = _lookup(plans, key, input, index[0])
+    if run is None:
+        run, keep = _bsr_plan(input, values, index, bias, out_features, in_features)
+        if keep:
+            _keep(plans, key, run, input, index[0])
+    return run(input, values, index, bias)
 
 
-def nm_linear(plans: dict, input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor],
+def nm_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, n: int, m: int, bias: Optional[Tensor],
               out_features: int, in_features: int) -> Tensor:
-    """``sparsekernels.ops.nm_linear`` on arguments for which :func:`applies` holds; ``plans`` as in
-    :func:`bsr_linear`."""
+    """``sparsekernels.ops.nm_linear`` on arguments for which :func:`applies` holds (``index``:
+    ``(positions,)``); ``plans`` as in :func:`bsr_linear`."""
     key = (input.shape, input.stride(), input.dtype, values.shape)
-    run = _planned(plans, key, input, None)
-    if run is not None:
-        return run(input, values, positions, bias)
+    run = _lookup(plans, key, input, None)
+    if run is None:
+        run, keep = _nm_plan(input, values, index, n, m, bias, out_features, in_features)
+        if keep:
+            _keep(plans, key, run, input, None)
+    return run(input, values, index, bias)
 
-    def sparse() -> Tensor:
-        if not _plannable(input, in_features, out_features, values, positions, bias):
-            output = nm_forward(input.reshape(-1, in_features), values, positions, n, m, bias)
+
+def _bsr_plan(input, values, index, bias, out_features, in_features):
+    """(run, keep) for a block-sparse forward: the path (CUDA: dispatch.py's decision), then the
+    dense ``F.linear``, the planned sparse launch, or the launcher at every call (not kept)."""
+    decided = routed(input)
+    if decided and dispatch.bsr_path(input, values, index) == "dense":
+        def dense(input, values, index, bias):
+            dispatch.count_path("dense")
+            return dispatch.bsr_dense(input, values, index, bias)
+
+        return dense, True
+    if not _plannable(input, in_features, out_features, values, index[0], index[1], bias):
+        def unplanned(input, values, index, bias):
+            if decided:
+                dispatch.count_path("sparse")
+            output = bsr_forward(input.reshape(-1, in_features), values, index[0], index[1], bias)
             return output.view(*input.shape[:-1], out_features)
-        rows, x, out, restore = _flat_operands(input, in_features, out_features)
-        launch_forward = plan_nm_forward(x, out, values, positions, n, m, bias)
-        run = _plan_run(launch_forward, rows, in_features, out_features, restore, input.device.type == "cuda")
-        _keep(plans, key, run, input, None)
-        launch_forward(x, out, values, positions, bias)
-        return out if restore is None else out.view(restore)
 
-    if input.device.type == "cuda":
-        return dispatch.nm_linear(input, values, positions, n, m, bias, sparse=sparse)
-    return sparse()
+        return unplanned, False
+    x, out, restore = _flat_operands(input, in_features, out_features)
+    launch_forward = plan_bsr_forward(x, out, values, index[0], index[1], bias)
+    return _sparse_run(lambda x, out, values, index, bias: launch_forward(x, out, values, index[0], index[1], bias),
+                       x.shape[0], in_features, out_features, restore, decided), True
+
+
+def _nm_plan(input, values, index, n, m, bias, out_features, in_features):
+    """(run, keep) for an N:M forward, as :func:`_bsr_plan`."""
+    decided = routed(input)
+    if decided and dispatch.nm_path(input, values, index[0], n, m) == "dense":
+        def dense(input, values, index, bias):
+            dispatch.count_path("dense")
+            return dispatch.nm_dense(input, values, index[0], n, m, bias)
+
+        return dense, True
+    if not _plannable(input, in_features, out_features, values, index[0], bias):
+        def unplanned(input, values, index, bias):
+            if decided:
+                dispatch.count_path("sparse")
+            output = nm_forward(input.reshape(-1, in_features), values, index[0], n, m, bias)
+            return output.view(*input.shape[:-1], out_features)
+
+        return unplanned, False
+    x, out, restore = _flat_operands(input, in_features, out_features)
+    launch_forward = plan_nm_forward(x, out, values, index[0], n, m, bias)
+    return _sparse_run(lambda x, out, values, index, bias: launch_forward(x, out, values, index[0], bias),
+                       x.shape[0], in_features, out_features, restore, decided), True
+
+
+def _flat_operands(input: Tensor, in_features: int, out_features: int):
+    """(x, out, restore): ``input`` as 2-D rows, an output for planning (tuning may launch into it),
+    and the output shape with input's leading dimensions (None for a 2-D input)."""
+    x = input if input.dim() == 2 else input.reshape(-1, in_features)
+    restore = None if input.dim() == 2 else (*input.shape[:-1], out_features)
+    return x, x.new_empty((x.shape[0], out_features)), restore
 
 
 def _plannable(input: Tensor, in_features: int, out_features: int, *weights: Optional[Tensor]) -> bool:
-    """Whether a plan is worth building: a non-empty output (an empty one needs no launch), and
-    contiguous weight tensors, which the planned launch passes as they are (the launchers copy
+    """Whether a sparse plan is worth building: a non-empty output (an empty one needs no launch),
+    and contiguous weight tensors, which the planned launch passes as they are (the launchers copy
     non-contiguous ones, which a plan would have to repeat at every call)."""
     return input.numel() // in_features * out_features > 0 and all(
         tensor is None or tensor.is_contiguous() for tensor in weights)
 
 
-def _plan_run(launch_forward, rows: int, in_features: int, out_features: int, restore: Optional[tuple], cuda: bool):
-    """The kept plan: the output allocation and the planned launch, nothing else."""
+def _sparse_run(launch, rows: int, in_features: int, out_features: int, restore: Optional[tuple], counted: bool):
+    """A sparse plan's call: the output allocation and the planned launch, nothing else."""
     if restore is None:
-        def run(input, *weights):
+        def run(input, values, index, bias):
             out = input.new_empty((rows, out_features))
-            launch_forward(input, out, *weights)
-            if cuda:
-                dispatch.count_sparse()
+            launch(input, out, values, index, bias)
+            if counted:
+                dispatch.count_path("sparse")
             return out
     else:
-        def run(input, *weights):
+        def run(input, values, index, bias):
             x = input.reshape(rows, in_features)
             out = x.new_empty((rows, out_features))
-            launch_forward(x, out, *weights)
-            if cuda:
-                dispatch.count_sparse()
+            launch(x, out, values, index, bias)
+            if counted:
+                dispatch.count_path("sparse")
             return out.view(restore)
     return run
