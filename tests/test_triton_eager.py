@@ -280,9 +280,10 @@ def test_a_pattern_change_in_place_builds_a_new_plan(layout, plan_builds):
     torch.testing.assert_close(after, _op_result(layer, input), rtol=0, atol=0)
 
 
-def test_tuner_changes_and_settings_rebuild_the_plan(plan_builds, monkeypatch):
+def test_tuner_changes_and_settings_rebuild_the_plan(plan_builds, monkeypatch, tmp_path):
     from sparsekernels.triton import autotune
 
+    monkeypatch.setattr(autotune, "tuner", autotune.Tuner(path=tmp_path / "first.json"))  # on a GPU it tunes
     layer = make_layer(NM(2, 4))
     input = torch.randn(4, 64, device=DEVICE)
     with torch.no_grad():
@@ -295,7 +296,7 @@ def test_tuner_changes_and_settings_rebuild_the_plan(plan_builds, monkeypatch):
         monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "1")  # the fixture set 0
         layer(input)
         assert plan_builds["built"] == 3
-        monkeypatch.setattr(autotune, "tuner", autotune.Tuner(path="/nonexistent/never-written.json"))
+        monkeypatch.setattr(autotune, "tuner", autotune.Tuner(path=tmp_path / "second.json"))
         layer(input)
         layer(input)
         assert plan_builds["built"] == 4
