@@ -30,7 +30,6 @@ from .formats.nm import validate_positions
 from .backend import resolve_backend
 from .layouts import NM, BlockSparse, Layout
 from .ops import bsr_linear, nm_linear, nm_linear_transposable
-from .ops._checks import bsr_features, check_bias, nm_features
 from .pruning import magnitude_scores, transposable_nm_mask
 
 __all__ = ["SparseLinear", "sparsify_"]
@@ -48,10 +47,9 @@ _triton_eager = None
 
 
 class _FastPathState:
-    """What the eager fast path keeps per layer: which tensors it checked, and its launch plans.
+    """What the eager fast path keeps per layer: which tensors its launch plans are for, and the plans.
 
-    ``tensor_ids`` are the ``id()`` of the layer's values, bias and index tensors when they passed
-    the op's metadata checks. An id alone could be reused by a new object once the old one is freed,
+    ``tensor_ids`` are the ``id()`` of the layer's values, bias and index tensors. An id alone could be reused by a new object once the old one is freed,
     so the state holds weak references whose callbacks mark it stale (``alive[0] = False``) when any
     of those tensors dies: while it is alive, equal ids mean the same objects, one tuple comparison
     per call. ``plans`` maps input signatures to launch plans (sparsekernels/triton/eager.py); a new
@@ -329,19 +327,13 @@ class SparseLinear(nn.Module):
         )
 
     def _fast_path_plans(self, values: Tensor, bias: Optional[Tensor], index: tuple) -> dict:
-        """The fast path's launch plans for these tensors. When one of them is a new object
-        (``.to()``, ``load_state_dict``, an assignment) the op's metadata checks (dtype, device,
-        shapes) run on them first and the plans start afresh; in-place writes cannot change
-        metadata. Raises the op's error for a bad tensor."""
+        """The fast path's launch plans for these tensors: the layer's, unless one of them is a new
+        object (``.to()``, ``load_state_dict``, an assignment), which starts them afresh; the op's
+        metadata checks run whenever a plan is built (sparsekernels/triton/eager.py)."""
         tensors = (values, bias, *index)
         state = _fast_path_state.get(self)
         if state is not None and state.alive[0] and state.tensor_ids == tuple(map(id, tensors)):
             return state.plans
-        if isinstance(self.layout, BlockSparse):
-            out_features, _ = bsr_features(values, *index)
-        else:
-            out_features, _ = nm_features(values, index[0], self.layout.n, self.layout.m)
-        check_bias(bias, values, out_features)
         state = _fast_path_state[self] = _FastPathState(tensors)
         return state.plans
 

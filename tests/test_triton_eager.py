@@ -172,14 +172,15 @@ def test_pattern_update_is_seen(paths):
     assert paths["fast"] == 2
 
 
-def test_layer_tensors_are_checked_once_and_again_when_replaced(paths, monkeypatch):
-    """The fast path runs the op's metadata checks on the layer's own tensors once, and again when
-    one of them is a new object; a bad replacement gets the op's error, not a kernel launch."""
-    import sparsekernels.nn as sk_nn
+def test_layer_tensors_are_checked_once_and_again_when_replaced(paths, plan_builds, monkeypatch):
+    """The fast path runs the op's metadata checks on the layer's own tensors when it builds a plan:
+    once, and again when one of them is a new object; a bad replacement gets the op's error before
+    any plan or launch."""
+    from sparsekernels.triton import eager
 
     calls = []
-    check = sk_nn.bsr_features
-    monkeypatch.setattr(sk_nn, "bsr_features", lambda *args: calls.append(1) or check(*args))
+    check = eager.bsr_features
+    monkeypatch.setattr(eager, "bsr_features", lambda *args: calls.append(1) or check(*args))
     layer = make_layer(BlockSparse(16, 0.5))
     input = torch.randn(3, 64, device=DEVICE)
     with torch.no_grad():
@@ -188,23 +189,38 @@ def test_layer_tensors_are_checked_once_and_again_when_replaced(paths, monkeypat
         assert len(calls) == 1
         layer.block_col_indices = layer.block_col_indices.clone()  # same metadata, new object
         layer(input)
-        assert len(calls) == 2 and paths == {"op": 0, "fast": 3}
+        assert len(calls) == 2 and paths == {"op": 0, "fast": 3} and plan_builds["built"] == 2
         layer.block_col_indices = layer.block_col_indices.long()  # no longer the offsets' dtype
         with pytest.raises(TypeError, match="block_col_indices must have the dtype of block_row_offsets"):
             layer(input)
-    assert paths["fast"] == 3
+    assert plan_builds["built"] == 2 and paths["op"] == 0
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
-def test_replaced_bias_of_another_dtype_gets_the_op_error(layout, paths):
+def test_a_weight_reshaped_through_data_gets_the_op_error(layout, plan_builds):
+    """``.data`` keeps the Parameter object; a values tensor of another shape is a new plan key, and
+    building that plan runs the op's checks: the op's error, not a launch with a stale size."""
+    layer = make_layer(layout)
+    input = torch.randn(3, 64, device=DEVICE)
+    with torch.no_grad():
+        layer(input)
+        layer.values.data = layer.values.data[:-1].clone()  # one block / output row fewer
+        with pytest.raises(ValueError):
+            layer(input)
+    assert plan_builds["built"] == 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_replaced_bias_of_another_dtype_gets_the_op_error(layout, paths, plan_builds):
     layer = make_layer(layout)
     with torch.no_grad():
         layer.bias = torch.nn.Parameter(layer.bias.half())
         with pytest.raises(TypeError, match="same dtype"):
             layer(torch.randn(3, 64, device=DEVICE))
+        assert plan_builds["built"] == 0  # the check comes before any plan
         layer.bias = None
         output = layer(torch.randn(3, 64, device=DEVICE))
-    assert output.shape == (3, 48) and paths["fast"] == 1
+    assert output.shape == (3, 48) and plan_builds["built"] == 1 and paths["op"] == 0
 
 
 # ---------------------------------------------------------------------------------- launch plans

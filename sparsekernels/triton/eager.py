@@ -18,8 +18,9 @@ When. :func:`applies` is True only for plain eager inference:
 * ``SPARSEKERNELS_EAGER_FAST_PATH`` is not ``0``.
 
 Anything else, including every bad input, takes the op path, which raises the documented
-errors. The layer's own tensors get the op's metadata checks once per tensor object (SparseLinear
-re-runs them when one is replaced), so a bad replacement raises the same errors. The fast path runs
+errors. The layer's own tensors get the op's metadata checks whenever a launch plan is built (see
+below: at the first call, and again when a tensor is replaced or changes dtype, shape or device),
+so a bad replacement raises the same errors. The fast path runs
 exactly what the op would run on these arguments: on CUDA the dense-fallback decision (dispatch.py)
 and then the sparse launcher or ``F.linear``; on CPU tensors (the interpreter, in tests) the sparse
 launcher.
@@ -27,7 +28,9 @@ launcher.
 Launch plans. The launcher's host work (sizes, tuning key and lookup, program order, grid, the
 kernel's integer and constexpr arguments) gives the same answer at every call with the same
 operands, so the fast path keeps it: per layer (in SparseLinear's fast-path state, dropped when a
-tensor of the layer is replaced) and per *key* ``(input shape, input strides, dtype, values shape)``,
+tensor of the layer is replaced) and per *key* ``(input shape, strides, dtype and device, values
+shape)``, so that a change of the weight's dtype, shape or device through ``.data`` (which
+``nn.Module.to`` / ``.half()`` use for parameters, keeping the objects) also builds a new plan,
 a plan holds the planned launch (``plan_bsr_forward`` / ``plan_nm_forward``) and a *stamp* of what
 its decisions depend on beyond the key, checked at every call; a plan whose stamp differs is built
 again. The stamp: the tuner object and its ``generation`` (bumped when a stored configuration or
@@ -40,9 +43,10 @@ allocation and the planned launch. A sparse plan is kept only with contiguous we
 non-empty output (otherwise the launcher runs at every call); no plan is kept while a CUDA graph is
 being captured, for an inference-mode index (no version counter) or with a tuner stand-in that has
 no ``generation``. At most
-:data:`MAX_PLANS_PER_LAYER` are kept per layer (then they start afresh). Not seen, as anywhere in
-the fast path: a tensor's storage replaced through ``.data`` by hand (``set_pattern``, ``.to()``
-and ``load_state_dict`` are seen).
+:data:`MAX_PLANS_PER_LAYER` are kept per layer (then they start afresh). Not seen: index *contents*
+replaced by hand through ``.data`` (``set_pattern``, ``.to()`` and ``load_state_dict`` are seen);
+as on the op path, contents are validated when a pattern is set and the kernels clamp every index
+they read, so such a layer gives wrong numbers, never an access outside its tensors.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import bsr_features, check_bias, nm_features
 from . import autotune, dispatch
 from .bsr_forward import bsr_forward, plan_bsr_forward
 from .nm_forward import nm_forward, plan_nm_forward
@@ -151,7 +156,7 @@ def bsr_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, bias: O
                out_features: int, in_features: int) -> Tensor:
     """``sparsekernels.ops.bsr_linear`` on arguments for which :func:`applies` holds (``index``: the
     five index tensors in op order); ``plans`` is the layer's plan dict."""
-    key = (input.shape, input.stride(), input.dtype, values.shape)
+    key = (input.shape, input.stride(), input.dtype, input.device, values.shape)
     run = _lookup(plans, key, input, index[0])
     if run is None:
         run, keep = _bsr_plan(input, values, index, bias, out_features, in_features)
@@ -164,7 +169,7 @@ def nm_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, n: int, 
               out_features: int, in_features: int) -> Tensor:
     """``sparsekernels.ops.nm_linear`` on arguments for which :func:`applies` holds (``index``:
     ``(positions,)``); ``plans`` as in :func:`bsr_linear`."""
-    key = (input.shape, input.stride(), input.dtype, values.shape)
+    key = (input.shape, input.stride(), input.dtype, input.device, values.shape)
     run = _lookup(plans, key, input, None)
     if run is None:
         run, keep = _nm_plan(input, values, index, n, m, bias, out_features, in_features)
@@ -174,8 +179,10 @@ def nm_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, n: int, 
 
 
 def _bsr_plan(input, values, index, bias, out_features, in_features):
-    """(run, keep) for a block-sparse forward: the path (CUDA: dispatch.py's decision), then the
-    dense ``F.linear``, the planned sparse launch, or the launcher at every call (not kept)."""
+    """(run, keep) for a block-sparse forward: the op's metadata checks of the layer's tensors, the
+    path (CUDA: dispatch.py's decision), then the dense ``F.linear``, the planned sparse launch, or
+    the launcher at every call (not kept)."""
+    check_bias(bias, values, bsr_features(values, *index)[0])
     decided = routed(input)
     if decided and dispatch.bsr_path(input, values, index) == "dense":
         def dense(input, values, index, bias):
@@ -199,6 +206,7 @@ def _bsr_plan(input, values, index, bias, out_features, in_features):
 
 def _nm_plan(input, values, index, n, m, bias, out_features, in_features):
     """(run, keep) for an N:M forward, as :func:`_bsr_plan`."""
+    check_bias(bias, values, nm_features(values, index[0], n, m)[0])
     decided = routed(input)
     if decided and dispatch.nm_path(input, values, index[0], n, m) == "dense":
         def dense(input, values, index, bias):
