@@ -488,3 +488,36 @@ def test_a_sparse_decision_is_kept_in_the_plan(layout, routed, plan_builds, monk
     expected = _op_result(layer, input)
     for output in outputs:
         torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS + [NM(1, 4)], ids=layout_id)
+@pytest.mark.parametrize("rows", [1, 16, 40])
+def test_cuda_graph_capture_and_replay(layout, rows, plan_builds):
+    """Decode loops capture the layer in a CUDA graph: warm-up calls keep a plan, calls during
+    capture plan afresh without keeping anything made there, replays follow new inputs, and eager
+    calls after the capture still use the kept plan."""
+    layer = SparseLinear(256, 128, layout, dtype=torch.bfloat16).cuda()
+    static_input = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                layer(static_input)
+        torch.cuda.current_stream().wait_stream(stream)
+        kept = plan_builds["built"]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = layer(static_input)
+        for _ in range(3):
+            new_input = torch.randn_like(static_input)
+            static_input.copy_(new_input)
+            graph.replay()
+            torch.cuda.synchronize()
+            expected = _op_result(layer, new_input)
+            assert_close(static_output, expected, torch.bfloat16, "replayed output")
+        built_after_capture = plan_builds["built"]
+        torch.testing.assert_close(layer(static_input), static_output, rtol=0, atol=0)
+        assert plan_builds["built"] == built_after_capture  # the warm-up plan, still kept
+    assert kept == 1
