@@ -243,14 +243,10 @@ def plan_nm_forward_small_m(x: Tensor, out: Tensor, values: Tensor, positions: T
 def nm_forward_small_m(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
                        bias: Optional[Tensor]) -> Tensor:
     """``x @ W.T (+ bias)`` for 2-D ``x[rows, in_features]`` with ``rows <= SMALL_M_MAX_ROWS`` (any
-    strides); returns a contiguous ``[rows, out_features]`` tensor of x's dtype."""
-    rows = x.shape[0]
-    if rows > SMALL_M_MAX_ROWS:
-        raise ValueError(f"nm_forward_small_m takes at most {SMALL_M_MAX_ROWS} rows, got {rows}")
-    out = x.new_empty((rows, values.shape[0]))
-    if out.numel() == 0:
-        return out
-    values, positions = values.contiguous(), positions.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    plan_nm_forward_small_m(x, out, values, positions, n, m, bias)(x, out, values, positions, bias)
-    return out
+    strides); returns a contiguous ``[rows, out_features]`` tensor of x's dtype. The same as
+    ``nm_forward`` on these rows (which plans them here), with the row limit enforced."""
+    from .nm_forward import nm_forward
+
+    if x.shape[0] > SMALL_M_MAX_ROWS:
+        raise ValueError(f"nm_forward_small_m takes at most {SMALL_M_MAX_ROWS} rows, got {x.shape[0]}")
+    return nm_forward(x, values, positions, n, m, bias)
