@@ -352,16 +352,23 @@ def test_a_tuned_configuration_is_planned_once(plan_builds, monkeypatch, tmp_pat
     torch.testing.assert_close(first, _op_result(layer, input), rtol=0, atol=0)
 
 
-def test_inference_mode_layers_keep_no_plan(plan_builds):
-    """Index tensors made under inference_mode have no version counter: nothing to stamp a plan with."""
+def test_inference_mode_layers_keep_their_plan(plan_builds):
+    """Index tensors made under inference_mode have no version counter: the plan is kept all the
+    same, and a pattern rewritten in place keeps the old program order (a permutation of the block
+    rows: the results stay right)."""
     with torch.inference_mode():
         layer = make_layer(BlockSparse(16, 0.5))
         input = torch.randn(4, 64, device=DEVICE)
         outputs = [layer(input) for _ in range(2)]
         expected = F.linear(input, layer.dense_weight(), layer.bias)
-    assert plan_builds["built"] == 2
-    for output in outputs:
-        assert_close(output, expected, torch.float32, "output")
+        for output in outputs:
+            assert_close(output, expected, torch.float32, "output")
+        torch.manual_seed(3)
+        block_mask = layer.matrix.block_mask()
+        layer.set_pattern(block_mask[torch.randperm(block_mask.shape[0])])  # in place: same count
+        after = layer(input)
+        assert_close(after, F.linear(input, layer.dense_weight(), layer.bias), torch.float32, "after set_pattern")
+    assert plan_builds["built"] == 1
 
 
 def test_plans_per_layer_are_bounded(plan_builds, monkeypatch):

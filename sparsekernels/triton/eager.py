@@ -41,8 +41,10 @@ flag. On CUDA a plan holds dispatch.py's decision: a *dense* plan is ``F.linear`
 cached dense weight (which follows the values by its own stamp), a *sparse* plan the output
 allocation and the planned launch. A sparse plan is kept only with contiguous weight tensors and a
 non-empty output (otherwise the launcher runs at every call); no plan is kept while a CUDA graph is
-being captured, for an inference-mode index (no version counter) or with a tuner stand-in that has
-no ``generation``. At most
+being captured or with a tuner stand-in that has no ``generation``. An index made under
+``torch.inference_mode`` has no version counter: its plans are kept, and a pattern rewritten in
+place keeps the old program order, which is still a permutation of the block rows (results stay
+right, the balance is the old pattern's). At most
 :data:`MAX_PLANS_PER_LAYER` are kept per layer (then they start afresh). Not seen: index *contents*
 replaced by hand through ``.data`` (``set_pattern``, ``.to()`` and ``load_state_dict`` are seen);
 as on the op path, contents are validated when a pattern is set and the kernels clamp every index
@@ -107,9 +109,8 @@ MAX_PLANS_PER_LAYER = 32
 
 def _plan_stamp(input: Tensor, block_row_offsets: Optional[Tensor]) -> Optional[tuple]:
     """What a kept plan's decisions depend on beyond its key (see the module docstring); None when
-    a plan must not be kept: a tuner without a ``generation`` (a stand-in), an inference-mode index
-    (no version counter), or a CUDA graph being captured (an order computed there holds its values
-    only once the graph replays)."""
+    a plan must not be kept: a tuner without a ``generation`` (a stand-in), or a CUDA graph being
+    captured (an order computed there holds its values only once the graph replays)."""
     tuner = autotune.tuner
     generation = getattr(tuner, "generation", None)
     if generation is None:
@@ -118,8 +119,11 @@ def _plan_stamp(input: Tensor, block_row_offsets: Optional[Tensor]) -> Optional[
     if block_row_offsets is not None:
         try:
             stamp += (block_row_offsets._version,)
-        except RuntimeError:  # inference tensors have no version counter
-            return None
+        except RuntimeError:
+            # An inference-mode index has no version counter: a pattern rewritten in place is not
+            # seen, and the plan keeps the old program order. That order is still a permutation of
+            # the block rows, so results stay right; only the load balance is the old pattern's.
+            stamp += (None,)
     if input.device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return None
