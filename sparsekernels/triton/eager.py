@@ -17,38 +17,38 @@ When. :func:`applies` is True only for plain eager inference:
   and device and ``in_features`` last; values and bias are plain tensors or Parameters;
 * ``SPARSEKERNELS_EAGER_FAST_PATH`` is not ``0``.
 
-Anything else, including every bad input, takes the op path, which raises the documented
-errors. The layer's own tensors get the op's metadata checks whenever a launch plan is built (see
-below: at the first call, and again when a tensor is replaced or changes dtype, shape or device),
-so a bad replacement raises the same errors. The fast path runs
-exactly what the op would run on these arguments: on CUDA the dense-fallback decision (dispatch.py)
-and then the sparse launcher or ``F.linear``; on CPU tensors (the interpreter, in tests) the sparse
-launcher.
+Anything else, including every bad input, takes the op path, which raises the documented errors.
+The fast path runs exactly what the op would run on these arguments: on CUDA the dense-fallback
+decision (dispatch.py), then the sparse launcher or ``F.linear``; on CPU tensors (the interpreter,
+in tests) the sparse launcher.
 
 Launch plans. The launcher's host work (sizes, tuning key and lookup, program order, grid, the
 kernel's integer and constexpr arguments) gives the same answer at every call with the same
-operands, so the fast path keeps it: per layer (in SparseLinear's fast-path state, dropped when a
-tensor of the layer is replaced) and per *key* ``(input shape, strides, dtype and device, values
-shape)``, so that a change of the weight's dtype, shape or device through ``.data`` (which
-``nn.Module.to`` / ``.half()`` use for parameters, keeping the objects) also builds a new plan,
-a plan holds the planned launch (``plan_bsr_forward`` / ``plan_nm_forward``) and a *stamp* of what
-its decisions depend on beyond the key, checked at every call; a plan whose stamp differs is built
-again. The stamp: the tuner object and its ``generation`` (bumped when a stored configuration or
-dispatch decision appears or memory is cleared), ``SPARSEKERNELS_AUTOTUNE``, for block layouts the
-version counter of ``block_row_offsets`` (the program order is of that pattern; ``set_pattern``
-rewrites it in place), and on CUDA ``SPARSEKERNELS_DENSE_FALLBACK`` and, for float32, torch's TF32
-flag. On CUDA a plan holds dispatch.py's decision: a *dense* plan is ``F.linear`` on dispatch.py's
-cached dense weight (which follows the values by its own stamp), a *sparse* plan the output
-allocation and the planned launch. A sparse plan is kept only with contiguous weight tensors and a
-non-empty output (otherwise the launcher runs at every call); no plan is kept while a CUDA graph is
-being captured or with a tuner stand-in that has no ``generation``. An index made under
-``torch.inference_mode`` has no version counter: its plans are kept, and a pattern rewritten in
-place keeps the old program order, which is still a permutation of the block rows (results stay
-right, the balance is the old pattern's). At most
-:data:`MAX_PLANS_PER_LAYER` are kept per layer (then they start afresh). Not seen: index *contents*
-replaced by hand through ``.data`` (``set_pattern``, ``.to()`` and ``load_state_dict`` are seen);
-as on the op path, contents are validated when a pattern is set and the kernels clamp every index
-they read, so such a layer gives wrong numbers, never an access outside its tensors.
+operands, so the fast path keeps it as a *plan*, per layer (SparseLinear's fast-path state, which
+starts afresh when a tensor of the layer is replaced) and per *key*: input shape, strides, dtype
+and device, and the values' shape. A weight whose dtype, shape or device changes through ``.data``
+(as ``nn.Module.to`` and ``.half()`` do for parameters, keeping the objects) therefore gets a new
+plan too. Building a plan runs the op's metadata checks on the layer's tensors, so a bad
+replacement raises the op's error before any launch.
+
+* A *sparse* plan is the output allocation and the planned launch (``plan_bsr_forward`` /
+  ``plan_nm_forward``); a *dense* plan (CUDA, when dispatch.py decided so) is ``F.linear`` on
+  dispatch.py's cached dense weight, which follows in-place value updates by its own stamp.
+* Each plan carries a *stamp* of what its decisions depend on beyond the key, compared at every
+  call (a differing stamp builds the plan again): the tuner object and its ``generation`` (bumped
+  when a configuration or decision is stored, or memory cleared), ``SPARSEKERNELS_AUTOTUNE``, for
+  block layouts the version counter of ``block_row_offsets`` (the program order is that pattern's;
+  ``set_pattern`` rewrites it in place), and on CUDA ``SPARSEKERNELS_DENSE_FALLBACK`` and, for
+  float32, torch's TF32 flag.
+* Not kept: sparse plans over non-contiguous weights or with an empty output (the launcher runs at
+  every call), plans built during CUDA graph capture, plans under a tuner stand-in without a
+  ``generation``. At most :data:`MAX_PLANS_PER_LAYER` per layer (then they start afresh).
+* An index made under ``torch.inference_mode`` has no version counter: its plans are kept, and an
+  in-place pattern change keeps the old program order, still a permutation of the block rows
+  (results stay right; only the load balance is the old pattern's).
+* Not seen: index *contents* replaced by hand through ``.data``. As on the op path, contents are
+  validated when a pattern is set and the kernels clamp every index they read, so such a layer
+  gives wrong numbers, never an access outside its tensors.
 """
 
 from __future__ import annotations
