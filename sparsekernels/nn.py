@@ -49,10 +49,10 @@ _triton_eager = None
 class _FastPathState:
     """What the eager fast path keeps per layer: which tensors its launch plans are for, and the plans.
 
-    ``tensor_ids`` are the ``id()`` of the layer's values, bias and index tensors. An id alone could be reused by a new object once the old one is freed,
-    so the state holds weak references whose callbacks mark it stale (``alive[0] = False``) when any
-    of those tensors dies: while it is alive, equal ids mean the same objects, one tuple comparison
-    per call. ``plans`` maps input signatures to launch plans (sparsekernels/triton/eager.py); a new
+    ``tensor_ids`` are the ``id()`` of the layer's values, bias and index tensors. An id alone could
+    be reused by a new object once the old one is freed, so the state holds weak references whose
+    callbacks mark it stale (``alive[0] = False``) when any of those tensors dies: while it is alive,
+    equal ids mean the same objects, one tuple comparison per call. ``plans`` maps input signatures to launch plans (sparsekernels/triton/eager.py); a new
     state (new tensors) starts with none.
     """
 
