@@ -16,15 +16,25 @@ for SparseLinear (the eager fast path of sparsekernels/triton/eager.py where it 
 layer with the fast path switched off (``SPARSEKERNELS_EAGER_FAST_PATH=0``: the op path), dense
 ``nn.Linear``, and torch's BSR (``to_sparse_bsr`` + ``F.linear``) for block layouts. On CPU there is
 no kernel time: ``eager_us`` is the whole call. Results go to the terminal and ``overhead.json``.
+
+``--host-only`` measures the host's own Python work per call on any machine, no GPU needed: the
+Triton backend's forward launchers run with their kernel launches replaced by a no-op (on CPU the
+kernels are defined for the interpreter, and never run), for SparseLinear's fast path and op path.
+What it leaves out is the launch itself (``_common.launch``, about 2 µs, and Triton's launcher);
+the outputs are left unwritten. It tracks host-cost regressions between GPU visits; the budget is
+judged on the GPU host with the launch included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import importlib
 import os
 import warnings
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from unittest import mock
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -32,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
+import sparsekernels
+import sparsekernels.triton
 from sparsekernels import BlockSparse, SparseLinear
 
 from .cases import dtype_name, layout_label, parse_dtype, parse_layout, parse_shape
@@ -93,7 +105,27 @@ def _contenders(layer: SparseLinear, x: torch.Tensor) -> dict[str, Callable[[], 
     return contenders
 
 
-def measure_cell(shape: tuple[int, int], layout, rows: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
+# The launchers a SparseLinear inference forward reaches (each imports ``launch`` by name).
+FORWARD_LAUNCHERS = ("bsr_forward", "nm_forward", "nm_forward_small_m")
+
+
+@contextmanager
+def launches_stubbed():
+    """Kernel launches of the Triton forward launchers replaced by a no-op (``--host-only``)."""
+    with ExitStack() as stack:
+        for name in FORWARD_LAUNCHERS:
+            module = importlib.import_module(f"sparsekernels.triton.{name}")
+            stack.enter_context(mock.patch.object(module, "launch", lambda kernel, grid, *args, **kwargs: None))
+        yield
+
+
+def _host_only_contenders(layer: SparseLinear, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    return {"SparseLinear (host only)": lambda: layer(x),
+            "SparseLinear (op path, host only)": _fast_path_off(lambda: layer(x))}
+
+
+def measure_cell(shape: tuple[int, int], layout, rows: int, dtype: torch.dtype, device: torch.device,
+                 host_only: bool = False) -> list[dict]:
     out_features, in_features = shape
     torch.manual_seed(0)
     layer = SparseLinear(in_features, out_features, layout, dtype=dtype, device=device).eval()
@@ -101,15 +133,16 @@ def measure_cell(shape: tuple[int, int], layout, rows: int, dtype: torch.dtype, 
     cell = {"shape": f"{out_features}x{in_features}", "layout": layout_label(layout), "M": rows,
             "dtype": dtype_name(dtype)}
     rows_out = []
-    with torch.no_grad():
-        for name, fn in _contenders(layer, x).items():
+    contenders = _host_only_contenders(layer, x) if host_only else _contenders(layer, x)
+    with torch.no_grad(), (launches_stubbed() if host_only else ExitStack()):
+        for name, fn in contenders.items():
             row = {**cell, "implementation": name, "eager_us": None, "kernel_us": None, "overhead_us": None,
                    "error": None}
             try:
                 if fn is None:
                     raise RuntimeError("torch cannot convert this weight to BSR here")
                 row["eager_us"] = _eager_us(fn, device)
-                if device.type == "cuda":
+                if device.type == "cuda" and not host_only:
                     row["kernel_us"] = _kernel_us(fn)
                     row["overhead_us"] = max(row["eager_us"] - row["kernel_us"], 0.0)
             except Exception as error:  # a contender that cannot run records why
@@ -124,7 +157,8 @@ def _fmt(value: Optional[float]) -> str:
 
 def print_rows(rows: list[dict], environment: dict, console) -> None:
     where = (environment.get("gpu") or {}).get("name") if environment["device"] == "cuda" else environment["cpu_model"]
-    table = Table(title=f"eager call cost on {where}, backend {environment['sparsekernels_backend']} "
+    what = "host Python work (kernel launches stubbed out)" if environment.get("host_only") else "eager call cost"
+    table = Table(title=f"{what} on {where}, backend {environment['sparsekernels_backend']} "
                   "(µs per call, torch.no_grad)")
     for column in ("shape", "layout", "M", "dtype", "implementation", "eager", "kernel", "overhead", "error"):
         table.add_column(column)
@@ -142,16 +176,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--m", type=lambda text: [int(part) for part in text.split(",")])
     parser.add_argument("--dtype", type=lambda text: [parse_dtype(part) for part in text.split(",")])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    parser.add_argument("--host-only", action="store_true",
+                        help="the host's Python work per call on the Triton backend, kernel launches stubbed out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    previous_backend = sparsekernels.get_backend()
+    if args.host_only:
+        if device.type == "cpu":
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels defined for the interpreter, never run
+        reason = sparsekernels.triton.unavailable_reason()
+        if reason is not None:
+            parser.error(f"--host-only needs the Triton backend: {reason}")
+        sparsekernels.set_backend("triton")
+    try:
+        return _run(args, device)
+    finally:
+        sparsekernels.set_backend(previous_backend)
+
+
+def _run(args, device: torch.device) -> int:
     shapes = args.shapes or DEFAULTS["shapes"]
     layouts = args.layouts or [parse_layout(text) for text in DEFAULTS["layouts"]]
     dtypes = args.dtype or [torch.bfloat16 if device.type == "cuda" else torch.float32]
     environment = collect_environment(device)
     rows = [row for shape in shapes for layout in layouts for m in (args.m or DEFAULTS["m"]) for dtype in dtypes
-            for row in measure_cell(shape, layout, m, dtype, device)]
+            for row in measure_cell(shape, layout, m, dtype, device, host_only=args.host_only)]
+    environment["host_only"] = args.host_only
     console = wide_console()
     print_rows(rows, environment, console)
     args.out.mkdir(parents=True, exist_ok=True)

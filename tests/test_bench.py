@@ -6,6 +6,7 @@ not checked, only that every cell is measured, checked and recorded as the harne
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -562,3 +563,39 @@ def test_overhead_subcommand_times_every_contender(tmp_path):
     for row in rows:
         assert row["error"] is None and row["eager_us"] > 0, row
         assert row["kernel_us"] is None and row["overhead_us"] is None
+
+
+def test_overhead_host_only_stubs_the_launches(tmp_path, monkeypatch):
+    """--host-only: SparseLinear's two paths on the Triton backend with the forward launches stubbed
+    out (no kernel runs, so no output is written), times recorded, the backend restored after."""
+    from bench import overhead
+
+    import sparsekernels
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    stubbed = []
+    real = overhead.launches_stubbed
+
+    @contextlib.contextmanager
+    def counting():
+        with real():
+            from sparsekernels.triton import nm_forward_small_m
+
+            stubbed.append(nm_forward_small_m.launch)
+            yield
+
+    monkeypatch.setattr(overhead, "launches_stubbed", counting)
+    previous = sparsekernels.get_backend()
+    assert cli.main(["overhead", "--host-only", "--device", "cpu", "--shapes", "64x64", "--layouts", "b16d0.5,2:4",
+                     "--m", "2", "--out", str(tmp_path)]) == 0
+    assert sparsekernels.get_backend() == previous
+    document = json.loads((tmp_path / "overhead.json").read_text())
+    assert document["environment"]["host_only"] is True
+    assert document["environment"]["sparsekernels_backend"] == "triton"
+    rows = document["rows"]
+    assert [row["implementation"] for row in rows] == ["SparseLinear (host only)", "SparseLinear (op path, host only)"] * 2
+    for row in rows:
+        assert row["error"] is None and row["eager_us"] > 0, row
+        assert row["kernel_us"] is None
+    assert len(stubbed) == 2 and all(launch(None, (1,)) is None for launch in stubbed)
