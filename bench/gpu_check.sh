@@ -83,6 +83,10 @@ bench() {
     "$PY" -m bench overhead --device cuda --shapes 4096x4096,14336x4096 --layouts b64d0.1,2:4 --m 1,16 \
         --dtype bfloat16 --out "$dir"
     cp "$dir/overhead.json" "$OUT/${name%-quick.json}-overhead.json"
+    # The host's Python work alone (launches stubbed): its table goes to bench.txt; eager minus
+    # this is the launch itself (_common.launch and Triton's launcher).
+    "$PY" -m bench overhead --host-only --device cuda --shapes 4096x4096 --layouts b64d0.1,2:4 --m 1,16 \
+        --dtype bfloat16 --out "$dir/host-only"
 }
 
 export OUT PY

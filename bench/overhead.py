@@ -21,8 +21,10 @@ no kernel time: ``eager_us`` is the whole call. Results go to the terminal and `
 Triton backend's forward launchers run with their kernel launches replaced by a no-op (on CPU the
 kernels are defined for the interpreter, and never run), for SparseLinear's fast path and op path.
 What it leaves out is the launch itself (``_common.launch``, about 2 µs, and Triton's launcher);
-the outputs are left unwritten. It tracks host-cost regressions between GPU visits; the budget is
-judged on the GPU host with the launch included.
+the outputs are left unwritten. A tuner of its own that never measures stands in meanwhile
+(heuristic configurations, the sparse path), so nothing is tuned on stubs or stored. It tracks
+host-cost regressions between GPU visits; the budget is judged on the GPU host with the launch
+included.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import json
 import importlib
 import os
+import tempfile
 import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -182,18 +185,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    previous_backend = sparsekernels.get_backend()
-    if args.host_only:
-        if device.type == "cpu":
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels defined for the interpreter, never run
-        reason = sparsekernels.triton.unavailable_reason()
-        if reason is not None:
-            parser.error(f"--host-only needs the Triton backend: {reason}")
-        sparsekernels.set_backend("triton")
-    try:
+    if not args.host_only:
         return _run(args, device)
-    finally:
-        sparsekernels.set_backend(previous_backend)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels defined for the interpreter, never run
+    reason = sparsekernels.triton.unavailable_reason()
+    if reason is not None:
+        parser.error(f"--host-only needs the Triton backend: {reason}")
+    from sparsekernels.triton import autotune
+
+    previous_backend, previous_tuner = sparsekernels.get_backend(), autotune.tuner
+    # A tuner of its own that never measures: timing stubbed launches would store meaningless
+    # configurations and dense-fallback decisions, in memory and in the tuning cache file.
+    with tempfile.TemporaryDirectory() as scratch:
+        autotune.tuner = autotune.Tuner(path=Path(scratch) / "tune.json", measurable=lambda device, tensors: False)
+        sparsekernels.set_backend("triton")
+        try:
+            return _run(args, device)
+        finally:
+            sparsekernels.set_backend(previous_backend)
+            autotune.tuner = previous_tuner
 
 
 def _run(args, device: torch.device) -> int:

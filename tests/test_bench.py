@@ -579,17 +579,20 @@ def test_overhead_host_only_stubs_the_launches(tmp_path, monkeypatch):
 
     @contextlib.contextmanager
     def counting():
-        with real():
-            from sparsekernels.triton import nm_forward_small_m
+        from sparsekernels.triton import autotune, nm_forward_small_m
 
+        with real():
             stubbed.append(nm_forward_small_m.launch)
+            assert not autotune.tuner.measurable(torch.device("cuda"), ())  # never times the stubs
             yield
 
     monkeypatch.setattr(overhead, "launches_stubbed", counting)
-    previous = sparsekernels.get_backend()
+    from sparsekernels.triton import autotune
+
+    previous, previous_tuner = sparsekernels.get_backend(), autotune.tuner
     assert cli.main(["overhead", "--host-only", "--device", "cpu", "--shapes", "64x64", "--layouts", "b16d0.5,2:4",
                      "--m", "2", "--out", str(tmp_path)]) == 0
-    assert sparsekernels.get_backend() == previous
+    assert sparsekernels.get_backend() == previous and autotune.tuner is previous_tuner
     document = json.loads((tmp_path / "overhead.json").read_text())
     assert document["environment"]["host_only"] is True
     assert document["environment"]["sparsekernels_backend"] == "triton"
