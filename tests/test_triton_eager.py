@@ -528,3 +528,24 @@ def test_cuda_graph_capture_and_replay(layout, rows, plan_builds):
         torch.testing.assert_close(layer(static_input), static_output, rtol=0, atol=0)
         assert plan_builds["built"] == built_after_capture  # the warm-up plan, still kept
     assert kept == 1
+
+
+def test_the_default_device_context_keeps_the_fast_path(paths):
+    """``with torch.device(...)`` and ``torch.set_default_device`` are common in inference scripts;
+    their mode only fills in factory devices, so the fast path still applies (any other function
+    mode takes the op)."""
+    layer = make_layer(NM(2, 4))
+    input = torch.randn(3, 64, device=DEVICE)
+    expected = _op_result(layer, input)
+    with torch.no_grad():
+        with torch.device(DEVICE):
+            torch.testing.assert_close(layer(input), expected, rtol=0, atol=0)
+        previous, had_default = torch.get_default_device(), torch._C._len_torch_function_stack() > 0
+        torch.set_default_device(DEVICE)
+        try:
+            torch.testing.assert_close(layer(input), expected, rtol=0, atol=0)
+            with torch.device(DEVICE):  # a second DeviceContext on the stack
+                torch.testing.assert_close(layer(input), expected, rtol=0, atol=0)
+        finally:
+            torch.set_default_device(previous if had_default else None)
+    assert paths["fast"] == 3 and paths["op"] == 1

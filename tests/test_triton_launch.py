@@ -122,3 +122,24 @@ def test_while_compiling_takes_wrap_triton(kernel, wrapped, monkeypatch):
 def test_meta_tensors_launch_nothing(kernel, wrapped):
     _common.launch(kernel, (1,), torch.empty(4, 8, device="meta"), torch.empty(4, 8, device="meta"), 32, BLOCK=16)
     assert kernel.runs == [] and wrapped == []
+
+
+def test_the_default_device_context_launches_directly(kernel, wrapped):
+    """``with torch.device(...)`` / ``torch.set_default_device`` push a DeviceContext function mode,
+    which traces nothing: launches stay direct under it, alone; with another mode above, wrapped."""
+    x, out = torch.randn(4, 8), torch.empty(4, 8)
+    with torch.device("cpu"):
+        _common.launch(kernel, (1,), x, out, 32, BLOCK=16)
+        assert wrapped == [] and len(kernel.runs) == 1
+        with _PassThroughFunction():
+            _common.launch(kernel, (1,), x, out, 32, BLOCK=16)
+        assert wrapped == [kernel]
+    previous, had_default = torch.get_default_device(), torch._C._len_torch_function_stack() > 0
+    torch.set_default_device("cpu")
+    try:
+        _common.launch(kernel, (1,), x, out, 32, BLOCK=16)
+        with torch.device("cpu"):  # a second DeviceContext on the stack
+            _common.launch(kernel, (1,), x, out, 32, BLOCK=16)
+    finally:
+        torch.set_default_device(previous if had_default else None)
+    assert wrapped == [kernel] and len(kernel.runs) == 3

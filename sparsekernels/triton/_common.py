@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
+from torch.utils._device import DeviceContext
 from triton.runtime.interpreter import InterpretedFunction
 
 from .autotune import Config, density_bucket, m_bucket  # noqa: F401  (re-exported for the launchers)
@@ -66,9 +67,10 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     instead of running it; called outside a ``triton_op`` body, as the eager fast path (eager.py)
     does, it dispatches that higher-order op even with nothing tracing, about 40 µs of host time per
     launch, and inside one it still builds a wrapper per call (about 4 µs). So the kernel is called
-    directly (about 0.6 µs) when nothing can be tracing: not compiling, no TorchFunctionMode or
-    TorchDispatchMode active (make_fx, FakeTensorMode, functionalization, pre-dispatch export all
-    push one) and every tensor argument a plain tensor. Anything else takes ``wrap_triton``.
+    directly (about 0.6 µs) when nothing can be tracing: not compiling, no TorchDispatchMode and no
+    TorchFunctionMode but torch's default-device context active (make_fx, FakeTensorMode,
+    functionalization, pre-dispatch export all push one) and every argument a plain tensor or a
+    Python scalar. Anything else takes ``wrap_triton``.
 
     Nothing runs on meta tensors (shapes only). An interpreted kernel cannot be traced: it reads the
     tensors' memory on the host, so it runs on real tensors only and is skipped on fake ones (shape
@@ -98,9 +100,20 @@ def _untraced(args: tuple) -> bool:
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
-        and torch._C._len_torch_function_stack() == 0
+        and no_function_mode_but_default_device()
         and all(type(arg) in _DIRECT_ARG_TYPES for arg in args)
     )
+
+
+def no_function_mode_but_default_device() -> bool:
+    """True when no TorchFunctionMode is active, torch's default-device mode aside.
+
+    ``with torch.device(...)`` and ``torch.set_default_device`` push a ``DeviceContext`` (one or, a
+    ``with`` inside a ``set_default_device``, two), which only fills in the device of factory calls
+    that name none: it traces nothing, and every tensor made here names its device. Any other
+    function mode may want to see the op (FlopCounterMode, pre-dispatch export, a user's mode)."""
+    depth = torch._C._len_torch_function_stack()
+    return depth == 0 or all(type(torch._C._get_function_stack_at(level)) is DeviceContext for level in range(depth))
 
 
 def dot_mode(kernel, dtype: torch.dtype) -> str:

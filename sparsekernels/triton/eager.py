@@ -11,7 +11,8 @@ When. :func:`applies` is True only for plain eager inference:
 
 * not tracing (torch.compile, export) and no autograd graph to record (grad mode off, or none of
   input, values and bias requires grad);
-* no TorchFunctionMode, TorchDispatchMode or functorch transform active, and the profiler off
+* no TorchDispatchMode, functorch transform or TorchFunctionMode active (torch's default-device
+  context of ``with torch.device(...)`` / ``torch.set_default_device`` aside), and the profiler off
   (each expects to see the op: FakeTensorMode, FlopCounterMode, vmap, traces by op name);
 * input is a plain ``torch.Tensor`` (no subclass: FakeTensor, DTensor, ...) with the weight's dtype
   and device and ``in_features`` last; values and bias are plain tensors or Parameters;
@@ -61,6 +62,7 @@ from torch import Tensor, nn
 
 from ..ops._checks import bsr_features, check_bias, nm_features
 from . import autotune, dispatch
+from ._common import no_function_mode_but_default_device
 from .bsr_forward import bsr_forward, plan_bsr_forward
 from .nm_forward import nm_forward, plan_nm_forward
 
@@ -87,7 +89,7 @@ def applies(input: Tensor, values: Tensor, bias: Optional[Tensor], in_features: 
     ):
         return False
     if (
-        torch._C._len_torch_function_stack() > 0
+        not no_function_mode_but_default_device()
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._functorch.peek_interpreter_stack() is not None
         or torch.autograd._profiler_enabled()
