@@ -52,8 +52,8 @@ class _FastPathState:
     ``tensor_ids`` are the ``id()`` of the layer's values, bias and index tensors. An id alone could
     be reused by a new object once the old one is freed, so the state holds weak references whose
     callbacks mark it stale (``alive[0] = False``) when any of those tensors dies: while it is alive,
-    equal ids mean the same objects, one tuple comparison per call. ``plans`` maps input signatures to launch plans (sparsekernels/triton/eager.py); a new
-    state (new tensors) starts with none.
+    equal ids mean the same objects, one tuple comparison per call. ``plans`` maps input signatures
+    to launch plans (sparsekernels/triton/eager.py); a new state (new tensors) starts with none.
     """
 
     __slots__ = ("tensor_ids", "alive", "refs", "plans")

@@ -331,8 +331,9 @@ def nm_candidates(rows: int, out_features: int) -> list:
 
 def tuned_config(sizes: tuple, key, device, tensors: tuple, heuristic, candidates, run):
     """The launch configuration: ``autotune.tuner.choose`` with the key ``key()``, or ``heuristic``
-    (a Config, or a callable returning one: evaluated only when needed) when a size is symbolic (dynamic-shape tracing: a key would specialise the shapes, and nothing
-    runs there anyway). ``sizes`` lists every size that the key is built from."""
+    (a Config, or a callable returning one: evaluated only when needed) when a size is symbolic
+    (dynamic-shape tracing: a key would specialise the shapes, and nothing runs there anyway).
+    ``sizes`` lists every size that the key is built from."""
     from . import autotune
 
     if not all(type(size) is int for size in sizes):

@@ -27,8 +27,8 @@ Dense weight. It is built only when the dense path is taken, by a scatter of the
   dies with the tensor) and reused while the *stamp* is unchanged: the ``_version`` counter and
   ``data_ptr()`` of ``values`` and of the index tensors it is built from (``block_row_offsets`` and
   ``block_col_indices``, or ``positions``), and those are the same objects. An in-place write
-  (``optimizer.step()``, ``values.mul_()``, ``copy_``) bumps ``_version``; assigning new storage changes ``data_ptr``;
-  either invalidates the copy. Writes the version counter cannot see (through ``.data`` or
+  (``optimizer.step()``, ``values.mul_()``, ``copy_``) bumps ``_version``; assigning new storage
+  changes ``data_ptr``; either invalidates the copy. Writes the version counter cannot see (through ``.data`` or
   ``.detach()`` aliases, DLPack, numpy views) are not detected: call :func:`clear_dense_cache` after
   them. Inference-mode tensors have no version counter and are never cached.
 """
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import reference
 from . import autotune
 
-__all__ = ["bsr_linear", "nm_linear", "last_path", "path_counts", "count_path", "bsr_path", "nm_path", "bsr_dense", "nm_dense", "clear_dense_cache", "fallback_enabled"]
+__all__ = [
+    "bsr_linear", "nm_linear", "bsr_path", "nm_path", "bsr_dense", "nm_dense", "count_path", "last_path",
+    "path_counts", "clear_dense_cache", "fallback_enabled",
+]
 
 path_counts = {"sparse": 0, "dense": 0}
 _last = [None]
@@ -183,7 +186,8 @@ def nm_path(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
 
 def nm_dense(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
     """The dense path of an N:M forward: ``F.linear`` on the masked dense weight (cached)."""
-    weight = _dense_weight(values, (positions,), lambda kept_values: reference.nm_to_dense(kept_values, positions, n, m))
+    weight = _dense_weight(values, (positions,),
+                           lambda kept_values: reference.nm_to_dense(kept_values, positions, n, m))
     return F.linear(input, weight, bias)
 
 
