@@ -7,12 +7,16 @@ variants start from the same weights. Each variant then
 
 1. trains for ``steps`` AdamW steps on a synthetic corpus (a seeded random Markov chain over the byte
    vocabulary: learnable, so the loss falls; identical batches for every variant). Steps after the
-   first ``WARMUP_STEPS`` are timed: **training tokens/s** = tokens per step / median step time;
+   first ``WARMUP_STEPS`` are timed: **training tokens/s** = tokens per step / median step time
+   (the 20th and 80th percentiles are kept for ``bench compare``). float16 trains with float32
+   master weights and loss scaling (:class:`Float16Trainer`): pure float16 AdamW diverges;
 2. reports the **loss after those steps** on a held-out batch (and the loss before training);
 3. checks its forward against a copy whose SparseLinear layers are turned back into ``nn.Linear``
    with the masked dense weight (max error relative to the logits' scale, tolerance per dtype): a
    variant outside tolerance is WRONG and gets no speeds, as in the kernel suites;
-4. times greedy decoding (``GPT.generate``, no KV cache): **decode tokens/s** = new tokens / time.
+4. times greedy decoding on a KV cache (:func:`time_decoding`): the prompt's prefill apart, then
+   ``new_tokens`` one-token steps, whose linears see ``decode_batch`` rows each (the decode regime):
+   **decode tokens/s** = ``decode_batch`` / median time per step.
 
 Memory, honestly: on CUDA ``peak_memory_bytes`` is ``torch.cuda.max_memory_allocated`` over the
 training steps (weights, gradients, optimizer state and activations). On CPU there is no equivalent
@@ -29,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,7 +57,7 @@ from .errors import describe_error
 from .gpt import GPT, GPTConfig, mlp_only
 from .plots import write_plots
 from .report import busy_machine_warning, results_file_stem, save_to_results
-from .results import Status
+from .results import Status, finite_or_none, results_json
 
 E2E_SUITE = "e2e"
 DENSE = "dense"
@@ -64,6 +67,7 @@ SEED = 0
 JSON_NAME = "results.json"
 CSV_NAME = "e2e.csv"
 LEARNING_RATE = 1e-3
+DECODE_METHOD = "kv_cache"  # what decode_tokens_per_s times: one-token steps on a KV cache, prefill apart
 MARKOV_SUCCESSORS = 4  # each token is followed by one of this many tokens: the loss can fall to ~ln 4
 
 # Max |logits - logits of the densified copy| over the logits' scale. Looser than the single-matmul
@@ -81,8 +85,8 @@ class E2EModel:
     steps: int  # training steps (WARMUP_STEPS of them untimed); the loss is read after them
     decode_batch: int
     prompt_len: int
-    new_tokens: int  # tokens generated per timed decode
-    decode_repeats: int = 3
+    new_tokens: int  # timed decode steps after the prefill (one token per sequence each)
+    decode_repeats: int = 5
 
     @property
     def tokens_per_step(self) -> int:
@@ -114,7 +118,14 @@ class E2EResult:
     state_bytes: Optional[int] = None  # parameters + gradients + optimizer state
     peak_memory_bytes: Optional[int] = None  # CUDA max_memory_allocated during training; None on CPU
     train_step_ms: Optional[float] = None  # median over the timed steps
+    train_step_p20_ms: Optional[float] = None  # 20th / 80th percentiles: the spread compare allows for
+    train_step_p80_ms: Optional[float] = None
     train_tokens_per_s: Optional[float] = None
+    prefill_ms: Optional[float] = None  # median time to run the prompt and fill the KV cache
+    decode_token_ms: Optional[float] = None  # median over the repeats of time per decode step (one token each)
+    decode_token_p20_ms: Optional[float] = None
+    decode_token_p80_ms: Optional[float] = None
+    decode_method: str = DECODE_METHOD
     decode_tokens_per_s: Optional[float] = None
     train_speedup: Optional[float] = None  # over the dense model
     decode_speedup: Optional[float] = None
@@ -122,6 +133,7 @@ class E2EResult:
     loss_after_steps: Optional[float] = None  # held-out loss after ``steps`` steps
     max_rel_error: Optional[float] = None  # logits against the densified copy, over their scale
     tolerance: Optional[float] = None
+    skipped_steps: Optional[int] = None  # float16: steps whose scaled gradients overflowed (not applied)
     step_losses: list[float] = field(default_factory=list)  # training loss of every step
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,10 +204,14 @@ def tensor_bytes(tensors) -> int:
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Parameters, their gradients and the optimizer's state tensors, in bytes."""
-    parameters = list(model.parameters())
+    """Parameters, their gradients and the optimizer's state tensors, in bytes. The optimizer's
+    parameters count too where they are not the model's (the float32 master weights of float16)."""
+    parameters = {id(p): p for p in model.parameters()}
+    for group in optimizer.param_groups:
+        parameters.update((id(p), p) for p in group["params"])
     optimizer_state = [value for state in optimizer.state.values() for value in state.values()
                        if isinstance(value, Tensor)]
+    parameters = list(parameters.values())
     return tensor_bytes(parameters) + tensor_bytes(p.grad for p in parameters) + tensor_bytes(optimizer_state)
 
 
@@ -205,6 +221,64 @@ def relative_error(actual: Tensor, expected: Tensor) -> Optional[float]:
     if not np.isfinite(error):
         return None
     return error / max(expected.float().abs().max().item(), torch.finfo(torch.float32).tiny)
+
+
+# -------------------------------------------------------------------------------------- training
+class Trainer:
+    """AdamW steps on the model's own parameters: float32 and bfloat16 (whose float32-sized exponent
+    holds AdamW's eps and small squared gradients)."""
+
+    skipped_steps = 0
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+
+    def step(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+class Float16Trainer:
+    """float16 training as it is done in practice: mixed precision with float32 master weights.
+
+    Pure float16 AdamW diverges (its eps=1e-8 is 0 in float16 and small squared gradients underflow;
+    the loss goes to nan), so the model's float16 parameters only run the forward and backward,
+    AdamW updates float32 copies of them, and each step copies the result back. The loss is scaled
+    up before the backward so that small float16 gradients do not flush to zero (torch's
+    GradScaler: a step whose gradients overflowed is skipped and the scale halved).
+
+    Autocast (float32 parameters cast per op) would not measure the same thing: SparseLinear's ops
+    are not on autocast's lists, so the sparse MLPs would run in float32 while the dense ones ran in
+    float16. Here both run their float16 kernels."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.masters = [p.detach().float().clone() for p in self.parameters]
+        self.optimizer = torch.optim.AdamW(self.masters, lr=LEARNING_RATE)
+        self.scaler = torch.amp.GradScaler(device.type)
+        self.skipped_steps = 0
+
+    def step(self, loss: Tensor) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+        self.scaler.scale(loss).backward()
+        for parameter, master in zip(self.parameters, self.masters):
+            master.grad = None if parameter.grad is None else parameter.grad.float()
+            parameter.grad = None  # the float32 copy is the one kept
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # unscales; skips the step when a gradient is inf or nan
+        self.scaler.update()
+        if self.scaler.get_scale() < scale:
+            self.skipped_steps += 1
+            return
+        with torch.no_grad():
+            for parameter, master in zip(self.parameters, self.masters):
+                parameter.copy_(master)
+
+
+def make_trainer(model: nn.Module, device: torch.device, dtype: torch.dtype):
+    return (Float16Trainer if dtype == torch.float16 else Trainer)(model, device)
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -228,7 +302,7 @@ def measure_variant(
     """Train, check, and decode one variant; raises on failure (the caller records it)."""
     variant = DENSE if layout is None else layout_label(layout)
     model = build_model(spec, layout, device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    trainer = make_trainer(model, device, dtype)
     data, held_out, prompt = data.to(device), held_out.to(device), prompt.to(device)
     result = E2EResult(variant, Status.OK, mlp_density=mlp_density(model),
                        stored_parameters=sum(p.numel() for p in model.parameters()))
@@ -244,16 +318,15 @@ def measure_variant(
         _synchronize(device)
         start = time.perf_counter()
         _, loss = model(batch[:, :-1], batch[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        trainer.step(loss)
         _synchronize(device)
         if step >= WARMUP_STEPS:
             step_ms.append((time.perf_counter() - start) * 1e3)
         result.step_losses.append(loss.item())
     if device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
-    result.state_bytes = state_bytes(model, optimizer)
+    result.state_bytes = state_bytes(model, trainer.optimizer)
+    result.skipped_steps = trainer.skipped_steps
     result.loss_after_steps = _held_out_loss(model, held_out)
 
     model.eval()
@@ -269,18 +342,42 @@ def measure_variant(
         return result  # never timed as fast
 
     if step_ms:
-        result.train_step_ms = float(np.median(step_ms))
+        result.train_step_ms, result.train_step_p20_ms, result.train_step_p80_ms = _median_p20_p80(step_ms)
         result.train_tokens_per_s = spec.tokens_per_step / (result.train_step_ms * 1e-3)
-    model.generate(prompt, 1)  # warm-up
-    decode_s = []
-    for _ in range(spec.decode_repeats):
+    prefill_ms, token_ms = time_decoding(model, prompt, spec.new_tokens, spec.decode_repeats, device)
+    result.prefill_ms = float(np.median(prefill_ms))
+    result.decode_token_ms, result.decode_token_p20_ms, result.decode_token_p80_ms = _median_p20_p80(token_ms)
+    result.decode_tokens_per_s = spec.decode_batch / (result.decode_token_ms * 1e-3)
+    return result
+
+
+def _median_p20_p80(samples: Sequence[float]) -> tuple[float, float, float]:
+    median, p20, p80 = np.percentile(samples, [50, 20, 80])
+    return float(median), float(p20), float(p80)
+
+
+def time_decoding(
+    model: GPT, prompt: Tensor, new_tokens: int, repeats: int, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """Greedy decoding on a KV cache, ``repeats`` times after one untimed run: per run, the prefill's
+    milliseconds and the milliseconds per decode step, each step feeding one token per sequence
+    (``new_tokens`` steps, timed together: the host may run ahead of the device between them, as it
+    does in a serving loop)."""
+    prefill_ms, token_ms = [], []
+    for run in range(repeats + 1):
         _synchronize(device)
         start = time.perf_counter()
-        model.generate(prompt, spec.new_tokens)
+        logits, cache = model.prefill(prompt)
+        token = logits.argmax(dim=-1, keepdim=True)
         _synchronize(device)
-        decode_s.append(time.perf_counter() - start)
-    result.decode_tokens_per_s = spec.decode_batch * spec.new_tokens / float(np.median(decode_s))
-    return result
+        prefilled = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model.decode_step(token, cache).argmax(dim=-1, keepdim=True)
+        _synchronize(device)
+        if run > 0:  # the first run is warm-up (kernel selection, first-call costs)
+            prefill_ms.append((prefilled - start) * 1e3)
+            token_ms.append((time.perf_counter() - prefilled) * 1e3 / new_tokens)
+    return prefill_ms, token_ms
 
 
 def run_e2e(
@@ -298,6 +395,9 @@ def run_e2e(
     data = corpus[: steps * spec.batch].view(steps, spec.batch, spec.seq_len + 1)
     held_out = corpus[steps * spec.batch : steps * spec.batch + spec.batch]
     prompt = corpus[-spec.decode_batch :, : spec.prompt_len]
+    if spec.prompt_len + spec.new_tokens > spec.config.max_seq_len:
+        raise ValueError(f"prompt_len + new_tokens must be <= max_seq_len={spec.config.max_seq_len} (the KV cache's "
+                         f"size), got {spec.prompt_len} + {spec.new_tokens}")
     results = []
     variants = tqdm((None, *layouts), file=sys.stderr, disable=not progress, unit="model", dynamic_ncols=True)
     for layout in variants:
@@ -369,7 +469,7 @@ def write_e2e_csv(path: Path, results: Sequence[E2EResult], model: str, dtype: s
     for result in results:
         record = result.to_dict()
         record.pop("step_losses")
-        rows.append({"model": model, "dtype": dtype, **record})
+        rows.append(finite_or_none({"model": model, "dtype": dtype, **record}))
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -421,7 +521,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str], device: torch.devic
     if warning := busy_machine_warning(environment):
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     document = e2e_document(results, environment, model, spec, dtype_name(dtype), steps, argv)
-    (args.out / JSON_NAME).write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    (args.out / JSON_NAME).write_text(results_json(document))
     write_e2e_csv(args.out / CSV_NAME, results, model, dtype_name(dtype))
     console.print(f"wrote {args.out / JSON_NAME} and {args.out / CSV_NAME}", highlight=False)
     if not args.no_plots:

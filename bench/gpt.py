@@ -10,6 +10,11 @@ self-attention and a two-layer MLP whose ``nn.Linear`` layers (``blocks.{i}.mlp.
 
 Widths are multiples of 128 and the MLP ratio is 4, so every block size (16 to 128) and every
 supported N:M pattern fits the MLP layers.
+
+Decoding uses a KV cache (:class:`KVCache`): :meth:`GPT.prefill` runs the prompt once and keeps
+every layer's keys and values, then each :meth:`GPT.decode_step` feeds one token per sequence, so
+the linears see ``batch`` rows per step: the small-M regime that decode kernels are built for.
+The training forward never touches the cache.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GPT", "GPTConfig", "mlp_only"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "mlp_only"]
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,29 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.out = nn.Linear(config.d_model, config.d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, start: int = 0) -> Tensor:
+        """Causal attention over ``x``; with ``cache`` (this layer's key and value buffers), ``x`` holds
+        positions ``start..start+seq-1``: their keys and values are stored there and the queries
+        attend to every cached position up to their own."""
         batch, seq, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=-1)
         # [batch, seq, width] -> [batch, heads, seq, head_dim]
         q, k, v = (t.view(batch, seq, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None or start == 0:
+            mask, causal = None, True
+        elif seq == 1:  # one new token sees every cached position
+            mask, causal = None, False
+        else:
+            # SDPA's is_causal aligns the query and key ranges at their start, which is wrong once
+            # the keys run ahead of the queries: query i (position start + i) sees keys 0..start + i.
+            mask = torch.ones(seq, start + seq, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            causal = False
+        if cache is not None:
+            keys, values = cache
+            keys[:, :, start : start + seq] = k
+            values[:, :, start : start + seq] = v
+            k, v = keys[:, :, : start + seq], values[:, :, : start + seq]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out(y.transpose(1, 2).reshape(batch, seq, width))
 
 
@@ -72,9 +94,24 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, start: int = 0) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache, start)
         return x + self.mlp(self.norm2(x))
+
+
+class KVCache:
+    """Every layer's attention keys and values for ``batch`` sequences, preallocated for
+    ``max_seq_len`` positions; ``length`` positions are filled."""
+
+    def __init__(self, config: GPTConfig, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        head_dim = config.d_model // config.n_heads
+        # [layer, key or value, batch, heads, position, head_dim]
+        self.buffers = torch.empty(config.n_layers, 2, batch, config.n_heads, config.max_seq_len, head_dim,
+                                   device=device, dtype=dtype)
+        self.length = 0
+
+    def layer(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.buffers[index, 0], self.buffers[index, 1]
 
 
 class GPT(nn.Module):
@@ -115,12 +152,44 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, tokens: Tensor, new_tokens: int) -> Tensor:
-        """Greedy decoding of ``new_tokens`` tokens (no KV cache: the cost is in the linears either way)."""
+    def prefill(self, tokens: Tensor) -> tuple[Tensor, KVCache]:
+        """Run the prompt ``tokens`` ``[batch, seq]`` once: the logits of its last position
+        ``[batch, vocab]`` and a cache holding its keys and values."""
+        cache = KVCache(self.config, tokens.shape[0], tokens.device, self.token_embedding.weight.dtype)
+        return self._cached_logits(tokens, cache), cache
+
+    @torch.no_grad()
+    def decode_step(self, token: Tensor, cache: KVCache) -> Tensor:
+        """Feed one token per sequence (``[batch, 1]``) after the cached ones: its logits ``[batch, vocab]``."""
+        return self._cached_logits(token, cache)
+
+    def _cached_logits(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        start, seq = cache.length, tokens.shape[1]
+        if start + seq > self.config.max_seq_len:
+            raise ValueError(f"the cache holds max_seq_len={self.config.max_seq_len} positions: {start} cached "
+                             f"+ {seq} new do not fit")
+        positions = torch.arange(start, start + seq, device=tokens.device)
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        for index, block in enumerate(self.blocks):
+            x = block(x, cache.layer(index), start)
+        cache.length = start + seq
+        return self.norm(x[:, -1]) @ self.token_embedding.weight.T
+
+    @torch.no_grad()
+    def generate(self, tokens: Tensor, new_tokens: int, use_cache: bool = True) -> Tensor:
+        """Greedy decoding of ``new_tokens`` tokens. With ``use_cache`` the prompt is prefilled once
+        and each further token is one decode step; once the sequence fills ``max_seq_len``, or
+        without the cache, every token runs the model over the last ``max_seq_len`` tokens (a
+        sliding window renumbers the positions, which invalidates cached keys)."""
+        cache = None
         for _ in range(new_tokens):
-            context = tokens[:, -self.config.max_seq_len :]
-            next_token = self(context)[:, -1].argmax(dim=-1, keepdim=True)
-            tokens = torch.cat([tokens, next_token], dim=1)
+            if use_cache and cache is None and tokens.shape[1] <= self.config.max_seq_len:
+                logits, cache = self.prefill(tokens)
+            elif cache is not None and cache.length < self.config.max_seq_len:
+                logits = self.decode_step(tokens[:, -1:], cache)
+            else:
+                logits = self(tokens[:, -self.config.max_seq_len :])[:, -1]
+            tokens = torch.cat([tokens, logits.argmax(dim=-1, keepdim=True)], dim=1)
         return tokens
 
 

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from .implementations import BASELINE
 from .plots import write_plots
-from .results import CellResult, Measurement, Status
+from .results import CellResult, Measurement, Status, results_json
 
 SCHEMA_VERSION = 1
 JSON_NAME = "results.json"
@@ -174,7 +174,7 @@ def write_json(path: Path, results: Sequence[CellResult], environment: dict[str,
         "run": run,
         "cells": [result.to_dict() for result in results],
     }
-    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    path.write_text(results_json(document))
 
 
 def _csv_row(cell: dict[str, Any], name: str, measurement: Measurement) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """What the runner produces: one :class:`CellResult` per cell, one :class:`Measurement` per
-implementation in it, and their plain-dict form (the rows of ``results.json`` and ``results.csv``)."""
+implementation in it, and their plain-dict form (the rows of ``results.json`` and ``results.csv``),
+and :func:`results_json`, the one way result documents become JSON text."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -78,3 +81,21 @@ CELL_KEY_FIELDS = ("shape", "layout", "dtype", "M", "op")
 def cell_key(cell: dict[str, Any]) -> tuple:
     """What identifies a cell in a results file (to match cells of two runs)."""
     return tuple(cell[name] for name in CELL_KEY_FIELDS)
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (nan, inf) in it, at any depth, replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def results_json(document: dict[str, Any]) -> str:
+    """A results document as strict JSON text. A non-finite number (a loss that diverged, an error
+    that overflowed) is written as null: strict JSON has no nan, and refusing it would throw the
+    whole run's measurements away."""
+    return json.dumps(finite_or_none(document), indent=2, allow_nan=False) + "\n"
