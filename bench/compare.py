@@ -112,7 +112,8 @@ class Comparison:
     changes: list[Change] = field(default_factory=list)
     only_old: int = 0  # cells (and e2e rows) only in OLD
     only_new: int = 0
-    missing: list[tuple[tuple, str]] = field(default_factory=list)  # (cell, implementation) correct in OLD, absent in NEW
+    # (cell, implementation) pairs correct in OLD and absent from NEW
+    missing: list[tuple[tuple, str]] = field(default_factory=list)
     new_incomplete: bool = False  # NEW says its run was interrupted (run.complete false)
 
     @property
@@ -203,7 +204,8 @@ def _e2e_timing(record: dict[str, Any], phase: str) -> Optional[dict[str, Any]]:
     tokens_per_s = record.get(f"{phase}_tokens_per_s")
     if not tokens_per_s:
         return None
-    stats = ("step_ms", "step_p20_ms", "step_p80_ms") if phase == "train" else ("token_ms", "token_p20_ms", "token_p80_ms")
+    stats = ("step_ms", "step_p20_ms", "step_p80_ms") if phase == "train" else (
+        "token_ms", "token_p20_ms", "token_p80_ms")
     median, p20, p80 = (record.get(f"{phase}_{stat}") for stat in stats)
     ms_per_token = 1e3 / tokens_per_s
     # A step's time is a fixed number of tokens' time: its percentiles scale like its median.

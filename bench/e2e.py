@@ -257,7 +257,7 @@ class Float16Trainer:
         self.masters = [p.detach().float().clone() for p in self.parameters]
         self.optimizer = torch.optim.AdamW(self.masters, lr=LEARNING_RATE)
         self.scaler = torch.amp.GradScaler(device.type)
-        self.skipped_steps = 0
+        self.steps = 0
 
     def step(self, loss: Tensor) -> None:
         for parameter in self.parameters:
@@ -266,15 +266,19 @@ class Float16Trainer:
         for parameter, master in zip(self.parameters, self.masters):
             master.grad = None if parameter.grad is None else parameter.grad.float()
             parameter.grad = None  # the float32 copy is the one kept
-        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # unscales; skips the step when a gradient is inf or nan
         self.scaler.update()
-        if self.scaler.get_scale() < scale:
-            self.skipped_steps += 1
-            return
-        with torch.no_grad():
+        self.steps += 1
+        with torch.no_grad():  # after a skipped step this copies back the unchanged masters
             for parameter, master in zip(self.parameters, self.masters):
                 parameter.copy_(master)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose gradients overflowed: those AdamW did not count (its step counter is a CPU
+        tensor, so reading it does not wait for the device)."""
+        state = self.optimizer.state.get(self.masters[0], {})
+        return self.steps - int(state["step"]) if "step" in state else self.steps
 
 
 def make_trainer(model: nn.Module, device: torch.device, dtype: torch.dtype):

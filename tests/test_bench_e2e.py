@@ -110,6 +110,19 @@ def test_e2e_trains_float16_with_master_weights_and_writes_its_files(tmp_path):
         assert [row["status"] for row in csv.DictReader(file)] == ["ok", "ok"]
 
 
+def test_a_float16_step_whose_gradients_overflow_is_skipped_and_counted():
+    model = _model().half()
+    trainer = e2e.Float16Trainer(model, CPU)
+    tokens = torch.randint(256, (2, 9), generator=torch.Generator().manual_seed(5))
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    trainer.step(loss)
+    weights = [parameter.clone() for parameter in model.parameters()]
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    trainer.step(loss * math.inf)  # inf gradients: AdamW must not see them
+    assert trainer.skipped_steps == 1 and trainer.scaler.get_scale() == 2.0**15
+    assert all(torch.equal(before, after) for before, after in zip(weights, model.parameters()))
+
+
 def test_results_json_writes_non_finite_numbers_as_null():
     document = {"loss": math.nan, "rows": [math.inf, 1.5, {"error": -math.inf}], "name": "nan"}
     assert json.loads(results_json(document)) == {"loss": None, "rows": [None, 1.5, {"error": None}], "name": "nan"}
