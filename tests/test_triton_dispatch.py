@@ -287,7 +287,7 @@ def test_dispatch_without_measurement_stays_sparse(tmp_path):
 # kernel: a real op with the same schema, so the routing and the results can be checked here.
 @pytest.fixture
 def cuda_competes(monkeypatch):
-    monkeypatch.setattr(dispatch(), "cuda_candidate", lambda input: True)
+    monkeypatch.setattr(dispatch(), "cuda_candidate", lambda input, values: True)
 
 
 def timed_in_order(tmp_path, times: dict):
@@ -347,13 +347,13 @@ def test_a_cuda_op_that_refuses_is_no_candidate(tmp_path, cuda_competes, monkeyp
 def test_a_cuda_decision_is_not_read_without_the_cuda_candidate(tmp_path, monkeypatch):
     """The candidates are part of the key: a process whose build has no CUDA kernels (or with the
     backend forced to triton) does not take a stored "cuda" decision."""
-    monkeypatch.setattr(dispatch(), "cuda_candidate", lambda input: True)
+    monkeypatch.setattr(dispatch(), "cuda_candidate", lambda input, values: True)
     tuner, _ = timed_in_order(tmp_path, {"sparse": 3.0, "cuda": 1.0, "dense": 2.0})
     case, values, index = block_problem()
     input = torch.randn(3, 64, device=DEVICE)
     dispatch().bsr_linear(input, values, *index, tuner=tuner)
     assert dispatch().last_path() == "cuda"
-    monkeypatch.setattr(dispatch(), "cuda_candidate", lambda input: False)
+    monkeypatch.setattr(dispatch(), "cuda_candidate", lambda input, values: False)
     reader = autotune().Tuner(path=tmp_path / "tune.json", timer=refuse)  # reads the file, cannot measure
     monkeypatch.setattr(reader, "_reads_file", lambda device: True)
     dispatch().bsr_linear(input, values, *index, tuner=reader)
@@ -361,21 +361,29 @@ def test_a_cuda_decision_is_not_read_without_the_cuda_candidate(tmp_path, monkey
 
 
 def test_cuda_candidate_rule(monkeypatch):
-    """The CUDA op competes for CUDA tensors, when the extension has CUDA kernels and the backend
-    is not forced (a forced "triton" means the Triton kernel)."""
+    """The CUDA op competes for CUDA tensors, outside autograd recording, when the extension has
+    CUDA kernels and the backend is not forced (a forced "triton" means the Triton kernel)."""
     from types import SimpleNamespace
 
     from sparsekernels import backend
 
-    on_gpu, on_cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    def operand(device, requires_grad=False):
+        return SimpleNamespace(device=torch.device(device), requires_grad=requires_grad)
+
+    candidate = dispatch().cuda_candidate
     monkeypatch.setattr(dispatch(), "_cuda_kernels_built", lambda: True)
     monkeypatch.setattr(backend, "_forced", "auto")
-    assert dispatch().cuda_candidate(on_gpu) and not dispatch().cuda_candidate(on_cpu)
+    assert candidate(operand("cuda"), operand("cuda")) and not candidate(operand("cpu"), operand("cpu"))
+    # Not where autograd records the call (the backward would follow the forward's path).
+    assert not candidate(operand("cuda", True), operand("cuda"))
+    assert not candidate(operand("cuda"), operand("cuda", True))
+    with torch.no_grad():
+        assert candidate(operand("cuda", True), operand("cuda", True))
     monkeypatch.setattr(backend, "_forced", "triton")
-    assert not dispatch().cuda_candidate(on_gpu)
+    assert not candidate(operand("cuda"), operand("cuda"))
     monkeypatch.setattr(backend, "_forced", "auto")
     monkeypatch.setattr(dispatch(), "_cuda_kernels_built", lambda: False)
-    assert not dispatch().cuda_candidate(on_gpu)
+    assert not candidate(operand("cuda"), operand("cuda"))
 
 
 @pytest.mark.parametrize("layout", [BlockSparse(16, 0.5), NM(2, 4)], ids=["block16", "nm2:4"])

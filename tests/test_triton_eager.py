@@ -508,7 +508,7 @@ def test_a_cuda_decision_is_kept_in_the_plan(layout, routed, plan_builds, monkey
 
     reported = {"backend": "auto"}
     monkeypatch.setattr(backend, "get_backend", lambda: reported["backend"])
-    monkeypatch.setattr(dispatch, "cuda_candidate", lambda input: backend.get_backend() == "auto")
+    monkeypatch.setattr(dispatch, "cuda_candidate", lambda input, values: backend.get_backend() == "auto")
     timings = iter([3.0, 1.0, 2.0, 1.0, 2.0])  # sparse, cuda, dense; then sparse, dense
     monkeypatch.setattr(autotune, "tuner", autotune.Tuner(path=tmp_path / "tune.json", timer=lambda fn: next(timings),
                                                           measurable=lambda device, tensors: True))

@@ -7,8 +7,10 @@ forward takes the fastest of
 * ``"sparse"``: the Triton op (``torch.ops.sparsekernels_triton.bsr_linear`` / ``nm_linear``);
 * ``"cuda"``:   the CUDA C++ op (``torch.ops.sparsekernels.bsr_linear`` / ``nm_linear`` on CUDA
   tensors: csrc/cuda's decode kernels, and the 2:4 sparse-tensor-core GEMM where it applies, see
-  docs/cuda.md), a candidate only when the extension was built with CUDA kernels and the backend is
-  ``"auto"`` (a forced ``"triton"`` means Triton), and only where that op runs on these operands;
+  docs/cuda.md), a candidate only when the extension was built with CUDA kernels, the backend is
+  ``"auto"`` (a forced ``"triton"`` means Triton), the call records no autograd graph for input or
+  values (inference; also the forward and input-gradient products inside a transposable 2:4
+  layer's op and backward), and only where that op runs on these operands;
 * ``"dense"``:  ``F.linear(input, W, bias)`` on the masked dense weight ``W`` (cuBLAS),
 
 decided by one measurement on CUDA the first time a key is seen (every candidate timed with the
@@ -22,7 +24,10 @@ CPU tensors (the interpreter) go to the sparse op directly unless a test calls t
 
 Why the CUDA kernels compete here rather than by a fixed rule: they cover what Triton cannot reach
 (the 2:4 sparse tensor cores; weight-bytes-bound decode kernels at M <= 16), but which of the two
-wins depends on shape, dtype and GPU, and a measured choice can never pick the slower one.
+wins depends on shape, dtype and GPU, and a measured choice can never pick the slower one. Why not
+under autograd: the decision times the forward only, and the backward follows the forward's path;
+the CUDA backend's backward ops are composites over a dense weight (docs/cuda.md), so a training
+step through them could lose what the forward won.
 
 Which path ran: :func:`last_path` (the last call) and :data:`path_counts` (totals), for the benchmark.
 
@@ -85,9 +90,14 @@ def fallback_enabled() -> bool:
     return os.environ.get("SPARSEKERNELS_DENSE_FALLBACK", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def cuda_candidate(input: Tensor) -> bool:
+def cuda_candidate(input: Tensor, values: Tensor) -> bool:
     """Whether the CUDA C++ op competes for this forward (see the rule above)."""
-    return input.device.type == "cuda" and backend.get_backend() == "auto" and _cuda_kernels_built()
+    return (
+        input.device.type == "cuda"
+        and not (torch.is_grad_enabled() and (input.requires_grad or values.requires_grad))
+        and backend.get_backend() == "auto"
+        and _cuda_kernels_built()
+    )
 
 
 @functools.cache
@@ -130,7 +140,7 @@ def _choose(key_fn, sizes: tuple, input: Tensor, values: Tensor, sparse, cuda, d
     if torch.compiler.is_compiling() or not all(type(size) is int for size in sizes) or not fallback_enabled():
         return "sparse"
     tuner = tuner or autotune.tuner
-    with_cuda = cuda_candidate(input)
+    with_cuda = cuda_candidate(input, values)
 
     def measure() -> dict:
         with torch.no_grad():
