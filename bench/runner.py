@@ -157,7 +157,7 @@ def _dispatch_counts() -> Optional[dict[str, int]]:
 
 
 def _path_taken(before: Optional[dict[str, int]], after: Optional[dict[str, int]]) -> Optional[str]:
-    """Which dispatch path ran while a cell was timed: "sparse", "dense", "mixed", or None if none."""
+    """Which dispatch path ran while a cell was timed: "sparse", "cuda", "dense", "mixed", or None."""
     if after is None:
         return None
     taken = [path for path, count in after.items() if count > (before or {}).get(path, 0)]

@@ -282,6 +282,110 @@ def test_dispatch_without_measurement_stays_sparse(tmp_path):
     assert not (tmp_path / "tune.json").exists()
 
 
+# The CUDA C++ op as a third candidate. dispatch.cuda_candidate is patched so that CPU tensors see
+# it; the "cuda" path then calls torch.ops.sparsekernels.* on CPU tensors, which runs the C++ CPU
+# kernel: a real op with the same schema, so the routing and the results can be checked here.
+@pytest.fixture
+def cuda_competes(monkeypatch):
+    monkeypatch.setattr(dispatch(), "cuda_candidate", lambda input, values: True)
+
+
+def timed_in_order(tmp_path, times: dict):
+    """A tuner whose timer runs each candidate once and reports ``times`` in the order given (the
+    order dispatch measures them: sparse, cuda, dense)."""
+    reported = iter(times.values())
+    calls = []
+
+    def timer(fn):
+        calls.append(fn())
+        return next(reported)
+
+    return autotune().Tuner(path=tmp_path / "tune.json", timer=timer, measurable=always), calls
+
+
+@pytest.mark.parametrize("layout", [BlockSparse(16, 0.5), NM(2, 4)], ids=["block16", "nm2:4"])
+@pytest.mark.parametrize("times, path", [
+    ({"sparse": 3.0, "cuda": 1.0, "dense": 2.0}, "cuda"),
+    ({"sparse": 1.0, "cuda": 3.0, "dense": 2.0}, "sparse"),
+    ({"sparse": 3.0, "cuda": 2.0, "dense": 1.0}, "dense"),
+], ids=["cuda", "sparse", "dense"])
+def test_dispatch_takes_the_fastest_of_three(layout, times, path, tmp_path, cuda_competes):
+    tuner, calls = timed_in_order(tmp_path, times)
+    torch.manual_seed(2)
+    case = make_case(layout, torch.float32, DEVICE, features=(48, 64))
+    before = dict(dispatch().path_counts)
+
+    def op(input, values, bias):
+        return sparse_linear(case.matrix, input, values, bias, dispatch(), tuner=tuner)
+
+    # Every path matches dense on the masked weight, forward and backward (input, values, bias).
+    check_op_against_dense(case, op, torch.float32, (2, 5), with_bias=True, device=DEVICE)
+    assert dispatch().last_path() == path and len(calls) == 3
+    for measured in calls[1:]:
+        assert_close(measured, calls[0], torch.float32, "the measured paths")
+    op(torch.randn(2, 5, 64, device=DEVICE), case.matrix.values, None)
+    assert len(calls) == 3  # decided once
+    assert dispatch().path_counts[path] == before[path] + 2
+    stored = json.loads((tmp_path / "tune.json").read_text())["dispatch"]
+    assert [sorted(entry) for entry in stored.values()] == [["cuda_ms", "dense_ms", "path", "sparse_ms"]]
+    assert [entry["path"] for entry in stored.values()] == [path]
+
+
+def test_a_cuda_op_that_refuses_is_no_candidate(tmp_path, cuda_competes, monkeypatch):
+    def refuses(*args):
+        raise RuntimeError("nm_linear: no CUDA kernel for this dtype")
+
+    monkeypatch.setattr(dispatch(), "bsr_cuda", refuses)
+    tuner, calls = timed_in_order(tmp_path, {"sparse": 2.0, "dense": 1.0})
+    case, values, index = block_problem()
+    dispatch().bsr_linear(torch.randn(3, 64, device=DEVICE), values, *index, tuner=tuner)
+    assert dispatch().last_path() == "dense" and len(calls) == 2
+    stored = json.loads((tmp_path / "tune.json").read_text())["dispatch"]
+    assert [sorted(entry) for entry in stored.values()] == [["dense_ms", "path", "sparse_ms"]]
+
+
+def test_a_cuda_decision_is_not_read_without_the_cuda_candidate(tmp_path, monkeypatch):
+    """The candidates are part of the key: a process whose build has no CUDA kernels (or with the
+    backend forced to triton) does not take a stored "cuda" decision."""
+    monkeypatch.setattr(dispatch(), "cuda_candidate", lambda input, values: True)
+    tuner, _ = timed_in_order(tmp_path, {"sparse": 3.0, "cuda": 1.0, "dense": 2.0})
+    case, values, index = block_problem()
+    input = torch.randn(3, 64, device=DEVICE)
+    dispatch().bsr_linear(input, values, *index, tuner=tuner)
+    assert dispatch().last_path() == "cuda"
+    monkeypatch.setattr(dispatch(), "cuda_candidate", lambda input, values: False)
+    reader = autotune().Tuner(path=tmp_path / "tune.json", timer=refuse)  # reads the file, cannot measure
+    monkeypatch.setattr(reader, "_reads_file", lambda device: True)
+    dispatch().bsr_linear(input, values, *index, tuner=reader)
+    assert dispatch().last_path() == "sparse"
+
+
+def test_cuda_candidate_rule(monkeypatch):
+    """The CUDA op competes for CUDA tensors, outside autograd recording, when the extension has
+    CUDA kernels and the backend is not forced (a forced "triton" means the Triton kernel)."""
+    from types import SimpleNamespace
+
+    from sparsekernels import backend
+
+    def operand(device, requires_grad=False):
+        return SimpleNamespace(device=torch.device(device), requires_grad=requires_grad)
+
+    candidate = dispatch().cuda_candidate
+    monkeypatch.setattr(dispatch(), "_cuda_kernels_built", lambda: True)
+    monkeypatch.setattr(backend, "_forced", "auto")
+    assert candidate(operand("cuda"), operand("cuda")) and not candidate(operand("cpu"), operand("cpu"))
+    # Not where autograd records the call (the backward would follow the forward's path).
+    assert not candidate(operand("cuda", True), operand("cuda"))
+    assert not candidate(operand("cuda"), operand("cuda", True))
+    with torch.no_grad():
+        assert candidate(operand("cuda", True), operand("cuda", True))
+    monkeypatch.setattr(backend, "_forced", "triton")
+    assert not candidate(operand("cuda"), operand("cuda"))
+    monkeypatch.setattr(backend, "_forced", "auto")
+    monkeypatch.setattr(dispatch(), "_cuda_kernels_built", lambda: False)
+    assert not candidate(operand("cuda"), operand("cuda"))
+
+
 @pytest.mark.parametrize("layout", [BlockSparse(16, 0.5), NM(2, 4)], ids=["block16", "nm2:4"])
 def test_dense_path_gradients_reach_kept_values_only(tmp_path, layout):
     tuner, _ = dispatch_tuner(tmp_path, 2.0, 1.0)

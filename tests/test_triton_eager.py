@@ -497,6 +497,41 @@ def test_a_sparse_decision_is_kept_in_the_plan(layout, routed, plan_builds, monk
         torch.testing.assert_close(output, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_a_cuda_decision_is_kept_in_the_plan(layout, routed, plan_builds, monkeypatch, tmp_path):
+    """The CUDA C++ op as the measured winner (dispatch.cuda_candidate patched, so that on CPU
+    tensors the op runs its C++ CPU kernel): the plan calls the op as it is. Forcing the backend
+    (here: what get_backend reports, as the tests run with triton forced) changes the stamp, and
+    without the CUDA candidate the next call decides and plans afresh."""
+    from sparsekernels import backend
+    from sparsekernels.triton import autotune, dispatch
+
+    reported = {"backend": "auto"}
+    monkeypatch.setattr(backend, "get_backend", lambda: reported["backend"])
+    monkeypatch.setattr(dispatch, "cuda_candidate", lambda input, values: backend.get_backend() == "auto")
+    timings = iter([3.0, 1.0, 2.0, 1.0, 2.0])  # sparse, cuda, dense; then sparse, dense
+    monkeypatch.setattr(autotune, "tuner", autotune.Tuner(path=tmp_path / "tune.json", timer=lambda fn: next(timings),
+                                                          measurable=lambda device, tensors: True))
+    layer = make_layer(layout)
+    input = torch.randn(2, 3, 64, device=DEVICE)
+    before = dispatch.path_counts["cuda"]
+    with torch.no_grad():
+        outputs = [layer(input) for _ in range(3)]
+    assert routed["decisions"] == 1 and plan_builds["built"] == 0
+    assert dispatch.path_counts["cuda"] - before == 3 and dispatch.last_path() == "cuda"
+    if isinstance(layout, BlockSparse):
+        expected = dispatch.bsr_cuda(input, layer.values, layer.matrix.index_tensors(), layer.bias)
+    else:
+        expected = dispatch.nm_cuda(input, layer.values, layer.positions, layout.n, layout.m, layer.bias)
+    for output in outputs:
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    assert_close(outputs[0], F.linear(input, layer.dense_weight(), layer.bias), torch.float32, "output")
+    reported["backend"] = "triton"
+    with torch.no_grad():
+        layer(input)
+    assert routed["decisions"] == 2 and plan_builds["built"] == 1 and dispatch.last_path() == "sparse"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS + [NM(1, 4)], ids=layout_id)
 @pytest.mark.parametrize("rows", [1, 16, 40])

@@ -39,9 +39,14 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["Config", "Heuristic", "resolve_heuristic", "Tuner", "DENSITY_BUCKETS", "density_bucket", "m_bucket", "tuner", "gpu_name"]
+__all__ = [
+    "Config", "Heuristic", "resolve_heuristic", "Tuner", "DENSITY_BUCKETS", "DISPATCH_PATHS", "density_bucket",
+    "m_bucket", "tuner", "gpu_name",
+]
 
 FILE_VERSION = 1
+# The forward paths dispatch.py chooses between: the Triton kernel, the CUDA C++ op, dense F.linear.
+DISPATCH_PATHS = ("sparse", "cuda", "dense")
 DENSITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
@@ -177,7 +182,7 @@ class Tuner:
             for entry in sections["configs"].values():
                 Config.from_dict(entry)
             for entry in sections["dispatch"].values():
-                if entry.get("path") not in ("sparse", "dense"):
+                if entry.get("path") not in DISPATCH_PATHS:
                     raise ValueError(f"bad dispatch entry {entry!r}")
             return sections
         except (ValueError, TypeError, KeyError, AttributeError) as error:
@@ -260,9 +265,10 @@ class Tuner:
 
     # ------------------------------------------------------------------ dispatch decisions
     def decide(self, key: tuple, device: torch.device, tensors: Iterable[torch.Tensor],
-               measure: Callable[[], tuple], default: str = "sparse") -> str:
-        """``"sparse"`` or ``"dense"`` for a dispatch ``key``: memory, file, else ``measure()`` ->
-        ``(sparse_ms, dense_ms)`` where timing may run (stored), else ``default`` (not stored)."""
+               measure: Callable[[], dict], default: str = "sparse") -> str:
+        """The fastest path for a dispatch ``key``: memory, file, else ``measure()`` -> ``{path:
+        milliseconds}`` where timing may run (stored), else ``default`` (not stored). Ties go to the
+        path measured first."""
         gpu = gpu_name(device)
         full_key = key + (gpu,)
         path = self._dispatch.get(full_key)
@@ -276,12 +282,12 @@ class Tuner:
                 return path
         if not self.measurable(device, tensors):
             return default
-        sparse_ms, dense_ms = measure()
-        path = "dense" if dense_ms < sparse_ms else "sparse"
+        times = {name: float(ms) for name, ms in measure().items()}
+        path = min(times, key=times.get)
         self._dispatch[full_key] = path
         self.generation += 1
         self._write(gpu, "dispatch", self._text_key(full_key),
-                    {"path": path, "sparse_ms": sparse_ms, "dense_ms": dense_ms})
+                    {"path": path, **{f"{name}_ms": ms for name, ms in times.items()}})
         return path
 
     def clear_memory(self) -> None:

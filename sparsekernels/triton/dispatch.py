@@ -1,19 +1,33 @@
-"""Forward dispatch that is never slower than dense: the sparse Triton kernel or ``F.linear``.
+"""Forward dispatch that is never slower than dense: the fastest of the sparse kernels and ``F.linear``.
 
 Rule. For each key ``(layout family, M bucket, out_features, in_features, block size or n:m, density
-bucket, dtype, GPU)`` (the tuning key of autotune.py, without the kernel name) the forward takes the
-faster of
+bucket, dtype, candidates, GPU)`` (the tuning key of autotune.py, without the kernel name) the
+forward takes the fastest of
 
-* ``"sparse"``: the Triton op (``torch.ops.sparsekernels_triton.bsr_linear`` / ``nm_linear``), and
+* ``"sparse"``: the Triton op (``torch.ops.sparsekernels_triton.bsr_linear`` / ``nm_linear``);
+* ``"cuda"``:   the CUDA C++ op (``torch.ops.sparsekernels.bsr_linear`` / ``nm_linear`` on CUDA
+  tensors: csrc/cuda's decode kernels, and the 2:4 sparse-tensor-core GEMM where it applies, see
+  docs/cuda.md), a candidate only when the extension was built with CUDA kernels, the backend is
+  ``"auto"`` (a forced ``"triton"`` means Triton), the call records no autograd graph for input or
+  values (inference; also the forward and input-gradient products inside a transposable 2:4
+  layer's op and backward), and only where that op runs on these operands;
 * ``"dense"``:  ``F.linear(input, W, bias)`` on the masked dense weight ``W`` (cuBLAS),
 
-decided by one measurement on CUDA the first time a key is seen (both paths timed with the tuner's
-timer, ``triton.testing.do_bench``), stored with the tuning cache (memory and the JSON file, section
-``"dispatch"``), so that later calls and later processes only look it up. Where no measurement can
-run (CPU tensors, torch.compile tracing, CUDA graph capture) the path is ``"sparse"``, and nothing is
-stored. ``SPARSEKERNELS_DENSE_FALLBACK=0`` always takes the sparse path. The front end
+decided by one measurement on CUDA the first time a key is seen (every candidate timed with the
+tuner's timer, ``triton.testing.do_bench``), stored with the tuning cache (memory and the JSON file,
+section ``"dispatch"``), so that later calls and later processes only look it up. Where no
+measurement can run (CPU tensors, torch.compile tracing, CUDA graph capture) the path is
+``"sparse"``, and nothing is stored. ``SPARSEKERNELS_DENSE_FALLBACK=0`` turns the decision off:
+always the Triton kernel (how the GPU tests pin the kernel they test). The front end
 (``sparsekernels.triton.bsr_linear`` / ``nm_linear``) routes CUDA tensors through here in eager mode;
 CPU tensors (the interpreter) go to the sparse op directly unless a test calls this module.
+
+Why the CUDA kernels compete here rather than by a fixed rule: they cover what Triton cannot reach
+(the 2:4 sparse tensor cores; weight-bytes-bound decode kernels at M <= 16), but which of the two
+wins depends on shape, dtype and GPU, and a measured choice can never pick the slower one. Why not
+under autograd: the decision times the forward only, and the backward follows the forward's path;
+the CUDA backend's backward ops are composites over a dense weight (docs/cuda.md), so a training
+step through them could lose what the forward won.
 
 Which path ran: :func:`last_path` (the last call) and :data:`path_counts` (totals), for the benchmark.
 
@@ -35,6 +49,7 @@ Dense weight. It is built only when the dense path is taken, by a scatter of the
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Optional
@@ -44,21 +59,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import reference
+from .. import backend, reference
 from . import autotune
 
 __all__ = [
-    "bsr_linear", "nm_linear", "bsr_path", "nm_path", "bsr_dense", "nm_dense", "count_path", "last_path",
-    "path_counts", "clear_dense_cache", "fallback_enabled",
+    "bsr_linear", "nm_linear", "bsr_path", "nm_path", "bsr_dense", "nm_dense", "bsr_cuda", "nm_cuda",
+    "count_path", "last_path", "path_counts", "clear_dense_cache", "fallback_enabled", "cuda_candidate",
 ]
 
-path_counts = {"sparse": 0, "dense": 0}
+path_counts = {path: 0 for path in autotune.DISPATCH_PATHS}
 _last = [None]
 _dense_cache = WeakIdKeyDictionary()  # values tensor -> (stamp, weak refs to the index, dense weight)
 
 
 def last_path() -> Optional[str]:
-    """``"sparse"`` or ``"dense"``: the path of the last forward routed here (None before any)."""
+    """``"sparse"``, ``"cuda"`` or ``"dense"``: the path of the last forward routed here (None before any)."""
     return _last[0]
 
 
@@ -73,6 +88,22 @@ def count_path(path: str) -> str:
 def fallback_enabled() -> bool:
     """False when ``SPARSEKERNELS_DENSE_FALLBACK=0`` (always the sparse kernel)."""
     return os.environ.get("SPARSEKERNELS_DENSE_FALLBACK", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cuda_candidate(input: Tensor, values: Tensor) -> bool:
+    """Whether the CUDA C++ op competes for this forward (see the rule above)."""
+    return (
+        input.device.type == "cuda"
+        and not (torch.is_grad_enabled() and (input.requires_grad or values.requires_grad))
+        and backend.get_backend() == "auto"
+        and _cuda_kernels_built()
+    )
+
+
+@functools.cache
+def _cuda_kernels_built() -> bool:
+    """Whether the extension registered CUDA kernels (fixed for the process: asked once)."""
+    return backend.backend_available("cuda")
 
 
 def clear_dense_cache() -> None:
@@ -105,20 +136,36 @@ def _dense_weight(values: Tensor, index: tuple, build) -> Tensor:
     return dense
 
 
-def _choose(key_fn, sizes: tuple, input: Tensor, values: Tensor, sparse, dense_fn, tuner) -> str:
+def _choose(key_fn, sizes: tuple, input: Tensor, values: Tensor, sparse, cuda, dense_fn, tuner) -> str:
     if torch.compiler.is_compiling() or not all(type(size) is int for size in sizes) or not fallback_enabled():
         return "sparse"
     tuner = tuner or autotune.tuner
+    with_cuda = cuda_candidate(input, values)
 
-    def measure() -> tuple:
+    def measure() -> dict:
         with torch.no_grad():
             weight = dense_fn()
             sparse()  # a first call tunes the kernel's launch config (if it was not tuned yet): untimed
-            sparse_ms = float(tuner.timer(sparse))
-            dense_ms = float(tuner.timer(lambda: F.linear(input.detach(), weight)))
-        return sparse_ms, dense_ms
+            times = {"sparse": tuner.timer(sparse)}
+            if with_cuda and _runs(cuda):
+                times["cuda"] = tuner.timer(cuda)
+            times["dense"] = tuner.timer(lambda: F.linear(input.detach(), weight))
+        return times
 
-    return tuner.decide(key_fn(), input.device, (input, values), measure)
+    # The candidates are part of the key: a build without CUDA kernels must not read a "cuda" decision.
+    return tuner.decide(key_fn() + (("sparse", "cuda") if with_cuda else ("sparse",),), input.device,
+                        (input, values), measure)
+
+
+def _runs(candidate) -> bool:
+    """Whether ``candidate()`` runs on these operands: the CUDA ops refuse some (an unsupported dtype
+    or n:m, a GPU the extension was not built for) with an error, which here only means "not a
+    candidate"."""
+    try:
+        candidate()
+    except (RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def _bsr_builder(values: Tensor, index: tuple):
@@ -135,8 +182,8 @@ def _bsr_builder(values: Tensor, index: tuple):
 
 
 def bsr_path(input: Tensor, values: Tensor, index: tuple, tuner: Optional[autotune.Tuner] = None) -> str:
-    """``"sparse"`` or ``"dense"`` for this block-sparse forward (``index``: the five index tensors in
-    op order), by the rule above; decided once per key, nothing counted or run after that."""
+    """``"sparse"``, ``"cuda"`` or ``"dense"`` for this block-sparse forward (``index``: the five index
+    tensors in op order), by the rule above; decided once per key, nothing counted or run after that."""
     from . import ops
 
     build, (block_size, n_block_rows, n_block_cols, out_features, in_features) = _bsr_builder(values, index)
@@ -146,7 +193,7 @@ def bsr_path(input: Tensor, values: Tensor, index: tuple, tuner: Optional[autotu
         lambda: ("bsr", autotune.m_bucket(rows), out_features, in_features, f"b{block_size}",
                  autotune.density_bucket(nnz / max(n_block_rows * n_block_cols, 1)), str(input.dtype)),
         (rows, nnz, in_features), input, values, lambda: ops.bsr_linear(input.detach(), values.detach(), *index),
-        lambda: build(values.detach()), tuner)
+        lambda: bsr_cuda(input.detach(), values.detach(), index, None), lambda: build(values.detach()), tuner)
 
 
 def bsr_dense(input: Tensor, values: Tensor, index: tuple, bias: Optional[Tensor]) -> Tensor:
@@ -155,22 +202,31 @@ def bsr_dense(input: Tensor, values: Tensor, index: tuple, bias: Optional[Tensor
     return F.linear(input, _dense_weight(values, index[:2], _bsr_builder(values, index)[0]), bias)
 
 
+def bsr_cuda(input: Tensor, values: Tensor, index: tuple, bias: Optional[Tensor]) -> Tensor:
+    """The CUDA path: the C++ op, whose CUDA implementation is csrc/cuda's (differentiable through
+    the op's own autograd)."""
+    return torch.ops.sparsekernels.bsr_linear(input, values, *index, bias)
+
+
 def bsr_linear(input: Tensor, values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor,
                block_col_offsets: Tensor, block_row_indices: Tensor, block_value_indices: Tensor,
                bias: Optional[Tensor] = None, tuner: Optional[autotune.Tuner] = None) -> Tensor:
-    """``input @ W.T (+ bias)`` for a block-sparse W by the faster of the Triton kernel and dense
-    ``F.linear`` (arguments of ``sparsekernels.ops.bsr_linear``; ``tuner`` for tests)."""
+    """``input @ W.T (+ bias)`` for a block-sparse W by the fastest path of the rule above
+    (arguments of ``sparsekernels.ops.bsr_linear``; ``tuner`` for tests)."""
     from . import ops
 
     index = (block_row_offsets, block_col_indices, block_col_offsets, block_row_indices, block_value_indices)
-    if count_path(bsr_path(input, values, index, tuner)) == "dense":
+    path = count_path(bsr_path(input, values, index, tuner))
+    if path == "dense":
         return bsr_dense(input, values, index, bias)
+    if path == "cuda":
+        return bsr_cuda(input, values, index, bias)
     return ops.bsr_linear(input, values, *index, bias)
 
 
 def nm_path(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
             tuner: Optional[autotune.Tuner] = None) -> str:
-    """``"sparse"`` or ``"dense"`` for this N:M forward, as :func:`bsr_path`."""
+    """``"sparse"``, ``"cuda"`` or ``"dense"`` for this N:M forward, as :func:`bsr_path`."""
     from . import ops
 
     out_features, kept = values.shape
@@ -181,6 +237,7 @@ def nm_path(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int,
                  str(input.dtype)),
         (rows, out_features, in_features), input, values,
         lambda: ops.nm_linear(input.detach(), values.detach(), positions, n, m),
+        lambda: nm_cuda(input.detach(), values.detach(), positions, n, m, None),
         lambda: reference.nm_to_dense(values.detach(), positions, n, m), tuner)
 
 
@@ -191,12 +248,20 @@ def nm_dense(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, b
     return F.linear(input, weight, bias)
 
 
+def nm_cuda(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
+    """The CUDA path of an N:M forward: the C++ op (csrc/cuda), as :func:`bsr_cuda`."""
+    return torch.ops.sparsekernels.nm_linear(input, values, positions, n, m, bias)
+
+
 def nm_linear(input: Tensor, values: Tensor, positions: Tensor, n: int, m: int, bias: Optional[Tensor] = None,
               tuner: Optional[autotune.Tuner] = None) -> Tensor:
-    """``input @ W.T (+ bias)`` for an N:M W by the faster of the Triton kernel and dense ``F.linear``
-    (arguments of ``sparsekernels.ops.nm_linear``; ``tuner`` for tests)."""
+    """``input @ W.T (+ bias)`` for an N:M W by the fastest path of the rule above (arguments of
+    ``sparsekernels.ops.nm_linear``; ``tuner`` for tests)."""
     from . import ops
 
-    if count_path(nm_path(input, values, positions, n, m, tuner)) == "dense":
+    path = count_path(nm_path(input, values, positions, n, m, tuner))
+    if path == "dense":
         return nm_dense(input, values, positions, n, m, bias)
+    if path == "cuda":
+        return nm_cuda(input, values, positions, n, m, bias)
     return ops.nm_linear(input, values, positions, n, m, bias)

@@ -19,9 +19,9 @@ When. :func:`applies` is True only for plain eager inference:
 * ``SPARSEKERNELS_EAGER_FAST_PATH`` is not ``0``.
 
 Anything else, including every bad input, takes the op path, which raises the documented errors.
-The fast path runs exactly what the op would run on these arguments: on CUDA the dense-fallback
-decision (dispatch.py), then the sparse launcher or ``F.linear``; on CPU tensors (the interpreter,
-in tests) the sparse launcher.
+The fast path runs exactly what the op would run on these arguments: on CUDA the path decision
+(dispatch.py), then the sparse launcher, the CUDA C++ op or ``F.linear``; on CPU tensors (the
+interpreter, in tests) the sparse launcher.
 
 Launch plans. The launcher's host work (sizes, tuning key and lookup, program order, grid, the
 kernel's integer and constexpr arguments) gives the same answer at every call with the same
@@ -34,13 +34,15 @@ replacement raises the op's error before any launch.
 
 * A *sparse* plan is the output allocation and the planned launch (``plan_bsr_forward`` /
   ``plan_nm_forward``); a *dense* plan (CUDA, when dispatch.py decided so) is ``F.linear`` on
-  dispatch.py's cached dense weight, which follows in-place value updates by its own stamp.
+  dispatch.py's cached dense weight, which follows in-place value updates by its own stamp; a
+  *cuda* plan (likewise) is the CUDA C++ op, called as it is.
 * Each plan carries a *stamp* of what its decisions depend on beyond the key, compared at every
   call (a differing stamp builds the plan again): the tuner object and its ``generation`` (bumped
   when a configuration or decision is stored, or memory cleared), ``SPARSEKERNELS_AUTOTUNE``, for
   block layouts the version counter of ``block_row_offsets`` (the program order is that pattern's;
-  ``set_pattern`` rewrites it in place), and on CUDA ``SPARSEKERNELS_DENSE_FALLBACK`` and, for
-  float32, torch's TF32 flag.
+  ``set_pattern`` rewrites it in place), and on CUDA ``SPARSEKERNELS_DENSE_FALLBACK``, the forced
+  backend (``set_backend``: a forced ``"triton"`` excludes the CUDA op) and, for float32, torch's
+  TF32 flag.
 * Not kept: sparse plans over non-contiguous weights or with an empty output (the launcher runs at
   every call), plans built during CUDA graph capture, plans under a tuner stand-in without a
   ``generation``. At most :data:`MAX_PLANS_PER_LAYER` per layer (then they start afresh).
@@ -60,6 +62,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import backend
 from ..ops._checks import bsr_features, check_bias, nm_features
 from . import autotune, dispatch
 from ._common import no_function_mode_but_default_device
@@ -131,7 +134,7 @@ def _plan_stamp(input: Tensor, block_row_offsets: Optional[Tensor]) -> Optional[
             return None
         stamp += (input.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,)
     if routed(input):
-        stamp += (dispatch.fallback_enabled(),)
+        stamp += (dispatch.fallback_enabled(), backend.get_backend())
     return stamp
 
 
@@ -190,12 +193,19 @@ def _bsr_plan(input, values, index, bias, out_features, in_features):
     the launcher at every call (not kept)."""
     check_bias(bias, values, bsr_features(values, *index)[0])
     decided = routed(input)
-    if decided and dispatch.bsr_path(input, values, index) == "dense":
+    path = dispatch.bsr_path(input, values, index) if decided else "sparse"
+    if path == "dense":
         def dense(input, values, index, bias):
             dispatch.count_path("dense")
             return dispatch.bsr_dense(input, values, index, bias)
 
         return dense, True
+    if path == "cuda":
+        def cuda(input, values, index, bias):
+            dispatch.count_path("cuda")
+            return dispatch.bsr_cuda(input, values, index, bias)
+
+        return cuda, True
     if not _plannable(input, in_features, out_features, values, index[0], index[1], bias):
         def unplanned(input, values, index, bias):
             if decided:
@@ -214,12 +224,19 @@ def _nm_plan(input, values, index, n, m, bias, out_features, in_features):
     """(run, keep) for an N:M forward, as :func:`_bsr_plan`."""
     check_bias(bias, values, nm_features(values, index[0], n, m)[0])
     decided = routed(input)
-    if decided and dispatch.nm_path(input, values, index[0], n, m) == "dense":
+    path = dispatch.nm_path(input, values, index[0], n, m) if decided else "sparse"
+    if path == "dense":
         def dense(input, values, index, bias):
             dispatch.count_path("dense")
             return dispatch.nm_dense(input, values, index[0], n, m, bias)
 
         return dense, True
+    if path == "cuda":
+        def cuda(input, values, index, bias):
+            dispatch.count_path("cuda")
+            return dispatch.nm_cuda(input, values, index[0], n, m, bias)
+
+        return cuda, True
     if not _plannable(input, in_features, out_features, values, index[0], bias):
         def unplanned(input, values, index, bias):
             if decided:
