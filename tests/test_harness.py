@@ -1,6 +1,10 @@
-"""The settings tests/conftest.py gives every test: the Triton dense fallback off (so that on a GPU
-the kernel tests run the kernels, not ``F.linear``), the tuning cache in a file of the session's own
-(never ``~/.cache/sparsekernels``), and the ``dense_fallback`` marker that opts a test out."""
+"""The test harness itself, where the GPU tests rely on it and a CPU can check it.
+
+* tests/conftest.py gives every test the Triton dense fallback off (so that on a GPU the kernel
+  tests run the kernels, not ``F.linear``) and the tuning cache in a file of the session's own (never
+  ``~/.cache/sparsekernels``); the ``dense_fallback`` marker opts a test out.
+* ``cases.misaligned`` makes contiguous tensors, and gradients, whose data is not 16-byte aligned.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from cases import misaligned
 from sparsekernels.triton import autotune, dispatch
 
 _seen_by_module_fixture = {}
@@ -45,3 +51,30 @@ def test_a_test_can_override_the_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSEKERNELS_TUNE_CACHE", str(tmp_path / "own.json"))
     assert dispatch.fallback_enabled()
     assert autotune.Tuner().path("any gpu") == tmp_path / "own.json"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8, torch.bool], ids=str)
+def test_misaligned_tensors_and_their_gradients(dtype):
+    tensor = (torch.randn(5, 8) * 4).to(dtype)
+    moved = misaligned(tensor)
+    assert torch.equal(moved, tensor) and moved.is_contiguous() and moved.data_ptr() % 16 != 0
+    if not dtype.is_floating_point:
+        return
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        """Records the gradient that reaches an op whose output went through ``misaligned``."""
+
+        @staticmethod
+        def forward(ctx, input):
+            return input.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(grad)
+            return grad
+
+    leaf = tensor.clone().requires_grad_()
+    misaligned(Probe.apply(misaligned(leaf))).backward(torch.ones(5, 8, dtype=dtype))
+    assert seen[0].is_contiguous() and seen[0].data_ptr() % 16 != 0
+    assert torch.equal(leaf.grad, torch.ones(5, 8, dtype=dtype))
