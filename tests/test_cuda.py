@@ -142,10 +142,11 @@ def test_each_path_runs_its_kernel():
 
 
 # ---------------------------------------------------------------------- misaligned operands
-# Each kernel path with input, values, bias and (through the backward) grad_output contiguous but
-# starting one element into their storage, as torch.empty(n + 1)[1:].view(...) does: the bindings'
-# aligned_contiguous copies them (contiguous() alone would not) before the 16-byte loads, and the
-# kernel that names the path still runs (no quiet fall back to the composite path).
+# Each kernel path with input, values, bias, the index tensors and (through the backward)
+# grad_output contiguous but starting one element into their storage, as
+# torch.empty(n + 1)[1:].view(...) does: the bindings' aligned_contiguous copies the operands that
+# take 16-byte loads (contiguous() alone would not), and the kernel that names the path still runs
+# (no quiet fall back to the composite path).
 MISALIGNED_CASES = [
     (NM(2, 4), (96, 256), 5, "nm_decode_kernel"),
     (NM(2, 4), (128, 512), 33, "cutlass"),  # the sm90 GEMM on Hopper, else the sm80 one
@@ -165,10 +166,16 @@ def _case_id(value) -> str:
 def test_misaligned_operands(layout, features, rows, kernel):
     case = make_case(layout, torch.bfloat16, "cuda", features=features)
 
+    matrix = case.matrix
+    index = [misaligned(tensor) for tensor in
+             ((matrix.positions,) if isinstance(matrix, NMMatrix) else matrix.index_tensors())]
+
     def op(input, values, bias):
-        operands = [misaligned(tensor) for tensor in (input, values, bias)]
-        assert all(tensor.is_contiguous() and tensor.data_ptr() % 16 for tensor in operands)
-        return misaligned(sparse_linear(case.matrix, *operands))
+        input, values, bias = (misaligned(tensor) for tensor in (input, values, bias))
+        assert all(tensor.is_contiguous() and tensor.data_ptr() % 16 for tensor in (input, values, bias, *index))
+        if isinstance(matrix, NMMatrix):
+            return misaligned(sk.ops.nm_linear(input, values, *index, matrix.n, matrix.m, bias))
+        return misaligned(sk.ops.bsr_linear(input, values, *index, bias))
 
     check_op_against_dense(case, op, torch.bfloat16, (rows,), with_bias=True, device="cuda")
     if kernel is not None:
