@@ -336,23 +336,33 @@ CORRUPT_INDEX_CASES = [
 ]
 
 
+def _run_corrupt_index_child(cases: list) -> tuple[str, str]:
+    """The child's stdout, and what ended it when it stopped without reporting a fault."""
+    try:
+        child = subprocess.run([sys.executable, "-c", CORRUPT_INDEX_CHILD, *cases], capture_output=True, text=True,
+                               timeout=240, cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
+    except subprocess.TimeoutExpired as timeout:  # a hang: its partial output comes as bytes
+        output = timeout.stdout or b""
+        return (output.decode(errors="replace") if isinstance(output, bytes) else output), "hung for 240 s"
+    return child.stdout, f"child exited with {child.returncode}: {child.stderr[-2000:]}"
+
+
 @pytest.fixture(scope="module")
 def corrupt_index_outcomes():
     """``{case: "OK" or what went wrong}`` for every case of ``CORRUPT_INDEX_CASES``."""
     outcomes, pending = {}, list(CORRUPT_INDEX_CASES)
     while pending:
-        child = subprocess.run([sys.executable, "-c", CORRUPT_INDEX_CHILD, *pending], capture_output=True, text=True,
-                               timeout=240, cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
+        stdout, ending = _run_corrupt_index_child(pending)
         reported_fault = False
-        for line in child.stdout.splitlines():
+        for line in stdout.splitlines():
             status, _, rest = line.partition(" ")
             if status in ("OK", "FAULT"):
                 case, _, error = rest.partition(": ")
                 outcomes[case] = "OK" if status == "OK" else error
                 reported_fault |= status == "FAULT"
         pending = [case for case in pending if case not in outcomes]
-        if pending and not reported_fault:  # died without a word: blame the case it was running
-            outcomes[pending.pop(0)] = f"child exited with {child.returncode}: {child.stderr[-2000:]}"
+        if pending and not reported_fault:  # stopped without a word: blame the case it was running
+            outcomes[pending.pop(0)] = ending
     return outcomes
 
 
