@@ -197,6 +197,15 @@ def check_op_against_dense(case: SparseCase, op, dtype, leading_shape, with_bias
         assert_close(bias.grad, bias_ref.grad, dtype, "grad bias")
 
 
+def misaligned(tensor: Tensor) -> Tensor:
+    """``tensor`` as a contiguous tensor whose data starts one element into its storage, so not
+    16-byte aligned (a contiguous view at an odd offset, as ``torch.empty(n + 1)[1:]``): a kernel
+    that needs aligned pointers must copy it. Differentiable, and the gradient that reaches the op
+    producing ``tensor`` is misaligned the same way (the backward of ``cat`` is a view at offset 1)."""
+    flat = torch.cat([tensor.new_zeros(1), tensor.reshape(-1)])
+    return flat[1:].view(tensor.shape)
+
+
 class OpRecorder(TorchDispatchMode):
     """A dispatch mode that runs every op it sees and records its name (``names``), to tell which ops
     a call reached."""

@@ -1,5 +1,5 @@
-"""Shared test configuration: the gpu marker, seeding, a clean backend for every test, and the
-Triton backend for the modules that test its kernels."""
+"""Shared test configuration: the gpu marker, seeding, a clean backend for every test, the Triton
+dispatch settings every test runs under, and the Triton backend for the modules that test its kernels."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import pytest
 import torch
 
 import sparsekernels
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "dense_fallback: runs with the Triton dense fallback on (the default of every other test is off)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,6 +30,28 @@ def _seed_and_restore_backend():
     previous = sparsekernels.get_backend()
     yield
     sparsekernels.set_backend(previous)
+
+
+@pytest.fixture(scope="session")
+def session_tune_cache(tmp_path_factory):
+    """The tuning cache file of this test session (a fresh temporary folder): tests never read or
+    write the user's ``~/.cache/sparsekernels``."""
+    return tmp_path_factory.mktemp("sparsekernels-tune") / "triton-tune.json"
+
+
+@pytest.fixture(autouse=True)
+def _sparse_kernels_and_private_tune_cache(request, monkeypatch, session_tune_cache):
+    """Every test runs with ``SPARSEKERNELS_DENSE_FALLBACK=0`` and ``SPARSEKERNELS_TUNE_CACHE`` set to
+    the session's own file. On CUDA the Triton front end would otherwise time the sparse kernel against
+    ``F.linear`` and may run the dense path, so a test of the kernels would not run them (on CPU tensors
+    it always takes the sparse path). A test of the dense fallback itself opts out with
+    ``@pytest.mark.dense_fallback`` (the variable unset: the library's default, fallback on), or sets
+    or removes the variables with its own ``monkeypatch``, which runs after this fixture."""
+    if request.node.get_closest_marker("dense_fallback") is None:
+        monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
+    else:
+        monkeypatch.delenv("SPARSEKERNELS_DENSE_FALLBACK", raising=False)
+    monkeypatch.setenv("SPARSEKERNELS_TUNE_CACHE", str(session_tune_cache))
 
 
 @pytest.fixture
