@@ -41,16 +41,19 @@ def session_tune_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _sparse_kernels_and_private_tune_cache(request, monkeypatch, session_tune_cache):
-    """Every test runs with ``SPARSEKERNELS_DENSE_FALLBACK=0`` and ``SPARSEKERNELS_TUNE_CACHE`` set to
-    the session's own file. On CUDA the Triton front end would otherwise time the sparse kernel against
-    ``F.linear`` and may run the dense path, so a test of the kernels would not run them (on CPU tensors
-    it always takes the sparse path). A test of the dense fallback itself opts out with
-    ``@pytest.mark.dense_fallback`` (the variable unset: the library's default, fallback on), or sets
-    or removes the variables with its own ``monkeypatch``, which runs after this fixture."""
+    """Every test runs with ``SPARSEKERNELS_DENSE_FALLBACK=0``, ``SPARSEKERNELS_AUTOTUNE=0`` and
+    ``SPARSEKERNELS_TUNE_CACHE`` set to the session's own file. On CUDA the Triton front end would
+    otherwise time the sparse kernel against ``F.linear`` (and the CUDA op) and may run another path,
+    so a test of the kernels would not run them (on CPU tensors it always takes the sparse path); and
+    tuning would compile and time every candidate for every new shape, minutes of a GPU visit that
+    tests/test_triton_dispatch.py's tuning tests cover once. A test of the dense fallback itself opts
+    out with ``@pytest.mark.dense_fallback`` (the variable unset: the library's default, fallback on),
+    or sets or removes the variables with its own ``monkeypatch``, which runs after this fixture."""
     if request.node.get_closest_marker("dense_fallback") is None:
         monkeypatch.setenv("SPARSEKERNELS_DENSE_FALLBACK", "0")
     else:
         monkeypatch.delenv("SPARSEKERNELS_DENSE_FALLBACK", raising=False)
+    monkeypatch.setenv("SPARSEKERNELS_AUTOTUNE", "0")
     monkeypatch.setenv("SPARSEKERNELS_TUNE_CACHE", str(session_tune_cache))
 
 
@@ -66,7 +69,7 @@ def triton_backend(monkeypatch):
 
 # Hypothesis profiles of the fuzz tests (tests/test_fuzz.py), chosen with SPARSEKERNELS_FUZZ_PROFILE:
 # "short" (default) is derandomized, so CI is reproducible, and sized to about a minute on two
-# cores; "long" draws ~25x as many random examples and keeps failing ones in the example database.
+# cores; "long" draws 10x as many random examples and keeps failing ones in the example database.
 # max_examples is the budget the fuzz tests share out; no profile is loaded globally, so other
 # hypothesis tests keep their own settings.
 from hypothesis import settings as _hypothesis_settings  # noqa: E402

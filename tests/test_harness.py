@@ -1,7 +1,8 @@
 """The test harness itself, where the GPU tests rely on it and a CPU can check it.
 
 * tests/conftest.py gives every test the Triton dense fallback off (so that on a GPU the kernel
-  tests run the kernels, not ``F.linear``) and the tuning cache in a file of the session's own (never
+  tests run the kernels, not ``F.linear``), tuning off (heuristic configurations; the tuning tests
+  turn it on themselves) and the tuning cache in a file of the session's own (never
   ``~/.cache/sparsekernels``); the ``dense_fallback`` marker opts a test out.
 * ``cases.misaligned`` makes contiguous tensors, and gradients, whose data is not 16-byte aligned.
 """
@@ -24,19 +25,21 @@ _seen_by_module_fixture = {}
 def _record_environment_before_module_fixtures():
     """A module's own autouse fixture runs after conftest's, so its settings win (as
     tests/test_triton_dispatch.py relies on when it clears them)."""
-    for name in ("SPARSEKERNELS_DENSE_FALLBACK", "SPARSEKERNELS_TUNE_CACHE"):
+    for name in ("SPARSEKERNELS_DENSE_FALLBACK", "SPARSEKERNELS_AUTOTUNE", "SPARSEKERNELS_TUNE_CACHE"):
         _seen_by_module_fixture[name] = os.environ.get(name)
 
 
 def test_dense_fallback_is_off_and_the_tune_cache_is_private(session_tune_cache):
     assert os.environ["SPARSEKERNELS_DENSE_FALLBACK"] == "0"
     assert not dispatch.fallback_enabled()
+    assert not autotune.tuning_enabled()
     cache = Path(os.environ["SPARSEKERNELS_TUNE_CACHE"])
     assert cache == session_tune_cache
     assert Path.home() / ".cache" not in cache.parents
     # The tuner that the kernels use on a GPU reads and writes the session's file.
     assert autotune.tuner.path("NVIDIA H100 80GB HBM3") == cache
-    assert _seen_by_module_fixture == {"SPARSEKERNELS_DENSE_FALLBACK": "0", "SPARSEKERNELS_TUNE_CACHE": str(cache)}
+    assert _seen_by_module_fixture == {
+        "SPARSEKERNELS_DENSE_FALLBACK": "0", "SPARSEKERNELS_AUTOTUNE": "0", "SPARSEKERNELS_TUNE_CACHE": str(cache)}
 
 
 @pytest.mark.dense_fallback
