@@ -11,6 +11,10 @@ differing environments are pointed out, since their ratios say little about the 
 
 e2e results (``--suite e2e``) are compared the same way: each (model, variant, dtype) gives two rows,
 ``train`` and ``decode``, whose "time" is milliseconds per token (the inverse of tokens/s).
+
+Files older than ``--backends`` have a single ``sparsekernels`` column: it matches
+``sparsekernels[<backend>]``, the backend that file recorded as ``environment.sparsekernels_backend``
+(:func:`bench.results.results_by_column`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .report import wide_console
-from .results import CELL_KEY_FIELDS, Status, cell_key
+from .results import CELL_KEY_FIELDS, Status, cell_key, results_by_column
 
 DEFAULT_THRESHOLD = 0.10
 MAX_NOISE = 0.50
@@ -101,7 +105,8 @@ def compare_documents(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Ch
     new_cells = {cell_key(cell): cell for cell in new["cells"]}
     changes = []
     for key in old_cells.keys() & new_cells.keys():
-        old_results, new_results = old_cells[key]["results"], new_cells[key]["results"]
+        old_results = results_by_column(old_cells[key], old.get("environment", {}))
+        new_results = results_by_column(new_cells[key], new.get("environment", {}))
         for name in old_results.keys() & new_results.keys():
             before, after = old_results[name], new_results[name]
             if Status.OK.value not in (before["status"], after["status"]):

@@ -149,7 +149,8 @@ def print_table(
     for column in ("shape", "layout", "dtype", "M", "op"):
         table.add_column(column, justify="right" if column == "M" else "left")
     for name in implementation_names:
-        table.add_column(f"{name} ms" if name == BASELINE else f"{name} ms, speedup", justify="right")
+        # escape: "sparsekernels[cuda]" would otherwise be read as rich markup and lose its "[cuda]".
+        table.add_column(escape(f"{name} ms" if name == BASELINE else f"{name} ms, speedup"), justify="right")
     footnotes = _Footnotes()
     previous_weight = None
     for result in results:

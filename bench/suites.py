@@ -6,8 +6,9 @@
 * ``full``: the LLM projection shapes, every block size and density, every N:M pattern, all three
   dtypes and all four ops (forward, input grad, weight grad, training step). Hours, not minutes.
   2:4 appears twice: ``2:4`` and ``2:4T``, a transposable mask, whose input gradient (and so training
-  step) runs the N:M forward on W.T, the 2:4 sparse tensor core GEMM on CUDA (issue 5's target:
-  the 2:4T train_step cell at M=8192).
+  step) runs the N:M forward on W.T: the Triton N:M kernel in the ``sparsekernels[triton]`` column,
+  the CUTLASS 2:4 sparse tensor core GEMM only in ``sparsekernels[cuda]`` (issue 5's target: the
+  2:4T train_step cell at M=8192).
 
 Each command-line axis (--shapes, --layouts, --dtype, --m, --ops, --repeats, --warmup) overrides the
 suite's value, so a suite is a starting point rather than a fixed list.
