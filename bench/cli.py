@@ -66,6 +66,7 @@ from .results import CellResult, Status
 from .roofline import peak_for_device
 from .runner import run_cells
 from .suites import SUITES
+from .targets import TargetCell, print_targets, target_cases, target_rows
 from .timing import TimingConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
@@ -211,26 +212,31 @@ def _summarize_failures(results: Sequence[CellResult], console: Console) -> int:
 
 def _plan(
     args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console
-) -> tuple[list[Case], TimingConfig]:
-    """The cells and timing settings: the suite's, with each axis given on the command line replaced."""
+) -> tuple[list[Case], TimingConfig, Optional[dict[Case, list[TargetCell]]]]:
+    """The cells and timing settings: the suite's, with each axis given on the command line replaced;
+    for the targets suite also the issue cells behind each case (None for the other suites)."""
     grid = SUITES[args.suite](args.device)
     timing = TimingConfig(
         warmup=grid.timing.warmup if args.warmup is None else args.warmup,
         repeats=grid.timing.repeats if args.repeats is None else args.repeats,
         budget_s=grid.timing.budget_s,
     )
-    cases, misfits = build_cases(
-        args.shapes or grid.shapes,
-        args.layouts or grid.layouts,
-        args.dtype or grid.dtypes,
-        args.m or grid.rows,
-        args.ops or grid.ops,
-    )
+    behind = None
+    if grid.cells:
+        cases, behind, misfits = target_cases(grid.cells, args.shapes, args.layouts, args.dtype, args.m, args.ops)
+    else:
+        cases, misfits = build_cases(
+            args.shapes or grid.shapes,
+            args.layouts or grid.layouts,
+            args.dtype or grid.dtypes,
+            args.m or grid.rows,
+            args.ops or grid.ops,
+        )
     if misfits:
         console.print(f"[yellow]skipped (shape does not fit the layout):[/] {', '.join(misfits)}", highlight=False)
     if not cases:
         parser.error("no cells to measure")
-    return cases, timing
+    return cases, timing, behind
 
 
 def _run_settings(
@@ -272,7 +278,7 @@ def run(argv: Sequence[str]) -> int:
     if args.suite == E2E_SUITE:
         args.out.mkdir(parents=True, exist_ok=True)
         return e2e.run_suite(args, argv, device, console)
-    cases, timing = _plan(args, parser, console)
+    cases, timing, behind = _plan(args, parser, console)
     implementations = _contenders(args.peers, args.backends, device, console)
     names = [cls.name for cls in implementations]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -290,9 +296,12 @@ def run(argv: Sequence[str]) -> int:
         console.print(f"[yellow]interrupted: keeping the {len(results)} of {len(cases)} cells measured[/]")
 
     print_table(results, names, environment, console)
+    target_report = None if behind is None else target_rows(results, behind, names)
+    if target_report is not None:
+        print_targets(target_report, console)
     our_failures = _summarize_failures(results, console)
     settings = _run_settings(args, argv, cases, names, timing, complete=not interrupted)
-    write_json(args.out / JSON_NAME, results, environment, settings)
+    write_json(args.out / JSON_NAME, results, environment, settings, targets=target_report)
     write_csv(args.out / CSV_NAME, results)
     console.print(f"wrote {args.out / JSON_NAME} and {args.out / CSV_NAME}", highlight=False)
     if not args.no_plots and results:

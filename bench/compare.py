@@ -14,7 +14,7 @@ e2e results (``--suite e2e``) are compared the same way: each (model, variant, d
 
 Files older than ``--backends`` have a single ``sparsekernels`` column: it matches
 ``sparsekernels[<backend>]``, the backend that file recorded as ``environment.sparsekernels_backend``
-(:func:`bench.results.results_by_column`).
+(:func:`bench.implementations.results_by_column`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .implementations import results_by_column
 from .report import wide_console
-from .results import CELL_KEY_FIELDS, Status, cell_key, results_by_column
+from .results import CELL_KEY_FIELDS, Status, cell_key
 
 DEFAULT_THRESHOLD = 0.10
 MAX_NOISE = 0.50

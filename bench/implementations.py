@@ -34,7 +34,7 @@ import contextlib
 import importlib.util
 import warnings
 from functools import cached_property
-from typing import Callable, ClassVar, ContextManager, Iterator, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,22 @@ def backend_column(backend: str) -> str:
 def is_ours(name: str) -> bool:
     """Whether an implementation name is a sparsekernels column (a failure there fails the run)."""
     return name == OURS or (name.startswith(f"{OURS}[") and name.endswith("]"))
+
+
+def results_by_column(cell: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+    """A stored cell's results by implementation, with the single ``sparsekernels`` column of a file
+    written before ``--backends`` named after the backend that ran it, ``sparsekernels[<backend>]``, so
+    that ``compare`` matches it with the same backend's column of a newer file. That backend is the
+    file's ``environment.sparsekernels_backend`` (what the library resolved for the device, a forced
+    SPARSEKERNELS_BACKEND included); a file without it is taken as ``cpu`` on CPU and left as is on
+    CUDA (the choice depended on the build: nothing matches rather than a wrong pair)."""
+    results = cell["results"]
+    if OURS not in results:
+        return results
+    backend = environment.get("sparsekernels_backend") or ("cpu" if environment.get("device") == "cpu" else None)
+    if backend is None or backend_column(backend) in results:
+        return results
+    return {(backend_column(backend) if name == OURS else name): value for name, value in results.items()}
 
 
 def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:

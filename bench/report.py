@@ -168,13 +168,23 @@ def print_table(
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
-def write_json(path: Path, results: Sequence[CellResult], environment: dict[str, Any], run: dict[str, Any]) -> None:
+def write_json(
+    path: Path,
+    results: Sequence[CellResult],
+    environment: dict[str, Any],
+    run: dict[str, Any],
+    targets: Optional[list[dict[str, Any]]] = None,
+) -> None:
+    """``targets``: the targets suite's verdict rows (:func:`bench.targets.target_rows`), stored as
+    ``"targets"`` when given."""
     document = {
         "schema_version": SCHEMA_VERSION,
         "environment": environment,
         "run": run,
         "cells": [result.to_dict() for result in results],
     }
+    if targets is not None:
+        document["targets"] = targets
     path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 

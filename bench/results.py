@@ -78,23 +78,3 @@ CELL_KEY_FIELDS = ("shape", "layout", "dtype", "M", "op")
 def cell_key(cell: dict[str, Any]) -> tuple:
     """What identifies a cell in a results file (to match cells of two runs)."""
     return tuple(cell[name] for name in CELL_KEY_FIELDS)
-
-
-LEGACY_COLUMN = "sparsekernels"  # files written before --backends: one column, the library's own choice
-
-
-def results_by_column(cell: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
-    """A stored cell's results by implementation, with a file's legacy ``sparsekernels`` column named
-    after the backend that ran it, ``sparsekernels[<backend>]``, so that ``compare`` matches it with
-    the same backend's column of a newer file. That backend is the file's
-    ``environment.sparsekernels_backend`` (what the library resolved for the device, a forced
-    SPARSEKERNELS_BACKEND included); a file without it is taken as ``cpu`` on CPU and left as is on
-    CUDA (where the choice depended on the build, so nothing would match rather than a wrong pair)."""
-    results = cell["results"]
-    if LEGACY_COLUMN not in results:
-        return results
-    backend = environment.get("sparsekernels_backend") or ("cpu" if environment.get("device") == "cpu" else None)
-    if backend is None or f"{LEGACY_COLUMN}[{backend}]" in results:
-        return results
-    column = f"{LEGACY_COLUMN}[{backend}]"
-    return {(column if name == LEGACY_COLUMN else name): value for name, value in results.items()}

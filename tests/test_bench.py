@@ -686,3 +686,107 @@ def test_compare_matches_a_legacy_sparsekernels_column_with_its_backend(tiny_run
     changes, _, _ = compare.compare_documents(legacy, new)
     assert {change.implementation for change in changes} == {"dense", OURS_CPU, "torch_bsr"}
     assert _compare(tmp_path, legacy, slower) == 1
+
+
+# ------------------------------------------------------------------------- the targets suite (bench-a)
+def test_targets_suite_holds_exactly_the_cells_of_issues_4_and_5():
+    from bench.targets import TARGET_CELLS
+
+    issue_cells = {
+        (cell.case.shape_label, layout_label(cell.layout), cell.rows, cell.op.value):
+            {target.backend: target.ratio for target in cell.targets}
+        for cell in TARGET_CELLS if cell.targets
+    }
+    assert issue_cells == {
+        ("14336x4096", "b64d0.1", 8192, "forward"): {"triton": 7.0},
+        ("14336x4096", "b64d0.1", 16, "forward"): {"triton": 8.0, "cuda": 8.0},
+        ("14336x4096", "b64d0.1", 8192, "train_step"): {"triton": 6.0},
+        ("14336x4096", "b64d0.5", 8192, "forward"): {"triton": 1.8},
+        ("14336x4096", "b128d0.5", 8192, "train_step"): {"triton": 1.6},
+        ("14336x4096", "2:4", 8192, "forward"): {"triton": 1.3, "cuda": 1.6},
+        ("14336x4096", "2:4", 2048, "forward"): {"cuda": 1.5},
+        ("14336x4096", "2:4", 16, "forward"): {"triton": 1.5, "cuda": 1.6},
+        ("14336x4096", "2:4T", 8192, "train_step"): {"cuda": 1.3},
+    }
+    assert all(cell.dtype is torch.bfloat16 for cell in TARGET_CELLS)
+    extra = {(cell.case.shape_label, layout_label(cell.layout), cell.rows) for cell in TARGET_CELLS if not cell.targets}
+    assert extra == {("4096x4096", layout, rows) for layout in ("b64d0.1", "b64d0.5", "2:4") for rows in (1, 128, 2048)}
+
+
+def test_targets_give_met_or_missed_per_backend_with_the_peer_of_the_same_run():
+    from bench.results import CellResult, Measurement
+    from bench.targets import TARGET_CELLS, target_cases, target_rows
+
+    issue_cell = [cell for cell in TARGET_CELLS if cell.case.shape_label == "14336x4096" and cell.rows == 16
+                  and cell.layout == BlockSparse(64, 0.1)]
+    (case,), behind, _ = target_cases(issue_cell)
+    result = CellResult(case, 0.1, 1, 1, {
+        "dense": Measurement(Status.OK, speedup=1.0),
+        "sparsekernels[triton]": Measurement(Status.OK, speedup=8.5),
+        "sparsekernels[cuda]": Measurement(Status.OK, speedup=7.9),
+        "torch_bsr": Measurement(Status.OK, speedup=5.0),
+    })
+    rows = target_rows([result], behind, ["dense", "sparsekernels[triton]", "sparsekernels[cuda]", "torch_bsr"])
+    verdicts = {(row["implementation"], row["target"], row["source"]): row["verdict"] for row in rows}
+    assert verdicts == {("sparsekernels[triton]", 8.0, "issue 4"): "met",
+                        ("sparsekernels[cuda]", 8.0, "issue 5"): "missed"}
+    assert all(row["peer"] == "torch_bsr" and row["peer_ratio"] == 5.0 for row in rows)
+
+    # only the triton column measured: the cuda target shows as not measured; a wrong result is no verdict
+    result.measurements["sparsekernels[triton]"] = Measurement(Status.WRONG)
+    del result.measurements["sparsekernels[cuda]"]
+    rows = target_rows([result], behind, ["dense", "sparsekernels[triton]", "torch_bsr"])
+    assert [(row["implementation"], row["verdict"]) for row in rows] == [
+        ("sparsekernels[triton]", "wrong"), ("sparsekernels[cuda]", "not measured")]
+
+    # the same cell run at another M is not the issue's cell: its ratio is shown, without a verdict
+    (scaled_case,), scaled_behind, _ = target_cases(issue_cell, rows=[4])
+    scaled = CellResult(scaled_case, 0.1, 1, 1, {"sparsekernels[triton]": Measurement(Status.OK, speedup=9.0)})
+    (row, _) = target_rows([scaled], scaled_behind, ["dense", "sparsekernels[triton]"])
+    assert (row["ratio"], row["verdict"]) == (9.0, "scaled")
+    assert row["issue_cell"] == "14336x4096 b64d0.1 bfloat16 M=16 forward"
+
+
+def test_targets_suite_runs_small_on_cpu_and_stores_its_verdicts(tmp_path):
+    args = ["--suite", "targets", "--device", "cpu", "--shapes", "256x256", "--dtype", "float32", "--m", "4",
+            "--peers", "torch_bsr", "--repeats", "1", "--warmup", "0", "--no-progress", "--no-plots",
+            "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["run"]["suite"] == "targets"
+    # every issue cell scaled to 256x256 float32 M=4: the equal ones are measured once
+    assert {(cell["layout"], cell["op"]) for cell in document["cells"]} == {
+        ("b64d0.1", "forward"), ("b64d0.1", "train_step"), ("b64d0.5", "forward"), ("b128d0.5", "train_step"),
+        ("2:4", "forward"), ("2:4T", "train_step")}
+    assert len(document["cells"]) == 6
+    rows = document["targets"]
+    assert {row["implementation"] for row in rows} == {OURS_CPU, "sparsekernels[triton]", "sparsekernels[cuda]"}
+    for row in rows:
+        if row["implementation"] == OURS_CPU:
+            assert row["verdict"] == "-" and row["status"] == "ok" and row["ratio"] > 0
+        else:  # targets of GPU backends on a CPU run: shown, never judged
+            assert row["verdict"] == "not measured" and row["target"] >= 1.3
+    assert sum(row["verdict"] == "not measured" for row in rows) == 12  # the 12 targets of the two issues
+
+
+# ------------------------------------------------------------------ axis dedupe, messages (bench-a)
+def test_repeated_axis_values_are_measured_once(tmp_path):
+    cases, _ = build_cases([(64, 64), (64, 64)], [parse_layout("b16d0.5"), parse_layout("b16d0.50")],
+                           [parse_dtype("fp32"), parse_dtype("float32")], [4, 4], [Op.FORWARD, Op.FORWARD])
+    assert len(cases) == 1
+    args = ["--device", "cpu", "--shapes", "64x64,64x64", "--m", "4,4", "--dtype", "fp32,float32", "--layouts",
+            "b16d0.5,b16d0.50", "--ops", "forward", "--peers", "dense", "--repeats", "1", "--warmup", "0",
+            "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert len(document["cells"]) == 1 and document["run"]["axes"]["layouts"] == ["b16d0.5"]
+
+
+@pytest.mark.parametrize("option", ["--threads", "--repeats", "--m", "--steps"])
+def test_a_non_positive_count_names_the_option_and_what_it_expects(option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([option, "0"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}: expected a positive integer (1 or more), got '0'" in error
+    assert "_positive_int" not in error
