@@ -276,6 +276,9 @@ def run(argv: Sequence[str]) -> int:
         torch.set_num_threads(args.threads)
     console = wide_console()
     if args.suite == E2E_SUITE:
+        if args.backends is not None:  # the e2e models run SparseLinear on the library's own choice
+            parser.error("--backends applies to the cell suites (quick, full, targets), not to --suite e2e "
+                         "(use SPARSEKERNELS_BACKEND there)")
         args.out.mkdir(parents=True, exist_ok=True)
         return e2e.run_suite(args, argv, device, console)
     cases, timing, behind = _plan(args, parser, console)

@@ -790,3 +790,21 @@ def test_a_non_positive_count_names_the_option_and_what_it_expects(option, capsy
     error = capsys.readouterr().err
     assert f"argument {option}: expected a positive integer (1 or more), got '0'" in error
     assert "_positive_int" not in error
+
+
+def test_pytest_benchmark_variants_add_a_column_per_other_backend():
+    from bench import test_benchmarks
+
+    # CPU: the cpu backend is the library's own choice; CUDA: triton is, and cuda comes on top when built
+    allowed = [[]] if test_benchmarks.DEVICE.type == "cpu" else [[], ["cuda"]]
+    assert test_benchmarks.OTHER_BACKENDS in allowed
+    ours = [name for name in test_benchmarks.NAMES if implementations.is_ours(name)]
+    assert ours == ["sparsekernels", *(f"sparsekernels[{b}]" for b in test_benchmarks.OTHER_BACKENDS)]
+    assert all(name in test_benchmarks.CONTENDERS for name in test_benchmarks.NAMES)
+
+
+def test_backends_is_refused_for_the_e2e_suite(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "e2e", "--backends", "cpu", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--backends applies to the cell suites" in capsys.readouterr().err
