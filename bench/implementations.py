@@ -50,8 +50,8 @@ from .workloads import Inputs, SparseWeight
 
 BASELINE = "dense"
 OURS = "sparsekernels"  # the library; its columns are named ``sparsekernels[<backend>]``
-# The library's backends that a column can force (sparsekernels.BACKENDS without "auto").
-SPARSEKERNELS_BACKENDS = ("cpu", "cuda", "triton", "reference")
+# The library's backends that a column can force: cpu, cuda, triton, reference.
+SPARSEKERNELS_BACKENDS = tuple(backend for backend in sparsekernels.BACKENDS if backend != "auto")
 
 Outputs = tuple[Tensor, ...]
 
