@@ -9,10 +9,11 @@ measures whole GPT models with sparsified MLPs instead. docs/benchmark.md is the
 
 Modules, in the order data flows through them:
 
-* ``suites``: the named grids (quick, full) and their timing settings.
+* ``suites``: the named grids (quick, full, targets) and their timing settings.
+* ``targets``: the cells and target ratios of issues 4 and 5, and the verdict table of a targets run.
 * ``cases``: one cell of a grid, and parsing of the command line's shape / layout / dtype lists.
 * ``workloads``: the tensors of a cell (pruned weight, inputs).
-* ``implementations``: sparsekernels and the peers behind one interface.
+* ``implementations``: sparsekernels (one column per backend) and the peers behind one interface.
 * ``correctness``: the float32 reference and the tolerance check.
 * ``timing``: wall clock on CPU, CUDA graphs plus eager time on CUDA.
 * ``metrics``: useful FLOPs and bytes of a cell.

@@ -121,8 +121,10 @@ def build_cases(
     ops: Iterable[Op],
 ) -> tuple[list[Case], list[str]]:
     """Every cell of the grid, ordered shape, dtype, layout, M, op (cells sharing a weight are
-    adjacent), and a description of each (shape, layout) pair dropped because it does not fit."""
-    shapes, layouts, dtypes, rows, ops = (list(axis) for axis in (shapes, layouts, dtypes, rows, ops))
+    adjacent), and a description of each (shape, layout) pair dropped because it does not fit.
+    Repeated values of an axis count once, compared after parsing (``fp32`` is ``float32``,
+    ``b16d0.50`` is ``b16d0.5``), so that no cell is measured twice."""
+    shapes, layouts, dtypes, rows, ops = (list(dict.fromkeys(axis)) for axis in (shapes, layouts, dtypes, rows, ops))
     misfits = [
         f"{out_features}x{in_features} {layout_label(layout)}"
         for (out_features, in_features), layout in itertools.product(shapes, layouts)

@@ -3,6 +3,7 @@
     python -m bench [--suite quick|full] [--device cpu|cuda] [--shapes 4096x4096,...]
                     [--layouts b64d0.1,2:4,...] [--dtype float32,bfloat16] [--m 1,16,256]
                     [--ops forward,grad_input,grad_weight,train_step] [--peers dense,torch_bsr,...]
+                    [--backends triton,cuda]
                     [--repeats N] [--warmup N] [--threads N] [--out DIR] [--no-progress]
     python -m bench --suite e2e [--device ...] [--layouts b32d0.1,2:4] [--dtype float32] [--model small]
                     [--steps N] [--out DIR]
@@ -10,11 +11,15 @@
     python -m bench plot RESULTS.json [--out DIR] [--prefix NAME-]
     python -m bench overhead [--device ...] [--shapes ...] [--layouts ...] [--m 1,16] [--dtype ...] [--out DIR]
 
+Run it from the repository root (``bench`` is a package of the repository, not an installed one):
+``cd <repo> && python -m bench``.
+
 A run measures the suite's cells (each axis given on the command line replaces the suite's), prints
 the table, and writes ``results.json``, ``results.csv`` and the PNG plots (``speedup.png``,
-``roofline.png``) under ``--out``. It exits with status 1 when a sparsekernels result is wrong or
-raised, so that ``make bench`` cannot pass on a broken kernel. The e2e suite (:mod:`bench.e2e`)
-measures whole models instead of cells and has its own table and files.
+``roofline.png``) under ``--out``. sparsekernels gets one column per backend of ``--backends``
+(``sparsekernels[triton]``, ``sparsekernels[cuda]``, ...). It exits with status 1 when a sparsekernels
+result is wrong or raised, so that ``make bench`` cannot pass on a broken kernel. The e2e suite
+(:mod:`bench.e2e`) measures whole models instead of cells and has its own table and files.
 """
 
 from __future__ import annotations
@@ -28,12 +33,24 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from . import compare, e2e
 from .cases import Case, Op, build_cases, dtype_name, layout_label, parse_dtype, parse_layout, parse_shape
 from .e2e import E2E_MODELS, E2E_SUITE
 from .environment import collect_environment
-from .implementations import BASELINE, IMPLEMENTATIONS, OURS, PEERS, available_peers
+from .implementations import (
+    BASELINE,
+    IMPLEMENTATIONS,
+    OURS,
+    PEERS,
+    SPARSEKERNELS_BACKENDS,
+    Implementation,
+    available_peers,
+    default_backends,
+    is_ours,
+    sparsekernels_columns,
+)
 from .plots import write_plots
 from .report import (
     CSV_NAME,
@@ -49,6 +66,7 @@ from .results import CellResult, Status
 from .roofline import peak_for_device
 from .runner import run_cells
 from .suites import SUITES
+from .targets import TargetCell, print_targets, target_cases, target_rows
 from .timing import TimingConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
@@ -74,10 +92,21 @@ def _comma_list(parse_item: Callable[[str], Item]) -> Callable[[str], list[Item]
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    # ArgumentTypeError, not ValueError: argparse prints its message as is, where a ValueError
+    # becomes "invalid _positive_int value: '0'" (the function's name).
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise ValueError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {text!r}")
     return value
+
+
+def _backend_name(text: str) -> str:
+    if text not in SPARSEKERNELS_BACKENDS:
+        raise ValueError(f"unknown backend {text!r}; sparsekernels backends are {', '.join(SPARSEKERNELS_BACKENDS)}")
+    return text
 
 
 def _peer_name(text: str) -> str:
@@ -115,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         "on the device); dense, the baseline, and sparsekernels are always measured; a peer that cannot run on "
         "the device shows n/a with the reason in results.json",
     )
+    parser.add_argument(
+        "--backends",
+        type=_comma_list(_backend_name),
+        help=f"sparsekernels backends to measure, one column each (sparsekernels[<backend>]), among "
+        f"{','.join(SPARSEKERNELS_BACKENDS)}; default: every backend that runs on the device (cuda: triton,cuda; "
+        "cpu: cpu), or the one SPARSEKERNELS_BACKEND forces",
+    )
     parser.add_argument("--repeats", type=_positive_int, help="most timed samples per measurement")
     parser.add_argument("--warmup", type=int, help="untimed calls before timing")
     parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads before running (CPU)")
@@ -135,19 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _implementation_names(peers: Optional[list[str]], device: torch.device, console: Console) -> list[str]:
-    """dense, sparsekernels, then the requested peers (all that can run on ``device`` by default)."""
+def _contenders(
+    peers: Optional[list[str]], backends: Optional[list[str]], device: torch.device, console: Console
+) -> list[type[Implementation]]:
+    """dense, one sparsekernels column per backend, then the requested peers (by default: every
+    backend and every peer that can run on ``device``)."""
     if peers is None:
         requested = available_peers(device)
     elif ALL_PEERS in peers:
         requested = list(PEERS)
     else:
         requested = peers
-    for name in dict.fromkeys(requested):
-        reason = IMPLEMENTATIONS[name].unavailable_reason(device)
+    ours = sparsekernels_columns(backends or default_backends(device))
+    others = [IMPLEMENTATIONS[name] for name in dict.fromkeys(requested) if name not in (BASELINE, OURS)]
+    for cls in (*ours, *others):
+        reason = cls.unavailable_reason(device)
         if reason is not None:
-            console.print(f"[yellow]{name} cannot run here ({reason}): its cells will show n/a[/]", highlight=False)
-    return [BASELINE, OURS, *(name for name in dict.fromkeys(requested) if name not in (BASELINE, OURS))]
+            console.print(f"[yellow]{escape(cls.name)} cannot run here ({escape(reason)}): its cells will show n/a[/]",
+                          highlight=False)
+    return [IMPLEMENTATIONS[BASELINE], *ours, *others]
 
 
 def _unique(values: Iterable[Item]) -> list[Item]:
@@ -163,33 +205,38 @@ def _summarize_failures(results: Sequence[CellResult], console: Console) -> int:
         if measurement.status in (Status.WRONG, Status.ERROR)
     )
     for (name, status), count in sorted(failures.items()):
-        style = "bold red" if name == OURS else "yellow"
-        console.print(f"[{style}]{name}: {count} cells {status.value.upper()}[/]")
-    return failures[(OURS, Status.WRONG)] + failures[(OURS, Status.ERROR)]
+        style = "bold red" if is_ours(name) else "yellow"
+        console.print(f"[{style}]{escape(name)}: {count} cells {status.value.upper()}[/]")
+    return sum(count for (name, _), count in failures.items() if is_ours(name))
 
 
 def _plan(
     args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console
-) -> tuple[list[Case], TimingConfig]:
-    """The cells and timing settings: the suite's, with each axis given on the command line replaced."""
+) -> tuple[list[Case], TimingConfig, Optional[dict[Case, list[TargetCell]]]]:
+    """The cells and timing settings: the suite's, with each axis given on the command line replaced;
+    for the targets suite also the issue cells behind each case (None for the other suites)."""
     grid = SUITES[args.suite](args.device)
     timing = TimingConfig(
         warmup=grid.timing.warmup if args.warmup is None else args.warmup,
         repeats=grid.timing.repeats if args.repeats is None else args.repeats,
         budget_s=grid.timing.budget_s,
     )
-    cases, misfits = build_cases(
-        args.shapes or grid.shapes,
-        args.layouts or grid.layouts,
-        args.dtype or grid.dtypes,
-        args.m or grid.rows,
-        args.ops or grid.ops,
-    )
+    behind = None
+    if grid.cells:
+        cases, behind, misfits = target_cases(grid.cells, args.shapes, args.layouts, args.dtype, args.m, args.ops)
+    else:
+        cases, misfits = build_cases(
+            args.shapes or grid.shapes,
+            args.layouts or grid.layouts,
+            args.dtype or grid.dtypes,
+            args.m or grid.rows,
+            args.ops or grid.ops,
+        )
     if misfits:
         console.print(f"[yellow]skipped (shape does not fit the layout):[/] {', '.join(misfits)}", highlight=False)
     if not cases:
         parser.error("no cells to measure")
-    return cases, timing
+    return cases, timing, behind
 
 
 def _run_settings(
@@ -229,11 +276,14 @@ def run(argv: Sequence[str]) -> int:
         torch.set_num_threads(args.threads)
     console = wide_console()
     if args.suite == E2E_SUITE:
+        if args.backends is not None:  # the e2e models run SparseLinear on the library's own choice
+            parser.error("--backends applies to the cell suites (quick, full, targets), not to --suite e2e "
+                         "(use SPARSEKERNELS_BACKEND there)")
         args.out.mkdir(parents=True, exist_ok=True)
         return e2e.run_suite(args, argv, device, console)
-    cases, timing = _plan(args, parser, console)
-    names = _implementation_names(args.peers, device, console)
-    implementations = [IMPLEMENTATIONS[name] for name in names]
+    cases, timing, behind = _plan(args, parser, console)
+    implementations = _contenders(args.peers, args.backends, device, console)
+    names = [cls.name for cls in implementations]
     args.out.mkdir(parents=True, exist_ok=True)
     environment = collect_environment(device)
     peak = peak_for_device(device)
@@ -249,9 +299,12 @@ def run(argv: Sequence[str]) -> int:
         console.print(f"[yellow]interrupted: keeping the {len(results)} of {len(cases)} cells measured[/]")
 
     print_table(results, names, environment, console)
+    target_report = None if behind is None else target_rows(results, behind, names)
+    if target_report is not None:
+        print_targets(target_report, console)
     our_failures = _summarize_failures(results, console)
     settings = _run_settings(args, argv, cases, names, timing, complete=not interrupted)
-    write_json(args.out / JSON_NAME, results, environment, settings)
+    write_json(args.out / JSON_NAME, results, environment, settings, targets=target_report)
     write_csv(args.out / CSV_NAME, results)
     console.print(f"wrote {args.out / JSON_NAME} and {args.out / CSV_NAME}", highlight=False)
     if not args.no_plots and results:

@@ -23,6 +23,10 @@ the same machine: differing environments are pointed out, since their ratios say
 e2e results (``--suite e2e``) are compared the same way: each (model, variant, dtype) gives two rows,
 ``train`` and ``decode``, whose "time" is milliseconds per token (the inverse of tokens/s) and whose
 spread is that of the step times (decode: of the per-token step times).
+
+Files older than ``--backends`` have a single ``sparsekernels`` column: it matches
+``sparsekernels[<backend>]``, the backend that file recorded as ``environment.sparsekernels_backend``
+(:func:`bench.implementations.results_by_column`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .implementations import results_by_column
 from .report import wide_console
 from .results import CELL_KEY_FIELDS, Status, cell_key
 
@@ -162,7 +167,8 @@ def compare_documents(old: dict[str, Any], new: dict[str, Any]) -> Comparison:
     in both (nothing to compare), and what OLD has that NEW lacks."""
     rows = {}
     for name, document in (("old", old), ("new", new)):
-        rows[name] = {cell_key(cell): cell["results"] for cell in document["cells"]}
+        rows[name] = {cell_key(cell): results_by_column(cell, document.get("environment", {}))
+                      for cell in document["cells"]}
         rows[name].update(_e2e_rows(document))
     comparison = Comparison(new_incomplete=new.get("run", {}).get("complete", True) is False)
     for key, old_results in rows["old"].items():

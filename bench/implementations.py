@@ -9,10 +9,16 @@ the pattern, and ``(y, dx, dW)`` for a training step. Converting to that form is
 Implementations, in table order:
 
 * ``dense``: ``F.linear`` on the masked dense weight. The baseline (1.00x), always measured.
-* ``sparsekernels``: this library, through its public front ends and raw ops (always measured). For a
+* ``sparsekernels[<backend>]``: this library, through its public front ends and raw ops, one column
+  per backend measured (``--backends``; by default every backend that runs on the device: ``cpu`` on
+  CPU, ``triton`` and ``cuda`` on CUDA). Each column forces its backend with
+  ``sparsekernels.set_backend`` around its weight conversion and its measurements, and restores the
+  previous choice after, so that on CUDA both the Triton kernels and the CUDA C++ kernels (decode
+  kernels, CUTLASS 2:4 GEMMs) are timed rather than only the one the library picks by default. For a
   transposable N:M layout (``2:4T``) the forward and training step run ``nm_linear_transposable`` and
   the input gradient is what that op's backward does: a gather of W.T's values, then the ``nm_linear``
-  front end on W.T (the N:M forward kernels).
+  front end on W.T (the N:M forward kernels of the column's backend). The ``reference`` backend has no
+  backward ops of its own: its input- and weight-gradient cells are n/a.
 * ``torch_bsr``: torch's BSR tensors (``to_sparse_bsr``) in ``F.linear``; block layouts.
 * ``torch_semi_cusparselt`` / ``torch_semi_cutlass``: ``to_sparse_semi_structured`` with either
   backend (``SparseSemiStructuredTensor._FORCE_CUTLASS``); 2:4 on CUDA only.
@@ -24,10 +30,11 @@ error); when it raises, the runner records the error in that cell and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
 from functools import cached_property
-from typing import Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +49,9 @@ from .cases import Op
 from .workloads import Inputs, SparseWeight
 
 BASELINE = "dense"
-OURS = "sparsekernels"
+OURS = "sparsekernels"  # the library; its columns are named ``sparsekernels[<backend>]``
+# The library's backends that a column can force: cpu, cuda, triton, reference.
+SPARSEKERNELS_BACKENDS = tuple(backend for backend in sparsekernels.BACKENDS if backend != "auto")
 
 Outputs = tuple[Tensor, ...]
 
@@ -69,6 +78,12 @@ class Implementation:
     def unsupported_reason(cls, layout: Layout) -> Optional[str]:
         """Why this implementation has nothing for ``layout`` (None when it does)."""
         return None
+
+    @classmethod
+    def forced(cls) -> ContextManager[None]:
+        """What the runner enters around converting the weight and around each measurement (the
+        backend switch of a sparsekernels column; nothing for the others)."""
+        return contextlib.nullcontext()
 
     def forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -138,11 +153,99 @@ class Dense(Implementation):
         return F.linear(x, self.leaf), self.leaf
 
 
+def backend_column(backend: str) -> str:
+    """The column (implementation name) of sparsekernels forced to ``backend``: ``sparsekernels[cuda]``."""
+    return f"{OURS}[{backend}]"
+
+
+def is_ours(name: str) -> bool:
+    """Whether an implementation name is a sparsekernels column (a failure there fails the run)."""
+    return name == OURS or (name.startswith(f"{OURS}[") and name.endswith("]"))
+
+
+def results_by_column(cell: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+    """A stored cell's results by implementation, with the single ``sparsekernels`` column of a file
+    written before ``--backends`` named after the backend that ran it, ``sparsekernels[<backend>]``, so
+    that ``compare`` matches it with the same backend's column of a newer file. That backend is the
+    file's ``environment.sparsekernels_backend`` (what the library resolved for the device, a forced
+    SPARSEKERNELS_BACKEND included); a file without it is taken as ``cpu`` on CPU and left as is on
+    CUDA (the choice depended on the build: nothing matches rather than a wrong pair)."""
+    results = cell["results"]
+    if OURS not in results:
+        return results
+    backend = environment.get("sparsekernels_backend") or ("cpu" if environment.get("device") == "cpu" else None)
+    if backend is None or backend_column(backend) in results:
+        return results
+    return {(backend_column(backend) if name == OURS else name): value for name, value in results.items()}
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why sparsekernels' ``backend`` cannot run ops on ``device`` tensors here (None when it can)."""
+    if backend == "cpu" and device.type != "cpu":
+        return f"the cpu backend runs CPU tensors only, not {device.type}"
+    if backend == "cuda" and device.type != "cuda":
+        return f"the cuda backend runs CUDA tensors only, not {device.type}"
+    if backend == "cuda" and not sparsekernels.backend_available("cuda"):
+        return "this build of sparsekernels has no CUDA kernels"
+    if backend == "triton":
+        from sparsekernels import triton as triton_backend
+
+        return triton_backend.unavailable_reason()
+    return None
+
+
+def default_backends(device: torch.device) -> list[str]:
+    """The backends ``--backends`` measures by default: every one that runs on ``device`` (``cpu`` on
+    CPU; ``triton`` and ``cuda`` on CUDA, those built), or the one forced before the run started
+    (``SPARSEKERNELS_BACKEND``), which then stays the only one, as before ``--backends`` existed."""
+    forced = sparsekernels.get_backend()
+    if forced != "auto":
+        return [forced]
+    if device.type != "cuda":
+        return ["cpu"]
+    built = [backend for backend in ("triton", "cuda") if backend_unavailable_reason(backend, device) is None]
+    return built or ["reference"]
+
+
+@contextlib.contextmanager
+def forced_backend(backend: str) -> Iterator[None]:
+    """``sparsekernels.set_backend(backend)`` for the duration, then the previous choice again."""
+    previous = sparsekernels.get_backend()
+    sparsekernels.set_backend(backend)
+    try:
+        yield
+    finally:
+        sparsekernels.set_backend(previous)
+
+
 class Sparsekernels(Implementation):
-    """This library: ``sparsekernels.ops`` front ends forward, ``torch.ops.sparsekernels`` backward."""
+    """This library: ``sparsekernels.ops`` front ends forward, the backend's raw ops backward.
+
+    This class runs on whichever backend the library picks for the device (name ``sparsekernels``);
+    :meth:`for_backend` derives the column of one forced backend, ``sparsekernels[<backend>]``.
+    """
 
     name = OURS
     ops = frozenset(Op)
+    backend: ClassVar[Optional[str]] = None  # forced around every call; None: the library's own choice
+
+    @classmethod
+    def for_backend(cls, backend: str) -> type[Sparsekernels]:
+        """A subclass whose calls all run with ``backend`` forced (``sparsekernels.set_backend``)."""
+        if backend not in SPARSEKERNELS_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(SPARSEKERNELS_BACKENDS)}, got {backend!r}")
+        # The reference backend is forward math only: there are no raw backward ops to time.
+        ops = cls.ops & {Op.FORWARD, Op.TRAIN_STEP} if backend == "reference" else cls.ops
+        attributes = {"name": backend_column(backend), "backend": backend, "ops": ops}
+        return type(f"{cls.__name__}[{backend}]", (cls,), attributes)
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        return None if cls.backend is None else backend_unavailable_reason(cls.backend, device)
+
+    @classmethod
+    def forced(cls) -> ContextManager[None]:
+        return contextlib.nullcontext() if cls.backend is None else forced_backend(cls.backend)
 
     def __init__(self, weight: SparseWeight) -> None:
         super().__init__(weight)
@@ -312,6 +415,11 @@ IMPLEMENTATIONS: dict[str, type[Implementation]] = {
     for implementation in (Dense, Sparsekernels, TorchBsr, TorchSemiCusparselt, TorchSemiCutlass, Stk)
 }
 PEERS = tuple(name for name in IMPLEMENTATIONS if name != OURS)
+
+
+def sparsekernels_columns(backends: list[str]) -> list[type[Implementation]]:
+    """One sparsekernels implementation per backend, derived from ``IMPLEMENTATIONS[OURS]``."""
+    return [IMPLEMENTATIONS[OURS].for_backend(backend) for backend in dict.fromkeys(backends)]
 
 
 def available_peers(device: torch.device) -> list[str]:

@@ -149,7 +149,8 @@ def print_table(
     for column in ("shape", "layout", "dtype", "M", "op"):
         table.add_column(column, justify="right" if column == "M" else "left")
     for name in implementation_names:
-        table.add_column(f"{name} ms" if name == BASELINE else f"{name} ms, speedup", justify="right")
+        # escape: "sparsekernels[cuda]" would otherwise be read as rich markup and lose its "[cuda]".
+        table.add_column(escape(f"{name} ms" if name == BASELINE else f"{name} ms, speedup"), justify="right")
     footnotes = _Footnotes()
     previous_weight = None
     for result in results:
@@ -167,13 +168,23 @@ def print_table(
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
-def write_json(path: Path, results: Sequence[CellResult], environment: dict[str, Any], run: dict[str, Any]) -> None:
+def write_json(
+    path: Path,
+    results: Sequence[CellResult],
+    environment: dict[str, Any],
+    run: dict[str, Any],
+    targets: Optional[list[dict[str, Any]]] = None,
+) -> None:
+    """``targets``: the targets suite's verdict rows (:func:`bench.targets.target_rows`), stored as
+    ``"targets"`` when given."""
     document = {
         "schema_version": SCHEMA_VERSION,
         "environment": environment,
         "run": run,
         "cells": [result.to_dict() for result in results],
     }
+    if targets is not None:
+        document["targets"] = targets
     path.write_text(results_json(document))
 
 

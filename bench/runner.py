@@ -9,7 +9,8 @@ converted by each implementation, once. For each implementation and cell:
    of the peak table (:mod:`bench.roofline`), its percentage of the roofline.
 
 Anything an implementation raises (converting the weight, running, timing) is recorded in its cell
-and the run goes on; only KeyboardInterrupt and the like stop it.
+and the run goes on; only KeyboardInterrupt and the like stop it. A sparsekernels column converts
+the weight and is checked and timed inside its ``forced()`` context, which forces its backend.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def _bind(cls: type[Implementation], weight: SparseWeight) -> Bound:
     if reason is not None:
         return Measurement(Status.NOT_APPLICABLE, reason)
     try:
-        return cls(weight)
+        with cls.forced():
+            return cls(weight)
     except Exception as error:
         return Measurement(Status.ERROR, f"converting the weight: {describe_error(error)}")
 
@@ -113,7 +115,8 @@ def _run_cell(
         elif case.op not in implementation.ops:
             result.measurements[name] = Measurement(Status.NOT_APPLICABLE, f"{name} has no {case.op.value}")
         else:
-            result.measurements[name] = _measure(implementation, case, inputs, reference, timer)
+            with implementation.forced():  # a sparsekernels column's backend, for the check and the timing
+                result.measurements[name] = _measure(implementation, case, inputs, reference, timer)
     _derive(result, peak)
     return result
 

@@ -6,8 +6,14 @@
 * ``full``: the LLM projection shapes, every block size and density, every N:M pattern, all three
   dtypes and all four ops (forward, input grad, weight grad, training step). Hours, not minutes.
   2:4 appears twice: ``2:4`` and ``2:4T``, a transposable mask, whose input gradient (and so training
-  step) runs the N:M forward on W.T, the 2:4 sparse tensor core GEMM on CUDA (issue 5's target:
-  the 2:4T train_step cell at M=8192).
+  step) runs the N:M forward on W.T: the Triton N:M kernel in the ``sparsekernels[triton]`` column,
+  the CUTLASS 2:4 sparse tensor core GEMM only in ``sparsekernels[cuda]`` (issue 5's target: the
+  2:4T train_step cell at M=8192).
+* ``targets``: exactly the cells of the performance tables of issues 4 and 5 (14336x4096 bfloat16,
+  and 4096x4096 at M in {1, 128, 2048}), each with the speedup over dense it must reach; the run
+  prints a second table with the measured ratio, the target and met / missed (:mod:`bench.targets`).
+  Not a product of axes: ``--shapes``, ``--dtype`` and ``--m`` replace that part of every cell (to
+  run it small), ``--layouts`` and ``--ops`` keep the cells that have one of them.
 
 Each command-line axis (--shapes, --layouts, --dtype, --m, --ops, --repeats, --warmup) overrides the
 suite's value, so a suite is a starting point rather than a fixed list.
@@ -29,6 +35,7 @@ from sparsekernels import NM, BlockSparse
 from sparsekernels.layouts import Layout
 
 from .cases import Op
+from .targets import TARGET_CELLS, TargetCell
 from .timing import TimingConfig
 
 LLM_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 28672), (28672, 8192), (5120, 13824))
@@ -45,6 +52,7 @@ class Grid:
     rows: tuple[int, ...]  # values of M
     ops: tuple[Op, ...]
     timing: TimingConfig
+    cells: tuple[TargetCell, ...] = ()  # when given, the cells themselves (the axes only describe them)
 
 
 def quick(device: str) -> Grid:
@@ -83,4 +91,21 @@ def full(device: str) -> Grid:
     )
 
 
-SUITES: dict[str, Callable[[str], Grid]] = {"quick": quick, "full": full}
+def targets(device: str) -> Grid:
+    cells = TARGET_CELLS
+
+    def axis(values):
+        return tuple(dict.fromkeys(values))
+
+    return Grid(
+        shapes=axis(cell.shape for cell in cells),
+        layouts=axis(cell.layout for cell in cells),
+        dtypes=axis(cell.dtype for cell in cells),
+        rows=axis(cell.rows for cell in cells),
+        ops=axis(cell.op for cell in cells),
+        timing=quick(device).timing,
+        cells=cells,
+    )
+
+
+SUITES: dict[str, Callable[[str], Grid]] = {"quick": quick, "full": full, "targets": targets}

@@ -2,9 +2,15 @@
 
 Each test is one (cell, implementation) of ``python -m bench --suite quick`` on the best device
 present, for people who already compare runs with pytest-benchmark (``--benchmark-autosave``,
-``--benchmark-compare``). Like the harness, a test first checks the result against the float32
-reference and fails on a wrong one, so a wrong kernel is never timed; a peer that raises or has
-nothing for the cell is skipped with the reason.
+``--benchmark-compare``).
+
+``sparsekernels`` is the library as a user gets it (the backend it picks for the device); every other
+backend that runs there gets its own ``sparsekernels[<backend>]`` tests (on CUDA:
+``sparsekernels[cuda]``, the CUDA C++ kernels, beside the Triton ones picked by default).
+
+Like the harness, a test first checks the result against the float32 reference and fails on a wrong
+one, so a wrong kernel is never timed; a peer that raises or has nothing for the cell is skipped
+with the reason.
 
 These are not unit tests: they live in ``bench/``, outside pytest's ``testpaths`` (``tests``), so
 ``make test`` and CI never collect them; they run only when ``bench`` is named on the command line.
@@ -20,7 +26,17 @@ import torch
 from bench.cases import Case, dtype_name, layout_label
 from bench.correctness import check, reference_outputs
 from bench.errors import describe_error
-from bench.implementations import BASELINE, IMPLEMENTATIONS, OURS, available_peers
+from bench.implementations import (
+    BASELINE,
+    IMPLEMENTATIONS,
+    OURS,
+    available_peers,
+    backend_column,
+    default_backends,
+    is_ours,
+    sparsekernels_columns,
+)
+from sparsekernels.backend import resolve_backend
 from bench.suites import quick
 from bench.workloads import SparseWeight, build_inputs, build_weight
 
@@ -28,7 +44,14 @@ pytest.importorskip("pytest_benchmark")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GRID = quick(DEVICE.type)
-NAMES = [BASELINE, OURS, *(name for name in available_peers(DEVICE) if name != BASELINE)]
+# Backends that run here besides the one the library picks, each forced for its own tests.
+OTHER_BACKENDS = [backend for backend in default_backends(DEVICE) if backend != resolve_backend(DEVICE)]
+CONTENDERS = {
+    **IMPLEMENTATIONS,
+    **{cls.name: cls for cls in sparsekernels_columns(OTHER_BACKENDS)},
+}
+NAMES = [BASELINE, OURS, *map(backend_column, OTHER_BACKENDS),
+         *(name for name in available_peers(DEVICE) if name != BASELINE)]
 CASES = [
     Case(out_features, in_features, layout, dtype, rows, op)
     for (out_features, in_features) in GRID.shapes
@@ -48,7 +71,7 @@ def _weight(key: tuple) -> SparseWeight:
 
 @pytest.mark.parametrize(("case", "name"), PARAMS)
 def test_quick_cell(benchmark, case: Case, name: str) -> None:
-    cls = IMPLEMENTATIONS[name]
+    cls = CONTENDERS[name]
     reason = cls.unavailable_reason(DEVICE) or cls.unsupported_reason(case.layout)
     if reason is None and case.op not in cls.ops:
         reason = f"{name} has no {case.op.value}"
@@ -56,12 +79,17 @@ def test_quick_cell(benchmark, case: Case, name: str) -> None:
         pytest.skip(reason)
     weight = _weight(case.weight_key)
     inputs = build_inputs(weight, case.rows)
+    with cls.forced():  # a sparsekernels[<backend>] test's backend, for the whole test (restored after)
+        _check_and_time(benchmark, case, name, cls, weight, inputs)
+
+
+def _check_and_time(benchmark, case: Case, name: str, cls, weight: SparseWeight, inputs) -> None:
     try:
         implementation = cls(weight)
         run, canonical = implementation.runner(case.op, inputs)
         actual = canonical(run())
     except Exception as error:
-        if name == OURS:
+        if is_ours(name):
             raise
         pytest.skip(f"{name} raised: {describe_error(error)}")
     verdict = check(actual, reference_outputs(case.op, weight, inputs), case.dtype)

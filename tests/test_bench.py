@@ -42,6 +42,7 @@ TINY_CELLS = {
     for rows in (1, 8)
     for op in ("forward", "grad_input", "grad_weight", "train_step")
 }
+OURS_CPU = "sparsekernels[cpu]"  # sparsekernels' column in a CPU run: one column per backend (--backends)
 ENVIRONMENT_KEYS = {
     "date_utc", "device", "cpu_model", "cpu_count", "torch_threads", "gpu", "python", "torch", "triton",
     "sparsekernels", "sparsekernels_backend", "git_commit",
@@ -66,11 +67,11 @@ def test_tiny_suite_writes_every_cell_to_json(tiny_run):
     document = json.loads((out / "results.json").read_text())
     assert ENVIRONMENT_KEYS <= document["environment"].keys()
     assert document["environment"]["device"] == "cpu"
-    assert document["run"]["implementations"] == ["dense", "sparsekernels", "torch_bsr"]
+    assert document["run"]["implementations"] == ["dense", OURS_CPU, "torch_bsr"]
     cells = {_cell_key(cell): cell for cell in document["cells"]}
     assert cells.keys() == TINY_CELLS
     for key, cell in cells.items():
-        dense, ours, bsr = (cell["results"][name] for name in ("dense", "sparsekernels", "torch_bsr"))
+        dense, ours, bsr = (cell["results"][name] for name in ("dense", OURS_CPU, "torch_bsr"))
         assert dense["status"] == "ok" and dense["speedup"] == 1.0
         assert ours["status"] == "ok", (key, ours["detail"])
         assert ours["max_rel_error"] <= ours["tolerance"]
@@ -87,7 +88,7 @@ def test_tiny_suite_writes_one_csv_row_per_cell_and_implementation(tiny_run):
         rows = list(csv.DictReader(file))
     assert len(rows) == len(TINY_CELLS) * 3
     assert {(row["shape"], row["layout"], row["dtype"], int(row["M"]), row["op"]) for row in rows} == TINY_CELLS
-    assert {row["implementation"] for row in rows} == {"dense", "sparsekernels", "torch_bsr"}
+    assert {row["implementation"] for row in rows} == {"dense", OURS_CPU, "torch_bsr"}
     assert all(float(row["median_ms"]) > 0 for row in rows if row["status"] == "ok")
 
 
@@ -179,8 +180,8 @@ def test_a_wrong_sparsekernels_result_fails_the_run(tmp_path, monkeypatch):
     tiny_forward = [*TINY_ARGS, "--ops", "forward", "--m", "4", "--peers", "dense", "--out", str(tmp_path)]
     assert cli.main(tiny_forward) == 1
     document = json.loads((tmp_path / "results.json").read_text())
-    assert {cell["results"]["sparsekernels"]["status"] for cell in document["cells"]} == {"wrong"}
-    assert all(cell["results"]["sparsekernels"]["speedup"] is None for cell in document["cells"])
+    assert {cell["results"][OURS_CPU]["status"] for cell in document["cells"]} == {"wrong"}
+    assert all(cell["results"][OURS_CPU]["speedup"] is None for cell in document["cells"])
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -224,14 +225,14 @@ def test_compare_passes_identical_runs_and_catches_a_2x_regression(tiny_run, tmp
     assert _compare(tmp_path, old, old) == 0
 
     slower = copy.deepcopy(old)
-    slower["cells"][0]["results"]["sparsekernels"]["timing"]["median_ms"] *= 2
+    slower["cells"][0]["results"][OURS_CPU]["timing"]["median_ms"] *= 2
     capsys.readouterr()
     assert _compare(tmp_path, old, slower) == 1
     assert "regressions 1," in capsys.readouterr().out
     assert _compare(tmp_path, old, slower, "--threshold", "1.5") == 0
 
     broken = copy.deepcopy(old)
-    broken["cells"][1]["results"]["sparsekernels"].update(status="wrong", timing=None, speedup=None)
+    broken["cells"][1]["results"][OURS_CPU].update(status="wrong", timing=None, speedup=None)
     assert _compare(tmp_path, old, broken) == 1
 
 
@@ -246,14 +247,14 @@ def test_compare_main_rejects_a_file_that_is_not_results(tmp_path):
 def test_compare_allows_the_measured_noise_but_always_catches_2x(tiny_run, tmp_path):
     _, out = tiny_run
     old = json.loads((out / "results.json").read_text())
-    timing = old["cells"][0]["results"]["sparsekernels"]["timing"]
+    timing = old["cells"][0]["results"][OURS_CPU]["timing"]
     timing.update(median_ms=1.0, p20_ms=0.85, p80_ms=1.15)  # 30% spread: a 25% slowdown is noise
     noisy = copy.deepcopy(old)
-    noisy["cells"][0]["results"]["sparsekernels"]["timing"].update(median_ms=1.25, p20_ms=1.25, p80_ms=1.25)
+    noisy["cells"][0]["results"][OURS_CPU]["timing"].update(median_ms=1.25, p20_ms=1.25, p80_ms=1.25)
     assert _compare(tmp_path, old, noisy) == 0
     timing.update(p20_ms=0.1, p80_ms=5.0)  # a huge spread still allows at most compare.MAX_NOISE
     doubled = copy.deepcopy(old)
-    doubled["cells"][0]["results"]["sparsekernels"]["timing"].update(median_ms=2.0, p20_ms=0.2, p80_ms=10.0)
+    doubled["cells"][0]["results"][OURS_CPU]["timing"].update(median_ms=2.0, p20_ms=0.2, p80_ms=10.0)
     assert _compare(tmp_path, old, doubled) == 1
 
 
@@ -368,7 +369,7 @@ def test_peers_that_need_cuda_show_na_with_the_reason_on_cpu(tmp_path):
     assert cli.main(args) == 0
     document = json.loads((tmp_path / "results.json").read_text())
     assert document["run"]["implementations"] == [
-        "dense", "sparsekernels", "torch_semi_cusparselt", "torch_semi_cutlass", "stk"]
+        "dense", OURS_CPU, "torch_semi_cusparselt", "torch_semi_cutlass", "stk"]
     for cell in document["cells"]:
         for name in ("torch_semi_cusparselt", "torch_semi_cutlass", "stk"):
             measurement = cell["results"][name]
@@ -602,3 +603,208 @@ def test_overhead_host_only_stubs_the_launches(tmp_path, monkeypatch):
         assert row["error"] is None and row["eager_us"] > 0, row
         assert row["kernel_us"] is None
     assert len(stubbed) == 2 and all(launch(None, (1,)) is None for launch in stubbed)
+
+
+# ------------------------------------------------------------------- one column per backend (bench-a)
+import os  # noqa: E402
+
+from sparsekernels import get_backend, set_backend  # noqa: E402  (kept with the tests that use them)
+
+if not torch.cuda.is_available():
+    # The triton column below runs the kernels under the interpreter, which must be on before triton
+    # is first imported by any test of the module (as tests/test_triton*.py set it when collected).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+class BackendRecording(Sparsekernels):
+    """sparsekernels that notes which backend was forced while it ran its forward."""
+
+    seen: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        BackendRecording.seen.append((self.name, get_backend()))
+        return super().forward(x)
+
+
+def test_each_backend_gets_a_column_run_with_that_backend_forced(tmp_path, monkeypatch):
+    monkeypatch.setitem(implementations.IMPLEMENTATIONS, "sparsekernels", BackendRecording)
+    monkeypatch.setattr(BackendRecording, "seen", [])
+    args = ["--device", "cpu", "--shapes", "64x64", "--m", "4", "--dtype", "float32", "--layouts", "b16d0.5,2:4T",
+            "--ops", "forward,grad_input", "--backends", "cpu,reference", "--peers", "dense", "--repeats", "1",
+            "--warmup", "0", "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert get_backend() == "auto"  # restored after the run
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["run"]["implementations"] == ["dense", "sparsekernels[cpu]", "sparsekernels[reference]"]
+    assert {name: backend for name, backend in BackendRecording.seen} == {
+        "sparsekernels[cpu]": "cpu", "sparsekernels[reference]": "reference"}
+    for cell in document["cells"]:
+        assert cell["results"]["sparsekernels[cpu]"]["status"] == "ok"
+        reference = cell["results"]["sparsekernels[reference]"]
+        if cell["op"] == "forward":
+            assert reference["status"] == "ok"
+        else:  # the reference backend has no backward ops: n/a, never the C++ kernels under its name
+            assert reference["status"] == "n/a" and "has no grad_input" in reference["detail"]
+
+
+def test_a_backend_that_cannot_run_here_shows_na_with_the_reason(tmp_path):
+    args = [*TINY_ARGS, "--ops", "forward", "--m", "4", "--layouts", "2:4", "--backends", "cuda",
+            "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["run"]["implementations"] == ["dense", "sparsekernels[cuda]", "torch_bsr"]
+    for cell in document["cells"]:
+        measurement = cell["results"]["sparsekernels[cuda]"]
+        assert measurement["status"] == "n/a" and "CUDA tensors only" in measurement["detail"]
+
+
+def test_triton_backend_column_under_the_interpreter(tmp_path):
+    args = ["--device", "cpu", "--shapes", "32x32", "--m", "2", "--dtype", "float32", "--layouts", "b16d0.5",
+            "--ops", "forward", "--backends", "triton", "--peers", "dense", "--repeats", "1", "--warmup", "0",
+            "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    (cell,) = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert cell["results"]["sparsekernels[triton]"]["status"] == "ok", cell["results"]["sparsekernels[triton]"]
+
+
+def test_default_backends_follow_the_device_or_a_forced_backend():
+    assert implementations.default_backends(CPU) == ["cpu"]
+    set_backend("reference")  # as SPARSEKERNELS_BACKEND=reference does at import
+    assert implementations.default_backends(CPU) == ["reference"]
+
+
+def test_compare_matches_a_legacy_sparsekernels_column_with_its_backend(tiny_run, tmp_path):
+    _, out = tiny_run
+    new = json.loads((out / "results.json").read_text())
+    legacy = copy.deepcopy(new)  # as written before --backends: one "sparsekernels" column
+    for cell in legacy["cells"]:
+        cell["results"]["sparsekernels"] = cell["results"].pop(OURS_CPU)
+    assert legacy["environment"]["sparsekernels_backend"] == "cpu"
+    slower = copy.deepcopy(new)
+    for cell in slower["cells"]:
+        if cell["results"][OURS_CPU]["timing"]:
+            cell["results"][OURS_CPU]["timing"].update(median_ms=cell["results"][OURS_CPU]["timing"]["median_ms"] * 3)
+    changes, _, _ = compare.compare_documents(legacy, new)
+    assert {change.implementation for change in changes} == {"dense", OURS_CPU, "torch_bsr"}
+    assert _compare(tmp_path, legacy, slower) == 1
+
+
+# ------------------------------------------------------------------------- the targets suite (bench-a)
+def test_targets_suite_holds_exactly_the_cells_of_issues_4_and_5():
+    from bench.targets import TARGET_CELLS
+
+    issue_cells = {
+        (cell.case.shape_label, layout_label(cell.layout), cell.rows, cell.op.value):
+            {target.backend: target.ratio for target in cell.targets}
+        for cell in TARGET_CELLS if cell.targets
+    }
+    assert issue_cells == {
+        ("14336x4096", "b64d0.1", 8192, "forward"): {"triton": 7.0},
+        ("14336x4096", "b64d0.1", 16, "forward"): {"triton": 8.0, "cuda": 8.0},
+        ("14336x4096", "b64d0.1", 8192, "train_step"): {"triton": 6.0},
+        ("14336x4096", "b64d0.5", 8192, "forward"): {"triton": 1.8},
+        ("14336x4096", "b128d0.5", 8192, "train_step"): {"triton": 1.6},
+        ("14336x4096", "2:4", 8192, "forward"): {"triton": 1.3, "cuda": 1.6},
+        ("14336x4096", "2:4", 2048, "forward"): {"cuda": 1.5},
+        ("14336x4096", "2:4", 16, "forward"): {"triton": 1.5, "cuda": 1.6},
+        ("14336x4096", "2:4T", 8192, "train_step"): {"cuda": 1.3},
+    }
+    assert all(cell.dtype is torch.bfloat16 for cell in TARGET_CELLS)
+    extra = {(cell.case.shape_label, layout_label(cell.layout), cell.rows) for cell in TARGET_CELLS if not cell.targets}
+    assert extra == {("4096x4096", layout, rows) for layout in ("b64d0.1", "b64d0.5", "2:4") for rows in (1, 128, 2048)}
+
+
+def test_targets_give_met_or_missed_per_backend_with_the_peer_of_the_same_run():
+    from bench.results import CellResult, Measurement
+    from bench.targets import TARGET_CELLS, target_cases, target_rows
+
+    issue_cell = [cell for cell in TARGET_CELLS if cell.case.shape_label == "14336x4096" and cell.rows == 16
+                  and cell.layout == BlockSparse(64, 0.1)]
+    (case,), behind, _ = target_cases(issue_cell)
+    result = CellResult(case, 0.1, 1, 1, {
+        "dense": Measurement(Status.OK, speedup=1.0),
+        "sparsekernels[triton]": Measurement(Status.OK, speedup=8.5),
+        "sparsekernels[cuda]": Measurement(Status.OK, speedup=7.9),
+        "torch_bsr": Measurement(Status.OK, speedup=5.0),
+    })
+    rows = target_rows([result], behind, ["dense", "sparsekernels[triton]", "sparsekernels[cuda]", "torch_bsr"])
+    verdicts = {(row["implementation"], row["target"], row["source"]): row["verdict"] for row in rows}
+    assert verdicts == {("sparsekernels[triton]", 8.0, "issue 4"): "met",
+                        ("sparsekernels[cuda]", 8.0, "issue 5"): "missed"}
+    assert all(row["peer"] == "torch_bsr" and row["peer_ratio"] == 5.0 for row in rows)
+
+    # only the triton column measured: the cuda target shows as not measured; a wrong result is no verdict
+    result.measurements["sparsekernels[triton]"] = Measurement(Status.WRONG)
+    del result.measurements["sparsekernels[cuda]"]
+    rows = target_rows([result], behind, ["dense", "sparsekernels[triton]", "torch_bsr"])
+    assert [(row["implementation"], row["verdict"]) for row in rows] == [
+        ("sparsekernels[triton]", "wrong"), ("sparsekernels[cuda]", "not measured")]
+
+    # the same cell run at another M is not the issue's cell: its ratio is shown, without a verdict
+    (scaled_case,), scaled_behind, _ = target_cases(issue_cell, rows=[4])
+    scaled = CellResult(scaled_case, 0.1, 1, 1, {"sparsekernels[triton]": Measurement(Status.OK, speedup=9.0)})
+    (row, _) = target_rows([scaled], scaled_behind, ["dense", "sparsekernels[triton]"])
+    assert (row["ratio"], row["verdict"]) == (9.0, "scaled")
+    assert row["issue_cell"] == "14336x4096 b64d0.1 bfloat16 M=16 forward"
+
+
+def test_targets_suite_runs_small_on_cpu_and_stores_its_verdicts(tmp_path):
+    args = ["--suite", "targets", "--device", "cpu", "--shapes", "256x256", "--dtype", "float32", "--m", "4",
+            "--peers", "torch_bsr", "--repeats", "1", "--warmup", "0", "--no-progress", "--no-plots",
+            "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["run"]["suite"] == "targets"
+    # every issue cell scaled to 256x256 float32 M=4: the equal ones are measured once
+    assert {(cell["layout"], cell["op"]) for cell in document["cells"]} == {
+        ("b64d0.1", "forward"), ("b64d0.1", "train_step"), ("b64d0.5", "forward"), ("b128d0.5", "train_step"),
+        ("2:4", "forward"), ("2:4T", "train_step")}
+    assert len(document["cells"]) == 6
+    rows = document["targets"]
+    assert {row["implementation"] for row in rows} == {OURS_CPU, "sparsekernels[triton]", "sparsekernels[cuda]"}
+    for row in rows:
+        if row["implementation"] == OURS_CPU:
+            assert row["verdict"] == "-" and row["status"] == "ok" and row["ratio"] > 0
+        else:  # targets of GPU backends on a CPU run: shown, never judged
+            assert row["verdict"] == "not measured" and row["target"] >= 1.3
+    assert sum(row["verdict"] == "not measured" for row in rows) == 12  # the 12 targets of the two issues
+
+
+# ------------------------------------------------------------------ axis dedupe, messages (bench-a)
+def test_repeated_axis_values_are_measured_once(tmp_path):
+    cases, _ = build_cases([(64, 64), (64, 64)], [parse_layout("b16d0.5"), parse_layout("b16d0.50")],
+                           [parse_dtype("fp32"), parse_dtype("float32")], [4, 4], [Op.FORWARD, Op.FORWARD])
+    assert len(cases) == 1
+    args = ["--device", "cpu", "--shapes", "64x64,64x64", "--m", "4,4", "--dtype", "fp32,float32", "--layouts",
+            "b16d0.5,b16d0.50", "--ops", "forward", "--peers", "dense", "--repeats", "1", "--warmup", "0",
+            "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert len(document["cells"]) == 1 and document["run"]["axes"]["layouts"] == ["b16d0.5"]
+
+
+@pytest.mark.parametrize("option", ["--threads", "--repeats", "--m", "--steps"])
+def test_a_non_positive_count_names_the_option_and_what_it_expects(option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([option, "0"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}: expected a positive integer (1 or more), got '0'" in error
+    assert "_positive_int" not in error
+
+
+def test_pytest_benchmark_variants_add_a_column_per_other_backend():
+    from bench import test_benchmarks
+
+    # CPU: the cpu backend is the library's own choice; CUDA: triton is, and cuda comes on top when built
+    allowed = [[]] if test_benchmarks.DEVICE.type == "cpu" else [[], ["cuda"]]
+    assert test_benchmarks.OTHER_BACKENDS in allowed
+    ours = [name for name in test_benchmarks.NAMES if implementations.is_ours(name)]
+    assert ours == ["sparsekernels", *(f"sparsekernels[{b}]" for b in test_benchmarks.OTHER_BACKENDS)]
+    assert all(name in test_benchmarks.CONTENDERS for name in test_benchmarks.NAMES)
+
+
+def test_backends_is_refused_for_the_e2e_suite(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "e2e", "--backends", "cpu", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--backends applies to the cell suites" in capsys.readouterr().err
