@@ -12,6 +12,7 @@ kernels.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -60,8 +61,8 @@ class SRSTELinear(nn.Linear):
         layout.check_shape(out_features, in_features)
         if transposable and out_features % m:
             raise ValueError(f"out_features={out_features} must be a multiple of m={m} for a transposable mask")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
-            raise ValueError(f"decay must be a float >= 0, got {decay!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < math.inf:
+            raise ValueError(f"decay must be a float >= 0 (finite, not NaN), got {decay!r}")
         self.n, self.m, self.decay, self.transposable = n, m, float(decay), bool(transposable)
 
     @classmethod
