@@ -403,7 +403,15 @@ class SparseLinear(nn.Module):
 
         A transposable N:M layer takes transposable patterns only (ValueError otherwise, and the
         layer is unchanged); its W.T pattern buffers are rewritten in place.
+
+        Everything is checked before the first write (a matrix is validated again, as in
+        ``from_matrix``; an empty pattern is refused): a call that raises leaves the layer as it was.
         """
+        if self.values.device.type == "meta":
+            raise ValueError(
+                "set_pattern needs the layer's current pattern, and this layer is on the meta device (no data); "
+                "materialise it first, e.g. load_state_dict(state, assign=True)"
+            )
         if isinstance(self.layout, BlockSparse):
             old_grid = self.matrix.block_mask()
             new_matrix = self._block_matrix_for(pattern, values)

@@ -906,6 +906,12 @@ class TestMetaDevice:
         layer = SparseLinear(2**16, 2**16, layout, device="meta")  # the NM scores alone would be 16 GiB
         assert layer.values.is_meta and layer.density == pytest.approx(layout.density, abs=1e-4)
 
+    @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+    def test_set_pattern_on_meta_says_to_materialise(self, layout):
+        layer = SparseLinear(64, 32, layout, device="meta")
+        with raises(ValueError, "set_pattern", "meta", "assign=True"):
+            layer.set_pattern(SparseLinear(64, 32, layout).dense_mask())
+
     def test_nm_random_draws_in_row_chunks(self, monkeypatch):
         """The dense score tensor is drawn a block of rows at a time; the pattern does not depend
         on the chunking."""
