@@ -851,6 +851,18 @@ class TestEntryPointArguments:
         with raises(error, "initial_density", "(0, 1]"):
             GradualPruner(model, 0.5, 0, 10, 1, initial_density=initial_density)
 
+    def test_training_and_pruning_helpers(self):
+        from sparsekernels.training import SRSTELinear, remap_optimizer_state
+
+        with raises(TypeError, "transposable", "bool", "'no'"):
+            SRSTELinear(64, 32, transposable="no")
+        with raises(ValueError, "allowed", "bool block mask", "[2, 2]"):
+            sk.pruning.block_mask(torch.randn(32, 32), 16, 0.5, allowed=[[True, True], [True, False]])
+        layer = SparseLinear(64, 32, NM(2, 4))
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        with raises(TypeError, "source", "int64"):
+            remap_optimizer_state(optimizer, layer.values, layer.values, list(range(layer.values.numel())))
+
     @pytest.mark.parametrize("decay", [float("nan"), float("inf"), -1.0, "0.1", True])
     def test_srste_decay(self, decay):
         from sparsekernels.training import SRSTELinear
