@@ -935,6 +935,16 @@ class TestMetaDevice:
         chunked.validate()
         assert torch.equal(whole.positions, chunked.positions)
 
+    def test_block_sparse_from_dense_of_a_meta_weight(self):
+        weight = torch.empty(32, 64, device="meta")
+        by_density = BlockSparseMatrix.from_dense(weight, 16, 0.25)
+        assert by_density.values.is_meta and by_density.nnz_blocks == 2 and by_density.block_col_offsets.shape == (5,)
+        mask = torch.tensor([[True, False, True, True], [False, False, True, False]])
+        by_mask = BlockSparseMatrix.from_dense(weight, 16, mask=mask)  # the mask has data: its pattern, meta values
+        assert by_mask.nnz_blocks == 4 and all(tensor.is_meta for tensor in by_mask.index_tensors())
+        with raises(ValueError, "block_mask", "meta"):
+            BlockSparseMatrix.from_dense(torch.randn(32, 64), 16, mask=mask.to("meta"))
+
     def test_meta_matrices_check_their_metadata(self):
         values = torch.empty(4, 16, 16, device="meta")
         offsets = torch.empty(3, dtype=torch.int32, device="meta")

@@ -396,7 +396,8 @@ class BlockSparseMatrix:
         return self.block_mask().repeat_interleave(b, 0).repeat_interleave(b, 1)
 
     def to(self, *args, **kwargs) -> "BlockSparseMatrix":
-        """Like ``Tensor.to``: a dtype applies to ``values``, a device to every tensor."""
+        """Like ``Tensor.to``: a dtype applies to ``values``, a device to every tensor. The result
+        is not validated again (any dtype goes): :meth:`validate` checks it."""
         values = self.values.to(*args, **kwargs)
         device = values.device
         return BlockSparseMatrix(

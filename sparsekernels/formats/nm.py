@@ -296,7 +296,8 @@ class NMMatrix:
         return reference.nm_to_dense(ones, self.positions, self.n, self.m)
 
     def to(self, *args, **kwargs) -> "NMMatrix":
-        """Like ``Tensor.to``: a dtype applies to ``values``, a device to every tensor."""
+        """Like ``Tensor.to``: a dtype applies to ``values``, a device to every tensor. The result
+        is not validated again (any dtype goes): :meth:`validate` checks it."""
         values = self.values.to(*args, **kwargs)
         return NMMatrix(values, self.positions.to(values.device), self.n, self.m, validate=False)
 
