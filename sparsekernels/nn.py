@@ -84,6 +84,25 @@ def triton_eager():
     return _triton_eager
 
 
+def _random_matrix(layout: Layout, shape: tuple[int, int], dtype, device) -> Union[BlockSparseMatrix, NMMatrix]:
+    """A uniformly random pattern of ``layout`` (uninitialised values); shapes only on meta."""
+    if isinstance(layout, BlockSparse):
+        return BlockSparseMatrix.random(shape, layout.block_size, layout.density, dtype=dtype, device=device)
+    return NMMatrix.random(shape, layout.n, layout.m, dtype=dtype, device=device, transposable=layout.transposable)
+
+
+def _check_adoptable(matrix: Union[BlockSparseMatrix, NMMatrix], name: str) -> None:
+    """Raise (naming ``name``) unless a layer may adopt ``matrix``: the format's full validation
+    (the matrix may have been built with validate=False, converted, or changed in place) and at
+    least one kept block (a layer's density is in (0, 1], as ``BlockSparse`` requires)."""
+    try:
+        matrix.validate()
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{name} is not a valid {type(matrix).__name__}: {error}") from None
+    if isinstance(matrix, BlockSparseMatrix) and matrix.nnz_blocks == 0:
+        raise ValueError(f"{name} must keep at least one block (a layer's density is in (0, 1]), got nnz_blocks=0")
+
+
 def _check_layout(layout: Layout) -> None:
     if not isinstance(layout, (BlockSparse, NM)):
         raise TypeError(
@@ -131,15 +150,7 @@ class SparseLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.layout = layout
-        if isinstance(layout, BlockSparse):
-            matrix = BlockSparseMatrix.random(
-                (out_features, in_features), layout.block_size, layout.density, dtype=dtype, device=device
-            )
-        else:
-            matrix = NMMatrix.random(
-                (out_features, in_features), layout.n, layout.m, dtype=dtype, device=device,
-                transposable=layout.transposable,
-            )
+        matrix = _random_matrix(layout, (out_features, in_features), dtype, device)
         self._register_matrix(matrix)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=matrix.dtype, device=matrix.device))
@@ -168,10 +179,14 @@ class SparseLinear(nn.Module):
 
     def _set_transposed_pattern(self, pattern: tuple[Tensor, Tensor]) -> None:
         """Store W.T's pattern: in place when the buffers exist (their shapes never change for a
-        layer), so optimizers, DDP and compiled graphs keep valid references; derived, not saved."""
+        layer), so optimizers, DDP and compiled graphs keep valid references; derived, not saved.
+        Replaced when the device changed (a meta layer loaded with ``assign=True``)."""
         for name, tensor in zip(("transpose_index", "positions_t"), pattern):
             buffer = getattr(self, name, None)
-            if isinstance(buffer, Tensor) and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
+            if (
+                isinstance(buffer, Tensor) and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype
+                and buffer.device == tensor.device
+            ):
                 buffer.copy_(tensor)
             else:
                 self.register_buffer(name, tensor.to(self.positions.device), persistent=False)
@@ -194,20 +209,27 @@ class SparseLinear(nn.Module):
         must be transposable (ValueError otherwise). This is how to build a transposable layer
         from a hand-made mask of any n:m, e.g.
         ``from_matrix(NMMatrix.from_dense(w, 4, 8, mask=mask), transposable=True)``.
+
+        The matrix is validated first (``matrix.validate()``: one built with ``validate=False``,
+        converted with ``.to()`` or changed in place is checked like a new one; float32, bfloat16
+        or float16 values) and must keep at least one block.
         """
+        if not isinstance(matrix, (BlockSparseMatrix, NMMatrix)):
+            raise TypeError(f"matrix must be a BlockSparseMatrix or NMMatrix, got {type(matrix).__name__}")
+        if transposable and not isinstance(matrix, NMMatrix):
+            raise ValueError("transposable=True needs an NMMatrix (block-sparse layers have no transposable layout)")
+        if bias is not None and not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor [{matrix.shape[0]}] or None, got {type(bias).__name__}")
+        _check_adoptable(matrix, "matrix")
         out_features, in_features = matrix.shape
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = in_features, out_features
         if isinstance(matrix, BlockSparseMatrix):
             layer.layout = BlockSparse(matrix.block_size, matrix.density)
-        elif isinstance(matrix, NMMatrix):
+        else:
             layer.layout = NM(matrix.n, matrix.m, transposable=transposable)
             layer.layout.check_shape(out_features, in_features)
-        else:
-            raise TypeError(f"matrix must be a BlockSparseMatrix or NMMatrix, got {type(matrix).__name__}")
-        if transposable and not isinstance(matrix, NMMatrix):
-            raise ValueError("transposable=True needs an NMMatrix (block-sparse layers have no transposable layout)")
         layer._register_matrix(matrix)
         if bias is None:
             layer.register_parameter("bias", None)
@@ -230,7 +252,14 @@ class SparseLinear(nn.Module):
         _check_layout(layout)
         weight = linear.weight.detach()
         layout.check_shape(linear.out_features, linear.in_features)
-        if isinstance(layout, BlockSparse):
+        if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"linear.weight must be float32, bfloat16 or float16, got {weight.dtype}")
+        if weight.device.type == "meta":
+            # No data to prune by magnitude: a meta layer of the right shapes, as nn.Linear's own
+            # meta construction gives (materialise it with to_empty() + load_state_dict, or
+            # load_state_dict(..., assign=True)).
+            matrix = _random_matrix(layout, tuple(weight.shape), weight.dtype, weight.device)
+        elif isinstance(layout, BlockSparse):
             matrix = BlockSparseMatrix.from_dense(weight.clone(), layout.block_size, layout.density)
         elif layout.transposable:
             try:
@@ -374,7 +403,15 @@ class SparseLinear(nn.Module):
 
         A transposable N:M layer takes transposable patterns only (ValueError otherwise, and the
         layer is unchanged); its W.T pattern buffers are rewritten in place.
+
+        Everything is checked before the first write (a matrix is validated again, as in
+        ``from_matrix``; an empty pattern is refused): a call that raises leaves the layer as it was.
         """
+        if self.values.device.type == "meta":
+            raise ValueError(
+                "set_pattern needs the layer's current pattern, and this layer is on the meta device (no data); "
+                "materialise it first, e.g. load_state_dict(state, assign=True)"
+            )
         if isinstance(self.layout, BlockSparse):
             old_grid = self.matrix.block_mask()
             new_matrix = self._block_matrix_for(pattern, values)
@@ -406,6 +443,7 @@ class SparseLinear(nn.Module):
                 )
             if values is not None:
                 raise ValueError("pass values= only with a mask pattern; a BlockSparseMatrix brings its own")
+            _check_adoptable(pattern, "pattern")
             return pattern
         if isinstance(pattern, NMMatrix):
             raise TypeError("pattern must be a bool mask or BlockSparseMatrix for a block-sparse layer, got NMMatrix")
@@ -424,6 +462,7 @@ class SparseLinear(nn.Module):
                 )
             if values is not None:
                 raise ValueError("pass values= only with a mask pattern; an NMMatrix brings its own")
+            _check_adoptable(pattern, "pattern")
             return pattern
         if isinstance(pattern, BlockSparseMatrix):
             raise TypeError("pattern must be a bool mask or NMMatrix for an N:M layer, got BlockSparseMatrix")
@@ -442,22 +481,27 @@ class SparseLinear(nn.Module):
         return values.detach().to(dtype=self.values.dtype, device=self.values.device)
 
     def _adopt(self, matrix: Union[BlockSparseMatrix, NMMatrix], source: Tensor) -> None:
-        """Take ``matrix``'s pattern and values: in place where shapes allow, else by replacement."""
+        """Take ``matrix``'s pattern and values: in place where shapes allow, else by replacement.
+
+        ``matrix`` is valid (checked by the caller), and nothing here can fail after the first
+        write: the new layout is built before anything changes."""
         new_values = matrix.values.to(dtype=self.values.dtype, device=self.values.device)
+        if isinstance(matrix, BlockSparseMatrix):
+            new_layout = BlockSparse(self.layout.block_size, matrix.density)
+            named = tuple(zip(_BSR_INDEX_NAMES, matrix.index_tensors()))
+        else:
+            new_layout = self.layout
+            named = (("positions", matrix.positions),)
+        named = tuple((name, tensor.to(getattr(self, name).device)) for name, tensor in named)
         if new_values.shape == self.values.shape:
             self.values.copy_(new_values)
             if self.values.grad is not None:
                 self.values.grad.copy_(_gather_slots(self.values.grad, source))
         else:
             self.values = nn.Parameter(new_values.clone(), requires_grad=self.values.requires_grad)
-        if isinstance(matrix, BlockSparseMatrix):
-            named = zip(_BSR_INDEX_NAMES, matrix.index_tensors())
-            self.layout = BlockSparse(self.layout.block_size, matrix.density)
-        else:
-            named = (("positions", matrix.positions),)
+        self.layout = new_layout
         for name, tensor in named:
             buffer = getattr(self, name)
-            tensor = tensor.to(buffer.device)
             if buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
                 buffer.copy_(tensor)
             else:
@@ -470,10 +514,6 @@ class SparseLinear(nn.Module):
         # pruning schedule changes it): resize values and the index buffers to the saved shapes
         # before the default copy, then check the loaded pattern once.
         names = ("values",) + (_BSR_INDEX_NAMES if isinstance(self.layout, BlockSparse) else ("positions",))
-        # The pattern as it is now: restored if the loaded one is invalid, so that a failed load
-        # leaves a working layer (values keep their shape and stay consistent with it).
-        previous = {name: getattr(self, name) for name in names}
-        previous_index = {name: tensor.clone() for name, tensor in previous.items() if name != "values"}
         index_dtypes = (torch.int32, torch.int64) if isinstance(self.layout, BlockSparse) else (torch.uint8,)
         for name in names[1:]:
             saved = state_dict.get(prefix + name)
@@ -484,6 +524,11 @@ class SparseLinear(nn.Module):
                     f"{' or '.join(str(dtype) for dtype in index_dtypes)}, got {saved.dtype}"
                 )
                 return
+        # The layer as it is now, put back if loading its entries fails in any way (torch's own
+        # loader reports a size mismatch after it has already copied the other entries in place):
+        # a failed load leaves the layer exactly as it was, pattern and values.
+        previous = {name: getattr(self, name) for name in names + ("bias",)}
+        layout = self.layout
         for name in names:
             saved = state_dict.get(prefix + name)
             current = getattr(self, name)
@@ -497,28 +542,57 @@ class SparseLinear(nn.Module):
                     self.values = nn.Parameter(resized, requires_grad=current.requires_grad)
                 else:
                     setattr(self, name, resized)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        # What the default loader may overwrite in place: the tensors that were not replaced above
+        # (with assign=True it replaces them instead, leaving the old ones untouched).
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        contents = {
+            name: tensor.detach().clone() for name, tensor in previous.items()
+            if tensor is not None and getattr(self, name) is tensor and not assign
+        }
+        errors, missing = len(error_msgs), len(missing_keys)
         try:
-            self._validate_pattern()
-            if isinstance(self.layout, NM) and self.layout.transposable:
-                self._set_transposed_pattern(self._transposed_pattern_of(self.matrix))
-        except (TypeError, ValueError) as error:
-            error_msgs.append(f"invalid sparse pattern for {prefix or 'SparseLinear'}: {error}")
-            for name, tensor in previous.items():
-                if name == "values":
-                    if tensor.shape != self.values.shape:
-                        self.values = tensor
-                else:
-                    setattr(self, name, tensor)
-                    tensor.copy_(previous_index[name])
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+            # A strict load that misses one of this layer's entries fails too (torch raises after
+            # every module has loaded): the others must not stay half-loaded.
+            failed = len(error_msgs) > errors or (strict and len(missing_keys) > missing)
+            if not failed:
+                try:
+                    self._validate_pattern()
+                    if isinstance(self.layout, NM) and self.layout.transposable:
+                        self._set_transposed_pattern(self._transposed_pattern_of(self.matrix))
+                except (TypeError, ValueError) as error:
+                    error_msgs.append(f"invalid sparse pattern for {prefix or 'SparseLinear'}: {error}")
+                    failed = True
+        except BaseException:
+            self._restore(previous, contents, layout)
+            raise
+        if failed:
+            self._restore(previous, contents, layout)
+        elif isinstance(layout, BlockSparse) and self.values.shape[0] != previous["values"].shape[0]:
+            self.layout = BlockSparse(layout.block_size, self.matrix.density)  # the loaded block count
+
+    @torch.no_grad()
+    def _restore(self, previous: dict, contents: dict, layout: Layout) -> None:
+        """Put back the tensors of ``previous`` (by identity, so optimizers keep theirs) and the
+        ``contents`` loaded into them in place, and ``layout``."""
+        for name, tensor in previous.items():
+            if tensor is None:
+                continue
+            if getattr(self, name) is not tensor:
+                setattr(self, name, tensor)
+            if name in contents:
+                tensor.copy_(contents[name])
+        self.layout = layout
 
     def _validate_pattern(self) -> None:
         if isinstance(self.layout, BlockSparse):
             b = self.layout.block_size
             if self.values.dim() != 3 or tuple(self.values.shape[1:]) != (b, b):
                 raise ValueError(f"values must have shape [nnz, {b}, {b}], got {tuple(self.values.shape)}")
+            if self.values.shape[0] == 0:
+                raise ValueError("the pattern must keep at least one block (a layer's density is in (0, 1]), got nnz=0")
             index_dtype = self.block_row_offsets.dtype
             for name in _BSR_INDEX_NAMES:
                 if getattr(self, name).dtype != index_dtype:
@@ -569,9 +643,9 @@ def sparsify_(
             choosing one per layer (None keeps that layer dense).
         filter_fn: ``(module, fqn) -> bool``; only layers it accepts are swapped (default: all).
 
-    A layer whose shape does not fit its layout raises ValueError naming the layer; exclude it with
-    ``filter_fn``. ``nn.MultiheadAttention``'s output projection is left alone (it reads
-    ``.weight`` directly).
+    A layer whose shape does not fit its layout raises ValueError naming the layer (a dtype other
+    than float32/bfloat16/float16: TypeError naming it); exclude it with ``filter_fn``.
+    ``nn.MultiheadAttention``'s output projection is left alone (it reads ``.weight`` directly).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -588,8 +662,8 @@ def sparsify_(
             continue
         try:
             swaps.append((fqn, SparseLinear.from_dense(module, layer_layout)))
-        except ValueError as error:
-            raise ValueError(f"cannot sparsify {fqn or 'the model'} ({module}): {error}") from error
+        except (TypeError, ValueError) as error:  # the same type, naming the layer
+            raise type(error)(f"cannot sparsify {fqn or 'the model'} ({module}): {error}") from error
     for fqn, sparse in swaps:
         if not fqn:
             raise ValueError("model is itself an nn.Linear: use SparseLinear.from_dense(model, layout)")

@@ -3,7 +3,9 @@
 Entry points: the formats (constructors, ``from_dense``, ``mask=``), the op front ends, the fake
 kernels (FakeTensorMode), the raw ``torch.ops.sparsekernels.*`` ops with hand-built garbage index
 tensors (they must raise before a kernel reads out of bounds, whatever the batch size),
-``SparseLinear`` construction, ``sparsify_`` and ``load_state_dict`` with corrupted tensors.
+``SparseLinear`` construction, ``from_matrix``, ``sparsify_``, ``set_pattern`` and
+``load_state_dict`` with corrupted tensors (a failed update leaves the layer exactly as it was),
+the pruning and training entry points, and construction on the meta device.
 Each case asserts the error type and that the message names the offending argument.
 """
 
@@ -574,3 +576,386 @@ def test_validate_transposed_index_names_a_non_tensor_argument(which):
     index[which] = index[which].tolist()
     with pytest.raises(TypeError, match=f"{names[which]} must be a torch.Tensor"):
         validate_transposed_index(*index, 3)
+
+
+# ------------------------------------------------------------------ failed loads leave the layer as it was
+def _snapshot(layer):
+    """Everything a failed update must leave unchanged: the state dict (by value), the layout,
+    the values Parameter (by identity) and the transposed-pattern buffers."""
+    extra = {name: getattr(layer, name).clone() for name in ("transpose_index", "positions_t") if hasattr(layer, name)}
+    return (
+        {name: tensor.clone() for name, tensor in layer.state_dict().items()},
+        layer.layout,
+        layer.values,
+        extra,
+    )
+
+
+def assert_unchanged(layer, snapshot, x):
+    state, layout, values, extra = snapshot
+    now = layer.state_dict()
+    assert now.keys() == state.keys()
+    for name, tensor in state.items():
+        assert now[name].dtype == tensor.dtype and torch.equal(now[name], tensor), name
+    assert layer.layout == layout
+    assert layer.values is values  # optimizers keep a valid reference
+    for name, tensor in extra.items():
+        assert torch.equal(getattr(layer, name), tensor), name
+    layer._validate_pattern()
+    expected = torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _empty_block_matrix():
+    return BlockSparseMatrix(
+        torch.randn(0, 16, 16), torch.zeros(3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), (32, 64)
+    )
+
+
+def _unchecked_block_matrix(cols, shape=(32, 64)):
+    """Two blocks in block row 0 at ``cols`` (may be invalid), built without validation."""
+    return BlockSparseMatrix(
+        torch.randn(2, 16, 16), torch.tensor([0, 2, 2], dtype=torch.int32), torch.tensor(cols, dtype=torch.int32),
+        shape, validate=False,
+    )
+
+
+def _random_block():
+    return BlockSparseMatrix.random((32, 64), 16, 0.5)
+
+
+def _full_block_mask():
+    return torch.ones(2, 4, dtype=torch.bool)
+
+
+def _nm_with_duplicate_offsets():
+    matrix = NMMatrix.from_dense(torch.randn(32, 64), 2, 4)
+    return NMMatrix(matrix.values, torch.zeros_like(matrix.positions), 2, 4, validate=False)
+
+
+def _changed_in_place():
+    matrix = NMMatrix.from_dense(torch.randn(32, 64), 2, 4)
+    matrix.positions[0, 0] = 0  # offsets 0, 0: a duplicate
+    return matrix
+
+
+class TestSetPatternFailureLeavesLayerUnchanged:
+    """set_pattern validates everything before it writes anything: whatever the failure, the layer
+    keeps its state dict, layout, Parameter identity and forward."""
+
+    @pytest.mark.parametrize(
+        "pattern, kwargs, error, words",
+        [
+            (_empty_block_matrix, {}, ValueError, ("pattern", "at least one block")),
+            (lambda: torch.zeros(2, 4, dtype=torch.bool), {}, ValueError, ("pattern", "at least one block")),
+            (lambda: _unchecked_block_matrix([1, 7]), {}, ValueError, ("pattern", "block_col_indices", "n_block_cols")),
+            (lambda: _unchecked_block_matrix([1, 1]), {}, ValueError, ("pattern", "no duplicates")),
+            (lambda: _random_block().to(torch.float64), {}, TypeError, ("pattern", "float32")),
+            (lambda: BlockSparseMatrix.random((64, 64), 16, 0.5), {}, ValueError, ("pattern", "[32, 64]")),
+            (lambda: BlockSparseMatrix.random((32, 64), 32, 0.5), {}, ValueError, ("pattern", "block_size=16")),
+            (lambda: NMMatrix.random((32, 64), 2, 4), {}, TypeError, ("pattern", "NMMatrix")),
+            (_random_block, {"values": torch.randn(32, 64)}, ValueError, ("values=",)),
+            (lambda: torch.ones(3, 4, dtype=torch.bool), {}, ValueError, ("mask", "[2, 4]")),
+            (_full_block_mask, {"values": torch.randn(64, 32)}, ValueError, ("values", "[32, 64]")),
+            (_full_block_mask, {"values": [[0.0] * 64] * 32}, TypeError, ("values", "torch.Tensor")),
+        ],
+    )
+    def test_block_sparse(self, pattern, kwargs, error, words):
+        torch.manual_seed(0)
+        layer = SparseLinear(64, 32, BlockSparse(16, 0.5))
+        layer.values.grad = torch.randn_like(layer.values)
+        grad = layer.values.grad.clone()
+        snapshot, x = _snapshot(layer), torch.randn(3, 64)
+        with raises(error, *words):
+            layer.set_pattern(pattern(), **kwargs)
+        assert_unchanged(layer, snapshot, x)
+        assert torch.equal(layer.values.grad, grad)
+
+    @pytest.mark.parametrize(
+        "layout, pattern, error, words",
+        [
+            (NM(2, 4), _nm_with_duplicate_offsets, ValueError, ("pattern", "strictly increasing")),
+            (NM(2, 4), _changed_in_place, ValueError, ("pattern", "strictly increasing")),
+            (NM(2, 4), lambda: NMMatrix.random((32, 64), 2, 4).to(torch.float64), TypeError, ("pattern", "float32")),
+            (NM(2, 4), lambda: torch.ones(32, 64, dtype=torch.bool), ValueError, ("mask", "n=2")),
+            (NM(2, 4), lambda: NMMatrix.random((32, 64), 1, 4), ValueError, ("pattern", "2:4")),
+            (NM(2, 4), _random_block, TypeError, ("pattern", "BlockSparseMatrix")),
+            (NM(2, 4, transposable=True), lambda: NMMatrix.random((32, 64), 2, 4), ValueError,
+             ("does not fit", "transposable")),
+        ],
+    )
+    def test_nm(self, layout, pattern, error, words):
+        torch.manual_seed(0)
+        layer = SparseLinear(64, 32, layout)
+        snapshot, x = _snapshot(layer), torch.randn(3, 64)
+        with raises(error, *words):
+            layer.set_pattern(pattern())
+        assert_unchanged(layer, snapshot, x)
+
+
+class TestFailedLoadLeavesLayerUnchanged:
+    """Whatever makes a load fail (torch's own size checks included, strict or not), the layer keeps
+    its pattern, values (by identity and contents), bias and layout."""
+
+    @pytest.mark.parametrize("strict", [True, False])
+    @pytest.mark.parametrize(
+        "layout, corrupt, words",
+        [
+            (BlockSparse(16, 0.5), lambda s: s.update(values=s["values"].reshape(-1)), ("size mismatch", "values")),
+            (NM(2, 4), lambda s: s.update(values=s["values"].reshape(-1)), ("size mismatch", "values")),
+            (NM(2, 4, transposable=True), lambda s: s.update(values=s["values"].reshape(-1)), ("values",)),
+            (BlockSparse(16, 0.5), lambda s: s.update(bias=torch.randn(33)), ("size mismatch", "bias")),
+            # another block count (values and the index are resized first), then a bad bias
+            (BlockSparse(16, 0.5), lambda s: s.update(
+                {k: v for k, v in SparseLinear(64, 32, BlockSparse(16, 0.25)).state_dict().items() if k != "bias"},
+                bias=torch.randn(33)), ("bias",)),
+            (BlockSparse(16, 0.5), lambda s: s.update(
+                {k: v for k, v in SparseLinear(64, 32, BlockSparse(16, 0.25)).state_dict().items()},
+                block_col_indices=torch.tensor([0, 0], dtype=torch.int32)), ("invalid sparse pattern",)),
+        ],
+    )
+    def test_failed_load(self, layout, corrupt, words, strict):
+        torch.manual_seed(0)
+        source = SparseLinear(64, 32, layout).state_dict()
+        corrupt(source)
+        layer = SparseLinear(64, 32, layout)
+        snapshot, x = _snapshot(layer), torch.randn(3, 64)
+        with raises(RuntimeError, *words):
+            layer.load_state_dict(source, strict=strict)
+        assert_unchanged(layer, snapshot, x)
+
+    def test_strict_load_missing_values_keeps_the_old_pattern(self):
+        torch.manual_seed(0)
+        source = SparseLinear(64, 32, BlockSparse(16, 0.5)).state_dict()
+        del source["values"]
+        layer = SparseLinear(64, 32, BlockSparse(16, 0.5))
+        snapshot, x = _snapshot(layer), torch.randn(3, 64)
+        with raises(RuntimeError, "Missing key", "values"):
+            layer.load_state_dict(source)
+        assert_unchanged(layer, snapshot, x)
+
+    def test_assign_failure_puts_the_old_tensors_back(self):
+        source = SparseLinear(64, 32, BlockSparse(16, 0.5)).state_dict()
+        source["block_col_indices"] = source["block_col_indices"] + 100
+        layer = SparseLinear(64, 32, BlockSparse(16, 0.5))
+        snapshot, x = _snapshot(layer), torch.randn(3, 64)
+        with raises(RuntimeError, "block_col_indices"):
+            layer.load_state_dict(source, assign=True)
+        assert_unchanged(layer, snapshot, x)
+
+    def test_layout_density_follows_a_load_that_changes_the_block_count(self):
+        source = SparseLinear(64, 32, BlockSparse(16, 0.25))
+        layer = SparseLinear(64, 32, BlockSparse(16, 0.5))
+        layer.load_state_dict(source.state_dict())
+        assert layer.layout == BlockSparse(16, 0.25) and layer.density == 0.25
+        assert "layout=BlockSparse(block_size=16, density=0.25)" in repr(layer)
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(layer(x), source(x))
+
+
+class TestAdoptedMatricesAreValidated:
+    """from_matrix and set_pattern(matrix) check a matrix like a new one: it may have been built with
+    validate=False, converted with .to(), or changed in place (each used to give a silently wrong
+    layer, or one failing only at forward)."""
+
+    @pytest.mark.parametrize(
+        "matrix, error, words",
+        [
+            (_nm_with_duplicate_offsets, ValueError, ("matrix", "NMMatrix", "strictly increasing")),
+            (_changed_in_place, ValueError, ("matrix", "strictly increasing")),
+            (lambda: _unchecked_block_matrix([1, 1]), ValueError, ("matrix", "BlockSparseMatrix", "no duplicates")),
+            (lambda: _unchecked_block_matrix([0, 9]), ValueError, ("matrix", "block_col_indices")),
+            (lambda: NMMatrix.random((32, 64), 2, 4).to(torch.float64), TypeError, ("matrix", "float32")),
+            (lambda: BlockSparseMatrix.random((32, 64), 16, 0.5).to(torch.int32), TypeError, ("matrix", "float32")),
+            (_empty_block_matrix, ValueError, ("matrix", "at least one block")),
+        ],
+    )
+    def test_from_matrix(self, matrix, error, words):
+        with raises(error, *words):
+            SparseLinear.from_matrix(matrix())
+
+    def test_valid_matrices_are_still_adopted_without_copies(self):
+        matrix = BlockSparseMatrix.random((32, 64), 16, 0.5)
+        layer = SparseLinear.from_matrix(matrix)
+        assert layer.values.data_ptr() == matrix.values.data_ptr()
+        nm = NMMatrix.random((32, 64), 2, 4).to(torch.bfloat16)
+        assert SparseLinear.from_matrix(nm).values.dtype == torch.bfloat16
+
+
+class TestEmptyPatterns:
+    """One rule everywhere: a SparseLinear keeps at least one block (its density is in (0, 1], as
+    BlockSparse requires); the formats themselves may be empty."""
+
+    def test_format_may_be_empty(self):
+        assert _empty_block_matrix().nnz_blocks == 0
+        no_blocks = torch.zeros(2, 4, dtype=torch.bool)
+        assert BlockSparseMatrix.from_dense(torch.randn(32, 64), 16, mask=no_blocks).nnz_blocks == 0
+
+    def test_layer_refuses_it_everywhere(self):
+        empty = _empty_block_matrix()
+        with raises(ValueError, "matrix", "at least one block"):
+            SparseLinear.from_matrix(empty)
+        layer = SparseLinear(64, 32, BlockSparse(16, 0.5))
+        with raises(ValueError, "pattern", "at least one block"):
+            layer.set_pattern(empty)
+        with raises(ValueError, "pattern", "at least one block"):
+            layer.set_pattern(torch.zeros(2, 4, dtype=torch.bool))
+        state = dict(layer.state_dict(), values=empty.values, **dict(zip(
+            ("block_row_offsets", "block_col_indices", "block_col_offsets", "block_row_indices",
+             "block_value_indices"), empty.index_tensors())))
+        snapshot, x = _snapshot(layer), torch.randn(3, 64)
+        with raises(RuntimeError, "invalid sparse pattern", "at least one block"):
+            layer.load_state_dict(state)
+        assert_unchanged(layer, snapshot, x)
+
+
+# ------------------------------------------------------------------ entry points: types and values
+class TestEntryPointArguments:
+    @pytest.mark.parametrize(
+        "call, error, words",
+        [
+            (lambda: BlockSparseMatrix.from_dense(torch.randn(32, 32), 16.0, 0.5), TypeError,
+             ("block_size", "int", "16.0")),
+            (lambda: BlockSparseMatrix.from_dense(torch.randn(32, 32), True, 0.5), TypeError, ("block_size", "int")),
+            (lambda: BlockSparseMatrix.from_dense(torch.randn(32, 32), 16, float("nan")), ValueError,
+             ("density", "(0, 1]")),
+            (lambda: BlockSparseMatrix.random((32.0, 32), 16, 0.5), TypeError, ("shape", "two ints")),
+            (lambda: BlockSparseMatrix.random((32, 32), 16.0, 0.5), TypeError, ("block_size", "int")),
+            (lambda: BlockSparseMatrix.random((32, 32), 16, 0.5, dtype=torch.int32), TypeError, ("dtype", "float32")),
+            (lambda: NMMatrix.random((4.0, 16), 2, 4), TypeError, ("shape", "two ints", "4.0")),
+            (lambda: NMMatrix.random((4, 16, 1), 2, 4), TypeError, ("shape", "two ints")),
+            (lambda: NMMatrix.random((4, 16), 2, 4, dtype=torch.float64), TypeError, ("dtype", "float32")),
+            (lambda: SparseLinear.from_matrix(NMMatrix.random((32, 64), 2, 4), [0.0] * 32), TypeError,
+             ("bias", "torch.Tensor", "list")),
+            (lambda: sk.pruning.block_scores(torch.randn(32, 32), 16.0), TypeError, ("block_size", "int")),
+        ],
+    )
+    def test_formats_and_layers(self, call, error, words):
+        with raises(error, *words):
+            call()
+
+    def test_sparsify_names_the_layer_of_a_dtype_error(self):
+        model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64).double())
+        with raises(TypeError, "cannot sparsify 1", "linear.weight", "float32", "torch.float64"):
+            sk.sparsify_(model, NM(2, 4))
+        assert all(type(layer) is nn.Linear for layer in model)  # nothing swapped on failure
+
+    @pytest.mark.parametrize(
+        "initial_density, error",
+        [(float("nan"), ValueError), (5.0, ValueError), (0.0, ValueError), ("0.9", TypeError), (True, TypeError)],
+    )
+    def test_gradual_pruner_initial_density(self, initial_density, error):
+        from sparsekernels.training import GradualPruner
+
+        model = nn.Sequential(SparseLinear(64, 64, BlockSparse(16, 1.0)))
+        with raises(error, "initial_density", "(0, 1]"):
+            GradualPruner(model, 0.5, 0, 10, 1, initial_density=initial_density)
+
+    def test_training_and_pruning_helpers(self):
+        from sparsekernels.training import SRSTELinear, remap_optimizer_state
+
+        with raises(TypeError, "transposable", "bool", "'no'"):
+            SRSTELinear(64, 32, transposable="no")
+        with raises(ValueError, "allowed", "bool block mask", "[2, 2]"):
+            sk.pruning.block_mask(torch.randn(32, 32), 16, 0.5, allowed=[[True, True], [True, False]])
+        layer = SparseLinear(64, 32, NM(2, 4))
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        with raises(TypeError, "source", "int64"):
+            remap_optimizer_state(optimizer, layer.values, layer.values, list(range(layer.values.numel())))
+
+    @pytest.mark.parametrize("decay", [float("nan"), float("inf"), -1.0, "0.1", True])
+    def test_srste_decay(self, decay):
+        from sparsekernels.training import SRSTELinear
+
+        with raises(ValueError, "decay", ">= 0"):
+            SRSTELinear(64, 32, decay=decay)
+
+
+# ------------------------------------------------------------------ the meta device
+class TestMetaDevice:
+    """Construction on the meta device builds the shapes (nothing is drawn, any size is free); a
+    meta layer is materialised by loading a state dict with assign=True."""
+
+    LAYOUTS = [BlockSparse(16, 0.5), NM(2, 4), NM(2, 4, transposable=True)]
+
+    @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+    def test_construct_and_load_with_assign(self, layout):
+        torch.manual_seed(0)
+        source = SparseLinear(64, 32, layout)
+        for layer in (SparseLinear(64, 32, layout, device="meta"), _under_meta_context(layout)):
+            assert layer.values.is_meta and all(buffer.is_meta for buffer in layer.buffers())
+            assert layer.values.shape == source.values.shape
+            for name, buffer in source.named_buffers():
+                assert getattr(layer, name).shape == buffer.shape and getattr(layer, name).dtype == buffer.dtype
+            layer.load_state_dict(source.state_dict(), assign=True)
+            assert not any(tensor.is_meta for tensor in (*layer.parameters(), *layer.buffers()))
+            x = torch.randn(3, 64, requires_grad=True)
+            torch.testing.assert_close(layer(x), source(x))
+            layer(x).sum().backward()
+            grad = x.grad.clone()
+            x.grad = None
+            source(x).sum().backward()
+            torch.testing.assert_close(grad, x.grad)
+
+    @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+    def test_load_without_assign_stays_meta(self, layout):
+        """As for torch's own modules: copying into a meta tensor is a no-op (torch warns), not an error."""
+        layer = SparseLinear(64, 32, layout, device="meta")
+        with pytest.warns(UserWarning, match="meta"):
+            layer.load_state_dict(SparseLinear(64, 32, layout).state_dict())
+        assert layer.values.is_meta
+
+    @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+    def test_from_dense_of_a_meta_linear(self, layout):
+        layer = SparseLinear.from_dense(nn.Linear(64, 32, device="meta"), layout)
+        assert layer.values.is_meta and layer.layout == layout
+        assert layer.values.shape == SparseLinear(64, 32, layout).values.shape
+        model = sk.sparsify_(nn.Sequential(nn.Linear(64, 32, device="meta")), layout)
+        assert isinstance(model[0], SparseLinear) and model[0].values.is_meta
+
+    @pytest.mark.parametrize("layout", [BlockSparse(128, 0.1), NM(2, 4)], ids=str)
+    def test_huge_layer_on_meta_allocates_nothing(self, layout):
+        layer = SparseLinear(2**16, 2**16, layout, device="meta")  # the NM scores alone would be 16 GiB
+        assert layer.values.is_meta and layer.density == pytest.approx(layout.density, abs=1e-4)
+
+    @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+    def test_set_pattern_on_meta_says_to_materialise(self, layout):
+        layer = SparseLinear(64, 32, layout, device="meta")
+        with raises(ValueError, "set_pattern", "meta", "assign=True"):
+            layer.set_pattern(SparseLinear(64, 32, layout).dense_mask())
+
+    def test_nm_random_draws_in_row_chunks(self, monkeypatch):
+        """The dense score tensor is drawn a block of rows at a time; the pattern does not depend
+        on the chunking."""
+        from sparsekernels.formats import nm as nm_module
+
+        whole = NMMatrix.random((40, 64), 2, 8, generator=torch.Generator().manual_seed(5))
+        monkeypatch.setattr(nm_module, "_RANDOM_SCORES_PER_CHUNK", 3 * 64)
+        chunked = NMMatrix.random((40, 64), 2, 8, generator=torch.Generator().manual_seed(5))
+        chunked.validate()
+        assert torch.equal(whole.positions, chunked.positions)
+
+    def test_block_sparse_from_dense_of_a_meta_weight(self):
+        weight = torch.empty(32, 64, device="meta")
+        by_density = BlockSparseMatrix.from_dense(weight, 16, 0.25)
+        assert by_density.values.is_meta and by_density.nnz_blocks == 2 and by_density.block_col_offsets.shape == (5,)
+        mask = torch.tensor([[True, False, True, True], [False, False, True, False]])
+        by_mask = BlockSparseMatrix.from_dense(weight, 16, mask=mask)  # the mask has data: its pattern, meta values
+        assert by_mask.nnz_blocks == 4 and all(tensor.is_meta for tensor in by_mask.index_tensors())
+        with raises(ValueError, "block_mask", "meta"):
+            BlockSparseMatrix.from_dense(torch.randn(32, 64), 16, mask=mask.to("meta"))
+
+    def test_meta_matrices_check_their_metadata(self):
+        values = torch.empty(4, 16, 16, device="meta")
+        offsets = torch.empty(3, dtype=torch.int32, device="meta")
+        cols = torch.empty(4, dtype=torch.int32, device="meta")
+        BlockSparseMatrix(values, offsets, cols, (32, 64)).validate()  # no data: shapes only
+        with raises(ValueError, "block_row_offsets", "3 entries"):
+            BlockSparseMatrix(values, offsets[:2], cols, (32, 64))
+        with raises(ValueError, "block_row_offsets", "device of values"):
+            BlockSparseMatrix(torch.empty(4, 16, 16), offsets, cols, (32, 64))
+
+
+def _under_meta_context(layout):
+    with torch.device("meta"):
+        return SparseLinear(64, 32, layout)

@@ -24,7 +24,16 @@ from torch import Tensor
 from .. import reference
 from ..layouts import BLOCK_SIZES
 from ..ops._checks import check_index_dtype, check_index_tensors
-from ._common import FLOAT_DTYPES, check_dense_weight, check_density, check_mask, index_dtype_for
+from ._common import (
+    FLOAT_DTYPES,
+    check_block_size,
+    check_dense_weight,
+    check_density,
+    check_mask,
+    check_shape_pair,
+    index_dtype_for,
+    is_meta,
+)
 
 __all__ = ["BlockSparseMatrix", "build_transposed_index", "validate_bsr_index", "validate_transposed_index"]
 
@@ -38,10 +47,14 @@ def _offsets_from_counts(counts: Tensor, dtype: torch.dtype) -> Tensor:
 def build_transposed_index(
     block_row_offsets: Tensor, block_col_indices: Tensor, n_block_cols: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CSC index ``(block_col_offsets, block_row_indices, block_value_indices)`` of a BSR pattern."""
+    """CSC index ``(block_col_offsets, block_row_indices, block_value_indices)`` of a BSR pattern.
+
+    On the meta device (no data) it is three meta tensors of the right shapes and dtype."""
     dtype, device = block_row_offsets.dtype, block_row_offsets.device
     n_block_rows = block_row_offsets.shape[0] - 1
     nnz = block_col_indices.shape[0]
+    if is_meta(block_row_offsets):
+        return tuple(torch.empty(size, dtype=dtype, device=device) for size in (n_block_cols + 1, nnz, nnz))
     counts = (block_row_offsets[1:] - block_row_offsets[:-1]).to(torch.int64)
     block_rows = torch.repeat_interleave(torch.arange(n_block_rows, device=device), counts, output_size=nnz)
     block_cols = block_col_indices.to(torch.int64)
@@ -82,6 +95,8 @@ def validate_transposed_index(
     for (name, tensor), rebuilt in zip(given.items(), expected):
         if tensor.shape != rebuilt.shape:
             raise ValueError(f"{name} must have {rebuilt.shape[0]} entries, got {tensor.shape[0]}")
+        if is_meta(tensor):  # no data: the shapes are all there is to check
+            continue
         if not torch.equal(tensor, rebuilt):
             raise ValueError(f"{name} is inconsistent with the BSR index (block_row_offsets, block_col_indices)")
 
@@ -98,7 +113,8 @@ def validate_bsr_index(
     Checked once when a pattern is set: offsets start at 0, end at nnz and never decrease; column
     indices are in range and strictly increasing inside each block row (so no block is duplicated).
     The metadata checks are the ops' (ops/_checks.py); the lengths are checked against the block
-    counts the caller expects, where the ops can only derive them.
+    counts the caller expects, where the ops can only derive them. Meta tensors have no contents:
+    only their metadata is checked.
     """
     for name, tensor in (("block_row_offsets", block_row_offsets), ("block_col_indices", block_col_indices)):
         check_index_dtype(name, tensor)
@@ -115,6 +131,8 @@ def validate_bsr_index(
         (("block_col_indices", block_col_indices),),
         block_row_offsets.dtype, block_row_offsets.device, "block_row_offsets",
     )
+    if is_meta(block_row_offsets):
+        return
     offsets = block_row_offsets.to(torch.int64)
     if int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
         raise ValueError(
@@ -167,22 +185,7 @@ class BlockSparseMatrix:
             raise ValueError(f"values must have shape [nnz, block_size, block_size], got {tuple(values.shape)}")
         block_size = values.shape[1]
         if validate:
-            if values.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
-            if block_size not in BLOCK_SIZES:
-                raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
-            for name, size in (("out_features", out_features), ("in_features", in_features)):
-                if size <= 0 or size % block_size:
-                    raise ValueError(f"{name}={size} must be a positive multiple of block_size={block_size}")
-            validate_bsr_index(
-                block_row_offsets, block_col_indices, out_features // block_size, in_features // block_size,
-                values.shape[0],
-            )
-            if block_row_offsets.device != values.device:
-                raise ValueError(
-                    f"block_row_offsets must be on the device of values ({values.device}), "
-                    f"got {block_row_offsets.device}"
-                )
+            _validate_values_and_bsr(values, block_row_offsets, block_col_indices, out_features, in_features)
         self.values = values
         self.block_row_offsets = block_row_offsets
         self.block_col_indices = block_col_indices
@@ -197,6 +200,19 @@ class BlockSparseMatrix:
         elif validate:
             validate_transposed_index(block_row_offsets, block_col_indices, *transposed, in_features // block_size)
         self.block_col_offsets, self.block_row_indices, self.block_value_indices = transposed
+
+    def validate(self) -> None:
+        """Raise unless this matrix is valid: every check of the constructor with ``validate=True``,
+        the CSC index included. For a matrix built with ``validate=False``, converted with
+        :meth:`to` (any dtype), or changed in place since; ``SparseLinear`` calls it before adopting
+        a matrix."""
+        _validate_values_and_bsr(
+            self.values, self.block_row_offsets, self.block_col_indices, self.shape[0], self.shape[1]
+        )
+        validate_transposed_index(
+            self.block_row_offsets, self.block_col_indices, self.block_col_offsets, self.block_row_indices,
+            self.block_value_indices, self.n_block_cols,
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -216,6 +232,13 @@ class BlockSparseMatrix:
                 f"into square blocks of {BLOCK_SIZES}"
             )
         block_mask = check_mask(block_mask, ((n_block_rows, n_block_cols),), "block mask")
+        if is_meta(block_mask):
+            raise ValueError("block_mask is on the meta device, so its kept blocks are unknown; pass a mask with data")
+        if is_meta(weight):
+            # No values to gather, but the mask fixes the pattern: build it where the mask lives.
+            _, _, block_row_offsets, block_col_indices = _bsr_index_from_block_mask(block_mask)
+            values = weight.new_empty(block_col_indices.shape[0], block_size, block_size)
+            return _moved_to(values, block_row_offsets, block_col_indices, (out_features, in_features))
         block_rows, block_cols, block_row_offsets, block_col_indices = _bsr_index_from_block_mask(
             block_mask.to(weight.device)
         )
@@ -238,10 +261,13 @@ class BlockSparseMatrix:
         one) of largest Frobenius norm; ties go to the earlier block in row-major order.
         With ``mask``: a bool block mask ``[out/b, in/b]``, or an element mask ``[out, in]`` that is
         constant inside every block. Kept values are copied as they are (a kept weight may be 0).
+
+        A meta ``weight`` (no data) with ``density`` gives a meta matrix of the right shapes (which
+        blocks are kept is unknown, as for :meth:`random` on meta); with a ``mask`` that has data,
+        the mask's pattern with meta values.
         """
         check_dense_weight(weight)
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+        check_block_size(block_size)
         out_features, in_features = weight.shape
         for name, size in (("out_features", out_features), ("in_features", in_features)):
             if size % block_size:
@@ -268,6 +294,8 @@ class BlockSparseMatrix:
                 mask = block_mask
             return cls.from_block_mask(weight, mask)
         density = check_density(density)
+        if is_meta(weight):
+            return _meta_matrix((out_features, in_features), block_size, density, weight.dtype)
         scores = (
             weight.reshape(n_block_rows, block_size, n_block_cols, block_size).float().square().sum(dim=(1, 3))
         )
@@ -285,24 +313,28 @@ class BlockSparseMatrix:
         generator: Optional[torch.Generator] = None,
     ) -> "BlockSparseMatrix":
         """A uniformly random pattern with ``round(density * n_blocks)`` blocks (at least one); values
-        are uninitialised (``torch.empty``)."""
-        out_features, in_features = shape
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+        are uninitialised (``torch.empty``).
+
+        The pattern is drawn on the CPU (whatever the default device) and moved to ``device``; on
+        the meta device nothing is drawn: the tensors have the right shapes and no data.
+        """
+        out_features, in_features = check_shape_pair(shape)
+        check_block_size(block_size)
         for name, size in (("out_features", out_features), ("in_features", in_features)):
-            if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % block_size:
+            if size <= 0 or size % block_size:
                 raise ValueError(f"{name}={size} must be a positive multiple of block_size={block_size}")
-        scores = torch.rand(out_features // block_size, in_features // block_size, generator=generator)
-        block_mask = top_blocks_mask(scores, check_density(density))
-        _, _, block_row_offsets, block_col_indices = _bsr_index_from_block_mask(block_mask)
-        values = torch.empty(block_col_indices.shape[0], block_size, block_size, dtype=dtype, device=device)
-        return cls(
-            values,
-            block_row_offsets.to(values.device),
-            block_col_indices.to(values.device),
-            shape,
-            validate=False,
+        density = check_density(density)
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        values = torch.empty(0, dtype=dtype, device=device)  # resolves the default dtype and device
+        if is_meta(values):
+            return _meta_matrix((out_features, in_features), block_size, density, values.dtype)
+        scores = torch.rand(
+            out_features // block_size, in_features // block_size, generator=generator, device="cpu"
         )
+        _, _, block_row_offsets, block_col_indices = _bsr_index_from_block_mask(top_blocks_mask(scores, density))
+        values = values.new_empty(block_col_indices.shape[0], block_size, block_size)
+        return _moved_to(values, block_row_offsets, block_col_indices, (out_features, in_features))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -364,7 +396,8 @@ class BlockSparseMatrix:
         return self.block_mask().repeat_interleave(b, 0).repeat_interleave(b, 1)
 
     def to(self, *args, **kwargs) -> "BlockSparseMatrix":
-        """Like ``Tensor.to``: a dtype applies to ``values``, a device to every tensor."""
+        """Like ``Tensor.to``: a dtype applies to ``values``, a device to every tensor. The result
+        is not validated again (any dtype goes): :meth:`validate` checks it."""
         values = self.values.to(*args, **kwargs)
         device = values.device
         return BlockSparseMatrix(
@@ -383,6 +416,59 @@ class BlockSparseMatrix:
             f"BlockSparseMatrix(shape={tuple(self.shape)}, block_size={self.block_size}, "
             f"nnz_blocks={self.nnz_blocks}, density={self.density:.4f}, dtype={self.dtype}, device={self.device})"
         )
+
+
+def _validate_values_and_bsr(
+    values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor, out_features: int, in_features: int
+) -> None:
+    """The constructor's checks of ``values`` (dtype, block size, shape) and of the BSR index."""
+    block_size = values.shape[1]
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    for name, size in (("out_features", out_features), ("in_features", in_features)):
+        if size <= 0 or size % block_size:
+            raise ValueError(f"{name}={size} must be a positive multiple of block_size={block_size}")
+    validate_bsr_index(
+        block_row_offsets, block_col_indices, out_features // block_size, in_features // block_size,
+        values.shape[0],
+    )
+    if block_row_offsets.device != values.device:
+        raise ValueError(
+            f"block_row_offsets must be on the device of values ({values.device}), got {block_row_offsets.device}"
+        )
+
+
+def _moved_to(
+    values: Tensor, block_row_offsets: Tensor, block_col_indices: Tensor, shape: tuple[int, int]
+) -> BlockSparseMatrix:
+    """A matrix of ``values`` with a valid BSR index built elsewhere (the CPU, a mask's device): the
+    CSC index is built there too, then all five move to ``values``' device (which may be meta)."""
+    transposed = build_transposed_index(block_row_offsets, block_col_indices, shape[1] // values.shape[-1])
+    block_col_offsets, block_row_indices, block_value_indices = (tensor.to(values.device) for tensor in transposed)
+    return BlockSparseMatrix(
+        values,
+        block_row_offsets.to(values.device),
+        block_col_indices.to(values.device),
+        shape,
+        block_col_offsets=block_col_offsets,
+        block_row_indices=block_row_indices,
+        block_value_indices=block_value_indices,
+        validate=False,
+    )
+
+
+def _meta_matrix(shape: tuple[int, int], block_size: int, density: float, dtype: torch.dtype) -> BlockSparseMatrix:
+    """A meta-device matrix keeping ``max(1, round(density * n_blocks))`` blocks: the shapes and
+    index dtype of a real one, no data (nothing is drawn, so any size is free)."""
+    n_block_rows, n_block_cols = shape[0] // block_size, shape[1] // block_size
+    nnz = max(1, round(density * n_block_rows * n_block_cols))
+    index_dtype = index_dtype_for(nnz, n_block_rows, n_block_cols)
+    values = torch.empty(nnz, block_size, block_size, dtype=dtype, device="meta")
+    block_row_offsets = torch.empty(n_block_rows + 1, dtype=index_dtype, device="meta")
+    block_col_indices = torch.empty(nnz, dtype=index_dtype, device="meta")
+    return BlockSparseMatrix(values, block_row_offsets, block_col_indices, shape, validate=False)
 
 
 def _bsr_index_from_block_mask(block_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

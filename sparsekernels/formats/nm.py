@@ -33,7 +33,11 @@ from torch import Tensor
 
 from .. import reference
 from ..layouts import NM
-from ._common import FLOAT_DTYPES, check_dense_weight, check_mask, index_dtype_for
+from ._common import FLOAT_DTYPES, check_dense_weight, check_mask, check_shape_pair, index_dtype_for, is_meta
+
+# NMMatrix.random draws its scores this many at a time (row chunks), so that a large layer never
+# holds a dense float score tensor and its argsort at once: peak memory is the packed positions.
+_RANDOM_SCORES_PER_CHUNK = 1 << 22
 
 __all__ = [
     "NMMatrix",
@@ -64,7 +68,8 @@ def validate_positions(positions: Tensor, out_features: int, kept_per_row: int, 
     """Raise ValueError unless ``positions`` is a valid packed N:M pattern.
 
     Offsets must be strictly increasing inside every group (so each is < m and none repeats), and
-    the padding bits of the last byte must be zero.
+    the padding bits of the last byte must be zero. Meta positions (no data) get the dtype and
+    shape checks only.
     """
     if not isinstance(positions, Tensor):
         raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
@@ -74,7 +79,7 @@ def validate_positions(positions: Tensor, out_features: int, kept_per_row: int, 
     expected = (out_features, -(-kept_per_row // per_byte))
     if tuple(positions.shape) != expected:
         raise ValueError(f"positions must have shape {list(expected)}, got {list(positions.shape)}")
-    if out_features == 0 or kept_per_row == 0:
+    if out_features == 0 or kept_per_row == 0 or is_meta(positions):
         return
     offsets = reference.unpack_positions(positions, m, kept_per_row).reshape(out_features, -1, n)
     if bool((offsets >= m).any()) or bool((offsets[..., 1:] <= offsets[..., :-1]).any()):
@@ -135,6 +140,15 @@ def random_transposable_mask(
     )
 
 
+def _validate_values_and_positions(values: Tensor, positions: Tensor, n: int, m: int) -> None:
+    """The constructor's checks: values dtype, the full positions check, one device."""
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
+    validate_positions(positions, values.shape[0], values.shape[1], n, m)
+    if positions.device != values.device:
+        raise ValueError(f"positions must be on the device of values ({values.device}), got {positions.device}")
+
+
 class TransposedPattern(NamedTuple):
     """The pattern of ``W.T`` for a transposable N:M weight W (see the module doc)."""
 
@@ -159,11 +173,7 @@ class NMMatrix:
         if kept_per_row % n:
             raise ValueError(f"values.shape[1]={kept_per_row} must be a multiple of n={n}")
         if validate:
-            if values.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
-            validate_positions(positions, out_features, kept_per_row, n, m)
-            if positions.device != values.device:
-                raise ValueError(f"positions must be on the device of values ({values.device}), got {positions.device}")
+            _validate_values_and_positions(values, positions, n, m)
         self.values = values
         self.positions = positions
         self.n = n
@@ -171,6 +181,12 @@ class NMMatrix:
         # Reserved for the CUDA backend: 2:4 metadata in the sparse tensor core layout, derived from
         # positions on demand and cached here (None until a backend asks for it).
         self.hardware_metadata: Optional[Tensor] = None
+
+    def validate(self) -> None:
+        """Raise unless this matrix is valid: every check of the constructor with ``validate=True``.
+        For a matrix built with ``validate=False``, converted with :meth:`to` (any dtype), or
+        changed in place since; ``SparseLinear`` calls it before adopting a matrix."""
+        _validate_values_and_positions(self.values, self.positions, self.n, self.m)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -221,17 +237,32 @@ class NMMatrix:
 
         ``transposable=True``: a random pattern that is N:M along out_features too
         (:func:`random_transposable_mask`; out_features must be a multiple of m).
+
+        The pattern is drawn on the CPU (whatever the default device), a block of rows at a time,
+        and moved to ``device``; on the meta device nothing is drawn: the tensors have the right
+        shapes and no data, at any size.
         """
-        out_features, in_features = shape
+        out_features, in_features = check_shape_pair(shape)
         NM(n, m, transposable=transposable).check_shape(out_features, in_features)
-        if transposable:
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        kept_per_row = in_features // m * n
+        values = torch.empty(out_features, kept_per_row, dtype=dtype, device=device)
+        per_byte = 8 // reference.NM_BITS_PER_POSITION[m]
+        if is_meta(values):
+            positions = torch.empty(out_features, -(-kept_per_row // per_byte), dtype=torch.uint8, device="meta")
+        elif transposable:
             mask = random_transposable_mask(out_features, in_features, n, m, generator)
-            offsets = kept_offsets(mask, n, m)
+            positions = pack_positions(kept_offsets(mask, n, m), m)
         else:
-            scores = torch.rand(out_features, in_features // m, m, generator=generator)
-            offsets = scores.argsort(dim=-1)[..., :n].sort(dim=-1).values.reshape(out_features, -1)
-        values = torch.empty(out_features, in_features // m * n, dtype=dtype, device=device)
-        return cls(values, pack_positions(offsets, m).to(values.device), n, m, validate=False)
+            positions = torch.empty(out_features, -(-kept_per_row // per_byte), dtype=torch.uint8)
+            rows_per_chunk = max(1, _RANDOM_SCORES_PER_CHUNK // in_features)
+            for start in range(0, out_features, rows_per_chunk):
+                rows = min(rows_per_chunk, out_features - start)
+                scores = torch.rand(rows, in_features // m, m, generator=generator, device="cpu")
+                offsets = scores.argsort(dim=-1)[..., :n].sort(dim=-1).values.reshape(rows, -1)
+                positions[start:start + rows] = pack_positions(offsets, m)
+        return cls(values, positions.to(values.device), n, m, validate=False)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -265,7 +296,8 @@ class NMMatrix:
         return reference.nm_to_dense(ones, self.positions, self.n, self.m)
 
     def to(self, *args, **kwargs) -> "NMMatrix":
-        """Like ``Tensor.to``: a dtype applies to ``values``, a device to every tensor."""
+        """Like ``Tensor.to``: a dtype applies to ``values``, a device to every tensor. The result
+        is not validated again (any dtype goes): :meth:`validate` checks it."""
         values = self.values.to(*args, **kwargs)
         return NMMatrix(values, self.positions.to(values.device), self.n, self.m, validate=False)
 
@@ -282,9 +314,17 @@ class NMMatrix:
         """``(transpose_index, positions_t)``, the pattern of ``W.T`` (see the module doc).
 
         Raises ValueError, saying which column group breaks it, when the mask is not transposable.
-        Computed once per mask (on the pattern's device); every later W.T is one gather.
+        Computed once per mask (on the pattern's device); every later W.T is one gather. On the
+        meta device: meta tensors of the right shapes (transposability cannot be checked there).
         """
         n, m = self.n, self.m
+        if is_meta(self.positions):
+            out_features, in_features = self.shape
+            per_byte = 8 // reference.NM_BITS_PER_POSITION[m]
+            return TransposedPattern(
+                torch.empty(self.values.numel(), dtype=torch.int64, device="meta"),
+                torch.empty(in_features, -(-(out_features // m * n) // per_byte), dtype=torch.uint8, device="meta"),
+            )
         mask = self.mask()
         problem = transposability_problem(mask, n, m)
         if problem is not None:

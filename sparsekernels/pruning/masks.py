@@ -40,7 +40,7 @@ def block_mask(scores: Tensor, block_size: int, density: float, *, allowed: Opti
     per_block = block_scores(scores, block_size)
     density = check_density(density)
     if allowed is not None:
-        if allowed.shape != per_block.shape or allowed.dtype != torch.bool:
+        if not isinstance(allowed, Tensor) or allowed.shape != per_block.shape or allowed.dtype != torch.bool:
             raise ValueError(f"allowed must be a bool block mask of shape {list(per_block.shape)}")
         keep = max(1, round(density * per_block.numel()))
         if int(allowed.sum()) < keep:

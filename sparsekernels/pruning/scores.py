@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..formats._common import check_dense_weight
-from ..layouts import BLOCK_SIZES
+from ..formats._common import check_block_size, check_dense_weight
 
 __all__ = ["magnitude_scores", "taylor_scores", "block_scores"]
 
@@ -40,8 +39,7 @@ def block_scores(scores: Tensor, block_size: int) -> Tensor:
     """
     if not isinstance(scores, Tensor) or scores.dim() != 2:
         raise ValueError(f"scores must be a 2-D tensor [out, in], got {getattr(scores, 'shape', scores)!r}")
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    check_block_size(block_size)
     rows, cols = scores.shape
     if rows % block_size or cols % block_size:
         raise ValueError(f"scores shape {list(scores.shape)} must be multiples of block_size={block_size}")

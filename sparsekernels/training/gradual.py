@@ -74,6 +74,11 @@ class GradualPruner:
             0.0 < final_density <= 1.0
         ):
             raise ValueError(f"final_density must be a float in (0, 1], got {final_density!r}")
+        if initial_density is not None:
+            if isinstance(initial_density, bool) or not isinstance(initial_density, (int, float)):
+                raise TypeError(f"initial_density must be None or a float in (0, 1], got {initial_density!r}")
+            if not 0.0 < initial_density <= 1.0:  # also refuses NaN, which would fail only at a pruning step
+                raise ValueError(f"initial_density must be None or a float in (0, 1], got {initial_density!r}")
         if score not in _SCORES:
             raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
         self.layers = sparse_layers(model, (BlockSparse,), filter_fn)

@@ -33,6 +33,8 @@ def remap_optimizer_state(
     """
     if optimizer is None:
         return
+    if not isinstance(source, Tensor) or source.dtype != torch.int64 or source.dim() != 1:
+        raise TypeError(f"source must be the 1-D int64 tensor set_pattern returns, got {source!r:.80}")
     if new_param is not old_param:
         found = False
         for group in optimizer.param_groups:

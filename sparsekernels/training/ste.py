@@ -12,6 +12,7 @@ kernels.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -58,10 +59,12 @@ class SRSTELinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         layout = NM(n, m)
         layout.check_shape(out_features, in_features)
+        if not isinstance(transposable, bool):  # bool("no") would be True
+            raise TypeError(f"transposable must be a bool, got {transposable!r}")
         if transposable and out_features % m:
             raise ValueError(f"out_features={out_features} must be a multiple of m={m} for a transposable mask")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
-            raise ValueError(f"decay must be a float >= 0, got {decay!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < math.inf:
+            raise ValueError(f"decay must be a float >= 0 (finite, not NaN), got {decay!r}")
         self.n, self.m, self.decay, self.transposable = n, m, float(decay), bool(transposable)
 
     @classmethod
