@@ -9,16 +9,20 @@ tolerance (tests/cases.py). A second property feeds the raw C++ ops random garba
 they must raise ValueError or, when the index happens to be valid, compute the right thing.
 
 Runs on every backend available in this build (``cpu`` and ``reference`` here; ``triton`` and
-``cuda`` on CUDA tensors where built, marked ``gpu``).
+``cuda`` on CUDA tensors where built, marked ``gpu``). Without a GPU the Triton kernels are fuzzed
+under the Triton interpreter by properties of their own, on smaller batches, against
+sparsekernels.reference (the end of this module).
 
-Profiles (registered in tests/conftest.py): the default ``short`` one is derandomized and takes
-about 40 s on two cores; ``SPARSEKERNELS_FUZZ_PROFILE=long`` runs 25x as many random examples
-(about 4 minutes there) and keeps failures in the hypothesis database for replay.
+Profiles (registered in tests/conftest.py): the default ``short`` one is derandomized; the
+``SPARSEKERNELS_FUZZ_PROFILE=long`` one runs 10x as many random examples and keeps failures in the
+hypothesis database for replay. Timings on two cores: docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -27,10 +31,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsekernels as sk
-from cases import assert_close, sparse_linear
-from sparsekernels import BlockSparseMatrix, NMMatrix
+from cases import assert_close, sparse_linear, triton_device
+from sparsekernels import BlockSparseMatrix, NMMatrix, reference
 from sparsekernels.backend import backend_available
 from sparsekernels.formats import validate_bsr_index, validate_transposed_index
+
+# "cuda" on a GPU; else "cpu", and TRITON_INTERPRET is set before any kernel module is imported, so
+# the Triton kernels can run on CPU tensors under the interpreter (the properties at the end).
+TRITON_DEVICE = triton_device()
+from test_triton import narrowest_tiles  # noqa: E402  (imported after TRITON_INTERPRET is decided)
 
 PROFILE = "sparsekernels-" + os.environ.get("SPARSEKERNELS_FUZZ_PROFILE", "short")
 
@@ -48,8 +57,8 @@ def fuzz_settings(share: float) -> settings:
 def _backends():
     params = []
     for name in ("cpu", "reference", "triton", "cuda"):
-        if not backend_available(name):
-            continue
+        if not backend_available(name) or (name == "triton" and TRITON_DEVICE != "cuda"):
+            continue  # the interpreted Triton kernels have properties of their own (below)
         device = "cpu" if name in ("cpu", "reference") else "cuda"
         marks = [pytest.mark.gpu] if device == "cuda" else []
         params.append(pytest.param((name, device), id=name, marks=marks))
@@ -232,3 +241,78 @@ def test_raw_ops_on_garbage_indexes_raise_or_compute_correctly(index_case, batch
     torch.testing.assert_close(results["grad_input"], dy @ weight, rtol=2e-5, atol=2e-5 * max(1.0, b * rows))
     expected_values = BlockSparseMatrix.from_dense(dy.T @ x, b, mask=matrix.block_mask()).values
     torch.testing.assert_close(results["grad_values"], expected_values, rtol=2e-5, atol=2e-5 * max(1.0, batch))
+
+
+# ------------------------------------------------------------ the Triton kernels under the interpreter
+# Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter (numpy on the host,
+# slow), so BACKENDS leaves them out and they are fuzzed here: the same random block and N:M layouts
+# (1, primes, non-multiples of the tiles; empty and full block rows and columns), dtypes, input
+# memory layouts and bias as above, at most INTERPRETED_MAX_ROWS flattened rows (both N:M forward
+# kernels, one or two row tiles), on a small share of the profile's budget (INTERPRETED_SHARE), with
+# the tiles the launchers pick here or the narrowest ones (a GPU's choice for small batches: sliced
+# block rows, split-K in the small-M kernel). Forward and every gradient against float32 autograd
+# through sparsekernels.reference, within the dtype's tolerance.
+INTERPRETED_SHARE = 0.1  # of the profile's examples, per property
+INTERPRETED_MAX_ROWS = 96
+INTERPRETED_OPERANDS = dict(
+    OPERANDS,
+    leading=st.lists(st.sampled_from((0, 1, 2, 3, 5, 7, 13, 17, 31, 67)), max_size=2).filter(
+        lambda dims: math.prod(dims) <= INTERPRETED_MAX_ROWS),
+    narrow=st.booleans(),
+)
+interpreted_triton = pytest.mark.skipif(
+    TRITON_DEVICE != "cpu" or not backend_available("triton"),
+    reason="fuzzes the Triton interpreter on CPU (on a GPU the compiled kernels are in BACKENDS)")
+
+
+def check_triton_against_reference(matrix, reference_linear, dtype, leading, layout, with_bias, narrow, generator):
+    """Forward and backward of ``matrix``'s linear op on the interpreted Triton backend against
+    ``reference_linear(x, values, bias)`` (sparsekernels.reference) on float32 copies, by autograd."""
+    out_features, in_features = matrix.shape
+    x = make_operand((*leading, in_features), layout, dtype, "cpu", generator).requires_grad_()
+    values = matrix.values.detach().clone().requires_grad_()
+    bias = torch.randn(out_features, generator=generator).to(dtype).requires_grad_() if with_bias else None
+    # The kernels themselves: no dense fallback, no tuning.
+    environment = {"SPARSEKERNELS_DENSE_FALLBACK": "0", "SPARSEKERNELS_AUTOTUNE": "0"}
+    sk.set_backend("triton")
+    with mock.patch.dict(os.environ, environment), narrowest_tiles(narrow):
+        output = sparse_linear(matrix, x, values, bias)
+        grad_output = make_operand(output.shape, layout, dtype, "cpu", generator)
+        output.backward(grad_output)
+
+    x_ref = x.detach().float().requires_grad_()
+    values_ref = values.detach().float().requires_grad_()
+    bias_ref = bias.detach().float().requires_grad_() if with_bias else None
+    output_ref = reference_linear(x_ref, values_ref, bias_ref)
+    output_ref.backward(grad_output.float())
+    assert output.shape == output_ref.shape and output.dtype == dtype
+    assert_close(output, output_ref, dtype, "triton forward")
+    assert_close(x.grad, x_ref.grad, dtype, "triton grad_input")
+    assert_close(values.grad, values_ref.grad, dtype, "triton grad_values")
+    if with_bias:
+        assert_close(bias.grad, bias_ref.grad, dtype, "triton grad_bias")
+
+
+@interpreted_triton
+@fuzz_settings(INTERPRETED_SHARE)
+@given(case=block_sparse_cases(), **INTERPRETED_OPERANDS)
+def test_block_sparse_triton_interpreted_matches_reference(case, dtype, leading, layout, with_bias, narrow):
+    block_size, block_mask, generator = case
+    rows, cols = block_mask.shape
+    dense = torch.randn(rows * block_size, cols * block_size, generator=generator).to(dtype)
+    matrix = BlockSparseMatrix.from_dense(dense, block_size, mask=block_mask)
+    index = matrix.index_tensors()
+    check_triton_against_reference(matrix, lambda x, values, bias: reference.bsr_linear(x, values, *index, bias),
+                                   dtype, leading, layout, with_bias, narrow, generator)
+
+
+@interpreted_triton
+@fuzz_settings(INTERPRETED_SHARE)
+@given(case=nm_cases(), **INTERPRETED_OPERANDS)
+def test_nm_triton_interpreted_matches_reference(case, dtype, leading, layout, with_bias, narrow):
+    n, m, mask, generator = case
+    dense = torch.randn(mask.shape, generator=generator).to(dtype)
+    matrix = NMMatrix.from_dense(dense, n, m, mask=mask)
+    check_triton_against_reference(
+        matrix, lambda x, values, bias: reference.nm_linear(x, values, matrix.positions, n, m, bias),
+        dtype, leading, layout, with_bias, narrow, generator)

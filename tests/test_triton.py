@@ -505,3 +505,49 @@ def test_nm_kept_only_path_runs_only_where_a_tile_is_not_finite(monkeypatch, dir
     assert len(calls) == programs
     assert torch.equal(result[:64], finite[:64])  # the other row tile: the plain product, untouched
     check_kept_terms(result, operand, weight, mask, direction, torch.float32, "one NaN")
+
+
+# ------------------------------------------------------------ 64-bit column offsets in the N:M kernels
+# Column-major views [rows, 64] of one huge buffer (as ``x.T`` of a [64, S] tensor would be): column c
+# starts c * HUGE_COLUMN_STRIDE elements in, and the last column's offset, 63 * HUGE_COLUMN_STRIDE,
+# passes 2^31 - 1, where an int32 product of column index and stride would wrap to a negative offset.
+HUGE_COLUMN_STRIDE = 2**31 // 63 + 1024
+
+
+@pytest.mark.slow
+@EXPECTS_NONFINITE
+def test_nm_kernels_address_column_offsets_past_2_31_elements():
+    """Forward (the dot path, the kept-only path and the small-M kernel), input gradient (both paths)
+    and kept-value gradient read every column of operands whose column offsets pass 2^31 elements.
+    The float16 buffer is 4.3 GB of address space (on a GPU, of device memory); on the host only the
+    pages written or read are ever backed (about 0.4 GB in all under the interpreter, a few seconds)."""
+    layout, features, rows, dtype = NM(2, 4), 64, 17, torch.float16  # 17 rows: nm_forward's dot kernel
+    buffer = torch.empty((features - 1) * HUGE_COLUMN_STRIDE + 2 * rows, dtype=dtype, device=DEVICE)
+    x = buffer.as_strided((rows, features), (1, HUGE_COLUMN_STRIDE))
+    grad_out = buffer.as_strided((rows, features), (1, HUGE_COLUMN_STRIDE), rows)  # the next rows of each column
+    assert (features - 1) * x.stride(1) > 2**31 - 1
+    x.copy_(torch.randn(rows, features))
+    grad_out.copy_(torch.randn(rows, features))
+    matrix = NMMatrix.from_dense(torch.randn(features, features).to(dtype), layout.n, layout.m)
+    weight, mask = matrix.to_dense().float(), matrix.mask()
+    triton_ops()
+    ops = torch.ops.sparsekernels_triton
+    values, positions = matrix.values.to(DEVICE), matrix.positions.to(DEVICE)
+
+    def host(tensor):
+        return tensor.detach().cpu().float()
+
+    assert_close(host(ops.nm_linear(x, values, positions, 2, 4, None)), host(x) @ weight.T, dtype, "forward")
+    assert_close(host(ops.nm_linear(x[:3], values, positions, 2, 4, None)), host(x[:3]) @ weight.T, dtype,
+                 "small-M forward")
+    assert_close(host(ops.nm_linear_grad_input(grad_out, values, positions, 2, 4)), host(grad_out) @ weight, dtype,
+                 "grad_input")
+    expected_grad_values = (host(grad_out).T @ host(x)).gather(1, matrix.column_indices())
+    assert_close(host(ops.nm_linear_grad_values(grad_out, x, positions, 2, 4)), expected_grad_values, dtype,
+                 "grad_values")
+    # A NaN in the first row tile: the forward and the input gradient recompute it over kept terms only.
+    x[0, 1] = grad_out[0, 1] = float("nan")
+    check_kept_terms(host(ops.nm_linear(x, values, positions, 2, 4, None)), host(x), weight, mask, "forward",
+                     dtype, "kept-only forward")
+    check_kept_terms(host(ops.nm_linear_grad_input(grad_out, values, positions, 2, 4)), host(grad_out), weight, mask,
+                     "grad_input", dtype, "kept-only grad_input")

@@ -207,9 +207,18 @@ class Forced:
         return options[self.index] if self.index < len(options) else resolve_heuristic(heuristic)
 
 
-@pytest.mark.parametrize("index", range(4))
+# 20 rows: the candidates with 16 / 32-row tiles (4 per kernel). 300 rows: those with 64-row tiles
+# and, from 256 rows on, the 128-row tiles (indices 4-7 of the block and N:M forward, block input
+# gradient and N:M kept-value gradient candidates). Candidates come in pairs that differ only in
+# num_warps (indices 2k and 2k + 1), which the interpreter ignores: there the 300-row runs take
+# one of each pair.
+_WARP_PAIR_STEP = 1 if torch.cuda.is_available() else 2
+TUNING_CANDIDATE_RUNS = [(20, index) for index in range(4)] + [(300, index) for index in range(0, 8, _WARP_PAIR_STEP)]
+
+
+@pytest.mark.parametrize("rows, index", TUNING_CANDIDATE_RUNS, ids=[f"rows{r}-{i}" for r, i in TUNING_CANDIDATE_RUNS])
 @pytest.mark.parametrize("layout", [BlockSparse(32, 0.5), NM(2, 4)], ids=["block32", "nm2:4"])
-def test_every_tuning_candidate_matches_dense(layout, index, monkeypatch):
+def test_every_tuning_candidate_matches_dense(layout, rows, index, monkeypatch):
     """Forward and both gradients with each candidate configuration the tuner may pick."""
     forced = Forced(index)
     monkeypatch.setattr(autotune(), "tuner", forced)
@@ -218,9 +227,10 @@ def test_every_tuning_candidate_matches_dense(layout, index, monkeypatch):
     case = make_case(layout, torch.float32, DEVICE, features=(96, 128))
     check_op_against_dense(
         case, lambda input, values, bias: sparse_linear(case.matrix, input, values, bias, sk.triton), torch.float32,
-        (20,), with_bias=False, device=DEVICE,
+        (rows,), with_bias=False, device=DEVICE,
     )
     assert forced.seen >= 2
+    assert forced.seen > index  # some kernel ran candidate ``index`` (others fall back to the heuristic)
 
 
 # ------------------------------------------------------------------------------------------ dispatch

@@ -65,7 +65,8 @@ def _nm_forward_kept_only(
             kept_values, kept_offsets = nm_group_slots(values_ptr, positions_ptr, offs_out64, out_mask, group,
                                                        stride_val_row, stride_pos_row, N, M, BITS)
             for offset in range(0, M):
-                x_column = tl.load(x_rows + (group * M + offset) * stride_x_col, mask=row_mask[:, None], other=0.0)
+                column = tl.cast(group * M + offset, tl.int64)  # 64-bit before the stride (docs/reliability.md)
+                x_column = tl.load(x_rows + column * stride_x_col, mask=row_mask[:, None], other=0.0)
                 # Offsets within a group are distinct: at most one slot per output holds this column.
                 here = kept_offsets == offset
                 w_column = tl.sum(tl.where(here, kept_values, 0.0), axis=1)
@@ -94,7 +95,7 @@ def _nm_forward_kernel(
     acc = tl.zeros([BLOCK_ROWS, BLOCK_OUT], dtype=tl.float32)
     for in_start in range(0, in_features, BLOCK_IN):
         offs_in = in_start + tl.arange(0, BLOCK_IN)
-        x_tile = tl.load(x_rows + offs_in[None, :] * stride_x_col,
+        x_tile = tl.load(x_rows + offs_in.to(tl.int64)[None, :] * stride_x_col,
                          mask=row_mask[:, None] & (offs_in < in_features)[None, :], other=0.0)
         w = nm_dense_weight_tile(values_ptr, positions_ptr, offs_out64, out_mask, in_start, n_groups,
                                stride_val_row, stride_pos_row, N, M, BITS, BLOCK_OUT, BLOCK_IN)

@@ -129,7 +129,9 @@ def _nm_forward_small_m_kernel(
 def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, out_features, splits,
                        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """``out = sum(partial[0..splits-1]) + bias`` over the flat ``[rows * out_features]`` output,
-    in float32, split 0 first (a fixed order: deterministic), rounded once."""
+    in float32, split 0 first (a fixed order: deterministic), rounded once. Flat int32 offsets are
+    enough: there are splits only while the output tiles are fewer than ``target_programs``, so
+    ``numel`` is at most 16 rows times a few thousand tiles of 128 outputs."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     total = tl.zeros([BLOCK], dtype=tl.float32)

@@ -50,7 +50,8 @@ def _nm_grad_input_kept_only(
         g_rows = grad_out_ptr + offs_rows.to(tl.int64)[:, None] * stride_g_row
         acc = tl.zeros([CHUNK_ROWS, BLOCK_IN], dtype=tl.float32)
         for out_feature in range(0, out_features):
-            g_column = tl.load(g_rows + out_feature * stride_g_col, mask=row_mask[:, None], other=0.0)
+            g_column = tl.load(g_rows + tl.cast(out_feature, tl.int64) * stride_g_col, mask=row_mask[:, None],
+                               other=0.0)
             w_row, kept = nm_weight_row(values_ptr, positions_ptr, out_feature, in_start, n_groups,
                                         stride_val_row, stride_pos_row, N, M, BITS, BLOCK_IN)
             acc = add_kept_terms(acc, g_column, w_row, kept)
@@ -76,8 +77,8 @@ def _nm_grad_input_kernel(
     for out_start in range(0, out_features, BLOCK_OUT):
         offs_out = out_start + tl.arange(0, BLOCK_OUT)
         out_mask = offs_out < out_features
-        g_tile = tl.load(g_rows + offs_out[None, :] * stride_g_col, mask=row_mask[:, None] & out_mask[None, :],
-                         other=0.0)
+        g_tile = tl.load(g_rows + offs_out.to(tl.int64)[None, :] * stride_g_col,
+                         mask=row_mask[:, None] & out_mask[None, :], other=0.0)
         w = nm_dense_weight_tile(values_ptr, positions_ptr, offs_out.to(tl.int64), out_mask, in_start, n_groups,
                                stride_val_row, stride_pos_row, N, M, BITS, BLOCK_OUT, BLOCK_IN)
         acc = dot_accumulate(g_tile, w.to(g_tile.dtype), acc, DOT)

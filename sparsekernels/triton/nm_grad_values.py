@@ -32,8 +32,10 @@ def _nm_grad_values_kernel(
     offs_in = in_start + tl.arange(0, BLOCK_IN)
     out_mask = offs_out < out_features
     in_mask = offs_in < in_features
-    g_cols = grad_out_ptr + offs_out[:, None] * stride_g_col
-    x_cols = x_ptr + offs_in[None, :] * stride_x_col
+    # Column offsets in 64 bits, as the row offsets below: a column index times a large column
+    # stride (a transposed operand) passes 2^31 elements.
+    g_cols = grad_out_ptr + offs_out.to(tl.int64)[:, None] * stride_g_col
+    x_cols = x_ptr + offs_in.to(tl.int64)[None, :] * stride_x_col
 
     # Dense grad_out.T @ x over every row, for this [BLOCK_OUT, BLOCK_IN] tile of the weight.
     dense = tl.zeros([BLOCK_OUT, BLOCK_IN], dtype=tl.float32)
