@@ -6,9 +6,11 @@
 //     (nm_decode.cu, bsr_decode.cu), which read every kept weight byte once.
 //   * nm_linear, 2:4, M > 16, built with CUTLASS: the sparse tensor core GEMM on metadata derived
 //     from positions on the fly (nm24_compress.cu). Hopper (sm_90), in % 128 == 0, out % 8 == 0:
-//     nm24_gemm_sm90.cu (sparse wgmma) writes y directly, the bias is added after. Other sm_80+
+//     nm24_gemm_sm90.cu (sparse wgmma) writes y directly, the bias is added after. Other 8.x / 9.x
 //     GPUs (or shapes), out % 32 == 0 and in % 64 == 0: nm24_gemm_sm80.cu (mma.sp) writes y.T and
 //     the transposed copy into y carries the bias. Rows of x are zero-padded to a multiple of 8.
+//     Each GEMM is taken only where nm24_gemm_sm*_runnable says the build has a real image of it
+//     for the device (GPUs after Hopper, or a build without 9.0a, fall back).
 // Backward ops run the composite path for now: grad_input = grad_output @ W (dense W),
 // grad_values = (grad_output.T @ input) sampled at the kept positions.
 //
@@ -44,10 +46,13 @@ kernels::DType kernel_dtype(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? kernels::DType::bfloat16 : kernels::DType::float16;
 }
 
-// Per-device properties, queried once.
+// Per-device properties, queried once (host-side queries only: no synchronisation).
 struct DeviceInfo {
   int sm_count = 0;
-  int major = 0;
+  // Whether each 2:4 GEMM can run here: the GPU's arch is one the kernel is built for and the build
+  // holds a real image of it for this device (nm24_gemm_sm*_runnable); else those shapes fall back.
+  bool gemm_sm80 = false;
+  bool gemm_sm90 = false;
 };
 
 DeviceInfo device_info(int device) {
@@ -58,7 +63,11 @@ DeviceInfo device_info(int device) {
   DeviceInfo& info = cache[device];
   if (info.sm_count == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+#ifdef SPARSEKERNELS_WITH_CUTLASS
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));  // the queries read the current device
+    info.gemm_sm80 = kernels::nm24_gemm_sm80_runnable();
+    info.gemm_sm90 = kernels::nm24_gemm_sm90_runnable();
+#endif
   }
   return info;
 }
@@ -140,9 +149,9 @@ bool try_nm24_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
                    at::Tensor& y) {
   const int64_t out = values.size(0), in = x.size(1), tokens = x.size(0);
   const int64_t padded_tokens = (tokens + 7) / 8 * 8;  // 16-byte rows of x and of the output
-  const int major = device_info(x.get_device()).major;
-  const bool use_sm90 = major == 9 && kernels::nm24_gemm_sm90_supported(out, in, padded_tokens);
-  if (!use_sm90 && (major < 8 || !kernels::nm24_gemm_sm80_supported(out, in, padded_tokens))) return false;
+  const DeviceInfo info = device_info(x.get_device());
+  const bool use_sm90 = info.gemm_sm90 && kernels::nm24_gemm_sm90_supported(out, in, padded_tokens);
+  if (!use_sm90 && !(info.gemm_sm80 && kernels::nm24_gemm_sm80_supported(out, in, padded_tokens))) return false;
   at::Tensor operand = x;
   if (padded_tokens != tokens) {
     operand = at::zeros({padded_tokens, in}, x.options());
