@@ -81,16 +81,22 @@ at::Tensor aligned_contiguous(const at::Tensor& tensor) {
 }
 
 // ------------------------------------------------------------------------- composite helpers
+// Index contents are not checked on the GPU (that would need a host sync): like the kernels, these
+// helpers clamp every index value into its range, so a corrupted index gives wrong numbers, never an
+// out-of-range index (ATen's device-side asserts would then poison the CUDA context).
+
 // Column of every kept value of an N:M matrix, [out, kept] int64 (unpacking as in
-// sparsekernels.reference: offsets packed 1/2/4/4 bits for m = 2/4/8/16, low bits first).
+// sparsekernels.reference: offsets packed 1/2/4/4 bits for m = 2/4/8/16, low bits first; m = 8
+// codes 8..15 clamped to 7).
 at::Tensor nm_columns(const at::Tensor& positions, int64_t n, int64_t m, int64_t kept) {
   const int64_t bits = m == 2 ? 1 : (m == 4 ? 2 : 4);
   const auto shifts = at::arange(8 / bits, positions.options().dtype(at::kInt)) * bits;
-  const auto offsets = at::bitwise_right_shift(positions.to(at::kInt).unsqueeze(-1), shifts)
-                           .bitwise_and((1 << bits) - 1)
-                           .reshape({positions.size(0), -1})
-                           .slice(1, 0, kept)
-                           .to(at::kLong);
+  auto offsets = at::bitwise_right_shift(positions.to(at::kInt).unsqueeze(-1), shifts)
+                     .bitwise_and((1 << bits) - 1)
+                     .reshape({positions.size(0), -1})
+                     .slice(1, 0, kept)
+                     .to(at::kLong);
+  if (m == 8) offsets.clamp_max_(m - 1);
   return offsets + at::arange(kept, positions.options().dtype(at::kLong)).div(n, "floor") * m;
 }
 
@@ -101,16 +107,26 @@ at::Tensor nm_dense_weight(const at::Tensor& values, const at::Tensor& positions
   return at::zeros({values.size(0), in_features}, values.options()).scatter_(1, columns, values);
 }
 
-// Block row of every kept block, [nnz] int64.
+// Block row of every kept block, [nnz] int64: the number of block rows that end at or before it
+// (row r holds blocks offsets[r] .. offsets[r + 1] - 1), clamped to [0, n_block_rows). Whatever the
+// offsets hold, every result is a valid block row (repeat_interleave with a fixed output size, the
+// obvious alternative, relies on the counts being non-negative and summing to nnz).
 at::Tensor bsr_block_rows(const at::Tensor& block_row_offsets, int64_t nnz) {
-  const auto counts = (block_row_offsets.slice(0, 1) - block_row_offsets.slice(0, 0, -1)).to(at::kLong);
-  return at::repeat_interleave(at::arange(counts.size(0), counts.options()), counts, /*dim=*/0, nnz);
+  const auto row_ends = block_row_offsets.slice(0, 1).to(at::kLong).contiguous();
+  const auto kept_blocks = at::arange(nnz, row_ends.options());
+  return at::searchsorted(row_ends, kept_blocks, /*out_int32=*/false, /*right=*/true).clamp_max_(row_ends.size(0) - 1);
+}
+
+// Block column of every kept block, [nnz] int64, clamped to [0, n_block_cols).
+at::Tensor bsr_block_cols(const at::Tensor& block_col_indices, int64_t n_block_cols) {
+  return block_col_indices.to(at::kLong).clamp(0, n_block_cols - 1);
 }
 
 at::Tensor bsr_dense_weight(const at::Tensor& values, const at::Tensor& block_row_offsets,
                             const at::Tensor& block_col_indices, const BsrShape& shape) {
   const int64_t b = shape.block_size;
-  const auto flat = bsr_block_rows(block_row_offsets, shape.nnz) * shape.n_block_cols + block_col_indices.to(at::kLong);
+  const auto flat = bsr_block_rows(block_row_offsets, shape.nnz) * shape.n_block_cols +
+                    bsr_block_cols(block_col_indices, shape.n_block_cols);
   auto blocks = at::zeros({shape.n_block_rows * shape.n_block_cols, b, b}, values.options());
   blocks.index_put_({flat}, values);
   return blocks.reshape({shape.n_block_rows, shape.n_block_cols, b, b})
@@ -249,7 +265,7 @@ at::Tensor bsr_linear(const at::Tensor& input, const at::Tensor& values, const a
   if (is_16bit(input.scalar_type()) && x.size(0) <= kMaxDecodeRows) {
     const auto weight_values = aligned_contiguous(values);
     const kernels::BsrDecodeProblem problem{x.size(0), shape.out_features(), shape.in_features(), shape.block_size,
-                                            x.size(1), shape.out_features()};
+                                            shape.nnz, x.size(1), shape.out_features()};
     if (kernels::bsr_decode_supported(problem, x.const_data_ptr(), weight_values.const_data_ptr())) {
       const auto offsets = block_row_offsets.contiguous(), cols = block_col_indices.contiguous();
       C10_CUDA_CHECK(kernels::bsr_decode_linear(
@@ -290,7 +306,7 @@ at::Tensor bsr_linear_grad_values(const at::Tensor& grad_output, const at::Tenso
   // grad[k] = dy[:, rows of block k].T @ x[:, cols of block k], batched over the kept blocks.
   const int64_t rows = x.size(0);
   const auto block_rows = bsr_block_rows(block_row_offsets, shape.nnz);
-  const auto block_cols = block_col_indices.to(at::kLong);
+  const auto block_cols = bsr_block_cols(block_col_indices, shape.n_block_cols);
   const auto dy_blocks = dy.view({rows, shape.n_block_rows, block_size}).index_select(1, block_rows);  // [M, nnz, b]
   const auto x_blocks = x.view({rows, shape.n_block_cols, block_size}).index_select(1, block_cols);     // [M, nnz, b]
   return at::bmm(dy_blocks.permute({1, 2, 0}), x_blocks.permute({1, 0, 2})).contiguous();
