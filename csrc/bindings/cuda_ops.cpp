@@ -86,17 +86,17 @@ at::Tensor aligned_contiguous(const at::Tensor& tensor) {
 // out-of-range index (ATen's device-side asserts would then poison the CUDA context).
 
 // Column of every kept value of an N:M matrix, [out, kept] int64 (unpacking as in
-// sparsekernels.reference: offsets packed 1/2/4/4 bits for m = 2/4/8/16, low bits first; m = 8
-// codes 8..15 clamped to 7).
+// sparsekernels.reference: offsets packed 1/2/4/4 bits for m = 2/4/8/16, low bits first; the low
+// log2(m) bits of each code are the offset, so m = 8 codes 8..15 are read modulo 8, as nm_decode
+// reads them).
 at::Tensor nm_columns(const at::Tensor& positions, int64_t n, int64_t m, int64_t kept) {
   const int64_t bits = m == 2 ? 1 : (m == 4 ? 2 : 4);
   const auto shifts = at::arange(8 / bits, positions.options().dtype(at::kInt)) * bits;
-  auto offsets = at::bitwise_right_shift(positions.to(at::kInt).unsqueeze(-1), shifts)
-                     .bitwise_and((1 << bits) - 1)
-                     .reshape({positions.size(0), -1})
-                     .slice(1, 0, kept)
-                     .to(at::kLong);
-  if (m == 8) offsets.clamp_max_(m - 1);
+  const auto offsets = at::bitwise_right_shift(positions.to(at::kInt).unsqueeze(-1), shifts)
+                           .bitwise_and(m - 1)
+                           .reshape({positions.size(0), -1})
+                           .slice(1, 0, kept)
+                           .to(at::kLong);
   return offsets + at::arange(kept, positions.options().dtype(at::kLong)).div(n, "floor") * m;
 }
 

@@ -7,6 +7,8 @@
 // all 256 threads work. x is read straight from global memory (it is small and shared by every
 // CTA, so it lives in L1/L2). Partial sums are reduced over the b / 8 threads with shuffles, then
 // over lanes_k through shared memory.
+#include <limits>
+
 #include "bsr_decode.cuh"
 #include "device_common.cuh"
 
@@ -46,12 +48,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < MB; ++r) acc[r] = 0.f;
 
   // Index values are clamped (offsets into [0, nnz], columns into [0, n_block_cols)): a corrupted
-  // index gives wrong numbers, never a read outside values, block_col_indices or x.
+  // index gives wrong numbers, never a read outside values, block_col_indices or x. Columns are
+  // clamped in index_t (32-bit operations for an int32 index): every non-negative index_t is below
+  // a larger n_block_cols.
   const int64_t begin = detail::clamp_index<int64_t>(block_row_offsets[block_row], 0, nnz);
   const int64_t end = detail::clamp_index<int64_t>(block_row_offsets[block_row + 1], begin, nnz);
+  constexpr int64_t kIndexMax = std::numeric_limits<index_t>::max();
+  const index_t last_col = static_cast<index_t>(n_block_cols - 1 < kIndexMax ? n_block_cols - 1 : kIndexMax);
   for (int64_t k = begin + lane_k; k < end; k += T::kLanesK) {
-    const int64_t block_col = detail::clamp_index<int64_t>(block_col_indices[k], 0, n_block_cols - 1);
-    const int64_t col0 = block_col * B + vec * 8;
+    const index_t block_col = detail::clamp_index<index_t>(block_col_indices[k], 0, last_col);
+    const int64_t col0 = static_cast<int64_t>(block_col) * B + vec * 8;
     const uint4 w = __ldg(reinterpret_cast<const uint4*>(values + (k * B + row_in_block) * B + vec * 8));
     float wf[8];
 #pragma unroll

@@ -93,11 +93,11 @@ __global__ void __launch_bounds__(kThreads) nm_decode_kernel(Params p) {
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t vectors = (kept_end - kept_begin) / kVector;
-  const unsigned position_mask = (1u << p.bits) - 1u;
-  // m = 8 stores 4-bit codes, of which 8..15 would address past the group (and, in the last group of
-  // the last row, past the x tile): clamped to m - 1 (wrong numbers for a corrupted pattern, never an
-  // out-of-bounds read). m = 2, 4, 16 use every code of their field, for which this is a no-op.
-  const unsigned max_offset = static_cast<unsigned>(p.m) - 1u;
+  // In-group offset of a code: its low log2(m) bits, i.e. the whole 1/2/4-bit field for m = 2/4/16,
+  // but only 3 of the 4 bits for m = 8, whose codes 8..15 would otherwise address past the group
+  // (and, in the last group of the last row, past the x tile). A corrupted code thus reads a wrong
+  // column of its own group, never out of bounds, and costs nothing: the mask was there anyway.
+  const unsigned position_mask = static_cast<unsigned>(p.m) - 1u;
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + i * kWarps + warp;
     if (row >= p.out_features) break;  // rows grow with i: the warp has no more work
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) nm_decode_kernel(Params p) {
       int rank = static_cast<int>(j0 % p.n);
 #pragma unroll
       for (int t = 0; t < kVector; ++t) {
-        const int col = group_col + static_cast<int>(min((packed >> (t * p.bits)) & position_mask, max_offset));
+        const int col = group_col + static_cast<int>((packed >> (t * p.bits)) & position_mask);
         const int slot = col + 2 * (col >> 4);  // padded_col, in 32-bit arithmetic
         const float weight = Storage<kDType>::to_float(detail::lane16(w, t));
 #pragma unroll
