@@ -78,9 +78,15 @@ def _set_cuda_arch_list() -> None:
 
 
 def _cutlass_include_dir():
-    """CUTLASS include directory from the nvidia-cutlass wheel (None when not installed)."""
+    """CUTLASS include directory of the pinned nvidia-cutlass (None when not installed at that version)."""
     finder = runpy.run_path(os.path.join(ROOT, "csrc", "cuda", "find_cutlass.py"))
-    return finder["cutlass_include_dir"]()
+    found = finder["cutlass_include_dir"]()
+    if found is None:
+        print(
+            f"sparsekernels: CUTLASS headers not found (pip install --no-deps {finder['PINNED_SPEC']}); "
+            "building without the 2:4 GEMM"
+        )
+    return found
 
 
 def extensions():
@@ -100,7 +106,6 @@ def extensions():
         if cutlass_include is None:
             cutlass_sources = set(_sources("csrc/cuda/nm24_gemm_*.cu"))
             cuda_sources = [source for source in cuda_sources if source not in cutlass_sources]
-            print("sparsekernels: CUTLASS headers not found (pip install nvidia-cutlass); building without the 2:4 GEMM")
         else:
             # tools/util/include (packed_stride.hpp, host_reorder.h) ships in the same wheel.
             include_dirs += [cutlass_include, os.path.join(cutlass_include, "..", "tools", "util", "include")]
