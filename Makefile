@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # CUTLASS headers for the 2:4 sparse tensor core GEMMs. --no-deps: only the headers are used, and the
-# wheel's metadata would pull cuda-python, scipy, networkx, pydot and treelib.
-CUTLASS_SPEC ?= nvidia-cutlass==4.2.0.0
+# wheel's metadata would pull cuda-python, scipy, networkx, pydot and treelib. The pin lives in
+# csrc/cuda/find_cutlass.py, which also refuses headers of another version.
+CUTLASS_SPEC ?= $(shell $(PYTHON) csrc/cuda/find_cutlass.py --pinned-spec)
 BENCH_ARGS ?=
 BUILD_DIR ?= build/cmake
 
@@ -23,7 +24,7 @@ bench: install
 
 install: $(VENV)/.extension-built
 
-$(VENV)/.deps-installed: requirements.txt
+$(VENV)/.deps-installed: requirements.txt csrc/cuda/find_cutlass.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"

@@ -7,8 +7,9 @@
   `nvidia-cutlass` wheel, found through csrc/cuda/find_cutlass.py (or CUTLASS_INCLUDE_DIR); without
   them those sources are left out and the bindings use the other paths (SPARSEKERNELS_WITH_CUTLASS).
 * Honours MAX_JOBS (parallel compile jobs; default: the CPU count, capped by memory at ~4 GiB a
-  job) and TORCH_CUDA_ARCH_LIST (default "8.0;9.0a": Ampere and Hopper, which the 2:4 sparse tensor
-  core kernels need).
+  job) and TORCH_CUDA_ARCH_LIST (default "8.0+PTX;9.0a": Ampere and Hopper SASS, which the 2:4 sparse
+  tensor core kernels need, and compute_80 PTX for later GPUs). Hopper is always built as sm_90a: an
+  entry 9.0 / 9.0+PTX / Hopper becomes 9.0a (csrc/cuda/arch_list.py says why), and the build says so.
 
 Install for development with `pip install --no-build-isolation -e .` (torch must already be
 installed; `make test` does all of this in .venv).
@@ -58,10 +59,34 @@ def _sources(*patterns: str) -> list[str]:
     return found
 
 
+def _set_cuda_arch_list() -> None:
+    """TORCH_CUDA_ARCH_LIST as csrc/cuda/arch_list.py resolves it (9.0 -> 9.0a), announced."""
+    resolver = runpy.run_path(os.path.join(ROOT, "csrc", "cuda", "arch_list.py"))
+
+    def visible_capabilities():
+        return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+    requested = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    resolved, hopper_replaced = resolver["cuda_arch_list"](requested, visible_capabilities)
+    if hopper_replaced:
+        print(
+            f"sparsekernels: TORCH_CUDA_ARCH_LIST={requested!r}: building 9.0 as 9.0a (the Hopper 2:4 GEMM "
+            "needs the arch-specific target sm_90a; plain sm_90 code would leave its output unwritten)"
+        )
+    os.environ["TORCH_CUDA_ARCH_LIST"] = resolved
+    print(f"sparsekernels: CUDA arch list {resolved}")
+
+
 def _cutlass_include_dir():
-    """CUTLASS include directory from the nvidia-cutlass wheel (None when not installed)."""
+    """CUTLASS include directory of the pinned nvidia-cutlass (None when not installed at that version)."""
     finder = runpy.run_path(os.path.join(ROOT, "csrc", "cuda", "find_cutlass.py"))
-    return finder["cutlass_include_dir"]()
+    found = finder["cutlass_include_dir"]()
+    if found is None:
+        print(
+            f"sparsekernels: CUTLASS headers not found (pip install --no-deps {finder['PINNED_SPEC']}); "
+            "building without the 2:4 GEMM"
+        )
+    return found
 
 
 def extensions():
@@ -74,14 +99,13 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_sources = _sources("csrc/cuda/*.cu", "csrc/bindings/cuda_*.cpp")
     if _with_cuda() and cuda_sources:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        _set_cuda_arch_list()
         nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         define_macros = [("SPARSEKERNELS_WITH_CUDA", "1")]
         cutlass_include = _cutlass_include_dir()
         if cutlass_include is None:
             cutlass_sources = set(_sources("csrc/cuda/nm24_gemm_*.cu"))
             cuda_sources = [source for source in cuda_sources if source not in cutlass_sources]
-            print("sparsekernels: CUTLASS headers not found (pip install nvidia-cutlass); building without the 2:4 GEMM")
         else:
             # tools/util/include (packed_stride.hpp, host_reorder.h) ships in the same wheel.
             include_dirs += [cutlass_include, os.path.join(cutlass_include, "..", "tools", "util", "include")]

@@ -79,9 +79,12 @@ struct BsrShape {
   int64_t in_features() const { return n_block_cols * block_size; }
 };
 
+// The index tensors' metadata; they must be on the device of `operand` (values, or input for
+// bsr_linear_grad_values), whose kernels read them.
 inline BsrShape check_bsr_index(const at::Tensor& block_row_offsets, const at::Tensor& block_col_indices,
                                 const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
-                                const at::Tensor& block_value_indices, int64_t block_size, int64_t nnz) {
+                                const at::Tensor& block_value_indices, int64_t block_size, int64_t nnz,
+                                const at::Tensor& operand, const char* operand_name) {
   const std::pair<const at::Tensor*, const char*> index_tensors[] = {
       {&block_row_offsets, "block_row_offsets"}, {&block_col_indices, "block_col_indices"},
       {&block_col_offsets, "block_col_offsets"}, {&block_row_indices, "block_row_indices"},
@@ -93,9 +96,8 @@ inline BsrShape check_bsr_index(const at::Tensor& block_row_offsets, const at::T
     TORCH_CHECK_TYPE(tensor->scalar_type() == index_dtype, name, " must have the dtype of block_row_offsets (",
                      index_dtype, "), got ", tensor->scalar_type());
     TORCH_CHECK_VALUE(tensor->dim() == 1, name, " must be 1-D, got shape ", tensor->sizes());
-    TORCH_CHECK_VALUE(tensor->device() == block_row_offsets.device(), name,
-                      " must be on the device of block_row_offsets (", block_row_offsets.device(), "), got ",
-                      tensor->device());
+    TORCH_CHECK_VALUE(tensor->device() == operand.device(), name, " must be on the device of ", operand_name, " (",
+                      operand.device(), "), got ", tensor->device());
   }
   TORCH_CHECK_VALUE(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128,
                     "block_size must be one of 16, 32, 64, 128, got ", block_size);
@@ -116,7 +118,7 @@ inline BsrShape check_bsr_values(const at::Tensor& values, const at::Tensor& blo
   TORCH_CHECK_VALUE(values.dim() == 3 && values.size(1) == values.size(2),
                     "values must have shape [nnz_blocks, block_size, block_size], got ", values.sizes());
   return check_bsr_index(block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
-                         block_value_indices, values.size(1), values.size(0));
+                         block_value_indices, values.size(1), values.size(0), values, "values");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,7 +259,7 @@ inline BsrShape check_bsr_grad_values_operands(const at::Tensor& grad_output, co
                                                const at::Tensor& block_col_offsets, const at::Tensor& block_row_indices,
                                                const at::Tensor& block_value_indices, int64_t block_size) {
   const BsrShape shape = check_bsr_index(block_row_offsets, block_col_indices, block_col_offsets, block_row_indices,
-                                         block_value_indices, block_size, block_col_indices.numel());
+                                         block_value_indices, block_size, block_col_indices.numel(), input, "input");
   TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), "input must be float32, bfloat16 or float16, got ",
                    input.scalar_type());
   check_same_dtype_and_device(grad_output, "grad_output", input, "input");

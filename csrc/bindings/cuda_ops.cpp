@@ -6,9 +6,11 @@
 //     (nm_decode.cu, bsr_decode.cu), which read every kept weight byte once.
 //   * nm_linear, 2:4, M > 16, built with CUTLASS: the sparse tensor core GEMM on metadata derived
 //     from positions on the fly (nm24_compress.cu). Hopper (sm_90), in % 128 == 0, out % 8 == 0:
-//     nm24_gemm_sm90.cu (sparse wgmma) writes y directly, the bias is added after. Other sm_80+
+//     nm24_gemm_sm90.cu (sparse wgmma) writes y directly, the bias is added after. Other 8.x / 9.x
 //     GPUs (or shapes), out % 32 == 0 and in % 64 == 0: nm24_gemm_sm80.cu (mma.sp) writes y.T and
 //     the transposed copy into y carries the bias. Rows of x are zero-padded to a multiple of 8.
+//     Each GEMM is taken only where nm24_gemm_sm*_runnable says the build has a real image of it
+//     for the device (GPUs after Hopper, or a build without 9.0a, fall back).
 // Backward ops run the composite path for now: grad_input = grad_output @ W (dense W),
 // grad_values = (grad_output.T @ input) sampled at the kept positions.
 //
@@ -44,10 +46,13 @@ kernels::DType kernel_dtype(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? kernels::DType::bfloat16 : kernels::DType::float16;
 }
 
-// Per-device properties, queried once.
+// Per-device properties, queried once (host-side queries only: no synchronisation).
 struct DeviceInfo {
   int sm_count = 0;
-  int major = 0;
+  // Whether each 2:4 GEMM can run here: the GPU's arch is one the kernel is built for and the build
+  // holds a real image of it for this device (nm24_gemm_sm*_runnable); else those shapes fall back.
+  bool gemm_sm80 = false;
+  bool gemm_sm90 = false;
 };
 
 DeviceInfo device_info(int device) {
@@ -58,7 +63,11 @@ DeviceInfo device_info(int device) {
   DeviceInfo& info = cache[device];
   if (info.sm_count == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+#ifdef SPARSEKERNELS_WITH_CUTLASS
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));  // the queries read the current device
+    info.gemm_sm80 = kernels::nm24_gemm_sm80_runnable();
+    info.gemm_sm90 = kernels::nm24_gemm_sm90_runnable();
+#endif
   }
   return info;
 }
@@ -72,13 +81,19 @@ at::Tensor aligned_contiguous(const at::Tensor& tensor) {
 }
 
 // ------------------------------------------------------------------------- composite helpers
+// Index contents are not checked on the GPU (that would need a host sync): like the kernels, these
+// helpers clamp every index value into its range, so a corrupted index gives wrong numbers, never an
+// out-of-range index (ATen's device-side asserts would then poison the CUDA context).
+
 // Column of every kept value of an N:M matrix, [out, kept] int64 (unpacking as in
-// sparsekernels.reference: offsets packed 1/2/4/4 bits for m = 2/4/8/16, low bits first).
+// sparsekernels.reference: offsets packed 1/2/4/4 bits for m = 2/4/8/16, low bits first; the low
+// log2(m) bits of each code are the offset, so m = 8 codes 8..15 are read modulo 8, as nm_decode
+// reads them).
 at::Tensor nm_columns(const at::Tensor& positions, int64_t n, int64_t m, int64_t kept) {
   const int64_t bits = m == 2 ? 1 : (m == 4 ? 2 : 4);
   const auto shifts = at::arange(8 / bits, positions.options().dtype(at::kInt)) * bits;
   const auto offsets = at::bitwise_right_shift(positions.to(at::kInt).unsqueeze(-1), shifts)
-                           .bitwise_and((1 << bits) - 1)
+                           .bitwise_and(m - 1)
                            .reshape({positions.size(0), -1})
                            .slice(1, 0, kept)
                            .to(at::kLong);
@@ -92,16 +107,26 @@ at::Tensor nm_dense_weight(const at::Tensor& values, const at::Tensor& positions
   return at::zeros({values.size(0), in_features}, values.options()).scatter_(1, columns, values);
 }
 
-// Block row of every kept block, [nnz] int64.
+// Block row of every kept block, [nnz] int64: the number of block rows that end at or before it
+// (row r holds blocks offsets[r] .. offsets[r + 1] - 1), clamped to [0, n_block_rows). Whatever the
+// offsets hold, every result is a valid block row (repeat_interleave with a fixed output size, the
+// obvious alternative, relies on the counts being non-negative and summing to nnz).
 at::Tensor bsr_block_rows(const at::Tensor& block_row_offsets, int64_t nnz) {
-  const auto counts = (block_row_offsets.slice(0, 1) - block_row_offsets.slice(0, 0, -1)).to(at::kLong);
-  return at::repeat_interleave(at::arange(counts.size(0), counts.options()), counts, /*dim=*/0, nnz);
+  const auto row_ends = block_row_offsets.slice(0, 1).to(at::kLong).contiguous();
+  const auto kept_blocks = at::arange(nnz, row_ends.options());
+  return at::searchsorted(row_ends, kept_blocks, /*out_int32=*/false, /*right=*/true).clamp_max_(row_ends.size(0) - 1);
+}
+
+// Block column of every kept block, [nnz] int64, clamped to [0, n_block_cols).
+at::Tensor bsr_block_cols(const at::Tensor& block_col_indices, int64_t n_block_cols) {
+  return block_col_indices.to(at::kLong).clamp(0, n_block_cols - 1);
 }
 
 at::Tensor bsr_dense_weight(const at::Tensor& values, const at::Tensor& block_row_offsets,
                             const at::Tensor& block_col_indices, const BsrShape& shape) {
   const int64_t b = shape.block_size;
-  const auto flat = bsr_block_rows(block_row_offsets, shape.nnz) * shape.n_block_cols + block_col_indices.to(at::kLong);
+  const auto flat = bsr_block_rows(block_row_offsets, shape.nnz) * shape.n_block_cols +
+                    bsr_block_cols(block_col_indices, shape.n_block_cols);
   auto blocks = at::zeros({shape.n_block_rows * shape.n_block_cols, b, b}, values.options());
   blocks.index_put_({flat}, values);
   return blocks.reshape({shape.n_block_rows, shape.n_block_cols, b, b})
@@ -140,9 +165,9 @@ bool try_nm24_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
                    at::Tensor& y) {
   const int64_t out = values.size(0), in = x.size(1), tokens = x.size(0);
   const int64_t padded_tokens = (tokens + 7) / 8 * 8;  // 16-byte rows of x and of the output
-  const int major = device_info(x.get_device()).major;
-  const bool use_sm90 = major == 9 && kernels::nm24_gemm_sm90_supported(out, in, padded_tokens);
-  if (!use_sm90 && (major < 8 || !kernels::nm24_gemm_sm80_supported(out, in, padded_tokens))) return false;
+  const DeviceInfo info = device_info(x.get_device());
+  const bool use_sm90 = info.gemm_sm90 && kernels::nm24_gemm_sm90_supported(out, in, padded_tokens);
+  if (!use_sm90 && !(info.gemm_sm80 && kernels::nm24_gemm_sm80_supported(out, in, padded_tokens))) return false;
   at::Tensor operand = x;
   if (padded_tokens != tokens) {
     operand = at::zeros({padded_tokens, in}, x.options());
@@ -240,7 +265,7 @@ at::Tensor bsr_linear(const at::Tensor& input, const at::Tensor& values, const a
   if (is_16bit(input.scalar_type()) && x.size(0) <= kMaxDecodeRows) {
     const auto weight_values = aligned_contiguous(values);
     const kernels::BsrDecodeProblem problem{x.size(0), shape.out_features(), shape.in_features(), shape.block_size,
-                                            x.size(1), shape.out_features()};
+                                            shape.nnz, x.size(1), shape.out_features()};
     if (kernels::bsr_decode_supported(problem, x.const_data_ptr(), weight_values.const_data_ptr())) {
       const auto offsets = block_row_offsets.contiguous(), cols = block_col_indices.contiguous();
       C10_CUDA_CHECK(kernels::bsr_decode_linear(
@@ -281,7 +306,7 @@ at::Tensor bsr_linear_grad_values(const at::Tensor& grad_output, const at::Tenso
   // grad[k] = dy[:, rows of block k].T @ x[:, cols of block k], batched over the kept blocks.
   const int64_t rows = x.size(0);
   const auto block_rows = bsr_block_rows(block_row_offsets, shape.nnz);
-  const auto block_cols = block_col_indices.to(at::kLong);
+  const auto block_cols = bsr_block_cols(block_col_indices, shape.n_block_cols);
   const auto dy_blocks = dy.view({rows, shape.n_block_rows, block_size}).index_select(1, block_rows);  // [M, nnz, b]
   const auto x_blocks = x.view({rows, shape.n_block_cols, block_size}).index_select(1, block_cols);     // [M, nnz, b]
   return at::bmm(dy_blocks.permute({1, 2, 0}), x_blocks.permute({1, 0, 2})).contiguous();

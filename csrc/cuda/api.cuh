@@ -25,4 +25,28 @@ inline bool gemm_extents_fit_int(int64_t out_features, int64_t in_features, int6
          tokens < kLimit;
 }
 
+// Compute capability major of the current device, 0 when it cannot be queried.
+inline int current_device_major() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return major;
+}
+
+// PTX arch (major * 10 + minor) of the image of `kernel` that the driver loads on the current device
+// (the arch its code was compiled for, also when that is PTX JIT-compiled for a newer GPU); 0 when the
+// build has no image for the device. A failed query's error is cleared, so that a later
+// cudaGetLastError() after a launch does not report it.
+inline int kernel_ptx_version(const void* kernel) {
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return attributes.ptxVersion;
+}
+
 }  // namespace sparsekernels::cuda

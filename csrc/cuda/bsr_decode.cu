@@ -7,6 +7,8 @@
 // all 256 threads work. x is read straight from global memory (it is small and shared by every
 // CTA, so it lives in L1/L2). Partial sums are reduced over the b / 8 threads with shuffles, then
 // over lanes_k through shared memory.
+#include <limits>
+
 #include "bsr_decode.cuh"
 #include "device_common.cuh"
 
@@ -30,8 +32,8 @@ template <DType kDType, typename index_t, int B, int MB>
 __global__ void __launch_bounds__(kThreads)
     bsr_decode_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ values,
                       const index_t* __restrict__ block_row_offsets, const index_t* __restrict__ block_col_indices,
-                      const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, int64_t rows,
-                      int64_t x_row_stride, int64_t y_row_stride) {
+                      const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, int64_t rows, int64_t nnz,
+                      int64_t n_block_cols, int64_t x_row_stride, int64_t y_row_stride) {
   using T = Tiling<B>;
   __shared__ float partial[T::kLanesK > 1 ? T::kLanesK : 1][T::kRowsPerCta][MB];
 
@@ -45,10 +47,17 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < MB; ++r) acc[r] = 0.f;
 
-  const int64_t begin = static_cast<int64_t>(block_row_offsets[block_row]);
-  const int64_t end = static_cast<int64_t>(block_row_offsets[block_row + 1]);
+  // Index values are clamped (offsets into [0, nnz], columns into [0, n_block_cols)): a corrupted
+  // index gives wrong numbers, never a read outside values, block_col_indices or x. Columns are
+  // clamped in index_t (32-bit operations for an int32 index): every non-negative index_t is below
+  // a larger n_block_cols.
+  const int64_t begin = detail::clamp_index<int64_t>(block_row_offsets[block_row], 0, nnz);
+  const int64_t end = detail::clamp_index<int64_t>(block_row_offsets[block_row + 1], begin, nnz);
+  constexpr int64_t kIndexMax = std::numeric_limits<index_t>::max();
+  const index_t last_col = static_cast<index_t>(n_block_cols - 1 < kIndexMax ? n_block_cols - 1 : kIndexMax);
   for (int64_t k = begin + lane_k; k < end; k += T::kLanesK) {
-    const int64_t col0 = static_cast<int64_t>(block_col_indices[k]) * B + vec * 8;
+    const index_t block_col = detail::clamp_index<index_t>(block_col_indices[k], 0, last_col);
+    const int64_t col0 = static_cast<int64_t>(block_col) * B + vec * 8;
     const uint4 w = __ldg(reinterpret_cast<const uint4*>(values + (k * B + row_in_block) * B + vec * 8));
     float wf[8];
 #pragma unroll
@@ -97,7 +106,7 @@ cudaError_t launch(const void* x, const void* values, const void* offsets, const
   bsr_decode_kernel<kDType, index_t, B, MB><<<grid, kThreads, 0, stream>>>(
       static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(values), static_cast<const index_t*>(offsets),
       static_cast<const index_t*>(cols), static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), p.rows,
-      p.x_row_stride, p.y_row_stride);
+      p.nnz, p.in_features / B, p.x_row_stride, p.y_row_stride);
   return cudaGetLastError();
 }
 
@@ -134,8 +143,8 @@ cudaError_t dispatch_index(bool index_is_int64, const void* x, const void* value
 
 bool bsr_decode_supported(const BsrDecodeProblem& p, const void* x, const void* values) {
   const int64_t b = p.block_size;
-  if (p.rows < 1 || p.rows > 16 || !(b == 16 || b == 32 || b == 64 || b == 128)) return false;
-  if (p.out_features < b || p.out_features % b != 0 || p.in_features % b != 0) return false;
+  if (p.rows < 1 || p.rows > 16 || !(b == 16 || b == 32 || b == 64 || b == 128) || p.nnz < 0) return false;
+  if (p.out_features < b || p.out_features % b != 0 || p.in_features < b || p.in_features % b != 0) return false;
   if (p.out_features / b > 65535) return false;  // grid.y limit
   return aligned16(x) && aligned16(values) && p.x_row_stride % 8 == 0 && p.x_row_stride >= p.in_features &&
          p.y_row_stride >= p.out_features;

@@ -1,4 +1,5 @@
-// Device helpers shared by the .cu files of csrc/cuda: 16-bit storage <-> float, warp reduction.
+// Device helpers shared by the .cu files of csrc/cuda: 16-bit storage <-> float, warp reduction,
+// index clamping.
 // Included only from .cu files (nvcc); the launcher headers stay host-only.
 #pragma once
 
@@ -51,6 +52,15 @@ __device__ __forceinline__ float group_sum(float value, int width) {
 __device__ __forceinline__ uint16_t lane16(const uint4& v, int t) {
   const unsigned word = t < 2 ? v.x : t < 4 ? v.y : t < 6 ? v.z : v.w;
   return static_cast<uint16_t>((t & 1) ? (word >> 16) : (word & 0xffffu));
+}
+
+// value clamped to [low, high]: how the kernels keep a corrupted index value inside its tensors (the
+// GPU ops check index metadata only; reading contents would need a host sync). A valid index is
+// unchanged; a corrupted one gives wrong numbers instead of an out-of-bounds access. Two integer
+// operations per index read.
+template <typename T>
+__device__ __forceinline__ T clamp_index(T value, T low, T high) {
+  return min(max(value, low), high);
 }
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

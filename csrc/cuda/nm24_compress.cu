@@ -162,6 +162,20 @@ __global__ void __launch_bounds__(kThreads)
   metadata[site.offset] = static_cast<uint16_t>(word);
 }
 
+// A metadata word with every nibble whose offsets do not increase (i0 >= i1) replaced by 0x4
+// (offsets 0, 1). A valid 2:4 pattern never has one, but positions reach this kernel unchecked
+// (reading them on the host would need a sync), and such nibbles are outside mma.sp's metadata
+// contract (undefined results): a corrupted pattern gives wrong numbers in the GEMM, nothing else.
+__device__ __forceinline__ uint16_t with_ordered_nibbles(unsigned word) {
+  unsigned ordered = 0;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    const unsigned nibble = (word >> (4 * g)) & 0xfu;
+    ordered |= ((nibble & 3u) < (nibble >> 2) ? nibble : 0x4u) << (4 * g);
+  }
+  return static_cast<uint16_t>(ordered);
+}
+
 __global__ void __launch_bounds__(kThreads)
     nm24_metadata_from_positions_kernel(const uint8_t* __restrict__ positions, LayoutShape shape, Nm24Layout layout,
                                         uint16_t* __restrict__ metadata) {
@@ -170,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r = site.r, w = site.w;
   // Little-endian: byte 2w holds groups 4w, 4w+1; byte 2w+1 groups 4w+2, 4w+3.
   const uint8_t* row = positions + r * (2 * shape.words);
-  metadata[site.offset] = static_cast<uint16_t>(row[2 * w] | (row[2 * w + 1] << 8));
+  metadata[site.offset] = with_ordered_nibbles(row[2 * w] | (row[2 * w + 1] << 8));
 }
 
 bool shape_ok(int64_t rows, int64_t cols, Nm24Layout layout) {

@@ -37,7 +37,9 @@ cudaError_t nm24_compress(DType dtype, const void* dense, int64_t dense_row_stri
                           uint16_t* metadata, int* bad_groups, cudaStream_t stream);
 
 // NMMatrix.positions of a 2:4 weight (uint8[rows, cols / 8], contiguous) -> metadata in layout.
-// Positions are the natural words byte for byte, so this only permutes 16-bit words.
+// Positions are the natural words byte for byte, so this permutes 16-bit words; in passing, a nibble
+// whose offsets do not increase (i0 >= i1: no valid pattern has one, but positions are not checked
+// on the GPU) becomes 0x4 (offsets 0, 1), so that corrupted positions give the GEMMs valid metadata.
 cudaError_t nm24_metadata_from_positions(const uint8_t* positions, int64_t rows, int64_t cols, Nm24Layout layout,
                                          uint16_t* metadata, cudaStream_t stream);
 

@@ -57,11 +57,20 @@ bool nm24_gemm_sm80_supported(int64_t out, int64_t in, int64_t tokens) {
   return gemm_extents_fit_int(out, in, tokens) && out % 32 == 0 && in % 64 == 0 && tokens % 8 == 0;
 }
 
+bool nm24_gemm_sm80_runnable() {
+  const int major = current_device_major();
+  // Both dtypes are instantiated here with the same flags: the bfloat16 kernel stands for both.
+  using Kernel = typename Sm80SparseGemm<cutlass::bfloat16_t>::GemmKernel;
+  return (major == 8 || major == 9) &&
+         kernel_ptx_version(reinterpret_cast<const void*>(&cutlass::Kernel<Kernel>)) >= 80;
+}
+
 cudaError_t nm24_gemm_sm80(DType dtype, const void* values, const uint16_t* metadata, const void* x, void* y_t,
                            int64_t out, int64_t in, int64_t tokens, cudaStream_t stream) {
   if (!nm24_gemm_sm80_supported(out, in, tokens) || !aligned16(values) || !aligned16(metadata) || !aligned16(x) ||
       !aligned16(y_t))
     return cudaErrorInvalidValue;
+  if (!nm24_gemm_sm80_runnable()) return cudaErrorNoKernelImageForDevice;
   return dtype == DType::bfloat16
              ? run<cutlass::bfloat16_t>(values, metadata, x, y_t, out, in, tokens, stream)
              : run<cutlass::half_t>(values, metadata, x, y_t, out, in, tokens, stream);

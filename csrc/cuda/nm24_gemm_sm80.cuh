@@ -17,6 +17,12 @@ namespace sparsekernels::cuda {
 // x rows and y_t rows), and 16-byte aligned pointers.
 bool nm24_gemm_sm80_supported(int64_t out_features, int64_t in_features, int64_t tokens);
 
+// Whether the current device can run this GEMM: compute capability 8.x or 9.x (the archs it is built
+// and tested for; later GPUs take the other paths), and the kernel image the driver loads for it was
+// compiled for sm_80 or later (older code has no mma.sp: CUTLASS leaves the body empty). Host-side
+// queries only (no stream work, no synchronisation); callers cache the answer per device.
+bool nm24_gemm_sm80_runnable();
+
 // values, metadata, x (row-major [tokens, in_features]) -> y_t (row-major [out_features, tokens]).
 cudaError_t nm24_gemm_sm80(DType dtype, const void* values, const uint16_t* metadata, const void* x, void* y_t,
                            int64_t out_features, int64_t in_features, int64_t tokens, cudaStream_t stream);

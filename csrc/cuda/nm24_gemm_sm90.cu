@@ -14,6 +14,13 @@
 #include "cutlass/util/packed_stride.hpp"
 #include "nm24_gemm_sm90.cuh"
 
+// Sparse wgmma exists only in the arch-specific target sm_90a. Compiled for plain sm_90 (or
+// compute_90 PTX), CUTLASS turns the kernel body into a printf and the GEMM returns without
+// writing y, so an H100 would get uninitialised output and no error: refuse to build that.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "nm24_gemm_sm90.cu needs the arch-specific target sm_90a: list 9.0a instead of 9.0 in TORCH_CUDA_ARCH_LIST (nvcc: -gencode=arch=compute_90a,code=sm_90a)"
+#endif
+
 namespace sparsekernels::cuda {
 namespace {
 
@@ -101,15 +108,25 @@ bool nm24_gemm_sm90_supported(int64_t out, int64_t in, int64_t tokens) {
   return gemm_extents_fit_int(out, in, tokens) && in % 128 == 0 && out % 8 == 0 && tokens % 8 == 0;
 }
 
+bool nm24_gemm_sm90_runnable() {
+#if defined(CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED)
+  // Both dtypes are instantiated here with the same flags: the bfloat16 kernel stands for both. With
+  // plain sm_90 refused at compile time (above), a PTX arch of 90 means sm_90a code.
+  using Kernel = typename Sm90SparseGemm<cutlass::bfloat16_t>::Gemm::GemmKernel;
+  return current_device_major() == 9 &&
+         kernel_ptx_version(reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>)) >= 90;
+#else
+  return false;
+#endif
+}
+
 cudaError_t nm24_gemm_sm90(DType dtype, const void* values, const uint16_t* metadata, const void* x, void* y,
                            int64_t out, int64_t in, int64_t tokens, cudaStream_t stream) {
   if (!nm24_gemm_sm90_supported(out, in, tokens) || !aligned16(values) || !aligned16(metadata) || !aligned16(x) ||
       !aligned16(y))
     return cudaErrorInvalidValue;
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9)
-    return cudaErrorInvalidDevice;
+  if (current_device_major() != 9) return cudaErrorInvalidDevice;
+  if (!nm24_gemm_sm90_runnable()) return cudaErrorNoKernelImageForDevice;
 #if defined(CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED)
   return dtype == DType::bfloat16 ? run<cutlass::bfloat16_t>(values, metadata, x, y, out, in, tokens, stream)
                                   : run<cutlass::half_t>(values, metadata, x, y, out, in, tokens, stream);

@@ -93,7 +93,11 @@ __global__ void __launch_bounds__(kThreads) nm_decode_kernel(Params p) {
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t vectors = (kept_end - kept_begin) / kVector;
-  const unsigned position_mask = (1u << p.bits) - 1u;
+  // In-group offset of a code: its low log2(m) bits, i.e. the whole 1/2/4-bit field for m = 2/4/16,
+  // but only 3 of the 4 bits for m = 8, whose codes 8..15 would otherwise address past the group
+  // (and, in the last group of the last row, past the x tile). A corrupted code thus reads a wrong
+  // column of its own group, never out of bounds, and costs nothing: the mask was there anyway.
+  const unsigned position_mask = static_cast<unsigned>(p.m) - 1u;
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + i * kWarps + warp;
     if (row >= p.out_features) break;  // rows grow with i: the warp has no more work

@@ -6,6 +6,8 @@
 // m = 2/4/8/16, low bits first). The kernel reads every value and position byte once, with 16-byte
 // vector loads of values, and splits the reduction over in_features when there are too few output
 // rows to fill the GPU (partial sums in a float32 workspace, reduced by a second small kernel).
+// Position codes are not checked (that would need a host sync): m = 8 codes are read modulo 8 (8..15
+// as 0..7), so a corrupted pattern gives wrong numbers, never an out-of-bounds access.
 #pragma once
 
 #include <cstddef>

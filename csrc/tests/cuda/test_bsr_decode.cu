@@ -1,5 +1,8 @@
 // bsr_decode_linear against a float64 CPU reference: every block size, int32 and int64 indexes,
-// empty block rows, odd row counts, bias, strided x and y. Exit 77 (skipped) without a GPU.
+// empty block rows, odd row counts, bias, strided x and y, and corrupted indexes (offsets past nnz,
+// negative or decreasing offsets, block columns out of range), for which the kernel must give the
+// result of the clamped index (and, under compute-sanitizer, read nothing out of bounds). Exit 77
+// (skipped) without a GPU.
 #include <cstdio>
 #include <vector>
 
@@ -17,7 +20,10 @@ struct Case {
   DType dtype;
   bool int64_index, bias;
   int64_t x_pad, y_pad;  // extra elements per row (x_pad a multiple of 8)
+  bool corrupt = false;  // corrupt the index after building it
 };
+
+int64_t clamp(int64_t value, int64_t low, int64_t high) { return value < low ? low : (value > high ? high : value); }
 
 template <typename index_t>
 bool run_typed(const Case& c, Random& rng) {
@@ -30,25 +36,34 @@ bool run_typed(const Case& c, Random& rng) {
     offsets.push_back(static_cast<index_t>(cols.size()));
   }
   const int64_t nnz = static_cast<int64_t>(cols.size());
+  if (c.corrupt && nnz >= 2 && block_rows >= 3) {
+    cols[0] = static_cast<index_t>(block_cols + 7);          // past the last block column
+    cols[nnz - 1] = static_cast<index_t>(-5);                // negative
+    offsets[1] = static_cast<index_t>(-2);                   // negative (row 0 empty, row 1 from 0)
+    offsets[2] = static_cast<index_t>(nnz + 3);              // past nnz, and above offsets[3]
+    offsets[block_rows] = static_cast<index_t>(nnz + 1000);  // the last row runs past nnz
+  }
   std::vector<uint16_t> x(c.rows * ldx, to_bits(1e4f, c.dtype)), values(nnz * b * b), bias(c.out);
   for (int64_t r = 0; r < c.rows; ++r)
     for (int64_t k = 0; k < c.in; ++k) x[r * ldx + k] = to_bits(rng.uniform(-1, 1), c.dtype);
   for (auto& v : values) v = to_bits(rng.uniform(-1, 1), c.dtype);
   for (auto& v : bias) v = to_bits(rng.uniform(-1, 1), c.dtype);
 
+  // Reference on the index as the kernel clamps it (a valid index is unchanged).
   std::vector<float> want(c.rows * c.out);
   for (int64_t r = 0; r < c.rows; ++r)
     for (int64_t br = 0; br < block_rows; ++br)
       for (int64_t i = 0; i < b; ++i) {
         double sum = c.bias ? from_bits(bias[br * b + i], c.dtype) : 0.0;
-        for (int64_t k = offsets[br]; k < offsets[br + 1]; ++k)
+        const int64_t begin = clamp(offsets[br], 0, nnz), end = clamp(offsets[br + 1], begin, nnz);
+        for (int64_t k = begin; k < end; ++k)
           for (int64_t j = 0; j < b; ++j)
             sum += double(from_bits(values[(k * b + i) * b + j], c.dtype)) *
-                   from_bits(x[r * ldx + int64_t(cols[k]) * b + j], c.dtype);
+                   from_bits(x[r * ldx + clamp(cols[k], 0, block_cols - 1) * b + j], c.dtype);
         want[r * c.out + br * b + i] = static_cast<float>(sum);
       }
 
-  const BsrDecodeProblem problem{c.rows, c.out, c.in, b, ldx, ldy};
+  const BsrDecodeProblem problem{c.rows, c.out, c.in, b, nnz, ldx, ldy};
   DeviceBuffer<uint16_t> d_x(x), d_values(values), d_bias(bias), d_y(std::vector<uint16_t>(c.rows * ldy, 0));
   DeviceBuffer<index_t> d_offsets(offsets), d_cols(cols);
   if (!bsr_decode_supported(problem, d_x.ptr, d_values.ptr)) {
@@ -60,8 +75,9 @@ bool run_typed(const Case& c, Random& rng) {
   SK_CHECK_CUDA(cudaDeviceSynchronize());
   const std::vector<float> got = rows_to_float(d_y.to_host(), c.rows, c.out, ldy, c.dtype);
   char what[160];
-  std::snprintf(what, sizeof what, "bsr_decode M=%lld %lldx%lld b=%lld nnz=%lld int64=%d bias=%d", (long long)c.rows,
-                (long long)c.out, (long long)c.in, (long long)b, (long long)nnz, c.int64_index, c.bias);
+  std::snprintf(what, sizeof what, "bsr_decode M=%lld %lldx%lld b=%lld nnz=%lld int64=%d bias=%d corrupt=%d",
+                (long long)c.rows, (long long)c.out, (long long)c.in, (long long)b, (long long)nnz, c.int64_index,
+                c.bias, c.corrupt);
   return report_close(got, want, rtol_for(c.dtype), 2e-2f, what);
 }
 
@@ -82,6 +98,8 @@ int main() {
       {5, 256, 384, 128, 0.5f, DType::bfloat16, true, false, 16, 1},
       {13, 512, 1024, 16, 0.1f, DType::float16, false, true, 0, 0},
       {8, 1024, 2048, 64, 0.1f, DType::bfloat16, false, true, 0, 0},
+      {4, 256, 512, 16, 0.5f, DType::bfloat16, false, true, 0, 0, /*corrupt=*/true},
+      {16, 512, 256, 128, 0.9f, DType::float16, true, false, 8, 0, /*corrupt=*/true},
   };
   for (const Case& c : cases) ok = run(c, rng) && ok;
   return ok ? 0 : 1;

@@ -100,6 +100,31 @@ bool run(int64_t rows, int64_t cols, Nm24Layout layout, DType dtype, bool masked
   return ok;
 }
 
+// Corrupted positions (every 16-bit pattern, i.e. nibbles with i0 >= i1) -> natural metadata: each
+// nibble whose offsets do not increase becomes 0x4 (offsets 0, 1), every other one is kept.
+bool run_unordered_positions() {
+  const int64_t rows = 1 << 16, cols = 16;  // one word per row, word r = r: every pattern once
+  std::vector<uint8_t> positions(rows * cols / 8);
+  std::vector<uint16_t> want(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const unsigned word = static_cast<unsigned>(r);
+    positions[2 * r] = word & 0xff, positions[2 * r + 1] = word >> 8;
+    unsigned ordered = 0;
+    for (int g = 0; g < 4; ++g) {
+      const unsigned nibble = (word >> (4 * g)) & 0xfu;
+      ordered |= ((nibble & 3u) < (nibble >> 2) ? nibble : 0x4u) << (4 * g);
+    }
+    want[r] = static_cast<uint16_t>(ordered);
+  }
+  DeviceBuffer<uint8_t> d_positions(positions);
+  DeviceBuffer<uint16_t> d_meta(nm24_metadata_words(rows, cols, Nm24Layout::natural));
+  SK_CHECK_CUDA(nm24_metadata_from_positions(d_positions.ptr, rows, cols, Nm24Layout::natural, d_meta.ptr, nullptr));
+  SK_CHECK_CUDA(cudaDeviceSynchronize());
+  const bool ok = d_meta.to_host() == want;
+  std::printf("%s nm24_metadata_from_positions with unordered nibbles\n", ok ? "ok  " : "FAIL");
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -113,6 +138,7 @@ int main() {
   ok = run(128, 256, Nm24Layout::sm90, DType::float16, false, rng) && ok;
   ok = run(70, 80, Nm24Layout::sm90_k64, DType::bfloat16, false, rng) && ok;
   ok = run(130, 48, Nm24Layout::sm90_k32, DType::float16, true, rng) && ok;
+  ok = run_unordered_positions() && ok;
   // Unsupported shapes are refused without a launch.
   ok = nm24_metadata_words(16, 32, Nm24Layout::sm80) == 0 && nm24_metadata_words(4, 24, Nm24Layout::natural) == 0 && ok;
   return ok ? 0 : 1;

@@ -15,6 +15,11 @@ int main() {
     std::printf("SKIP: needs a Hopper GPU (compute capability 9.x)\n");
     return kSkipped;
   }
+  // This build has sm_90a code, so the image check must pass (else the bindings would fall back).
+  if (!nm24_gemm_sm90_runnable()) {
+    std::fprintf(stderr, "FAIL: nm24_gemm_sm90_runnable() is false on a 9.x GPU with an sm_90a build\n");
+    return 1;
+  }
   const Nm24GemmUnderTest gemm{"nm24_gemm_sm90", Nm24Layout::sm90, /*writes_transposed=*/false, &nm24_gemm_sm90};
   Random rng(13);
   bool ok = true;

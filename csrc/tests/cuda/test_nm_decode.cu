@@ -1,5 +1,7 @@
 // nm_decode_linear against a float64 CPU reference: every n:m, odd row counts, bias, strided x and
-// y, and split-K forced on and off. Exit 77 (skipped) without a GPU.
+// y, split-K forced on and off, and corrupted m = 8 position codes (8..15, in the last group of the
+// last row too), which the kernel must read modulo 8 (and, under compute-sanitizer, read nothing
+// out of bounds). Exit 77 (skipped) without a GPU.
 #include <cstdio>
 #include <vector>
 
@@ -17,6 +19,7 @@ struct Case {
   bool bias;
   int64_t x_pad, y_pad;  // extra elements per row of x / y
   int sm_count;          // 0: no split; large: many splits
+  bool corrupt = false;  // m = 8: codes 8 + t for offset t in some groups (read modulo 8: still t)
 };
 
 bool run(const Case& c, Random& rng) {
@@ -43,7 +46,10 @@ bool run(const Case& c, Random& rng) {
         if (!chosen[t]) continue;
         values[o * kept + j] = to_bits(rng.uniform(-1, 1), c.dtype);
         columns[o * kept + j] = g * c.m + t;
-        positions[o * position_bytes + j * bits / 8] |= static_cast<uint8_t>(t << ((j % (8 / bits)) * bits));
+        // Corrupted: the first and the last group of the first and the last row get code 8 + t.
+        const bool corrupt = c.corrupt && c.m == 8 && (o == 0 || o == c.out - 1) && (g == 0 || g == c.in / c.m - 1);
+        const int code = corrupt ? 8 + t : t;
+        positions[o * position_bytes + j * bits / 8] |= static_cast<uint8_t>(code << ((j % (8 / bits)) * bits));
         ++j;
       }
     }
@@ -71,9 +77,9 @@ bool run(const Case& c, Random& rng) {
   SK_CHECK_CUDA(cudaDeviceSynchronize());
   const std::vector<float> got = rows_to_float(d_y.to_host(), c.rows, c.out, ldy, c.dtype);
   char what[160];
-  std::snprintf(what, sizeof what, "nm_decode M=%lld %lldx%lld %lld:%lld bias=%d splits_sm=%d workspace=%zu",
+  std::snprintf(what, sizeof what, "nm_decode M=%lld %lldx%lld %lld:%lld bias=%d splits_sm=%d workspace=%zu corrupt=%d",
                 (long long)c.rows, (long long)c.out, (long long)c.in, (long long)c.n, (long long)c.m, c.bias,
-                c.sm_count, workspace_bytes);
+                c.sm_count, workspace_bytes, c.corrupt);
   return report_close(got, want, rtol_for(c.dtype), 2e-2f, what);
 }
 
@@ -93,6 +99,8 @@ int main() {
       {9, 50, 512, 1, 16, DType::bfloat16, false, 0, 0, 132},
       {16, 64, 4096, 2, 4, DType::float16, true, 0, 0, 0},  // splits forced by the shared-memory x tile only
       {11, 257, 8192, 2, 4, DType::bfloat16, true, 0, 0, 132},
+      {3, 40, 256, 2, 8, DType::bfloat16, true, 0, 0, 0, /*corrupt=*/true},
+      {16, 33, 512, 5, 8, DType::float16, false, 0, 0, 132, /*corrupt=*/true},
   };
   for (const Case& c : cases) ok = run(c, rng) && ok;
   return ok ? 0 : 1;
