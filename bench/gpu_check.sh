@@ -71,10 +71,13 @@ EOF
 }
 
 build() {
-    if compgen -G ".whl/nvidia_cutlass-4.2.0.0*.whl" > /dev/null; then
-        "$PY" -m pip install --no-deps --no-index .whl/nvidia_cutlass-4.2.0.0*.whl
+    # The pinned version lives in one place: csrc/cuda/find_cutlass.py.
+    local cutlass
+    cutlass=$("$PY" -c "import runpy; print(runpy.run_path('csrc/cuda/find_cutlass.py')['PINNED_VERSION'])")
+    if compgen -G ".whl/nvidia_cutlass-$cutlass*.whl" > /dev/null; then
+        "$PY" -m pip install --no-deps --no-index .whl/nvidia_cutlass-"$cutlass"*.whl
     else
-        echo "no .whl/nvidia_cutlass-4.2.0.0 wheel carried: skipping the CUTLASS headers"
+        echo "no .whl/nvidia_cutlass-$cutlass wheel carried: skipping the CUTLASS headers"
     fi
     "$PY" -m pip install --no-build-isolation --no-deps -e .
 }

@@ -9,7 +9,7 @@ unlike compute_90 PTX, does not JIT-compile for later GPUs (list 8.0+PTX for tha
 
 The list syntax is torch.utils.cpp_extension's (torch 2.13): entries separated by ";" or spaces,
 "X.Y", "X.Ya" or either with "+PTX", and named archs, of which only "Hopper" (= "9.0+PTX") names 9.0.
-Loaded by setup.py with runpy (no package import); tested by csrc/tests/python/test_arch_list.py.
+Loaded by setup.py with runpy (no package import); tested by tests/test_build_arch_list.py.
 """
 
 from __future__ import annotations

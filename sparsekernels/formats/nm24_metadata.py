@@ -58,8 +58,8 @@ On CUDA tensors, :func:`compress_24` and :func:`hardware_metadata` run the GPU k
 ``sparsekernels::nm24_metadata_from_positions``, present in CUDA builds); everywhere else, and as the
 reference the GPU tests compare against, the PyTorch code below.
 
-CAVEAT: these layouts are derived from the CUTLASS 4.2.0 headers (pinned in requirements.txt) and
-tested here only for self-consistency (compress -> expand round trips, permutations are
+CAVEAT: these layouts are derived from the CUTLASS 4.2.0 headers (pinned in
+csrc/cuda/find_cutlass.py) and tested here only for self-consistency (compress -> expand round trips, permutations are
 bijections, agreement of ``natural`` with ``NMMatrix.positions``). Whether the hardware reads them
 as described is verified only by the GPU tests (tests/test_cuda.py), on a GPU machine.
 """

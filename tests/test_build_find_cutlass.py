@@ -12,7 +12,7 @@ import runpy
 import subprocess
 import sys
 
-CUDA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "cuda")
+CUDA_DIR = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda")
 find_cutlass = runpy.run_path(os.path.join(CUDA_DIR, "find_cutlass.py"))
 
 

@@ -10,7 +10,7 @@ import runpy
 
 import pytest
 
-CUDA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "cuda")
+CUDA_DIR = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda")
 arch_list = runpy.run_path(os.path.join(CUDA_DIR, "arch_list.py"))
 
 
