@@ -39,7 +39,10 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["Config", "Heuristic", "resolve_heuristic", "Tuner", "DENSITY_BUCKETS", "density_bucket", "m_bucket", "tuner", "gpu_name"]
+__all__ = [
+    "Config", "Heuristic", "resolve_heuristic", "Tuner", "DENSITY_BUCKETS", "density_bucket", "m_bucket", "tuner",
+    "gpu_name", "tf32_enabled",
+]
 
 FILE_VERSION = 1
 DENSITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -93,6 +96,23 @@ def gpu_name(device: torch.device) -> str:
     if name is None:
         name = _gpu_names[index] = torch.cuda.get_device_name(index)
     return name
+
+
+def tf32_enabled() -> bool:
+    """Whether torch lets its own float32 CUDA matmuls use TF32: the Triton kernels then multiply
+    float32 tiles in TF32 too (``_common.dot_mode``), and tuning and dispatch keys say so.
+
+    torch with the new API (2.11 and 2.13 have it) reads the setting of either API through
+    ``torch.backends.cuda.matmul.fp32_precision`` (``"tf32"``, ``"ieee"``, or ``"none"``: the
+    default, full precision; the legacy ``allow_tf32 = True`` reads back as ``"tf32"``, a global
+    ``torch.backends.fp32_precision`` is inherited). The legacy ``allow_tf32`` must not be read
+    there: once the new API has set ``"tf32"``, reading it raises "mix of the legacy and new APIs".
+    Older torch has only ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch before the fp32_precision API
+        return bool(matmul.allow_tf32)
 
 
 def _file_safe(name: str) -> str:

@@ -40,7 +40,7 @@ replacement raises the op's error before any launch.
   when a configuration or decision is stored, or memory cleared), ``SPARSEKERNELS_AUTOTUNE``, for
   block layouts the version counter of ``block_row_offsets`` (the program order is that pattern's;
   ``set_pattern`` rewrites it in place), and on CUDA ``SPARSEKERNELS_DENSE_FALLBACK`` and, for
-  float32, torch's TF32 flag.
+  float32, torch's TF32 setting (``autotune.tf32_enabled``).
 * Not kept: sparse plans over non-contiguous weights or with an empty output (the launcher runs at
   every call), plans built during CUDA graph capture, plans under a tuner stand-in without a
   ``generation``. At most :data:`MAX_PLANS_PER_LAYER` per layer (then they start afresh).
@@ -129,7 +129,7 @@ def _plan_stamp(input: Tensor, block_row_offsets: Optional[Tensor]) -> Optional[
     if input.device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return None
-        stamp += (input.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,)
+        stamp += (input.dtype == torch.float32 and autotune.tf32_enabled(),)
     if routed(input):
         stamp += (dispatch.fallback_enabled(),)
     return stamp
