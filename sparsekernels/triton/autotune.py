@@ -7,7 +7,10 @@ fastest, in memory and in a JSON file, so that later calls, and later processes,
 
 Key: ``(kernel, M bucket, N, K, block size or n:m, density bucket, dtype, GPU name)``, with M (the
 flattened input rows) rounded up to a power of two and the density of kept blocks rounded up to one
-of :data:`DENSITY_BUCKETS`, so that nearby shapes share a tuning run.
+of :data:`DENSITY_BUCKETS`, so that nearby shapes share a tuning run; float32 keys end with the
+float32 multiply, ``"tf32"`` or ``"ieee"`` (torch's TF32 setting, :func:`tf32_enabled`), so that a
+choice measured under one is not reused under the other. (Files written before that field hold
+float32 entries without it: they are no longer matched, and are tuned again once.)
 
 Where tuning is skipped (the heuristic configuration is used, and nothing is stored):
 
@@ -233,6 +236,16 @@ class Tuner:
                 warnings.warn(f"sparsekernels: cannot write the tuning cache {path}: {error}", stacklevel=3)
 
     @staticmethod
+    def _full_key(key: tuple, gpu: str) -> tuple:
+        """``key`` (whose last field is the dtype) with the GPU's name and, for float32, how float32
+        tiles are multiplied: ``"tf32"`` or ``"ieee"`` (:func:`tf32_enabled`). A configuration or a
+        dense-or-sparse decision measured with TF32 multiplies (faster, in the kernels and in cuBLAS
+        alike) says nothing about full-precision ones."""
+        if key[-1] == "torch.float32":
+            return key + (gpu, "tf32" if tf32_enabled() else "ieee")
+        return key + (gpu,)
+
+    @staticmethod
     def _text_key(key: tuple) -> str:
         return "|".join(str(part) for part in key)
 
@@ -247,7 +260,7 @@ class Tuner:
         Config, evaluated only on a miss (a launcher's hot path then skips it).
         """
         gpu = gpu_name(device)
-        full_key = key + (gpu,)
+        full_key = self._full_key(key, gpu)
         config = self._configs.get(full_key)
         if config is not None:
             return config
@@ -284,7 +297,7 @@ class Tuner:
         """``"sparse"`` or ``"dense"`` for a dispatch ``key``: memory, file, else ``measure()`` ->
         ``(sparse_ms, dense_ms)`` where timing may run (stored), else ``default`` (not stored)."""
         gpu = gpu_name(device)
-        full_key = key + (gpu,)
+        full_key = self._full_key(key, gpu)
         path = self._dispatch.get(full_key)
         if path is not None:
             return path

@@ -1,8 +1,9 @@
 """Forward dispatch that is never slower than dense: the sparse Triton kernel or ``F.linear``.
 
 Rule. For each key ``(layout family, M bucket, out_features, in_features, block size or n:m, density
-bucket, dtype, GPU)`` (the tuning key of autotune.py, without the kernel name) the forward takes the
-faster of
+bucket, dtype, GPU)``, for float32 with torch's TF32 setting (the tuning key of autotune.py, without
+the kernel name: both the kernel and cuBLAS multiply float32 in TF32 when it is on) the forward
+takes the faster of
 
 * ``"sparse"``: the Triton op (``torch.ops.sparsekernels_triton.bsr_linear`` / ``nm_linear``), and
 * ``"dense"``:  ``F.linear(input, W, bias)`` on the masked dense weight ``W`` (cuBLAS),
