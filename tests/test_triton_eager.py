@@ -210,6 +210,81 @@ def test_a_weight_reshaped_through_data_gets_the_op_error(layout, plan_builds):
     assert plan_builds["built"] == 1
 
 
+def _errors_of_both_paths(layer, input, monkeypatch) -> tuple:
+    """(fast path's error, op path's error) of ``layer(input)`` under no_grad, as (type, message)."""
+    errors = []
+    for fast in ("1", "0"):
+        monkeypatch.setenv("SPARSEKERNELS_EAGER_FAST_PATH", fast)
+        with torch.no_grad(), pytest.raises((TypeError, ValueError)) as raised:
+            layer(input)
+        errors.append((type(raised.value), str(raised.value)))
+    monkeypatch.delenv("SPARSEKERNELS_EAGER_FAST_PATH")
+    return tuple(errors)
+
+
+def _change_bias_dtype(layer):
+    layer.bias.data = layer.bias.data.double()
+
+
+def _change_bias_shape(layer):
+    layer.bias.data = torch.randn(47, device=DEVICE)  # 48 outputs: the block kernel loads bias unmasked
+
+
+def _change_index_dtype(layer):
+    if isinstance(layer.layout, BlockSparse):
+        layer.block_col_indices.data = layer.block_col_indices.data.long()
+    else:
+        layer.positions.data = layer.positions.data.int()
+
+
+def _change_index_shape(layer):
+    if isinstance(layer.layout, BlockSparse):
+        layer.block_value_indices.data = layer.block_value_indices.data[:-1].clone()  # read by the op's checks only
+    else:
+        layer.positions.data = layer.positions.data[:-1].clone()
+
+
+def _change_index_device(layer):
+    if DEVICE != "cuda":  # set_data takes no CPU <-> meta change: a second device needs a GPU
+        pytest.skip("needs a CUDA GPU (a CPU index on a CUDA layer)")
+    name = "block_row_offsets" if isinstance(layer.layout, BlockSparse) else "positions"
+    getattr(layer, name).data = getattr(layer, name).data.cpu()
+
+
+@pytest.mark.parametrize("change", [_change_bias_dtype, _change_bias_shape, _change_index_dtype, _change_index_shape,
+                                    _change_index_device], ids=lambda change: change.__name__[len("_change_"):])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_a_bias_or_index_changed_through_data_gets_the_op_error(layout, change, paths, plan_builds, monkeypatch):
+    """``.data =`` keeps the tensor object but may change its dtype, shape or device: a kept plan
+    must not launch with them (a stale size reads past the end), the op's error must come instead."""
+    layer = make_layer(layout)
+    input = torch.randn(5, 64, device=DEVICE)
+    with torch.no_grad():
+        layer(input)  # a plan is kept
+    change(layer)
+    fast_error, op_error = _errors_of_both_paths(layer, input, monkeypatch)
+    assert fast_error == op_error
+    assert plan_builds["built"] == 1 and paths["fast"] == 2
+
+
+@pytest.mark.parametrize("name", ["values", "bias"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_a_weight_made_non_contiguous_through_data_is_not_launched_as_contiguous(layout, name, plan_builds):
+    """Kept plans pass the weights as they are, planned for contiguous ones: a strided tensor of
+    the same shape and dtype, set through ``.data``, must give the op's result."""
+    layer = make_layer(layout)
+    input = torch.randn(5, 64, device=DEVICE)
+    with torch.no_grad():
+        layer(input)
+        tensor = getattr(layer, name)
+        strided = torch.stack([tensor.data, torch.full_like(tensor.data, float("nan"))], dim=-1)[..., 0]
+        assert not strided.is_contiguous() and strided.shape == tensor.shape
+        tensor.data = strided
+        output = layer(input)
+    torch.testing.assert_close(output, _op_result(layer, input), rtol=0, atol=0)
+    assert plan_builds["built"] == 1  # the strided layer is not planned: the launcher copies it
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 def test_replaced_bias_of_another_dtype_gets_the_op_error(layout, paths, plan_builds):
     layer = make_layer(layout)

@@ -26,11 +26,13 @@ in tests) the sparse launcher.
 Launch plans. The launcher's host work (sizes, tuning key and lookup, program order, grid, the
 kernel's integer and constexpr arguments) gives the same answer at every call with the same
 operands, so the fast path keeps it as a *plan*, per layer (SparseLinear's fast-path state, which
-starts afresh when a tensor of the layer is replaced) and per *key*: input shape, strides, dtype
-and device, and the values' shape. A weight whose dtype, shape or device changes through ``.data``
-(as ``nn.Module.to`` and ``.half()`` do for parameters, keeping the objects) therefore gets a new
-plan too. Building a plan runs the op's metadata checks on the layer's tensors, so a bad
-replacement raises the op's error before any launch.
+starts afresh when a tensor of the layer is replaced, or when the dtype, shape or device of its
+bias or an index tensor, or the contiguity of any of its tensors, changes: ``.data =`` keeps the
+object) and per *key*: input shape, strides, dtype and device, and the values' shape. A weight
+whose dtype, shape or device changes through ``.data`` (as ``nn.Module.to`` and ``.half()`` do for
+parameters, keeping the objects) therefore gets a new plan too. Building a plan runs the op's
+metadata checks on the layer's tensors, so a bad replacement raises the op's error before any
+launch.
 
 * A *sparse* plan is the output allocation and the planned launch (``plan_bsr_forward`` /
   ``plan_nm_forward``); a *dense* plan (CUDA, when dispatch.py decided so) is ``F.linear`` on
