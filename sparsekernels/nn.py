@@ -304,8 +304,9 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
-        # Eager inference on the Triton backend skips the op's dispatch and re-checks (the layer's
-        # tensors were validated when the pattern was set): sparsekernels/triton/eager.py.
+        # Eager calls on the Triton backend, inference or training, skip the op's dispatch and
+        # re-checks (the layer's tensors were validated when the pattern was set; with grad mode on
+        # the op's own autograd formulas run around the launch): sparsekernels/triton/eager.py.
         if resolve_backend(input.device) == "triton":
             output = self._forward_eager(input)
             if output is not None:
@@ -334,16 +335,21 @@ class SparseLinear(nn.Module):
         eager = triton_eager()
         parameters, buffers = self._parameters, self._buffers
         values, bias = parameters["values"], parameters["bias"]
-        if not eager.applies(input, values, bias, self.in_features):
+        path = eager.path(input, values, bias, self.in_features)
+        if path is None:
             return None
+        autograd = path == eager.AUTOGRAD
         block = isinstance(self.layout, BlockSparse)
+        if autograd and not block and self.layout.transposable:
+            return None  # its own op and backward (the input gradient on W.T's pattern)
         index = tuple(buffers[name] for name in (_BSR_INDEX_NAMES if block else ("positions",)))
         plans = self._fast_path_plans(values, bias, index)
         if block:
-            return eager.bsr_linear(plans, input, values, index, bias, self.out_features, self.in_features)
+            return eager.bsr_linear(plans, input, values, index, bias, self.out_features, self.in_features, autograd)
         # A transposable layout's op differs from nm_linear only in its backward: same forward.
         return eager.nm_linear(
-            plans, input, values, index, self.layout.n, self.layout.m, bias, self.out_features, self.in_features
+            plans, input, values, index, self.layout.n, self.layout.m, bias, self.out_features, self.in_features,
+            autograd,
         )
 
     def _fast_path_plans(self, values: Tensor, bias: Optional[Tensor], index: tuple) -> dict:

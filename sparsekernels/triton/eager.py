@@ -1,22 +1,31 @@
-"""Eager inference fast path of ``SparseLinear`` on the Triton backend: the launcher, without the op.
+"""Eager fast path of ``SparseLinear`` on the Triton backend: the launcher, without the op.
 
 Why. At decode batch sizes the kernel takes a few microseconds, and issue 4's budget for
 everything else is 15 µs per ``SparseLinear.forward``. The op path spends more than that in Python
 before the launch: the front end checks the arguments and picks a backend, the ``torch.library``
 op dispatches (custom op -> autograd -> backend kernel) and checks them again, then the launcher
-builds its tuning key. A layer's own tensors were validated when its pattern was set, and an
-inference call needs no autograd graph, so that work can be skipped when nothing else needs it.
+builds its tuning key; with grad mode on, torch's custom-op autograd wrapper adds about 100 µs.
+A layer's own tensors were validated when its pattern was set, so that work can be skipped when
+nothing else needs it.
 
-When. :func:`applies` is True only for plain eager inference:
+When. :func:`path` is not None only for plain eager calls:
 
-* not tracing (torch.compile, export) and no autograd graph to record (grad mode off, or none of
-  input, values and bias requires grad);
+* not tracing (torch.compile, export);
 * no TorchDispatchMode, functorch transform or TorchFunctionMode active (torch's default-device
-  context of ``with torch.device(...)`` / ``torch.set_default_device`` aside), and the profiler off
-  (each expects to see the op: FakeTensorMode, FlopCounterMode, vmap, traces by op name);
+  context of ``with torch.device(...)`` / ``torch.set_default_device`` aside), no forward-mode AD
+  dual level, and the profiler off (each expects to see the op: FakeTensorMode, FlopCounterMode,
+  vmap, tangents, traces by op name);
 * input is a plain ``torch.Tensor`` (no subclass: FakeTensor, DTensor, ...) with the weight's dtype
   and device and ``in_features`` last; values and bias are plain tensors or Parameters;
 * ``SPARSEKERNELS_EAGER_FAST_PATH`` is not ``0``.
+
+It is :data:`INFERENCE` when there is no autograd graph to record (grad mode off, or none of input,
+values and bias requires grad): the plan runs as it is. It is :data:`AUTOGRAD` otherwise
+(training, or eval without ``no_grad``): the plan runs inside :class:`_OpAutograd`, whose
+``setup_context`` and ``backward`` are the very formulas the op registers (ops.py), so gradients
+are the op path's, bitwise; a dense plan (below) runs as it is there too, since the op path's dense
+route is ``F.linear``, which autograd differentiates itself. SparseLinear leaves the transposable
+N:M layout's grad-enabled calls to its op (its backward differs from ``nm_linear``'s).
 
 Anything else, including every bad input, takes the op path, which raises the documented errors.
 The fast path runs exactly what the op would run on these arguments: on CUDA the dense-fallback
@@ -36,7 +45,9 @@ launch.
 
 * A *sparse* plan is the output allocation and the planned launch (``plan_bsr_forward`` /
   ``plan_nm_forward``); a *dense* plan (CUDA, when dispatch.py decided so) is ``F.linear`` on
-  dispatch.py's cached dense weight, which follows in-place value updates by its own stamp.
+  dispatch.py's cached dense weight, which follows in-place value updates by its own stamp (with
+  grad mode on and values requiring grad, a weight built afresh and differentiable, as on the op
+  path).
 * Each plan carries a *stamp* of what its decisions depend on beyond the key, compared at every
   call (a differing stamp builds the plan again): the tuner object and its ``generation`` (bumped
   when a configuration or decision is stored, or memory cleared), ``SPARSEKERNELS_AUTOTUNE``, for
@@ -62,13 +73,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from torch.autograd import forward_ad
+
 from ..ops._checks import bsr_features, check_bias, nm_features
 from . import autotune, dispatch
+from . import ops as triton_ops
 from ._common import no_function_mode_but_default_device
 from .bsr_forward import bsr_forward, plan_bsr_forward
 from .nm_forward import nm_forward, plan_nm_forward
 
-__all__ = ["applies", "enabled", "bsr_linear", "nm_linear", "MAX_PLANS_PER_LAYER"]
+__all__ = ["path", "INFERENCE", "AUTOGRAD", "enabled", "bsr_linear", "nm_linear", "MAX_PLANS_PER_LAYER"]
 
 _PLAIN_WEIGHT_TYPES = (Tensor, nn.Parameter)
 
@@ -78,32 +92,41 @@ def enabled() -> bool:
     return os.environ.get("SPARSEKERNELS_EAGER_FAST_PATH", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def applies(input: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int) -> bool:
-    """Whether a forward on these operands may skip the op (see the module docstring)."""
+INFERENCE = "inference"
+AUTOGRAD = "autograd"
+
+
+def path(input: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int) -> Optional[str]:
+    """How a forward on these operands may skip the op (see the module docstring): :data:`INFERENCE`
+    (no autograd graph to record), :data:`AUTOGRAD` (grad mode on and an operand requires grad: the
+    op's autograd formulas around the plan), or None (the op)."""
     if torch.compiler.is_compiling():  # first: under torch.compile nothing below is traced
-        return False
+        return None
     if type(input) is not Tensor or type(values) not in _PLAIN_WEIGHT_TYPES:
-        return False
+        return None
     if bias is not None and type(bias) not in _PLAIN_WEIGHT_TYPES:
-        return False
-    if torch.is_grad_enabled() and (
-        input.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        return False
+        return None
     if (
         not no_function_mode_but_default_device()
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._functorch.peek_interpreter_stack() is not None
+        or forward_ad._current_level >= 0  # a dual level: input may carry a tangent (forward-mode AD)
         or torch.autograd._profiler_enabled()
     ):
-        return False
-    return (
+        return None
+    if not (
         input.dtype == values.dtype
         and input.device == values.device
         and input.dim() >= 1
         and input.shape[-1] == in_features
         and enabled()
-    )
+    ):
+        return None
+    if torch.is_grad_enabled() and (
+        input.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return AUTOGRAD
+    return INFERENCE
 
 
 # Plans kept per layer at most; more distinct input shapes (prefill at many sequence lengths) start
@@ -161,29 +184,76 @@ def _keep(plans: dict, key: tuple, run, input: Tensor, block_row_offsets: Option
 
 
 def bsr_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, bias: Optional[Tensor],
-               out_features: int, in_features: int) -> Tensor:
-    """``sparsekernels.ops.bsr_linear`` on arguments for which :func:`applies` holds (``index``: the
-    five index tensors in op order); ``plans`` is the layer's plan dict."""
+               out_features: int, in_features: int, autograd: bool = False) -> Tensor:
+    """``sparsekernels.ops.bsr_linear`` on arguments for which :func:`path` is not None (``index``:
+    the five index tensors in op order; ``autograd``: it said :data:`AUTOGRAD`); ``plans`` is the
+    layer's plan dict."""
     key = (input.shape, input.stride(), input.dtype, input.device, values.shape)
     run = _lookup(plans, key, input, index[0])
     if run is None:
         run, keep = _bsr_plan(input, values, index, bias, out_features, in_features)
         if keep:
             _keep(plans, key, run, input, index[0])
+    if autograd and not getattr(run, "differentiable", False):
+        return _OpAutograd.apply(input, values, bias, (run, index, (input, values, *index, bias), _bsr_autograd))
     return run(input, values, index, bias)
 
 
 def nm_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, n: int, m: int, bias: Optional[Tensor],
-              out_features: int, in_features: int) -> Tensor:
-    """``sparsekernels.ops.nm_linear`` on arguments for which :func:`applies` holds (``index``:
-    ``(positions,)``); ``plans`` as in :func:`bsr_linear`."""
+              out_features: int, in_features: int, autograd: bool = False) -> Tensor:
+    """``sparsekernels.ops.nm_linear`` on arguments for which :func:`path` is not None (``index``:
+    ``(positions,)``); ``plans`` and ``autograd`` as in :func:`bsr_linear`."""
     key = (input.shape, input.stride(), input.dtype, input.device, values.shape)
     run = _lookup(plans, key, input, None)
     if run is None:
         run, keep = _nm_plan(input, values, index, n, m, bias, out_features, in_features)
         if keep:
             _keep(plans, key, run, input, None)
+    if autograd and not getattr(run, "differentiable", False):
+        return _OpAutograd.apply(input, values, bias, (run, index, (input, values, index[0], n, m, bias), _nm_autograd))
     return run(input, values, index, bias)
+
+
+class _OpAutograd(torch.autograd.Function):
+    """The op's autograd around a kept plan, so that gradients are those of the op path, bitwise.
+
+    ``apply(input, values, bias, (run, index, op_arguments, formulas))`` returns ``run(input, values,
+    index, bias)`` and records the op's own ``setup_context`` and ``backward`` (``formulas``: the
+    pair ops.py registers with ``register_autograd``, and the position of ``bias`` among the op's
+    arguments), given ``op_arguments`` in the op's order, as torch's custom-op autograd wrapper
+    calls them. Only the three differentiable operands are the Function's inputs: every argument
+    costs host time in ``Function.apply``; ``ctx.needs_input_grad`` is laid out in the op's order
+    for the formula (and restored after: a retained graph may run the backward again). Not
+    ``once_differentiable``: a double backward runs the op's backward under autograd, as the op
+    path does (the backward ops have no derivative: both raise the same error)."""
+
+    @staticmethod
+    def forward(ctx, input, values, bias, plan):
+        run, index, op_arguments, (setup_context, backward, bias_position) = plan
+        output = run(input, values, index, bias)
+        setup_context(ctx, op_arguments, output)
+        ctx.op_backward = backward, len(op_arguments), bias_position
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        backward, arity, bias_position = ctx.op_backward
+        needs_input_grad = ctx.needs_input_grad
+        in_op_order = [False] * arity
+        in_op_order[0], in_op_order[1], in_op_order[bias_position] = needs_input_grad[:3]
+        ctx.needs_input_grad = tuple(in_op_order)
+        try:
+            grads = backward(ctx, grad_output)
+        finally:
+            ctx.needs_input_grad = needs_input_grad
+        return grads[0], grads[1], grads[bias_position], None
+
+
+# The (setup_context, backward) pairs the Triton ops register (ops.py), and where bias is among the
+# op's arguments: bsr_linear(input, values, <5 index tensors>, bias), nm_linear(input, values,
+# positions, n, m, bias).
+_bsr_autograd = (triton_ops._bsr_setup_context, triton_ops._bsr_backward, 7)
+_nm_autograd = (triton_ops._nm_setup_context, triton_ops._nm_backward, 5)
 
 
 def _bsr_plan(input, values, index, bias, out_features, in_features):
@@ -197,6 +267,7 @@ def _bsr_plan(input, values, index, bias, out_features, in_features):
             dispatch.count_path("dense")
             return dispatch.bsr_dense(input, values, index, bias)
 
+        dense.differentiable = True  # F.linear on a weight built from values: as the op path's dense route
         return dense, True
     if not _plannable(input, in_features, out_features, values, index[0], index[1], bias):
         def unplanned(input, values, index, bias):
@@ -221,6 +292,7 @@ def _nm_plan(input, values, index, n, m, bias, out_features, in_features):
             dispatch.count_path("dense")
             return dispatch.nm_dense(input, values, index[0], n, m, bias)
 
+        dense.differentiable = True
         return dense, True
     if not _plannable(input, in_features, out_features, values, index[0], bias):
         def unplanned(input, values, index, bias):
