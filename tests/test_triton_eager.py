@@ -799,3 +799,20 @@ def test_a_retained_graph_backpropagates_twice_as_on_the_op_path(layout, paths):
     assert paths == {"op": 1, "fast": 1}
     for fast_grad, op_grad in zip(fast, through_op):
         torch.testing.assert_close(fast_grad, op_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 3, 64)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_an_in_place_activation_after_the_layer_in_training(layout, shape, paths):
+    """The output is no view (a view made inside an autograd Function may not be modified in place,
+    which the op path's reshaped output runs into): ``relu_`` on it trains, with the gradients of an
+    out-of-place ``relu`` on the op path."""
+    layer = make_layer(layout)
+    input = torch.randn(shape, device=DEVICE, requires_grad=True)
+    grad_output = torch.randn(*shape[:-1], 48, device=DEVICE)
+    fast = _forward_and_grads(lambda x: torch.relu_(layer(x)), input, grad_output, layer)
+    with fast_path_off():
+        through_op = _forward_and_grads(lambda x: torch.relu(layer(x)), input, grad_output, layer)
+    assert paths == {"op": 1, "fast": 1}
+    for fast_result, op_result in zip(fast, through_op):
+        torch.testing.assert_close(fast_result, op_result, rtol=0, atol=0)

@@ -325,7 +325,10 @@ def _plannable(input: Tensor, in_features: int, out_features: int, *weights: Opt
 
 
 def _sparse_run(launch, rows: int, in_features: int, out_features: int, restore: Optional[tuple], counted: bool):
-    """A sparse plan's call: the output allocation and the planned launch, nothing else."""
+    """A sparse plan's call: the output allocation and the planned launch, nothing else. The output
+    is allocated in its final shape (the launch writes a 2-D view of it), so it is no view: a view
+    made inside an autograd Function may not be modified in place (an in-place activation after the
+    layer in training)."""
     if restore is None:
         def run(input, values, index, bias):
             out = input.new_empty((rows, out_features))
@@ -335,10 +338,9 @@ def _sparse_run(launch, rows: int, in_features: int, out_features: int, restore:
             return out
     else:
         def run(input, values, index, bias):
-            x = input.reshape(rows, in_features)
-            out = x.new_empty((rows, out_features))
-            launch(x, out, values, index, bias)
+            out = input.new_empty(restore)
+            launch(input.reshape(rows, in_features), out.view(rows, out_features), values, index, bias)
             if counted:
                 dispatch.count_path("sparse")
-            return out.view(restore)
+            return out
     return run
