@@ -9,6 +9,7 @@ calls of the launchers as the op (triton/ops.py) reaches them and of the fast pa
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -816,3 +817,17 @@ def test_an_in_place_activation_after_the_layer_in_training(layout, shape, paths
     assert paths == {"op": 1, "fast": 1}
     for fast_result, op_result in zip(fast, through_op):
         torch.testing.assert_close(fast_result, op_result, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+def test_jit_trace_records_the_op(grad_mode, paths):
+    """torch.jit.trace records the ops it sees: the fast path's direct launch would leave the op out
+    of the traced graph (and the tracer's scalars break the launch), so tracing takes the op."""
+    layer = make_layer(NM(2, 4))
+    input = torch.randn(3, 64, device=DEVICE)
+    with torch.set_grad_enabled(grad_mode), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values in the layer
+        traced = torch.jit.trace(layer, input, check_trace=False)  # the check reruns the layer, untraced
+    assert any(node.kind() == "sparsekernels_triton::nm_linear" for node in traced.graph.nodes())
+    assert paths["fast"] == 0
+    torch.testing.assert_close(traced(input), _op_result(layer, input), rtol=0, atol=0)

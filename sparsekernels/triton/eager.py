@@ -13,8 +13,8 @@ When. :func:`path` is not None only for plain eager calls:
 * not tracing (torch.compile, export);
 * no TorchDispatchMode, functorch transform or TorchFunctionMode active (torch's default-device
   context of ``with torch.device(...)`` / ``torch.set_default_device`` aside), no forward-mode AD
-  dual level, and the profiler off (each expects to see the op: FakeTensorMode, FlopCounterMode,
-  vmap, tangents, traces by op name);
+  dual level, no ``torch.jit.trace``, and the profiler off (each expects to see the op:
+  FakeTensorMode, FlopCounterMode, vmap, tangents, the traced graph, traces by op name);
 * input is a plain ``torch.Tensor`` (no subclass: FakeTensor, DTensor, ...) with the weight's dtype
   and device and ``in_features`` last; values and bias are plain tensors or Parameters;
 * ``SPARSEKERNELS_EAGER_FAST_PATH`` is not ``0``.
@@ -111,6 +111,7 @@ def path(input: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._functorch.peek_interpreter_stack() is not None
         or forward_ad._current_level >= 0  # a dual level: input may carry a tangent (forward-mode AD)
+        or torch._C._get_tracing_state() is not None  # torch.jit.trace records ops, not launches
         or torch.autograd._profiler_enabled()
     ):
         return None
