@@ -230,8 +230,8 @@ def test_float32_configurations_are_kept_per_tf32_setting(tmp_path, tf32):
     tf32(False)
     assert fresh.choose(FLOAT32_KEY, torch.device("cpu"), (), HEURISTIC, lambda: CANDIDATES, None) == CANDIDATES[1]
     # Half-precision keys do not depend on the setting: tuned once.
-    half = autotune().Tuner(path=tmp_path / "half.json", timer=TableTimer({HEURISTIC: 1.0, **{c: 2.0 for c in CANDIDATES}}),
-                            measurable=always)
+    half_timer = TableTimer({HEURISTIC: 1.0, **{candidate: 2.0 for candidate in CANDIDATES}})
+    half = autotune().Tuner(path=tmp_path / "half.json", timer=half_timer, measurable=always)
     choose(half)
     tf32(True)
     choose(half)
@@ -246,8 +246,8 @@ def test_a_file_from_before_the_tf32_field_stays_readable(tmp_path, tf32):
     path.write_text(json.dumps({"version": 1, "gpu": "cpu", "dispatch": {}, "configs": {
         "|".join(map(str, KEY + ("cpu",))): entry, "|".join(map(str, FLOAT32_KEY + ("cpu",))): entry}}))
     tf32(False)
-    tuner = autotune().Tuner(path=path, timer=TableTimer({HEURISTIC: 1.0, **{c: 2.0 for c in CANDIDATES}}),
-                             measurable=always)
+    timer = TableTimer({HEURISTIC: 1.0, **{candidate: 2.0 for candidate in CANDIDATES}})
+    tuner = autotune().Tuner(path=path, timer=timer, measurable=always)
     assert choose(tuner) == CANDIDATES[2] and tuner.tuning_runs == 0
     assert tuner.choose(FLOAT32_KEY, torch.device("cpu"), (), HEURISTIC, lambda: CANDIDATES, None) == HEURISTIC
     assert tuner.tuning_runs == 1

@@ -72,7 +72,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-
 from torch.autograd import forward_ad
 
 from ..ops._checks import bsr_features, check_bias, nm_features
