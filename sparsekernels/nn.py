@@ -43,6 +43,8 @@ _BSR_INDEX_NAMES = (
     "block_value_indices",
 )
 
+# A transposable N:M layer's index in the order of nm_linear_transposable's arguments.
+_TRANSPOSABLE_INDEX_NAMES = ("positions", "transpose_index", "positions_t")
 
 _triton_eager = None
 
@@ -338,15 +340,16 @@ class SparseLinear(nn.Module):
         path = eager.path(input, values, bias, self.in_features)
         if path is None:
             return None
-        autograd = path == eager.AUTOGRAD
         block = isinstance(self.layout, BlockSparse)
-        if autograd and not block and self.layout.transposable:
-            return None  # its own op and backward (the input gradient on W.T's pattern)
-        index = tuple(buffers[name] for name in (_BSR_INDEX_NAMES if block else ("positions",)))
+        if block:
+            names = _BSR_INDEX_NAMES
+        else:  # a transposable layout's op has nm_linear's forward and its own backward, on W.T's pattern
+            names = _TRANSPOSABLE_INDEX_NAMES if self.layout.transposable else ("positions",)
+        index = tuple(buffers[name] for name in names)
         plans = self._fast_path_plans(values, bias, index)
+        autograd = path == eager.AUTOGRAD
         if block:
             return eager.bsr_linear(plans, input, values, index, bias, self.out_features, self.in_features, autograd)
-        # A transposable layout's op differs from nm_linear only in its backward: same forward.
         return eager.nm_linear(
             plans, input, values, index, self.layout.n, self.layout.m, bias, self.out_features, self.in_features,
             autograd,

@@ -131,16 +131,16 @@ def test_training_takes_the_autograd_fast_path(layout, paths):
     assert input.grad is not None and layer.values.grad is not None
 
 
-def test_training_a_transposable_layer_takes_its_op(paths):
-    """A transposable layer's op has its own backward (the input gradient on W.T's pattern)."""
+def test_training_a_transposable_layer_runs_its_ops_backward(paths):
+    """A transposable layer's op has nm_linear's forward and its own backward (the input gradient
+    is the N:M forward on W.T's pattern, through the op: counted as "op")."""
     layer = make_layer(NM(2, 4, transposable=True))
     input = torch.randn(5, 64, device=DEVICE, requires_grad=True)
     layer(input).sum().backward()
     with torch.no_grad():
-        layer(input)  # inference: the same forward as nm_linear, the fast path
-    # The op's forward, and its input gradient: the N:M forward on W.T, through the op too.
-    assert paths == {"op": 2, "fast": 1}
-    assert input.grad is not None
+        layer(input)
+    assert paths == {"op": 1, "fast": 2}
+    assert input.grad is not None and layer.values.grad is not None
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
@@ -676,10 +676,13 @@ def _forward_and_grads(forward, input, grad_output, layer=None):
     return (output.detach(), *grads)
 
 
+GRAD_LAYOUTS = LAYOUTS + [NM(2, 4, transposable=True)]
+
+
 @pytest.mark.parametrize("needs", ["all", "weights", "input"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=layout_id)
 def test_autograd_fast_path_gives_the_ops_gradients(layout, dtype, bias, needs, paths):
     """``needs``: which operands require grad: all, the weights only (a plain input), the input only
     (values and bias frozen)."""
@@ -687,11 +690,13 @@ def test_autograd_fast_path_gives_the_ops_gradients(layout, dtype, bias, needs, 
     layer.requires_grad_(needs != "input")
     input = torch.randn(2, 3, 64, dtype=dtype, device=DEVICE, requires_grad=needs != "weights")
     grad_output = torch.randn(2, 3, 48, dtype=dtype, device=DEVICE)
+    # A transposable layer's input gradient is an N:M forward on W.T through the op, on both paths.
+    op_backward = int(layout.transposable and needs != "weights") if isinstance(layout, NM) else 0
     fast = _forward_and_grads(layer, input, grad_output)
-    assert paths == {"op": 0, "fast": 1}
+    assert paths == {"op": op_backward, "fast": 1}
     with fast_path_off():
         through_op = _forward_and_grads(layer, input, grad_output)
-    assert paths == {"op": 1, "fast": 1}
+    assert paths == {"op": 1 + 2 * op_backward, "fast": 1}
     for name, fast_result, op_result in zip(("output", "input.grad", "values.grad", "bias.grad"), fast, through_op):
         assert (fast_result is None) == (op_result is None), name
         if fast_result is not None:
@@ -710,7 +715,7 @@ def _double_backward(layer, input):
     return "ok", grads
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=layout_id)
 def test_double_backward_behaves_as_on_the_op_path(layout, paths):
     layer = make_layer(layout)
     input = torch.randn(3, 64, device=DEVICE, requires_grad=True)
@@ -779,7 +784,7 @@ def test_a_dense_plan_is_differentiated_as_on_the_op_path(routed, plan_builds, m
         torch.testing.assert_close(again, op_result, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=layout_id)
 def test_a_retained_graph_backpropagates_twice_as_on_the_op_path(layout, paths):
     """The second backward through a retained graph sees the same needs_input_grad as the first."""
     layer = make_layer(layout)
@@ -797,13 +802,13 @@ def test_a_retained_graph_backpropagates_twice_as_on_the_op_path(layout, paths):
     fast = twice()
     with fast_path_off():
         through_op = twice()
-    assert paths == {"op": 1, "fast": 1}
+    assert paths["fast"] == 1
     for fast_grad, op_grad in zip(fast, through_op):
         torch.testing.assert_close(fast_grad, op_grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(3, 64), (2, 3, 64)], ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=layout_id)
 def test_an_in_place_activation_after_the_layer_in_training(layout, shape, paths):
     """The output is no view (a view made inside an autograd Function may not be modified in place,
     which the op path's reshaped output runs into): ``relu_`` on it trains, with the gradients of an
@@ -814,7 +819,7 @@ def test_an_in_place_activation_after_the_layer_in_training(layout, shape, paths
     fast = _forward_and_grads(lambda x: torch.relu_(layer(x)), input, grad_output, layer)
     with fast_path_off():
         through_op = _forward_and_grads(lambda x: torch.relu(layer(x)), input, grad_output, layer)
-    assert paths == {"op": 1, "fast": 1}
+    assert paths["fast"] == 1
     for fast_result, op_result in zip(fast, through_op):
         torch.testing.assert_close(fast_result, op_result, rtol=0, atol=0)
 
@@ -831,3 +836,21 @@ def test_jit_trace_records_the_op(grad_mode, paths):
     assert any(node.kind() == "sparsekernels_triton::nm_linear" for node in traced.graph.nodes())
     assert paths["fast"] == 0
     torch.testing.assert_close(traced(input), _op_result(layer, input), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("name", ["transpose_index", "positions_t"])
+def test_a_transposed_pattern_changed_through_data_gets_the_op_error(name, grad_mode, paths, monkeypatch):
+    """W.T's pattern of a transposable layer is checked by its op: by the fast path too."""
+    layer = make_layer(NM(2, 4, transposable=True))
+    input = torch.randn(5, 64, device=DEVICE)
+    layer(input)
+    getattr(layer, name).data = getattr(layer, name).data[:-1].clone()
+    errors = []
+    for fast in ("1", "0"):
+        monkeypatch.setenv("SPARSEKERNELS_EAGER_FAST_PATH", fast)
+        with torch.set_grad_enabled(grad_mode), pytest.raises((TypeError, ValueError)) as raised:
+            layer(input)
+        errors.append((type(raised.value), str(raised.value)))
+    assert errors[0] == errors[1] and name in errors[0][1]
+    assert paths["fast"] == 2

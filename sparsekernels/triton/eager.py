@@ -24,8 +24,9 @@ values and bias requires grad): the plan runs as it is. It is :data:`AUTOGRAD` o
 (training, or eval without ``no_grad``): the plan runs inside :class:`_OpAutograd`, whose
 ``setup_context`` and ``backward`` are the very formulas the op registers (ops.py), so gradients
 are the op path's, bitwise; a dense plan (below) runs as it is there too, since the op path's dense
-route is ``F.linear``, which autograd differentiates itself. SparseLinear leaves the transposable
-N:M layout's grad-enabled calls to its op (its backward differs from ``nm_linear``'s).
+route is ``F.linear``, which autograd differentiates itself. The transposable N:M layout's op
+(``nm_linear_transposable``) has the same forward and its own backward: there the Function wraps
+either plan, with that op's formulas, as the op runs either path below its own autograd.
 
 Anything else, including every bad input, takes the op path, which raises the documented errors.
 The fast path runs exactly what the op would run on these arguments: on CUDA the dense-fallback
@@ -74,7 +75,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from ..ops import nm_transposable
 from ..ops._checks import bsr_features, check_bias, nm_features
+from ..ops.nm_transposable import check_transposed_pattern
 from . import autotune, dispatch
 from . import ops as triton_ops
 from ._common import no_function_mode_but_default_device
@@ -202,13 +205,18 @@ def bsr_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, bias: O
 def nm_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, n: int, m: int, bias: Optional[Tensor],
               out_features: int, in_features: int, autograd: bool = False) -> Tensor:
     """``sparsekernels.ops.nm_linear`` on arguments for which :func:`path` is not None (``index``:
-    ``(positions,)``); ``plans`` and ``autograd`` as in :func:`bsr_linear`."""
+    ``(positions,)``), or ``nm_linear_transposable`` (``index``: ``(positions, transpose_index,
+    positions_t)``: the same forward, its own backward); ``plans`` and ``autograd`` as in
+    :func:`bsr_linear`."""
     key = (input.shape, input.stride(), input.dtype, input.device, values.shape)
     run = _lookup(plans, key, input, None)
     if run is None:
         run, keep = _nm_plan(input, values, index, n, m, bias, out_features, in_features)
         if keep:
             _keep(plans, key, run, input, None)
+    if autograd and len(index) == 3:  # the transposable op runs either plan below its own autograd
+        return _OpAutograd.apply(input, values, bias, (run, index, (input, values, *index, n, m, bias),
+                                                       _nm_transposable_autograd))
     if autograd and not getattr(run, "differentiable", False):
         return _OpAutograd.apply(input, values, bias, (run, index, (input, values, index[0], n, m, bias), _nm_autograd))
     return run(input, values, index, bias)
@@ -254,6 +262,8 @@ class _OpAutograd(torch.autograd.Function):
 # positions, n, m, bias).
 _bsr_autograd = (triton_ops._bsr_setup_context, triton_ops._bsr_backward, 7)
 _nm_autograd = (triton_ops._nm_setup_context, triton_ops._nm_backward, 5)
+# nm_linear_transposable(input, values, positions, transpose_index, positions_t, n, m, bias).
+_nm_transposable_autograd = (nm_transposable._setup_context, nm_transposable._backward, 7)
 
 
 def _bsr_plan(input, values, index, bias, out_features, in_features):
@@ -285,7 +295,10 @@ def _bsr_plan(input, values, index, bias, out_features, in_features):
 
 def _nm_plan(input, values, index, n, m, bias, out_features, in_features):
     """(run, keep) for an N:M forward, as :func:`_bsr_plan`."""
-    check_bias(bias, values, nm_features(values, index[0], n, m)[0])
+    out_features_checked, in_features_checked = nm_features(values, index[0], n, m)
+    check_bias(bias, values, out_features_checked)
+    if len(index) == 3:  # transposable: its op checks W.T's pattern too
+        check_transposed_pattern(index[1], index[2], values, n, m, out_features_checked, in_features_checked)
     decided = routed(input)
     if decided and dispatch.nm_path(input, values, index[0], n, m) == "dense":
         def dense(input, values, index, bias):
