@@ -19,7 +19,8 @@ no kernel time: ``eager_us`` is the whole call. Results go to the terminal and `
 
 ``--host-only`` measures the host's own Python work per call on any machine, no GPU needed: the
 Triton backend's forward launchers run with their kernel launches replaced by a no-op (on CPU the
-kernels are defined for the interpreter, and never run), for SparseLinear's fast path and op path.
+kernels are defined for the interpreter, and never run), for SparseLinear's fast path and op path,
+each also with grad mode on (the forward of training: the weights require grad).
 What it leaves out is the launch itself (``_common.launch``, about 2 µs, and Triton's launcher);
 the outputs are left unwritten. A tuner of its own that never measures stands in meanwhile
 (heuristic configurations, the sparse path), so nothing is tuned on stubs or stored. It tracks
@@ -122,9 +123,21 @@ def launches_stubbed():
         yield
 
 
+def _grad_enabled(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with grad mode on (the layer's weights require grad): the forward of training, or of an
+    eval() model called without no_grad; the graph is dropped with the output."""
+    def run() -> object:
+        with torch.enable_grad():
+            return fn()
+
+    return run
+
+
 def _host_only_contenders(layer: SparseLinear, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     return {"SparseLinear (host only)": lambda: layer(x),
-            "SparseLinear (op path, host only)": _fast_path_off(lambda: layer(x))}
+            "SparseLinear (op path, host only)": _fast_path_off(lambda: layer(x)),
+            "SparseLinear (grad enabled, host only)": _grad_enabled(lambda: layer(x)),
+            "SparseLinear (grad enabled, op path, host only)": _grad_enabled(_fast_path_off(lambda: layer(x)))}
 
 
 def measure_cell(shape: tuple[int, int], layout, rows: int, dtype: torch.dtype, device: torch.device,
@@ -162,7 +175,7 @@ def print_rows(rows: list[dict], environment: dict, console) -> None:
     where = (environment.get("gpu") or {}).get("name") if environment["device"] == "cuda" else environment["cpu_model"]
     what = "host Python work (kernel launches stubbed out)" if environment.get("host_only") else "eager call cost"
     table = Table(title=f"{what} on {where}, backend {environment['sparsekernels_backend']} "
-                  "(µs per call, torch.no_grad)")
+                  "(µs per call, no_grad unless grad enabled)")
     for column in ("shape", "layout", "M", "dtype", "implementation", "eager", "kernel", "overhead", "error"):
         table.add_column(column)
     for row in rows:

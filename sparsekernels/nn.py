@@ -18,6 +18,7 @@ state dict is the plain N:M one, loadable into a layer of either kind. The forwa
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from typing import Callable, Optional, Union
 
@@ -42,6 +43,8 @@ _BSR_INDEX_NAMES = (
     "block_value_indices",
 )
 
+# A transposable N:M layer's index in the order of nm_linear_transposable's arguments.
+_TRANSPOSABLE_INDEX_NAMES = ("positions", "transpose_index", "positions_t")
 
 _triton_eager = None
 
@@ -52,14 +55,17 @@ class _FastPathState:
     ``tensor_ids`` are the ``id()`` of the layer's values, bias and index tensors. An id alone could
     be reused by a new object once the old one is freed, so the state holds weak references whose
     callbacks mark it stale (``alive[0] = False``) when any of those tensors dies: while it is alive,
-    equal ids mean the same objects, one tuple comparison per call. ``plans`` maps input signatures
-    to launch plans (sparsekernels/triton/eager.py); a new state (new tensors) starts with none.
+    equal ids mean the same objects, one tuple comparison per call. ``metadata`` is
+    :func:`_tensor_metadata` of those tensors, which ``.data =`` changes while the objects stay.
+    ``plans`` maps input signatures to launch plans (sparsekernels/triton/eager.py); a new state (new
+    tensors, or new metadata) starts with none.
     """
 
-    __slots__ = ("tensor_ids", "alive", "refs", "plans")
+    __slots__ = ("tensor_ids", "metadata", "alive", "refs", "plans")
 
-    def __init__(self, tensors: tuple) -> None:
+    def __init__(self, tensors: tuple, metadata: Optional[tuple] = None) -> None:
         self.tensor_ids = tuple(map(id, tensors))
+        self.metadata = metadata
         alive = self.alive = [True]
 
         def died(_ref, alive=alive) -> None:  # holds the flag, not the state: no reference cycle
@@ -67,6 +73,22 @@ class _FastPathState:
 
         self.refs = tuple(weakref.ref(tensor, died) for tensor in tensors if tensor is not None)
         self.plans: dict = {}
+
+
+_DTYPE_SHAPE_DEVICE = operator.attrgetter("dtype", "shape", "device")
+
+
+def _tensor_metadata(values: Tensor, bias: Optional[Tensor], index: tuple) -> tuple:
+    """What the op checks of a layer's tensors and a kept launch plan assumes of them, beyond what
+    the fast path reads anyway: the dtype, shape and device of the bias and index tensors, and
+    whether every tensor is contiguous (the values' dtype and device must be the input's, checked
+    per call, and their shape is part of each plan's key: sparsekernels/triton/eager.py).
+
+    Assigning ``.data`` changes these while the tensor object stays (``nn.Module.to`` and
+    ``.half()`` do so for parameters; a user may for any tensor), and nothing records such a change
+    (the version counter does not move), so it is compared at every fast-path call."""
+    others = index if bias is None else (bias, *index)
+    return tuple(map(_DTYPE_SHAPE_DEVICE, others)), values.is_contiguous() and all(map(Tensor.is_contiguous, others))
 
 
 # SparseLinear -> _FastPathState (kept outside the modules, so that pickling and deepcopy of a layer
@@ -313,8 +335,9 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
-        # Eager inference on the Triton backend skips the op's dispatch and re-checks (the layer's
-        # tensors were validated when the pattern was set): sparsekernels/triton/eager.py.
+        # Eager calls on the Triton backend, inference or training, skip the op's dispatch and
+        # re-checks (the layer's tensors were validated when the pattern was set; with grad mode on
+        # the op's own autograd formulas run around the launch): sparsekernels/triton/eager.py.
         if resolve_backend(input.device) == "triton":
             output = self._forward_eager(input)
             if output is not None:
@@ -343,27 +366,37 @@ class SparseLinear(nn.Module):
         eager = triton_eager()
         parameters, buffers = self._parameters, self._buffers
         values, bias = parameters["values"], parameters["bias"]
-        if not eager.applies(input, values, bias, self.in_features):
+        path = eager.path(input, values, bias, self.in_features)
+        if path is None:
             return None
         block = isinstance(self.layout, BlockSparse)
-        index = tuple(buffers[name] for name in (_BSR_INDEX_NAMES if block else ("positions",)))
-        plans = self._fast_path_plans(values, bias, index)
         if block:
-            return eager.bsr_linear(plans, input, values, index, bias, self.out_features, self.in_features)
-        # A transposable layout's op differs from nm_linear only in its backward: same forward.
+            names = _BSR_INDEX_NAMES
+        else:  # a transposable layout's op has nm_linear's forward and its own backward, on W.T's pattern
+            names = _TRANSPOSABLE_INDEX_NAMES if self.layout.transposable else ("positions",)
+        index = tuple(buffers[name] for name in names)
+        plans = self._fast_path_plans(values, bias, index)
+        autograd = path == eager.AUTOGRAD
+        if block:
+            return eager.bsr_linear(plans, input, values, index, bias, self.out_features, self.in_features, autograd)
         return eager.nm_linear(
-            plans, input, values, index, self.layout.n, self.layout.m, bias, self.out_features, self.in_features
+            plans, input, values, index, self.layout.n, self.layout.m, bias, self.out_features, self.in_features,
+            autograd,
         )
 
     def _fast_path_plans(self, values: Tensor, bias: Optional[Tensor], index: tuple) -> dict:
         """The fast path's launch plans for these tensors: the layer's, unless one of them is a new
-        object (``.to()``, ``load_state_dict``, an assignment), which starts them afresh; the op's
-        metadata checks run whenever a plan is built (sparsekernels/triton/eager.py)."""
+        object (``.to()``, ``load_state_dict``, an assignment) or has a new dtype, shape, device or
+        contiguity (through ``.data``), which starts them afresh; the op's metadata checks run
+        whenever a plan is built (sparsekernels/triton/eager.py), so such a change gets the op's
+        error before any launch."""
         tensors = (values, bias, *index)
+        metadata = _tensor_metadata(values, bias, index)
         state = _fast_path_state.get(self)
-        if state is not None and state.alive[0] and state.tensor_ids == tuple(map(id, tensors)):
+        if (state is not None and state.alive[0] and state.tensor_ids == tuple(map(id, tensors))
+                and state.metadata == metadata):
             return state.plans
-        state = _fast_path_state[self] = _FastPathState(tensors)
+        state = _fast_path_state[self] = _FastPathState(tensors, metadata)
         return state.plans
 
     def extra_repr(self) -> str:

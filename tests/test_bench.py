@@ -567,8 +567,9 @@ def test_overhead_subcommand_times_every_contender(tmp_path):
 
 
 def test_overhead_host_only_stubs_the_launches(tmp_path, monkeypatch):
-    """--host-only: SparseLinear's two paths on the Triton backend with the forward launches stubbed
-    out (no kernel runs, so no output is written), times recorded, the backend restored after."""
+    """--host-only: SparseLinear's two paths on the Triton backend, with grad mode off and on, with the
+    forward launches stubbed out (no kernel runs, so no output is written), times recorded, the
+    backend restored after."""
     from bench import overhead
 
     import sparsekernels
@@ -598,7 +599,9 @@ def test_overhead_host_only_stubs_the_launches(tmp_path, monkeypatch):
     assert document["environment"]["host_only"] is True
     assert document["environment"]["sparsekernels_backend"] == "triton"
     rows = document["rows"]
-    assert [row["implementation"] for row in rows] == ["SparseLinear (host only)", "SparseLinear (op path, host only)"] * 2
+    assert [row["implementation"] for row in rows] == [
+        "SparseLinear (host only)", "SparseLinear (op path, host only)", "SparseLinear (grad enabled, host only)",
+        "SparseLinear (grad enabled, op path, host only)"] * 2
     for row in rows:
         assert row["error"] is None and row["eager_us"] > 0, row
         assert row["kernel_us"] is None

@@ -194,6 +194,65 @@ def test_failing_candidate_is_skipped(tmp_path):
         assert choose(tuner) == CANDIDATES[0]
 
 
+# Float32 tiles are multiplied in TF32 or in full precision by torch's setting (_common.dot_mode), and
+# cuBLAS follows the same setting: a choice measured under one must not serve the other.
+FLOAT32_KEY = KEY[:-1] + ("torch.float32",)
+
+
+@pytest.fixture
+def tf32():
+    """``tf32(True / False)`` sets torch's float32 matmul precision (new API); restored afterwards."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+
+    def set_tf32(enabled: bool) -> None:
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+
+    yield set_tf32
+    torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def test_float32_configurations_are_kept_per_tf32_setting(tmp_path, tf32):
+    path = tmp_path / "tune.json"
+    tuner = autotune().Tuner(path=path, measurable=always)
+    tuner.timer = TableTimer({HEURISTIC: 3.0, CANDIDATES[0]: 1.0, CANDIDATES[1]: 2.0, CANDIDATES[2]: 5.0})
+    tf32(True)
+    assert tuner.choose(FLOAT32_KEY, torch.device("cpu"), (), HEURISTIC, lambda: CANDIDATES, None) == CANDIDATES[0]
+    tf32(False)  # measured again: the TF32 choice says nothing of full-precision tiles
+    tuner.timer = TableTimer({HEURISTIC: 3.0, CANDIDATES[0]: 2.0, CANDIDATES[1]: 1.0, CANDIDATES[2]: 5.0})
+    assert tuner.choose(FLOAT32_KEY, torch.device("cpu"), (), HEURISTIC, lambda: CANDIDATES, None) == CANDIDATES[1]
+    assert tuner.tuning_runs == 2
+    tuner.timer = refuse
+    tf32(True)
+    assert tuner.choose(FLOAT32_KEY, torch.device("cpu"), (), HEURISTIC, lambda: CANDIDATES, None) == CANDIDATES[0]
+    stored = json.loads(path.read_text())["configs"]
+    assert sorted(key.rsplit("|", 1)[1] for key in stored) == ["ieee", "tf32"]
+    fresh = autotune().Tuner(path=path, timer=refuse, measurable=always)  # a second process
+    tf32(False)
+    assert fresh.choose(FLOAT32_KEY, torch.device("cpu"), (), HEURISTIC, lambda: CANDIDATES, None) == CANDIDATES[1]
+    # Half-precision keys do not depend on the setting: tuned once.
+    half_timer = TableTimer({HEURISTIC: 1.0, **{candidate: 2.0 for candidate in CANDIDATES}})
+    half = autotune().Tuner(path=tmp_path / "half.json", timer=half_timer, measurable=always)
+    choose(half)
+    tf32(True)
+    choose(half)
+    assert half.tuning_runs == 1
+
+
+def test_a_file_from_before_the_tf32_field_stays_readable(tmp_path, tf32):
+    """Entries written before float32 keys carried the TF32 setting: half-precision ones still
+    serve; float32 ones (measured under an unknown setting) are no longer matched: tuned again."""
+    path = tmp_path / "tune.json"
+    entry = {"block_rows": 64, "tile": 16, "num_warps": 4, "num_stages": 1}
+    path.write_text(json.dumps({"version": 1, "gpu": "cpu", "dispatch": {}, "configs": {
+        "|".join(map(str, KEY + ("cpu",))): entry, "|".join(map(str, FLOAT32_KEY + ("cpu",))): entry}}))
+    tf32(False)
+    timer = TableTimer({HEURISTIC: 1.0, **{candidate: 2.0 for candidate in CANDIDATES}})
+    tuner = autotune().Tuner(path=path, timer=timer, measurable=always)
+    assert choose(tuner) == CANDIDATES[2] and tuner.tuning_runs == 0
+    assert tuner.choose(FLOAT32_KEY, torch.device("cpu"), (), HEURISTIC, lambda: CANDIDATES, None) == HEURISTIC
+    assert tuner.tuning_runs == 1
+
+
 # ------------------------------------------------------------------ every candidate computes the same
 class Forced:
     """A tuner that returns the candidate at ``index`` (or the heuristic past the end)."""
@@ -290,6 +349,26 @@ def test_dispatch_without_measurement_stays_sparse(tmp_path):
     dispatch().bsr_linear(torch.randn(3, 64, device=DEVICE), values, *index, tuner=tuner)
     assert dispatch().last_path() == "sparse"
     assert not (tmp_path / "tune.json").exists()
+
+
+def test_float32_dispatch_decisions_are_kept_per_tf32_setting(tmp_path, tf32):
+    """cuBLAS and the kernels both multiply float32 in TF32 when torch allows it: a decision measured
+    under TF32 is measured again under full precision, and each is stored under its own key."""
+    times = iter([2.0, 1.0, 1.0, 2.0])  # (sparse, dense) under TF32, then under full precision
+    measured = []
+    tuner = autotune().Tuner(path=tmp_path / "tune.json", timer=lambda fn: (measured.append(1), next(times))[1],
+                             measurable=always)
+    case, values, index = block_problem()
+    input = torch.randn(5, 64, device=DEVICE)
+    tf32(True)
+    assert dispatch().bsr_path(input, values, index, tuner) == "dense"
+    tf32(False)
+    assert dispatch().bsr_path(input, values, index, tuner) == "sparse"
+    tf32(True)
+    assert dispatch().bsr_path(input, values, index, tuner) == "dense" and len(measured) == 4
+    stored = json.loads((tmp_path / "tune.json").read_text())["dispatch"]
+    assert {key.rsplit("|", 1)[1]: entry["path"] for key, entry in stored.items()} == {"tf32": "dense",
+                                                                                        "ieee": "sparse"}
 
 
 # The CUDA C++ op as a third candidate. dispatch.cuda_candidate is patched so that CPU tensors see

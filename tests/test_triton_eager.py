@@ -8,6 +8,10 @@ calls of the launchers as the op (triton/ops.py) reaches them and of the fast pa
 
 from __future__ import annotations
 
+import os
+import warnings
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,6 +65,25 @@ def plan_builds(monkeypatch):
     return counts
 
 
+@contextmanager
+def fast_path_off():
+    previous = os.environ.get("SPARSEKERNELS_EAGER_FAST_PATH")
+    os.environ["SPARSEKERNELS_EAGER_FAST_PATH"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["SPARSEKERNELS_EAGER_FAST_PATH"]
+        else:
+            os.environ["SPARSEKERNELS_EAGER_FAST_PATH"] = previous
+
+
+def _op_result(layer, input):
+    """The op path's output (the fast path switched off; grad mode on, values requires grad)."""
+    with fast_path_off(), torch.enable_grad():
+        return layer(input).detach()
+
+
 def make_layer(layout, dtype=torch.float32, bias=True):
     torch.manual_seed(0)
     return SparseLinear(64, 48, layout, bias=bias, dtype=dtype).to(DEVICE)
@@ -79,10 +102,9 @@ def test_fast_path_matches_the_op(layout, shape, dtype, bias, paths):
     expected = F.linear(input, layer.dense_weight(), layer.bias)
     assert fast.shape == expected.shape
     assert_close(fast, expected, dtype, "output")
-    with torch.enable_grad():
-        through_op = layer(input)  # values requires grad: the op path
+    through_op = _op_result(layer, input)
     assert paths["op"] == 1
-    torch.testing.assert_close(fast, through_op.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(fast, through_op, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
@@ -97,14 +119,28 @@ def test_inference_mode_and_frozen_weights_take_the_fast_path(layout, paths):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
-def test_training_takes_the_op(layout, paths):
+def test_training_takes_the_autograd_fast_path(layout, paths):
+    """With grad mode on and an operand requiring grad, the fast path runs the kept plan inside the
+    op's own autograd formulas (tests below compare the gradients with the op path's)."""
     layer = make_layer(layout)
     input = torch.randn(5, 64, device=DEVICE, requires_grad=True)
     layer(input).sum().backward()
     layer.requires_grad_(False)
     layer(input)  # only the input requires grad
-    assert paths["fast"] == 0 and paths["op"] == 2
-    assert input.grad is not None
+    assert paths["fast"] == 2 and paths["op"] == 0
+    assert input.grad is not None and layer.values.grad is not None
+
+
+def test_training_a_transposable_layer_runs_its_ops_backward(paths):
+    """A transposable layer's op has nm_linear's forward and its own backward (the input gradient
+    is the N:M forward on W.T's pattern, through the op: counted as "op")."""
+    layer = make_layer(NM(2, 4, transposable=True))
+    input = torch.randn(5, 64, device=DEVICE, requires_grad=True)
+    layer(input).sum().backward()
+    with torch.no_grad():
+        layer(input)
+    assert paths == {"op": 1, "fast": 2}
+    assert input.grad is not None and layer.values.grad is not None
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
@@ -210,6 +246,81 @@ def test_a_weight_reshaped_through_data_gets_the_op_error(layout, plan_builds):
     assert plan_builds["built"] == 1
 
 
+def _errors_of_both_paths(layer, input, monkeypatch) -> tuple:
+    """(fast path's error, op path's error) of ``layer(input)`` under no_grad, as (type, message)."""
+    errors = []
+    for fast in ("1", "0"):
+        monkeypatch.setenv("SPARSEKERNELS_EAGER_FAST_PATH", fast)
+        with torch.no_grad(), pytest.raises((TypeError, ValueError)) as raised:
+            layer(input)
+        errors.append((type(raised.value), str(raised.value)))
+    monkeypatch.delenv("SPARSEKERNELS_EAGER_FAST_PATH")
+    return tuple(errors)
+
+
+def _change_bias_dtype(layer):
+    layer.bias.data = layer.bias.data.double()
+
+
+def _change_bias_shape(layer):
+    layer.bias.data = torch.randn(47, device=DEVICE)  # 48 outputs: the block kernel loads bias unmasked
+
+
+def _change_index_dtype(layer):
+    if isinstance(layer.layout, BlockSparse):
+        layer.block_col_indices.data = layer.block_col_indices.data.long()
+    else:
+        layer.positions.data = layer.positions.data.int()
+
+
+def _change_index_shape(layer):
+    if isinstance(layer.layout, BlockSparse):
+        layer.block_value_indices.data = layer.block_value_indices.data[:-1].clone()  # read by the op's checks only
+    else:
+        layer.positions.data = layer.positions.data[:-1].clone()
+
+
+def _change_index_device(layer):
+    if DEVICE != "cuda":  # set_data takes no CPU <-> meta change: a second device needs a GPU
+        pytest.skip("needs a CUDA GPU (a CPU index on a CUDA layer)")
+    name = "block_row_offsets" if isinstance(layer.layout, BlockSparse) else "positions"
+    getattr(layer, name).data = getattr(layer, name).data.cpu()
+
+
+@pytest.mark.parametrize("change", [_change_bias_dtype, _change_bias_shape, _change_index_dtype, _change_index_shape,
+                                    _change_index_device], ids=lambda change: change.__name__[len("_change_"):])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_a_bias_or_index_changed_through_data_gets_the_op_error(layout, change, paths, plan_builds, monkeypatch):
+    """``.data =`` keeps the tensor object but may change its dtype, shape or device: a kept plan
+    must not launch with them (a stale size reads past the end), the op's error must come instead."""
+    layer = make_layer(layout)
+    input = torch.randn(5, 64, device=DEVICE)
+    with torch.no_grad():
+        layer(input)  # a plan is kept
+    change(layer)
+    fast_error, op_error = _errors_of_both_paths(layer, input, monkeypatch)
+    assert fast_error == op_error
+    assert plan_builds["built"] == 1 and paths["fast"] == 2
+
+
+@pytest.mark.parametrize("name", ["values", "bias"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_a_weight_made_non_contiguous_through_data_is_not_launched_as_contiguous(layout, name, plan_builds):
+    """Kept plans pass the weights as they are, planned for contiguous ones: a strided tensor of
+    the same shape and dtype, set through ``.data``, must give the op's result."""
+    layer = make_layer(layout)
+    input = torch.randn(5, 64, device=DEVICE)
+    with torch.no_grad():
+        layer(input)
+        tensor = getattr(layer, name)
+        strided = torch.stack([tensor.data, torch.full_like(tensor.data, float("nan"))], dim=-1)[..., 0]
+        assert not strided.is_contiguous() and strided.shape == tensor.shape
+        tensor.data = strided
+        output = layer(input)
+    torch.testing.assert_close(output, _op_result(layer, input), rtol=0, atol=0)
+    assert plan_builds["built"] == 1  # the strided layer is not planned: the launcher copies it
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 def test_replaced_bias_of_another_dtype_gets_the_op_error(layout, paths, plan_builds):
     layer = make_layer(layout)
@@ -228,11 +339,6 @@ def test_replaced_bias_of_another_dtype_gets_the_op_error(layout, paths, plan_bu
 # launcher taken once. A kept plan must give the launcher's result bitwise, and must be rebuilt
 # whenever a decision in it could change (tests below); paths["fast"] counts forwards, plan_builds
 # counts plans built.
-
-
-def _op_result(layer, input):
-    with torch.enable_grad():
-        return layer(input).detach()  # values requires grad: the op path, no plan
 
 
 @pytest.mark.parametrize("layout", LAYOUTS + [NM(2, 4, transposable=True), NM(1, 4)], ids=layout_id)
@@ -584,3 +690,209 @@ def test_the_default_device_context_keeps_the_fast_path(paths):
         finally:
             torch.set_default_device(previous if had_default else None)
     assert paths["fast"] == 3 and paths["op"] == 1
+
+
+# ------------------------------------------------------------------------- grad-enabled fast path
+# With grad mode on and an operand requiring grad, the fast path runs the kept plan inside an
+# autograd.Function whose backward is the op's registered formula (eager._OpAutograd): outputs and
+# gradients must be those of the op path, bitwise, whichever operands require grad.
+
+
+def _forward_and_grads(forward, input, grad_output, layer=None):
+    """(output, input.grad, values.grad, bias.grad) of one forward (``forward(input)``, the layer
+    unless ``layer`` is given) and backward."""
+    layer = forward if layer is None else layer
+    for tensor in (input, layer.values, layer.bias):
+        if tensor is not None:
+            tensor.grad = None
+    output = forward(input)
+    output.backward(grad_output)
+    grads = [None if tensor is None else tensor.grad for tensor in (input, layer.values, layer.bias)]
+    return (output.detach(), *grads)
+
+
+GRAD_LAYOUTS = LAYOUTS + [NM(2, 4, transposable=True)]
+
+
+@pytest.mark.parametrize("needs", ["all", "weights", "input"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=layout_id)
+def test_autograd_fast_path_gives_the_ops_gradients(layout, dtype, bias, needs, paths):
+    """``needs``: which operands require grad: all, the weights only (a plain input), the input only
+    (values and bias frozen)."""
+    layer = make_layer(layout, dtype, bias)
+    layer.requires_grad_(needs != "input")
+    input = torch.randn(2, 3, 64, dtype=dtype, device=DEVICE, requires_grad=needs != "weights")
+    grad_output = torch.randn(2, 3, 48, dtype=dtype, device=DEVICE)
+    # A transposable layer's input gradient is an N:M forward on W.T through the op, on both paths.
+    op_backward = int(layout.transposable and needs != "weights") if isinstance(layout, NM) else 0
+    fast = _forward_and_grads(layer, input, grad_output)
+    assert paths == {"op": op_backward, "fast": 1}
+    with fast_path_off():
+        through_op = _forward_and_grads(layer, input, grad_output)
+    assert paths == {"op": 1 + 2 * op_backward, "fast": 1}
+    for name, fast_result, op_result in zip(("output", "input.grad", "values.grad", "bias.grad"), fast, through_op):
+        assert (fast_result is None) == (op_result is None), name
+        if fast_result is not None:
+            torch.testing.assert_close(fast_result, op_result, rtol=0, atol=0, msg=name)
+    assert (fast[1] is None) == (needs == "weights") and (fast[2] is None) == (needs == "input")
+
+
+def _double_backward(layer, input):
+    """What a second-order gradient through the layer gives: ("ok", grads) or (error type, message)."""
+    output = layer(input)
+    (grad_input,) = torch.autograd.grad(output.square().sum(), input, create_graph=True)
+    try:
+        grads = torch.autograd.grad(grad_input.square().sum(), (input, layer.values), allow_unused=True)
+    except Exception as error:  # noqa: BLE001  (the op path's own error, whatever it is)
+        return type(error), str(error)
+    return "ok", grads
+
+
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=layout_id)
+def test_double_backward_behaves_as_on_the_op_path(layout, paths):
+    layer = make_layer(layout)
+    input = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    fast = _double_backward(layer, input)
+    with fast_path_off():
+        through_op = _double_backward(layer, input)
+    assert paths["fast"] == 1
+    assert fast[0] == through_op[0]
+    if fast[0] == "ok":
+        for fast_grad, op_grad in zip(fast[1], through_op[1]):
+            assert (fast_grad is None) == (op_grad is None)
+            if fast_grad is not None:
+                torch.testing.assert_close(fast_grad, op_grad, rtol=0, atol=0)
+    else:
+        assert fast[1] == through_op[1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_inference_and_training_keep_a_plan_each(layout, paths, plan_builds):
+    """Whether autograd records the call is part of the plan key (on CUDA the path decision differs:
+    the CUDA op competes for inference only); each mode builds its plan once, and both compute the
+    same forward."""
+    layer = make_layer(layout)
+    input = torch.randn(4, 64, device=DEVICE)
+    with torch.no_grad():
+        inference = layer(input)
+    training = layer(input)
+    assert training.requires_grad and plan_builds["built"] == 2 and paths["fast"] == 2
+    torch.testing.assert_close(training.detach(), inference, rtol=0, atol=0)
+    with torch.no_grad():
+        layer(input)
+    layer(input)
+    assert plan_builds["built"] == 2 and paths["fast"] == 4
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_forward_mode_ad_and_functorch_take_the_op(layout, grad_mode, paths):
+    """A dual level (forward-mode AD) or a functorch transform expects the op (its tangent or
+    batching rules): the fast path steps aside, grad mode on or off."""
+    from torch.autograd import forward_ad
+
+    layer = make_layer(layout)
+    input = torch.randn(3, 64, device=DEVICE)
+    with torch.set_grad_enabled(grad_mode), forward_ad.dual_level():
+        layer(input)
+    assert paths == {"op": 1, "fast": 0}
+    if grad_mode:
+        with pytest.raises(RuntimeError, match="setup_context"):  # the op's own answer to torch.func
+            torch.func.grad(lambda x: layer(x).sum())(input)
+        assert paths["fast"] == 0
+
+
+def test_a_dense_plan_is_differentiated_as_on_the_op_path(routed, plan_builds, monkeypatch, tmp_path):
+    """A dense decision (CUDA; routed here on CPU tensors): the op path's front end runs
+    dispatch.bsr_linear, F.linear on a weight built from the values, which autograd differentiates
+    itself; so does the fast path, through its kept dense plan."""
+    from sparsekernels.nn import _BSR_INDEX_NAMES
+    from sparsekernels.triton import autotune, dispatch
+
+    monkeypatch.setattr(autotune, "tuner", _deciding_tuner(tmp_path, sparse_ms=2.0, dense_ms=1.0))
+    layer = make_layer(BlockSparse(16, 0.5))
+    input = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    grad_output = torch.randn(4, 48, device=DEVICE)
+    fast = _forward_and_grads(layer, input, grad_output)
+    fast_again = _forward_and_grads(layer, input, grad_output)
+    assert dispatch.last_path() == "dense" and routed["decisions"] == 1 and plan_builds["built"] == 0
+    index = [getattr(layer, name) for name in _BSR_INDEX_NAMES]
+    routed_op = _forward_and_grads(
+        lambda x: dispatch.bsr_linear(x, layer.values, *index, layer.bias), input, grad_output, layer)
+    for fast_result, again, op_result in zip(fast, fast_again, routed_op):
+        torch.testing.assert_close(fast_result, op_result, rtol=0, atol=0)
+        torch.testing.assert_close(again, op_result, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=layout_id)
+def test_a_retained_graph_backpropagates_twice_as_on_the_op_path(layout, paths):
+    """The second backward through a retained graph sees the same needs_input_grad as the first."""
+    layer = make_layer(layout)
+    input = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    grad_output = torch.randn(3, 48, device=DEVICE)
+
+    def twice():
+        for tensor in (input, layer.values, layer.bias):
+            tensor.grad = None
+        output = layer(input)
+        output.backward(grad_output, retain_graph=True)
+        output.backward(grad_output)
+        return input.grad, layer.values.grad, layer.bias.grad
+
+    fast = twice()
+    with fast_path_off():
+        through_op = twice()
+    assert paths["fast"] == 1
+    for fast_grad, op_grad in zip(fast, through_op):
+        torch.testing.assert_close(fast_grad, op_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 3, 64)], ids=str)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=layout_id)
+def test_an_in_place_activation_after_the_layer_in_training(layout, shape, paths):
+    """The output is no view (a view made inside an autograd Function may not be modified in place,
+    which the op path's reshaped output runs into): ``relu_`` on it trains, with the gradients of an
+    out-of-place ``relu`` on the op path."""
+    layer = make_layer(layout)
+    input = torch.randn(shape, device=DEVICE, requires_grad=True)
+    grad_output = torch.randn(*shape[:-1], 48, device=DEVICE)
+    fast = _forward_and_grads(lambda x: torch.relu_(layer(x)), input, grad_output, layer)
+    with fast_path_off():
+        through_op = _forward_and_grads(lambda x: torch.relu(layer(x)), input, grad_output, layer)
+    assert paths["fast"] == 1
+    for fast_result, op_result in zip(fast, through_op):
+        torch.testing.assert_close(fast_result, op_result, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+def test_jit_trace_records_the_op(grad_mode, paths):
+    """torch.jit.trace records the ops it sees: the fast path's direct launch would leave the op out
+    of the traced graph (and the tracer's scalars break the launch), so tracing takes the op."""
+    layer = make_layer(NM(2, 4))
+    input = torch.randn(3, 64, device=DEVICE)
+    with torch.set_grad_enabled(grad_mode), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values in the layer
+        traced = torch.jit.trace(layer, input, check_trace=False)  # the check reruns the layer, untraced
+    assert any(node.kind() == "sparsekernels_triton::nm_linear" for node in traced.graph.nodes())
+    assert paths["fast"] == 0
+    torch.testing.assert_close(traced(input), _op_result(layer, input), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("name", ["transpose_index", "positions_t"])
+def test_a_transposed_pattern_changed_through_data_gets_the_op_error(name, grad_mode, paths, monkeypatch):
+    """W.T's pattern of a transposable layer is checked by its op: by the fast path too."""
+    layer = make_layer(NM(2, 4, transposable=True))
+    input = torch.randn(5, 64, device=DEVICE)
+    layer(input)
+    getattr(layer, name).data = getattr(layer, name).data[:-1].clone()
+    errors = []
+    for fast in ("1", "0"):
+        monkeypatch.setenv("SPARSEKERNELS_EAGER_FAST_PATH", fast)
+        with torch.set_grad_enabled(grad_mode), pytest.raises((TypeError, ValueError)) as raised:
+            layer(input)
+        errors.append((type(raised.value), str(raised.value)))
+    assert errors[0] == errors[1] and name in errors[0][1]
+    assert paths["fast"] == 2

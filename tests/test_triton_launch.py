@@ -143,3 +143,60 @@ def test_the_default_device_context_launches_directly(kernel, wrapped):
     finally:
         torch.set_default_device(previous if had_default else None)
     assert wrapped == [kernel] and len(kernel.runs) == 3
+
+
+# ------------------------------------------------------------------------------ float32 dot mode
+# Float32 tiles are multiplied in TF32 only when torch allows it for its own float32 matmuls. torch
+# has two APIs for that setting; after the new one set "tf32", reading the legacy flag raises, so
+# the setting is read through the new one where torch has it (autotune.tf32_enabled).
+
+
+@pytest.fixture
+def restored_fp32_precision():
+    """Restores torch's float32 precision settings (global and CUDA matmul) after the test."""
+    generic, matmul = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.fp32_precision = generic
+    torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+def _set_legacy_allow_tf32(value: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = value
+
+
+def _set_matmul_precision(value: str) -> None:
+    torch.backends.cuda.matmul.fp32_precision = value
+
+
+def _set_global_precision(value: str) -> None:
+    torch.backends.fp32_precision = value
+
+
+@pytest.mark.parametrize("set_precision, value, expected", [
+    (_set_legacy_allow_tf32, True, "tf32"),
+    (_set_legacy_allow_tf32, False, "ieee"),
+    (_set_matmul_precision, "tf32", "tf32"),
+    (_set_matmul_precision, "ieee", "ieee"),
+    (_set_global_precision, "tf32", "tf32"),
+    (_set_global_precision, "ieee", "ieee"),
+], ids=["legacy-true", "legacy-false", "matmul-tf32", "matmul-ieee", "global-tf32", "global-ieee"])
+def test_dot_mode_follows_either_tf32_api(kernel, restored_fp32_precision, set_precision, value, expected):
+    from sparsekernels.triton import autotune
+
+    torch.backends.fp32_precision = "none"
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    assert _common.dot_mode(kernel, torch.float32) == "ieee"  # torch's default: full precision
+    set_precision(value)
+    assert _common.dot_mode(kernel, torch.float32) == expected
+    assert autotune.tf32_enabled() == (expected == "tf32")
+    # Half-precision tiles go to the tensor cores as they are, whatever the setting.
+    assert _common.dot_mode(kernel, torch.bfloat16) == "ieee"
+    assert _common.dot_mode(kernel, torch.float16) == "ieee"
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_torch_without_the_new_api_reads_the_legacy_flag(kernel, monkeypatch, allow_tf32):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=allow_tf32))
+    assert _common.dot_mode(kernel, torch.float32) == ("tf32" if allow_tf32 else "ieee")

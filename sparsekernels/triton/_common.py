@@ -22,7 +22,7 @@ from torch.library import wrap_triton
 from torch.utils._device import DeviceContext
 from triton.runtime.interpreter import InterpretedFunction
 
-from .autotune import Config, density_bucket, m_bucket  # noqa: F401  (re-exported for the launchers)
+from .autotune import Config, density_bucket, m_bucket, tf32_enabled  # noqa: F401  (re-exported for the launchers)
 
 
 @triton.jit
@@ -120,12 +120,13 @@ def dot_mode(kernel, dtype: torch.dtype) -> str:
     """The ``DOT`` argument of :func:`dot_accumulate` for tiles of ``dtype`` run by ``kernel``.
 
     ``"widen"`` for bfloat16 under the interpreter; for float32 on a GPU, ``"tf32"`` only when torch's
-    own float32 matmuls may use TF32 (``torch.backends.cuda.matmul.allow_tf32``), else ``"ieee"``;
-    half-precision tiles always go to the tensor cores as they are (the flag does not apply).
+    own float32 matmuls may use TF32 (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, or
+    the legacy ``allow_tf32``: :func:`autotune.tf32_enabled`), else ``"ieee"``; half-precision tiles
+    always go to the tensor cores as they are (the setting does not apply).
     """
     if is_interpreted(kernel):
         return "widen" if dtype == torch.bfloat16 else "ieee"
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and tf32_enabled():
         return "tf32"
     return "ieee"
 

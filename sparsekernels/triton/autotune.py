@@ -7,7 +7,10 @@ fastest, in memory and in a JSON file, so that later calls, and later processes,
 
 Key: ``(kernel, M bucket, N, K, block size or n:m, density bucket, dtype, GPU name)``, with M (the
 flattened input rows) rounded up to a power of two and the density of kept blocks rounded up to one
-of :data:`DENSITY_BUCKETS`, so that nearby shapes share a tuning run.
+of :data:`DENSITY_BUCKETS`, so that nearby shapes share a tuning run; float32 keys end with the
+float32 multiply, ``"tf32"`` or ``"ieee"`` (torch's TF32 setting, :func:`tf32_enabled`), so that a
+choice measured under one is not reused under the other. (Files written before that field hold
+float32 entries without it: they are no longer matched, and are tuned again once.)
 
 Where tuning is skipped (the heuristic configuration is used, and nothing is stored):
 
@@ -41,7 +44,7 @@ import torch
 
 __all__ = [
     "Config", "Heuristic", "resolve_heuristic", "Tuner", "DENSITY_BUCKETS", "DISPATCH_PATHS", "density_bucket",
-    "m_bucket", "tuner", "gpu_name",
+    "m_bucket", "tuner", "gpu_name", "tf32_enabled",
 ]
 
 FILE_VERSION = 1
@@ -98,6 +101,23 @@ def gpu_name(device: torch.device) -> str:
     if name is None:
         name = _gpu_names[index] = torch.cuda.get_device_name(index)
     return name
+
+
+def tf32_enabled() -> bool:
+    """Whether torch lets its own float32 CUDA matmuls use TF32: the Triton kernels then multiply
+    float32 tiles in TF32 too (``_common.dot_mode``), and tuning and dispatch keys say so.
+
+    torch with the new API (2.11 and 2.13 have it) reads the setting of either API through
+    ``torch.backends.cuda.matmul.fp32_precision`` (``"tf32"``, ``"ieee"``, or ``"none"``: the
+    default, full precision; the legacy ``allow_tf32 = True`` reads back as ``"tf32"``, a global
+    ``torch.backends.fp32_precision`` is inherited). The legacy ``allow_tf32`` must not be read
+    there: once the new API has set ``"tf32"``, reading it raises "mix of the legacy and new APIs".
+    Older torch has only ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch before the fp32_precision API
+        return bool(matmul.allow_tf32)
 
 
 def _file_safe(name: str) -> str:
@@ -218,6 +238,16 @@ class Tuner:
                 warnings.warn(f"sparsekernels: cannot write the tuning cache {path}: {error}", stacklevel=3)
 
     @staticmethod
+    def _full_key(key: tuple, gpu: str) -> tuple:
+        """``key`` (whose last field is the dtype) with the GPU's name and, for float32, how float32
+        tiles are multiplied: ``"tf32"`` or ``"ieee"`` (:func:`tf32_enabled`). A configuration or a
+        dense-or-sparse decision measured with TF32 multiplies (faster, in the kernels and in cuBLAS
+        alike) says nothing about full-precision ones."""
+        if key[-1] == "torch.float32":
+            return key + (gpu, "tf32" if tf32_enabled() else "ieee")
+        return key + (gpu,)
+
+    @staticmethod
     def _text_key(key: tuple) -> str:
         return "|".join(str(part) for part in key)
 
@@ -232,7 +262,7 @@ class Tuner:
         Config, evaluated only on a miss (a launcher's hot path then skips it).
         """
         gpu = gpu_name(device)
-        full_key = key + (gpu,)
+        full_key = self._full_key(key, gpu)
         config = self._configs.get(full_key)
         if config is not None:
             return config
@@ -270,7 +300,7 @@ class Tuner:
         milliseconds}`` where timing may run (stored), else ``default`` (not stored). Ties go to the
         path measured first."""
         gpu = gpu_name(device)
-        full_key = key + (gpu,)
+        full_key = self._full_key(key, gpu)
         path = self._dispatch.get(full_key)
         if path is not None:
             return path

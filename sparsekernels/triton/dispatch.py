@@ -1,8 +1,9 @@
 """Forward dispatch that is never slower than dense: the fastest of the sparse kernels and ``F.linear``.
 
 Rule. For each key ``(layout family, M bucket, out_features, in_features, block size or n:m, density
-bucket, dtype, candidates, GPU)`` (the tuning key of autotune.py, without the kernel name) the
-forward takes the fastest of
+bucket, candidates, dtype, GPU)``, for float32 with torch's TF32 setting (the tuning key of
+autotune.py, without the kernel name: the kernels and cuBLAS multiply float32 in TF32 when it is
+on), the forward takes the fastest of
 
 * ``"sparse"``: the Triton op (``torch.ops.sparsekernels_triton.bsr_linear`` / ``nm_linear``);
 * ``"cuda"``:   the CUDA C++ op (``torch.ops.sparsekernels.bsr_linear`` / ``nm_linear`` on CUDA
@@ -152,9 +153,11 @@ def _choose(key_fn, sizes: tuple, input: Tensor, values: Tensor, sparse, cuda, d
             times["dense"] = tuner.timer(lambda: F.linear(input.detach(), weight))
         return times
 
-    # The candidates are part of the key: a build without CUDA kernels must not read a "cuda" decision.
-    return tuner.decide(key_fn() + (("sparse", "cuda") if with_cuda else ("sparse",),), input.device,
-                        (input, values), measure)
+    # The candidates are part of the key (before the dtype, which the tuner expects last): a build
+    # without CUDA kernels must not read a "cuda" decision.
+    key = key_fn()
+    key = key[:-1] + ("sparse+cuda" if with_cuda else "sparse", key[-1])
+    return tuner.decide(key, input.device, (input, values), measure)
 
 
 def _runs(candidate) -> bool:
