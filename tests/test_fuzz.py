@@ -123,8 +123,10 @@ def make_operand(shape, layout, dtype, device, generator):
     return tensor.to(dtype=dtype, device=device)
 
 
-def check_op_against_dense(matrix, dense_masked, rebuild, backend, dtype, leading, layout, with_bias, generator):
-    """Forward and backward of the layout's front end against F.linear on the masked weight.
+def check_op_against_dense(matrix, dense_masked, rebuild, backend, dtype, leading, layout, with_bias, generator,
+                           op=sparse_linear):
+    """Forward and backward of ``op(matrix, x, values, bias)`` (the layout's front end by default)
+    against F.linear on the masked weight.
 
     ``rebuild(dense)`` picks the kept entries of a dense [out, in] tensor in values' layout.
     """
@@ -137,7 +139,7 @@ def check_op_against_dense(matrix, dense_masked, rebuild, backend, dtype, leadin
     bias = torch.randn(out_features, generator=generator).to(dtype=dtype, device=device) if with_bias else None
     if bias is not None:
         bias.requires_grad_()
-    output = sparse_linear(matrix, x, values, bias)
+    output = op(matrix, x, values, bias)
 
     x_ref = x.detach().float().requires_grad_()
     weight_ref = dense_masked.to(device).float().requires_grad_()

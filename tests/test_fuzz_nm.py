@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 import sparsekernels as sk
-from cases import assert_close
 from sparsekernels import NMMatrix
 from sparsekernels.backend import backend_available
 from sparsekernels.formats import validate_positions
 from sparsekernels.formats.nm import random_transposable_mask
 from sparsekernels.reference import unpack_positions
-from test_fuzz import BACKENDS, OPERANDS, fuzz_settings, make_operand
+from test_fuzz import BACKENDS, OPERANDS, check_op_against_dense, fuzz_settings
 
 
 @st.composite
@@ -50,34 +48,18 @@ def transposable_nm_cases(draw):
 @given(case=transposable_nm_cases(), **OPERANDS)
 def test_nm_transposable_matches_dense(backend, case, dtype, leading, layout, with_bias):
     n, m, mask, generator = case
-    name, device = backend
-    sk.set_backend(name)
-    out_features, in_features = mask.shape
+    device = backend[1]
     matrix = NMMatrix.from_dense(torch.randn(mask.shape, generator=generator).to(dtype), n, m, mask=mask)
     transpose_index, positions_t = (tensor.to(device) for tensor in matrix.transposed_pattern())
-    matrix = matrix.to(device)
-    x = make_operand((*leading, in_features), layout, dtype, device, generator).requires_grad_()
-    values = matrix.values.detach().clone().requires_grad_()
-    bias = torch.randn(out_features, generator=generator).to(dtype=dtype, device=device) if with_bias else None
-    if bias is not None:
-        bias.requires_grad_()
-    output = sk.ops.nm_linear_transposable(x, values, matrix.positions, transpose_index, positions_t, n, m, bias)
 
-    x_ref = x.detach().float().requires_grad_()
-    weight_ref = matrix.to_dense().detach().float().requires_grad_()
-    bias_ref = bias.detach().float().requires_grad_() if with_bias else None
-    output_ref = F.linear(x_ref, weight_ref, bias_ref)
-    assert output.shape == output_ref.shape and output.dtype == dtype
-    assert_close(output, output_ref, dtype, f"{name} forward")
+    def transposable(matrix, x, values, bias):
+        return sk.ops.nm_linear_transposable(x, values, matrix.positions, transpose_index, positions_t, n, m, bias)
 
-    grad_output = make_operand(output_ref.shape, layout, dtype, device, generator)
-    output.backward(grad_output)
-    output_ref.backward(grad_output.float())
-    assert_close(x.grad, x_ref.grad, dtype, f"{name} grad_input")
-    kept_grad = NMMatrix.from_dense(weight_ref.grad.cpu(), n, m, mask=mask).values.to(device)
-    assert_close(values.grad, kept_grad, dtype, f"{name} grad_values")
-    if with_bias:
-        assert_close(bias.grad, bias_ref.grad, dtype, f"{name} grad_bias")
+    def kept(dense):
+        return NMMatrix.from_dense(dense.cpu(), n, m, mask=mask).values.to(dense.device)
+
+    check_op_against_dense(matrix, matrix.to_dense(), kept, backend, dtype, leading, layout, with_bias, generator,
+                           op=transposable)
 
 
 @st.composite
