@@ -541,10 +541,15 @@ def test_the_layer_state_goes_stale_when_a_checked_tensor_dies():
 
 
 def _deciding_tuner(tmp_path, sparse_ms: float, dense_ms: float):
+    return _reporting_tuner(tmp_path, [sparse_ms, dense_ms] * 8)
+
+
+def _reporting_tuner(tmp_path, timings: list):
+    """A tuner that may measure, whose timer reports ``timings`` in turn (running nothing)."""
     from sparsekernels.triton import autotune
 
-    timings = iter([sparse_ms, dense_ms] * 8)
-    return autotune.Tuner(path=tmp_path / "tune.json", timer=lambda fn: next(timings),
+    reported = iter(timings)
+    return autotune.Tuner(path=tmp_path / "tune.json", timer=lambda fn: next(reported),
                           measurable=lambda device, tensors: True)
 
 
@@ -615,9 +620,8 @@ def test_a_cuda_decision_is_kept_in_the_plan(layout, routed, plan_builds, monkey
     reported = {"backend": "auto"}
     monkeypatch.setattr(backend, "get_backend", lambda: reported["backend"])
     monkeypatch.setattr(dispatch, "cuda_candidate", lambda input, values: backend.get_backend() == "auto")
-    timings = iter([3.0, 1.0, 2.0, 1.0, 2.0])  # sparse, cuda, dense; then sparse, dense
-    monkeypatch.setattr(autotune, "tuner", autotune.Tuner(path=tmp_path / "tune.json", timer=lambda fn: next(timings),
-                                                          measurable=lambda device, tensors: True))
+    # sparse, cuda, dense; then sparse, dense
+    monkeypatch.setattr(autotune, "tuner", _reporting_tuner(tmp_path, [3.0, 1.0, 2.0, 1.0, 2.0]))
     layer = make_layer(layout)
     input = torch.randn(2, 3, 64, device=DEVICE)
     before = dispatch.path_counts["cuda"]
