@@ -5,8 +5,14 @@ converted by each implementation, once. For each implementation and cell:
 
 1. run the op once and check it against the float32 reference (this call is also the first warm-up);
 2. a wrong result is marked WRONG and not timed, so it can never look fast;
-3. a correct one is timed, then gets useful TFLOP/s, GB/s, its speedup over ``dense`` and, on a GPU
-   of the peak table (:mod:`bench.roofline`), its percentage of the roofline.
+3. a correct one is timed, and the output of a call made after the first is checked too, with the
+   same tolerance: the last timed call's (on CUDA: the last eager call's and a CUDA graph replay's),
+   or one more call's when the timer hands none back. A tuner that switches configurations after
+   the first call, a graph replay that differs from eager execution, or a stateful implementation
+   would otherwise be timed wrong and look fast; such a cell is WRONG ("wrong after timing"), with
+   no timing;
+4. a correct one then gets useful TFLOP/s, GB/s, its speedup over ``dense`` and, on a GPU of the
+   peak table (:mod:`bench.roofline`), its percentage of the roofline.
 
 Anything an implementation raises (converting the weight, running, timing) is recorded in its cell
 and the run goes on; only KeyboardInterrupt and the like stop it. A sparsekernels column converts
@@ -24,13 +30,15 @@ import torch
 from tqdm import tqdm
 
 from .cases import Case, dtype_name
-from .correctness import check, reference_outputs
+from .correctness import Verdict, check, reference_outputs
 from .errors import describe_error
 from .implementations import BASELINE, Implementation
 from .metrics import bytes_needed, useful_flops
 from .results import CellResult, Measurement, Status
 from .roofline import Peak, percent_of_roofline
 from .timing import Timer, TimingConfig, timer_for
+
+CALL_AFTER_TIMING = "one more call after timing"  # the check's call when the timer hands back no output
 from .workloads import Inputs, SparseWeight, build_inputs, build_weight
 
 # An implementation bound to the current weight, or the measurement every cell of it gets instead.
@@ -133,24 +141,41 @@ def _measure(
         verdict = check(canonical(run()), reference(), case.dtype)
     except Exception as error:
         return Measurement(Status.ERROR, describe_error(error))
-    errors = {
-        "max_abs_error": verdict.max_abs_error,
-        "max_rel_error": verdict.max_rel_error,
-        "tolerance": verdict.tolerance,
-    }
     if not verdict.correct:
-        detail = (
-            "non-finite output"
-            if verdict.max_rel_error is None
-            else f"error {verdict.max_rel_error:.2e} of the output scale > tolerance {verdict.tolerance:.0e}"
-        )
-        return Measurement(Status.WRONG, detail, **errors)
+        return Measurement(Status.WRONG, _wrong_detail(verdict), **_errors(verdict))
+    verdicts: list[tuple[str, Verdict]] = [("the first call", verdict)]
+
+    def check_timed_output(label: str, output: object) -> None:
+        verdicts.append((label, check(canonical(output), reference(), case.dtype)))
+
     paths_before = _dispatch_counts()
     try:
-        timing = timer.measure(run)
+        timing = timer.measure(run, on_output=check_timed_output)
+        path = _path_taken(paths_before, _dispatch_counts())
+        if len(verdicts) == 1:
+            check_timed_output(CALL_AFTER_TIMING, run())
     except Exception as error:
-        return Measurement(Status.ERROR, f"timing: {describe_error(error)}", **errors)
-    return Measurement(Status.OK, timing=timing, path=_path_taken(paths_before, _dispatch_counts()), **errors)
+        return Measurement(Status.ERROR, f"timing: {describe_error(error)}", **_errors(verdict))
+    for label, later in verdicts[1:]:
+        if not later.correct:
+            detail = f"wrong after timing ({label}; the first call was right): {_wrong_detail(later)}"
+            return Measurement(Status.WRONG, detail, **_errors(later))
+    return Measurement(Status.OK, timing=timing, path=path, **_errors(*(later for _, later in verdicts)))
+
+
+def _wrong_detail(verdict: Verdict) -> str:
+    if verdict.max_rel_error is None:
+        return "non-finite output"
+    return f"error {verdict.max_rel_error:.2e} of the output scale > tolerance {verdict.tolerance:.0e}"
+
+
+def _errors(*verdicts: Verdict) -> dict[str, Optional[float]]:
+    """The measurement's error fields: the largest errors over ``verdicts`` (all of them finite)."""
+    return {
+        "max_abs_error": max(verdict.max_abs_error for verdict in verdicts),
+        "max_rel_error": max(verdict.max_rel_error for verdict in verdicts),
+        "tolerance": verdicts[0].tolerance,
+    }
 
 
 def _dispatch_counts() -> Optional[dict[str, int]]:

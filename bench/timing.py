@@ -17,6 +17,14 @@ counters, L2 flushing, a fixed clock) can be added here without touching anythin
 
 Sampling stops after ``repeats`` samples, or earlier, once at least three are in and the
 measurement has used its time budget, which bounds the cost of slow cells.
+
+What was timed can be checked: ``measure`` hands each timing phase's last output to ``on_output``
+(outside the timed region), so that the runner checks a call made after the first one (a tuner
+that picks another configuration later, a stateful implementation). The wall-clock loop keeps its
+last call's result in a local variable (no extra call, no wrapper). The CUDA-graph path keeps the
+result of the last call captured into the graph: its tensors live in the graph's memory pool and
+every replay writes them, so after the last replay they hold a replay's output; keeping them costs
+nothing at replay time (Python runs only during capture).
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ MIN_SAMPLES = 3
 MIN_SAMPLE_SECONDS = 1e-3
 MAX_CALLS_PER_SAMPLE = 1000
 CUDA_GRAPH_REPLAYS = 10  # do_bench_cudagraph replays its graph this many times
+# Labels of the outputs handed to ``on_output``: which timed call they come from.
+LAST_TIMED_CALL = "the last timed call"
+LAST_EAGER_CALL = "the last eager timed call"
+GRAPH_REPLAY = "a CUDA graph replay"
 L2_FLUSH_BYTES = 256 * 2**20  # several times the L2 of any GPU in the peak table (H100/H200: 50 MiB)
 MIN_KERNEL_MS = 1e-6  # floor of a flush-corrected sample, so that a time is never zero or negative
 
@@ -60,8 +72,12 @@ class Timing:
     l2_flushed: bool = False  # CUDA graph time with the L2 cache flushed before every call
 
 
+# Called as on_output(label, output) right after a timing phase, with that phase's last output.
+OutputSink = Callable[[str, object], None]
+
+
 class Timer(Protocol):
-    def measure(self, fn: Callable[[], object]) -> Timing: ...
+    def measure(self, fn: Callable[[], object], on_output: Optional[OutputSink] = None) -> Timing: ...
 
 
 def _summarize(samples_ms: list[float], method: str, eager_median_ms: Optional[float] = None) -> Timing:
@@ -70,6 +86,13 @@ def _summarize(samples_ms: list[float], method: str, eager_median_ms: Optional[f
 
 
 def _wall_clock_samples(fn: Callable[[], object], config: TimingConfig, synchronize: Callable[[], None]) -> list[float]:
+    return _samples_and_last_output(fn, config, synchronize)[0]
+
+
+def _samples_and_last_output(
+    fn: Callable[[], object], config: TimingConfig, synchronize: Callable[[], None]
+) -> tuple[list[float], object]:
+    """The wall-clock samples of ``fn``, and the output of its last timed call."""
     for _ in range(config.warmup):
         fn()
     synchronize()
@@ -83,12 +106,12 @@ def _wall_clock_samples(fn: Callable[[], object], config: TimingConfig, synchron
     while len(samples_ms) < config.repeats:
         start = time.perf_counter()
         for _ in range(calls):
-            fn()
+            output = fn()  # a local store where the result was discarded: no cost to the timing
         synchronize()
         samples_ms.append((time.perf_counter() - start) * 1e3 / calls)
         if len(samples_ms) >= MIN_SAMPLES and time.perf_counter() > deadline:
             break
-    return samples_ms
+    return samples_ms, output
 
 
 class WallClockTimer:
@@ -97,8 +120,11 @@ class WallClockTimer:
     def __init__(self, config: TimingConfig) -> None:
         self.config = config
 
-    def measure(self, fn: Callable[[], object]) -> Timing:
-        return _summarize(_wall_clock_samples(fn, self.config, lambda: None), "wall_clock")
+    def measure(self, fn: Callable[[], object], on_output: Optional[OutputSink] = None) -> Timing:
+        samples_ms, output = _samples_and_last_output(fn, self.config, lambda: None)
+        if on_output is not None:
+            on_output(LAST_TIMED_CALL, output)
+        return _summarize(samples_ms, "wall_clock")
 
 
 def subtract_flush(samples_ms: list[float], flush_ms: float) -> list[float]:
@@ -126,20 +152,28 @@ class CudaTimer:
         rep_ms = max(1.0, self.config.budget_s * 1e3 / CUDA_GRAPH_REPLAYS)
         return [float(sample) for sample in do_bench_cudagraph(fn, rep=rep_ms, return_mode="all")]
 
-    def measure(self, fn: Callable[[], object]) -> Timing:
-        eager = _summarize(_wall_clock_samples(fn, self.config, torch.cuda.synchronize), "eager")
+    def measure(self, fn: Callable[[], object], on_output: Optional[OutputSink] = None) -> Timing:
+        eager_samples_ms, eager_output = _samples_and_last_output(fn, self.config, torch.cuda.synchronize)
+        eager = _summarize(eager_samples_ms, "eager")
+        if on_output is not None:
+            on_output(LAST_EAGER_CALL, eager_output)
+        del eager_output
+        captured: list[object] = []  # the output of the last call captured into the graph
+
+        def flushed() -> None:
+            self._flush_l2()
+            captured[:] = [fn()]
+
         try:
             if self._flush_ms is None:  # the same for every cell: measured once
                 self._flush_ms = float(np.median(self._graph_samples(self._flush_l2)))
-
-            def flushed() -> None:
-                self._flush_l2()
-                fn()
-
             samples_ms = subtract_flush(self._graph_samples(flushed), self._flush_ms)
         except Exception as error:  # capture unsupported by this op, or no triton: keep the eager time
             torch.cuda.synchronize()
             return replace(eager, eager_median_ms=eager.median_ms, graph_failure=describe_error(error))
+        # Outside the try: an error of the caller's check is not a failure of the graph timing.
+        if on_output is not None and captured:
+            on_output(GRAPH_REPLAY, captured[0])
         return replace(_summarize(samples_ms, "cuda_graph", eager.median_ms), l2_flushed=True)
 
 

@@ -168,6 +168,54 @@ def test_a_raising_peer_records_its_error_and_the_run_goes_on():
         assert result.measurements["sparsekernels"].status is Status.OK
 
 
+class RightOnlyOnce(Dense):
+    """Right on the first call of each cell, then wrong (state): the first-call check alone misses it."""
+
+    name = "right_only_once"
+
+    def runner(self, op, inputs):
+        self.calls = 0
+        return super().runner(op, inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x) + (0.0 if self.calls == 1 else 1.0)
+
+
+def test_a_result_that_goes_wrong_after_the_first_call_is_wrong_and_never_fast():
+    results = list(run_cells(_tiny_cases(), [Dense, RightOnlyOnce], CPU, FAST_TIMING, progress=False))
+    for result in results:
+        wrong = result.measurements["right_only_once"]
+        assert wrong.status is Status.WRONG, wrong.detail
+        assert wrong.detail.startswith("wrong after timing (the last timed call; the first call was right): error ")
+        assert wrong.max_rel_error > wrong.tolerance
+        assert wrong.timing is None and wrong.speedup is None and wrong.tflops is None
+        assert result.measurements["dense"].status is Status.OK
+
+
+def test_a_result_right_throughout_is_checked_after_timing_too(monkeypatch):
+    """Every call of a correct implementation stays correct: OK; the timed output is checked without
+    an extra call when the timer hands it back, and with one more call when it does not."""
+    from bench import runner
+
+    checked = []
+    real_check = runner.check
+    monkeypatch.setattr(runner, "check", lambda *args: checked.append(args[0]) or real_check(*args))
+    (result,) = run_cells(_tiny_cases()[:1], [Dense, Sparsekernels], CPU, FAST_TIMING, progress=False)
+    assert {m.status for m in result.measurements.values()} == {Status.OK}
+    assert len(checked) == 4  # first call and last timed call, for each implementation
+
+    class SilentTimer:  # a timer that does not hand back any timed output
+        def measure(self, fn, on_output=None):
+            return timing.WallClockTimer(FAST_TIMING).measure(fn)
+
+    monkeypatch.setattr(runner, "timer_for", lambda device, config: SilentTimer())
+    (result,) = run_cells(_tiny_cases()[:1], [Dense, RightOnlyOnce], CPU, FAST_TIMING, progress=False)
+    wrong = result.measurements["right_only_once"]
+    assert wrong.status is Status.WRONG
+    assert wrong.detail.startswith(f"wrong after timing ({runner.CALL_AFTER_TIMING}; the first call was right)")
+
+
 class WrongSparsekernels(Sparsekernels):
     """sparsekernels with a broken forward: the run must fail, not report a speedup."""
 
@@ -476,6 +524,75 @@ def test_cuda_timer_subtracts_the_flush_measured_once_and_falls_back_to_eager(mo
     assert fallback.method == "eager" and not fallback.l2_flushed
     assert fallback.graph_failure == "RuntimeError: operation not permitted when stream is capturing"
     assert fallback.median_ms == fallback.eager_median_ms
+
+
+def test_cuda_timer_hands_back_the_last_eager_output_and_a_graph_replays(monkeypatch):
+    """On CUDA the eager loop's last output and the output of the last call captured into the graph
+    (which every replay rewrites) go to on_output; none from a graph that failed."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    timer = timing.CudaTimer(FAST_TIMING)
+    timer._flush_l2 = lambda: None
+    calls = []
+
+    def fn():
+        calls.append(len(calls))
+        return len(calls)
+
+    def fake_graph_samples(graph_fn):
+        for _ in range(3):  # capture of the unrolled calls; replays run no Python
+            graph_fn()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(timer, "_graph_samples", fake_graph_samples)
+    outputs = []
+    timer.measure(fn, on_output=lambda label, output: outputs.append((label, output)))
+    eager_calls = len(calls) - 3  # then the graph of flush + fn captured fn three times
+    assert outputs == [(timing.LAST_EAGER_CALL, eager_calls), (timing.GRAPH_REPLAY, len(calls))]
+
+    def failing_graph_samples(graph_fn):
+        graph_fn()
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(timer, "_graph_samples", failing_graph_samples)
+    outputs.clear()
+    assert timer.measure(fn, on_output=lambda label, output: outputs.append(label)).method == "eager"
+    assert outputs == [timing.LAST_EAGER_CALL]
+
+
+def test_a_cell_whose_graph_replay_is_wrong_is_wrong(monkeypatch):
+    """The runner on CUDA's timer (device calls replaced): right eagerly, wrong in the graph."""
+    from bench import runner
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    in_graph = []
+
+    class WrongInGraph(Dense):
+        name = "wrong_in_graph"
+
+        def forward(self, x):
+            return super().forward(x) * (2.0 if in_graph else 1.0)
+
+    def fake_graph_samples(graph_fn):
+        in_graph.append(True)
+        try:
+            graph_fn()
+        finally:
+            in_graph.clear()
+        return [1.0, 1.0, 1.0]
+
+    def cuda_timer(device, config):
+        timer = timing.CudaTimer(config)
+        timer._flush_l2 = lambda: None
+        monkeypatch.setattr(timer, "_graph_samples", fake_graph_samples)
+        return timer
+
+    monkeypatch.setattr(runner, "timer_for", cuda_timer)
+    (result,) = run_cells(_tiny_cases()[:1], [Dense, WrongInGraph], CPU, FAST_TIMING, progress=False)
+    assert result.measurements["dense"].status is Status.OK
+    assert result.measurements["dense"].timing.method == "cuda_graph"
+    wrong = result.measurements["wrong_in_graph"]
+    assert wrong.status is Status.WRONG and wrong.timing is None and wrong.speedup is None
+    assert wrong.detail.startswith(f"wrong after timing ({timing.GRAPH_REPLAY}; the first call was right)")
 
 
 def test_table_shows_the_share_of_roofline_when_there_is_one():
