@@ -26,5 +26,6 @@ Modules, in the order data flows through them:
 * ``e2e`` / ``gpt``: the e2e suite and the small GPT it sparsifies.
 * ``test_benchmarks``: pytest-benchmark variants of the quick cells (``pytest bench --benchmark-only``).
 * ``compare``: ``python -m bench compare OLD.json NEW.json``, the regression check.
+* ``resume``: ``--resume``, continuing a cut-off run from its ``results.json``.
 * ``cli``: the command line.
 """

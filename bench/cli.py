@@ -5,6 +5,7 @@
                     [--ops forward,grad_input,grad_weight,train_step] [--peers dense,torch_bsr,...]
                     [--backends triton,cuda]
                     [--repeats N] [--warmup N] [--threads N] [--out DIR] [--no-progress]
+                    [--resume [--resume-anyway]]
     python -m bench --suite e2e [--device ...] [--layouts b32d0.1,2:4] [--dtype float32] [--model small]
                     [--steps N] [--out DIR]
     python -m bench compare OLD.json NEW.json [--threshold 0.1]
@@ -18,13 +19,17 @@ A run measures the suite's cells (each axis given on the command line replaces t
 the table, and writes ``results.json``, ``results.csv`` and the PNG plots (``speedup.png``,
 ``roofline.png``) under ``--out``. sparsekernels gets one column per backend of ``--backends``
 (``sparsekernels[triton]``, ``sparsekernels[cuda]``, ...). It exits with status 1 when a sparsekernels
-result is wrong or raised, so that ``make bench`` cannot pass on a broken kernel. The e2e suite
+result is wrong or raised, so that ``make bench`` cannot pass on a broken kernel. ``results.json`` is
+rewritten as the run goes and on Ctrl-C or SIGTERM; ``--resume`` continues a cut-off run from it
+(:mod:`bench.resume`). The e2e suite
 (:mod:`bench.e2e`) measures whole models instead of cells and has its own table and files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from collections import Counter
 from dataclasses import asdict
@@ -62,7 +67,9 @@ from .report import (
     write_csv,
     write_json,
 )
-from .results import CellResult, Status
+from .resume import Checkpoint, ResumeError, Resumed, union
+from .resume import load as load_for_resume
+from .results import CellResult, Status, case_key
 from .roofline import peak_for_device
 from .runner import run_cells
 from .suites import SUITES
@@ -155,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, help="untimed calls before timing")
     parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads before running (CPU)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run whose results.json is in --out: its cells measured by every requested "
+        "implementation are kept, the others run, the file gets the union (a first run when there is no file)",
+    )
+    parser.add_argument(
+        "--resume-anyway",
+        action="store_true",
+        help="with --resume: resume even when results.json was measured with another device, GPU, torch, "
+        "triton or git commit",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     parser.add_argument(
@@ -246,12 +265,15 @@ def _run_settings(
     names: list[str],
     timing: TimingConfig,
     complete: bool,
+    resumed: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """What was asked for, stored in results.json next to the results."""
+    """What was asked for, stored in results.json next to the results (``cases``: the cells in the
+    file, requested or kept by --resume; ``resumed``: what --resume kept, when it did)."""
     return {
         "suite": args.suite,
         "argv": list(argv),
         "complete": complete,
+        **({} if resumed is None else {"resume": resumed}),
         "implementations": names,
         "timing": asdict(timing),
         "axes": {
@@ -272,6 +294,8 @@ def run(argv: Sequence[str]) -> int:
         parser.error("--device cuda: no CUDA device is available")
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.resume_anyway and not args.resume:
+        parser.error("--resume-anyway only applies with --resume")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     console = wide_console()
@@ -279,6 +303,8 @@ def run(argv: Sequence[str]) -> int:
         if args.backends is not None:  # the e2e models run SparseLinear on the library's own choice
             parser.error("--backends applies to the cell suites (quick, full, targets), not to --suite e2e "
                          "(use SPARSEKERNELS_BACKEND there)")
+        if args.resume:
+            parser.error("--resume applies to the cell suites (quick, full, targets), not to --suite e2e")
         args.out.mkdir(parents=True, exist_ok=True)
         return e2e.run_suite(args, argv, device, console)
     cases, timing, behind = _plan(args, parser, console)
@@ -289,23 +315,51 @@ def run(argv: Sequence[str]) -> int:
     peak = peak_for_device(device)
     environment["gpu_peak"] = None if peak is None else peak.to_dict()
 
-    results: list[CellResult] = []
+    try:
+        resumed = load_for_resume(args.out / JSON_NAME, cases, names, environment, args.resume_anyway) \
+            if args.resume else None
+    except ResumeError as error:
+        parser.error(f"--resume: {error}")
+    measured: dict[tuple, CellResult] = {} if resumed is None else {**resumed.incomplete, **resumed.kept}
+    others = [] if resumed is None else resumed.others
+    to_run = [case for case in cases if resumed is None or case_key(case) not in resumed.kept]
+    if resumed is not None:
+        console.print(f"resuming {resumed.path}: {len(resumed.kept)} of {len(cases)} cells kept, {len(to_run)} to run"
+                      + (f" (environment differs: {'; '.join(resumed.mismatches)})" if resumed.mismatches else ""),
+                      highlight=False)
+    ran = 0
+    final_keys = set() if resumed is None else set(resumed.kept)  # cells with every result: kept or run now
+
+    def write_files() -> tuple[list[CellResult], Optional[list[dict[str, Any]]], dict[str, Any]]:
+        """Write results.json and results.csv with every cell so far; returns the cells, the targets
+        suite's verdict rows and the run settings written."""
+        results = union(cases, measured, others)
+        complete = all(case_key(case) in final_keys for case in cases)
+        target_report = None if behind is None else target_rows(results, behind, names)
+        settings = _run_settings(args, argv, [*cases, *(result.case for result in others)], names, timing, complete,
+                                 None if resumed is None else resumed.to_run_dict(ran))
+        write_json(args.out / JSON_NAME, results, environment, settings, targets=target_report)
+        write_csv(args.out / CSV_NAME, results)
+        return results, target_report, settings
+
+    checkpoint = Checkpoint(write_files)
     interrupted = False
     try:
-        for result in run_cells(cases, implementations, device, timing, progress=not args.no_progress, peak=peak):
-            results.append(result)
+        with _sigterm_as_interrupt():
+            for result in run_cells(to_run, implementations, device, timing, progress=not args.no_progress, peak=peak):
+                measured[case_key(result.case)] = result
+                final_keys.add(case_key(result.case))
+                ran += 1
+                checkpoint.tick()
     except KeyboardInterrupt:  # keep what was measured: the full suite takes hours
         interrupted = True
-        console.print(f"[yellow]interrupted: keeping the {len(results)} of {len(cases)} cells measured[/]")
+        console.print(f"[yellow]interrupted: keeping the {ran} of {len(to_run)} cells measured[/]")
 
+    results, target_report, settings = write_files()
     print_table(results, names, environment, console)
-    target_report = None if behind is None else target_rows(results, behind, names)
     if target_report is not None:
         print_targets(target_report, console)
     our_failures = _summarize_failures(results, console)
-    settings = _run_settings(args, argv, cases, names, timing, complete=not interrupted)
-    write_json(args.out / JSON_NAME, results, environment, settings, targets=target_report)
-    write_csv(args.out / CSV_NAME, results)
     console.print(f"wrote {args.out / JSON_NAME} and {args.out / CSV_NAME}", highlight=False)
     if not args.no_plots and results:
         document = {"environment": environment, "run": settings, "cells": [result.to_dict() for result in results]}
@@ -316,6 +370,24 @@ def run(argv: Sequence[str]) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return 1 if our_failures else 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``timeout``'s default signal, a machine being shut down) stops the run the way
+    Ctrl-C does, so that the cells measured so far are written; the previous handler is restored."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def plot_main(argv: Sequence[str]) -> int:

@@ -10,7 +10,9 @@ and the run's settings; ``results.csv`` has one row per (cell, implementation), 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -185,7 +187,15 @@ def write_json(
     }
     if targets is not None:
         document["targets"] = targets
-    path.write_text(results_json(document))
+    _replace_atomically(path, results_json(document))
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a run killed while writing
+    leaves the previous file whole (``--resume`` reads it), never a truncated one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _csv_row(cell: dict[str, Any], name: str, measurement: Measurement) -> dict[str, Any]:
@@ -221,10 +231,11 @@ def write_csv(path: Path, results: Sequence[CellResult]) -> None:
         for name, measurement in result.measurements.items()
     ]
     cell_fields = list(results[0].cell_dict()) if results else []
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[*cell_fields, *CSV_MEASUREMENT_FIELDS])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=[*cell_fields, *CSV_MEASUREMENT_FIELDS])
+    writer.writeheader()
+    writer.writerows(rows)
+    _replace_atomically(path, text.getvalue())
 
 
 def save_to_results(

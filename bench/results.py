@@ -1,16 +1,17 @@
 """What the runner produces: one :class:`CellResult` per cell, one :class:`Measurement` per
 implementation in it, and their plain-dict form (the rows of ``results.json`` and ``results.csv``),
-and :func:`results_json`, the one way result documents become JSON text."""
+and :func:`results_json`, the one way result documents become JSON text. ``from_dict`` reads a
+cell of ``results.json`` back (``--resume`` keeps the cells an earlier run measured)."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional
 
-from .cases import Case, dtype_name, layout_label
+from .cases import Case, Op, dtype_name, layout_label, parse_dtype, parse_layout, parse_shape
 from .timing import Timing
 
 
@@ -43,6 +44,20 @@ class Measurement:
         record["timing"] = None if self.timing is None else asdict(self.timing)
         return record
 
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Measurement:
+        """Inverse of :meth:`to_dict` (fields this version does not know are left out)."""
+        known = {name: record[name] for name in _field_names(cls) if name in record}
+        known["status"] = Status(record["status"])
+        if known.get("timing") is not None:
+            known["timing"] = Timing(**{name: value for name, value in known["timing"].items()
+                                        if name in _field_names(Timing)})
+        return cls(**known)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {item.name for item in fields(cls)}
+
 
 @dataclass
 class CellResult:
@@ -74,6 +89,14 @@ class CellResult:
             "results": {name: measurement.to_dict() for name, measurement in self.measurements.items()},
         }
 
+    @classmethod
+    def from_dict(cls, cell: dict[str, Any]) -> CellResult:
+        """Inverse of :meth:`to_dict`; raises ValueError or KeyError on a cell it cannot read."""
+        case = Case(*parse_shape(cell["shape"]), parse_layout(cell["layout"]), parse_dtype(cell["dtype"]),
+                    int(cell["M"]), Op(cell["op"]))
+        measurements = {name: Measurement.from_dict(record) for name, record in cell["results"].items()}
+        return cls(case, cell["density"], cell["useful_flops"], cell["bytes_needed"], measurements)
+
 
 CELL_KEY_FIELDS = ("shape", "layout", "dtype", "M", "op")
 
@@ -81,6 +104,11 @@ CELL_KEY_FIELDS = ("shape", "layout", "dtype", "M", "op")
 def cell_key(cell: dict[str, Any]) -> tuple:
     """What identifies a cell in a results file (to match cells of two runs)."""
     return tuple(cell[name] for name in CELL_KEY_FIELDS)
+
+
+def case_key(case: Case) -> tuple:
+    """:func:`cell_key` of the cell ``case`` describes."""
+    return case.shape_label, layout_label(case.layout), dtype_name(case.dtype), case.rows, case.op.value
 
 
 def finite_or_none(value: Any) -> Any:
