@@ -27,7 +27,17 @@
 # TARGETS_LIMIT_S (400 s) and is then interrupted with SIGINT, on which the harness keeps and writes
 # the cells measured so far (run.complete false, exit 130; the cells with a target come first); the
 # overhead runs get the rest. Tuning results persist in ~/.cache/sparsekernels while the machine stays
-# warm, so running `bash bench/gpu_check.sh bench` again finishes the cells a first call did not reach.
+# warm. The targets run writes $BENCH_DIR/results.json as it goes (default /tmp/gpu-check-bench-targets);
+# to finish the cells a cut-off first call did not reach, continue it in a second device call with
+#   BENCH_RESUME=1 bash bench/gpu_check.sh bench
+# which keeps BENCH_DIR and passes --resume (only the missing cells run; results.json gets the union,
+# run.complete true once all are in). On a machine that went cold in between, /tmp is gone: set
+# BENCH_DIR to a path in the repository (bench/out/targets, git-ignored), carry it into both calls
+# (the device tool's `carry`), and copy the first call's $OUT/<gpu>-<date>-targets.json there as
+# results.json when the machine did not keep it. A longer suite continues the same way, by hand:
+#   timeout -s INT 570 python -m bench --suite full --device cuda --out bench/out/full --no-plots --resume
+# in each call (docs/benchmark.md, "Resuming a cut-off run"). A resume across another GPU, torch,
+# triton or git commit is refused (the step fails, exit 2): start afresh without BENCH_RESUME.
 set -euo pipefail
 
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -88,12 +98,12 @@ gpu_name_for_file() {
 }
 
 bench() {
-    local dir=/tmp/gpu-check-bench-targets stem rc=0
-    rm -rf "$dir"
+    local dir="${BENCH_DIR:-/tmp/gpu-check-bench-targets}" stem rc=0 resume=()
+    if [ -n "${BENCH_RESUME:-}" ]; then resume=(--resume); else rm -rf "$dir"; fi
     stem="$(gpu_name_for_file)-$(date -u +%Y-%m-%d)"
     # Every sparsekernels backend of the build (sparsekernels[triton], sparsekernels[cuda]) and every peer.
     timeout -s INT -k 30 "${TARGETS_LIMIT_S:-400}" \
-        "$PY" -m bench --suite targets --device cuda --out "$dir" --no-plots --no-progress || rc=$?
+        "$PY" -m bench --suite targets --device cuda --out "$dir" --no-plots --no-progress "${resume[@]}" || rc=$?
     if [ -f "$dir/results.json" ]; then
         cp "$dir/results.json" "$OUT/$stem-targets.json"
         echo "results: $OUT/$stem-targets.json"
@@ -108,7 +118,7 @@ bench() {
     return "$rc"
 }
 
-export OUT PY
+export OUT PY BENCH_DIR BENCH_RESUME
 export -f info build bench gpu_name_for_file
 
 steps=("$@")
