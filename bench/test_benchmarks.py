@@ -9,8 +9,8 @@ backend that runs there gets its own ``sparsekernels[<backend>]`` tests (on CUDA
 ``sparsekernels[cuda]``, the CUDA C++ kernels, beside the Triton ones picked by default).
 
 Like the harness, a test first checks the result against the float32 reference and fails on a wrong
-one, so a wrong kernel is never timed; a peer that raises or has nothing for the cell is skipped
-with the reason.
+one, so a wrong kernel is never timed, and checks the result of a call made after timing too; a
+peer that raises or has nothing for the cell is skipped with the reason.
 
 These are not unit tests: they live in ``bench/``, outside pytest's ``testpaths`` (``tests``), so
 ``make test`` and CI never collect them; they run only when ``bench`` is named on the command line.
@@ -92,7 +92,8 @@ def _check_and_time(benchmark, case: Case, name: str, cls, weight: SparseWeight,
         if is_ours(name):
             raise
         pytest.skip(f"{name} raised: {describe_error(error)}")
-    verdict = check(actual, reference_outputs(case.op, weight, inputs), case.dtype)
+    expected = reference_outputs(case.op, weight, inputs)
+    verdict = check(actual, expected, case.dtype)
     assert verdict.correct, f"{name} is wrong on {case}: relative error {verdict.max_rel_error} > {verdict.tolerance}"
 
     def timed() -> object:
@@ -105,4 +106,9 @@ def _check_and_time(benchmark, case: Case, name: str, cls, weight: SparseWeight,
         f"{case.shape_label} {layout_label(case.layout)} {dtype_name(case.dtype)} M={case.rows} {case.op.value}"
     )
     benchmark.extra_info.update(implementation=name, density=weight.matrix.density, max_rel_error=verdict.max_rel_error)
-    benchmark(timed)
+    # pytest-benchmark returns the result of one more call after timing: checked too, as the harness
+    # does (a tuner that switched configurations, a stateful implementation).
+    later = check(canonical(benchmark(timed)), expected, case.dtype)
+    assert later.correct, (
+        f"{name} is wrong after timing on {case}: relative error {later.max_rel_error} > {later.tolerance}"
+    )
