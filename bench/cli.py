@@ -67,9 +67,9 @@ from .report import (
     write_csv,
     write_json,
 )
-from .resume import Checkpoint, ResumeError, Resumed, union
+from .resume import Checkpoint, ResumeError, Resumed, RunRecord
 from .resume import load as load_for_resume
-from .results import CellResult, Status, case_key
+from .results import CellResult, Status
 from .roofline import peak_for_device
 from .runner import run_cells
 from .suites import SUITES
@@ -315,29 +315,15 @@ def run(argv: Sequence[str]) -> int:
     peak = peak_for_device(device)
     environment["gpu_peak"] = None if peak is None else peak.to_dict()
 
-    try:
-        resumed = load_for_resume(args.out / JSON_NAME, cases, names, environment, args.resume_anyway) \
-            if args.resume else None
-    except ResumeError as error:
-        parser.error(f"--resume: {error}")
-    measured: dict[tuple, CellResult] = {} if resumed is None else {**resumed.incomplete, **resumed.kept}
-    others = [] if resumed is None else resumed.others
-    to_run = [case for case in cases if resumed is None or case_key(case) not in resumed.kept]
-    if resumed is not None:
-        console.print(f"resuming {resumed.path}: {len(resumed.kept)} of {len(cases)} cells kept, {len(to_run)} to run"
-                      + (f" (environment differs: {'; '.join(resumed.mismatches)})" if resumed.mismatches else ""),
-                      highlight=False)
-    ran = 0
-    final_keys = set() if resumed is None else set(resumed.kept)  # cells with every result: kept or run now
+    record = RunRecord(cases, _resumed(args, parser, console, cases, names, environment))
 
     def write_files() -> tuple[list[CellResult], Optional[list[dict[str, Any]]], dict[str, Any]]:
         """Write results.json and results.csv with every cell so far; returns the cells, the targets
         suite's verdict rows and the run settings written."""
-        results = union(cases, measured, others)
-        complete = all(case_key(case) in final_keys for case in cases)
+        results = record.results()
         target_report = None if behind is None else target_rows(results, behind, names)
-        settings = _run_settings(args, argv, [*cases, *(result.case for result in others)], names, timing, complete,
-                                 None if resumed is None else resumed.to_run_dict(ran))
+        settings = _run_settings(args, argv, record.described_cases(), names, timing, record.complete,
+                                 record.resume_dict())
         write_json(args.out / JSON_NAME, results, environment, settings, targets=target_report)
         write_csv(args.out / CSV_NAME, results)
         return results, target_report, settings
@@ -346,14 +332,13 @@ def run(argv: Sequence[str]) -> int:
     interrupted = False
     try:
         with _sigterm_as_interrupt():
-            for result in run_cells(to_run, implementations, device, timing, progress=not args.no_progress, peak=peak):
-                measured[case_key(result.case)] = result
-                final_keys.add(case_key(result.case))
-                ran += 1
+            for result in run_cells(record.to_run, implementations, device, timing, progress=not args.no_progress,
+                                    peak=peak):
+                record.add(result)
                 checkpoint.tick()
     except KeyboardInterrupt:  # keep what was measured: the full suite takes hours
         interrupted = True
-        console.print(f"[yellow]interrupted: keeping the {ran} of {len(to_run)} cells measured[/]")
+        console.print(f"[yellow]interrupted: keeping the {record.ran} of {len(record.to_run)} cells measured[/]")
 
     results, target_report, settings = write_files()
     print_table(results, names, environment, console)
@@ -370,6 +355,30 @@ def run(argv: Sequence[str]) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return 1 if our_failures else 0
+
+
+def _resumed(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    console: Console,
+    cases: Sequence[Case],
+    names: list[str],
+    environment: dict[str, Any],
+) -> Optional[Resumed]:
+    """With --resume, what the results file in --out keeps (None without one, or without --resume)."""
+    if not args.resume:
+        return None
+    try:
+        resumed = load_for_resume(args.out / JSON_NAME, cases, names, environment, args.resume_anyway)
+    except ResumeError as error:
+        parser.error(f"--resume: {error}")
+    if resumed is None:
+        console.print(f"--resume: no {args.out / JSON_NAME} yet, a first run", highlight=False)
+    else:
+        mismatches = f" (environment differs: {'; '.join(resumed.mismatches)})" if resumed.mismatches else ""
+        console.print(f"resuming {resumed.path}: {len(resumed.kept)} of {len(cases)} cells kept, "
+                      f"{len(cases) - len(resumed.kept)} to run{escape(mismatches)}", highlight=False)
+    return resumed
 
 
 @contextlib.contextmanager

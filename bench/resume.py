@@ -2,7 +2,7 @@
 
 A GPU visit allows 10 minutes per command; the full suite takes hours. A run writes its
 ``results.json`` as it goes (:class:`Checkpoint`) and on Ctrl-C / SIGINT / SIGTERM, so a cut-off run
-leaves the cells it measured. ``--resume`` reads them back: a requested cell already there with a
+leaves the cells it measured; :class:`RunRecord` holds a run's cells, kept and new. ``--resume`` reads them back: a requested cell already there with a
 final status for every requested implementation is kept as it is; every other requested cell runs;
 the file is rewritten with the union (cells of the old file that this run did not ask for are kept
 too), ``run.complete`` true once every requested cell is in.
@@ -104,9 +104,39 @@ def load(
     return Resumed(path, kept, others, incomplete=incomplete, mismatches=mismatches)
 
 
-def union(cases: Sequence[Case], measured: dict[tuple, CellResult], others: Sequence[CellResult]) -> list[CellResult]:
-    """The requested cells measured so far (kept or new), in the run's order, then ``others``."""
-    return [measured[key] for key in map(case_key, cases) if key in measured] + list(others)
+class RunRecord:
+    """The cells of a run so far: those ``--resume`` kept (or None, a fresh run) and those measured
+    now, and the cells of the old file that this run did not ask for."""
+
+    def __init__(self, cases: Sequence[Case], resumed: Optional[Resumed]) -> None:
+        self.cases = list(cases)
+        self.resumed = resumed
+        self.measured: dict[tuple, CellResult] = {} if resumed is None else {**resumed.incomplete, **resumed.kept}
+        self.final: set[tuple] = set() if resumed is None else set(resumed.kept)  # every result in: kept or run
+        self.others: list[CellResult] = [] if resumed is None else list(resumed.others)
+        self.to_run = [case for case in self.cases if case_key(case) not in self.final]
+        self.ran = 0
+
+    def add(self, result: CellResult) -> None:
+        key = case_key(result.case)
+        self.measured[key] = result
+        self.final.add(key)
+        self.ran += 1
+
+    def results(self) -> list[CellResult]:
+        """The requested cells measured so far (kept or new), in the run's order, then the others."""
+        return [self.measured[key] for key in map(case_key, self.cases) if key in self.measured] + self.others
+
+    def described_cases(self) -> list[Case]:
+        """The cells the file describes: those requested, then the others kept."""
+        return [*self.cases, *(result.case for result in self.others)]
+
+    @property
+    def complete(self) -> bool:
+        return all(case_key(case) in self.final for case in self.cases)
+
+    def resume_dict(self) -> Optional[dict[str, Any]]:
+        return None if self.resumed is None else self.resumed.to_run_dict(self.ran)
 
 
 class Checkpoint:
