@@ -2,10 +2,11 @@
 
 A GPU visit allows 10 minutes per command; the full suite takes hours. A run writes its
 ``results.json`` as it goes (:class:`Checkpoint`) and on Ctrl-C / SIGINT / SIGTERM, so a cut-off run
-leaves the cells it measured; :class:`RunRecord` holds a run's cells, kept and new. ``--resume`` reads them back: a requested cell already there with a
+leaves the cells it measured. ``--resume`` reads them back: a requested cell already there with a
 final status for every requested implementation is kept as it is; every other requested cell runs;
 the file is rewritten with the union (cells of the old file that this run did not ask for are kept
-too), ``run.complete`` true once every requested cell is in.
+too), ``run.complete`` true once every requested cell is in. :class:`RunRecord` holds a run's
+cells, kept and new.
 
 Cells measured in another environment would mix numbers that cannot be compared, so resuming is
 refused when the file records another device, GPU, torch, triton or git commit, naming the field,
