@@ -3,9 +3,18 @@
 The runner only sees :func:`timer_for` and the :class:`Timer` protocol, so a better method (hardware
 counters, L2 flushing, a fixed clock) can be added here without touching anything else.
 
-* Wall clock (CPU, and the eager time on CUDA): after warm-up, each sample times a batch of calls
-  long enough (>= 1 ms) that the clock's resolution does not matter, and divides by the batch size;
-  on CUDA the batch ends with a synchronize, so host overhead (launches, argument checks) counts.
+* Wall clock (the eager time on CUDA, and the host-overhead measurement): after warm-up, each
+  sample times a batch of calls long enough (>= 1 ms) that the clock's resolution does not matter,
+  and divides by the batch size; on CUDA the batch ends with a synchronize, so host overhead
+  (launches, argument checks) counts.
+* CPU cells: wall clock per call with the caches flushed before every call (``WallClockTimer``):
+  a sparse weight of a few MiB (4096x4096 at density 0.1 is 6.7 MiB in float32) would otherwise
+  stay in the last-level cache from one repeat to the next, while the dense weight (64 MiB) cannot,
+  which overstates the speed-up any model with more than one layer would see. Before each timed
+  call the timer reads a buffer of twice the last-level cache (at least 64 MiB: reads leave clean
+  lines, so the call pays no write-backs for the flush), outside the timed region; each sample is
+  one call (``time.perf_counter`` resolves well below the shortest call measured). ``l2_flushed``
+  records it as for CUDA.
 * CUDA graphs (``triton.testing.do_bench_cudagraph``): the calls are captured into one graph and
   replayed, which removes host overhead and leaves kernel time. If that fails (an op that syncs
   with the host cannot be captured; triton may be missing), the eager time stands in, with
@@ -32,6 +41,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 import numpy as np
@@ -48,6 +58,7 @@ LAST_TIMED_CALL = "the last timed call"
 LAST_EAGER_CALL = "the last eager timed call"
 GRAPH_REPLAY = "a CUDA graph replay"
 L2_FLUSH_BYTES = 256 * 2**20  # several times the L2 of any GPU in the peak table (H100/H200: 50 MiB)
+CPU_FLUSH_MIN_BYTES = 64 * 2**20  # the CPU flush reads max(this, 2 x last-level cache)
 MIN_KERNEL_MS = 1e-6  # floor of a flush-corrected sample, so that a time is never zero or negative
 
 
@@ -69,7 +80,7 @@ class Timing:
     method: str  # "wall_clock" (CPU), "cuda_graph", or "eager" when CUDA graph timing failed
     eager_median_ms: Optional[float] = None  # CUDA only: host overhead included
     graph_failure: Optional[str] = None  # CUDA only: why there is no CUDA graph time
-    l2_flushed: bool = False  # CUDA graph time with the L2 cache flushed before every call
+    l2_flushed: bool = False  # caches flushed before every call (CUDA graph: L2; CPU: last-level cache)
 
 
 # Called as on_output(label, output) right after a timing phase, with that phase's last output.
@@ -114,17 +125,55 @@ def _samples_and_last_output(
     return samples_ms, output
 
 
+def last_level_cache_bytes() -> Optional[int]:
+    """The size of this CPU's largest cache (Linux sysfs, as seen from CPU 0), or None if unknown."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()  # e.g. "32768K"
+        scale = units.get(text[-1:], 1)
+        digits = text[:-1] if scale != 1 else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=None)
+
+
+def _cold_samples_and_last_output(
+    fn: Callable[[], object], flush: Callable[[], object], config: TimingConfig
+) -> tuple[list[float], object]:
+    """Wall-clock samples of single calls of ``fn``, each after ``flush()`` (not timed)."""
+    for _ in range(config.warmup):
+        fn()
+    deadline = time.perf_counter() + config.budget_s
+    samples_ms: list[float] = []
+    while len(samples_ms) < config.repeats:
+        flush()
+        start = time.perf_counter()
+        output = fn()
+        samples_ms.append((time.perf_counter() - start) * 1e3)
+        if len(samples_ms) >= MIN_SAMPLES and time.perf_counter() > deadline:
+            break
+    return samples_ms, output
+
+
 class WallClockTimer:
-    """CPU: wall time per call."""
+    """CPU: wall time per call, caches flushed before every call (see the module docstring)."""
 
     def __init__(self, config: TimingConfig) -> None:
         self.config = config
+        self._flush_buffer: Optional[torch.Tensor] = None
+
+    def _flush_caches(self) -> None:
+        if self._flush_buffer is None:
+            size = max(CPU_FLUSH_MIN_BYTES, 2 * (last_level_cache_bytes() or 0))
+            self._flush_buffer = torch.ones(size // 4, dtype=torch.float32)
+        self._flush_buffer.sum()
 
     def measure(self, fn: Callable[[], object], on_output: Optional[OutputSink] = None) -> Timing:
-        samples_ms, output = _samples_and_last_output(fn, self.config, lambda: None)
+        samples_ms, output = _cold_samples_and_last_output(fn, self._flush_caches, self.config)
         if on_output is not None:
             on_output(LAST_TIMED_CALL, output)
-        return _summarize(samples_ms, "wall_clock")
+        return replace(_summarize(samples_ms, "wall_clock"), l2_flushed=True)
 
 
 def subtract_flush(samples_ms: list[float], flush_ms: float) -> list[float]:

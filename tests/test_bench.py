@@ -498,6 +498,39 @@ def test_a_busy_cpu_is_pointed_out_next_to_the_timings():
     assert busy_machine_warning({"device": "cuda", "load_average_1min": 9.0, "cpu_count": 2}) is None
 
 
+def test_cpu_timer_flushes_the_caches_before_every_timed_call_outside_the_timing(monkeypatch):
+    """Each sample is one call right after a flush; the flush's time is not in the samples."""
+    timer = timing.WallClockTimer(TimingConfig(warmup=2, repeats=4, budget_s=10.0))
+    events = []
+    clock = [0.0]
+
+    def flush():
+        events.append("flush")
+        clock[0] += 1.0  # a slow flush: it must not show in the samples
+
+    def call():
+        events.append("call")
+        clock[0] += 0.002
+        return len(events)
+
+    monkeypatch.setattr(timer, "_flush_caches", flush)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    measured = timer.measure(call)
+    assert events == ["call", "call"] + ["flush", "call"] * 4  # warm-up, then flush before each call
+    assert measured.samples == 4 and measured.median_ms == pytest.approx(2.0) and measured.l2_flushed
+
+
+def test_cpu_cache_flush_reads_twice_the_last_level_cache(monkeypatch):
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 96 * 2**20)
+    timer = timing.WallClockTimer(FAST_TIMING)
+    timer._flush_caches()
+    assert timer._flush_buffer.numel() * 4 == 192 * 2**20
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: None)
+    small = timing.WallClockTimer(FAST_TIMING)
+    small._flush_caches()
+    assert small._flush_buffer.numel() * 4 == timing.CPU_FLUSH_MIN_BYTES
+
+
 def test_cuda_timer_subtracts_the_flush_measured_once_and_falls_back_to_eager(monkeypatch):
     """The CUDA timer's logic with the device calls replaced (this runs on CPU): graph samples of
     flush + call, minus the flush's own time, measured once; eager time when capture fails."""
