@@ -4,7 +4,7 @@
                     [--layouts b64d0.1,2:4,...] [--dtype float32,bfloat16] [--m 1,16,256]
                     [--ops forward,grad_input,grad_weight,train_step] [--peers dense,torch_bsr,...]
                     [--backends triton,cuda]
-                    [--repeats N] [--warmup N] [--threads N] [--out DIR] [--no-progress]
+                    [--repeats N] [--warmup N] [--flush-caches] [--threads N] [--out DIR] [--no-progress]
                     [--resume [--resume-anyway]]
     python -m bench --suite e2e [--device ...] [--layouts b32d0.1,2:4] [--dtype float32] [--model small]
                     [--steps N] [--out DIR]
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeats", type=_positive_int, help="most timed samples per measurement")
     parser.add_argument("--warmup", type=int, help="untimed calls before timing")
+    parser.add_argument("--flush-caches", action="store_true",
+                        help="CPU: flush the caches before every timed call (default: warm; see docs/benchmark.md)")
     parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads before running (CPU)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument(
@@ -239,6 +241,7 @@ def _plan(
         warmup=grid.timing.warmup if args.warmup is None else args.warmup,
         repeats=grid.timing.repeats if args.repeats is None else args.repeats,
         budget_s=grid.timing.budget_s,
+        flush_cpu_caches=args.flush_caches,
     )
     behind = None
     if grid.cells:

@@ -7,14 +7,16 @@ counters, L2 flushing, a fixed clock) can be added here without touching anythin
   sample times a batch of calls long enough (>= 1 ms) that the clock's resolution does not matter,
   and divides by the batch size; on CUDA the batch ends with a synchronize, so host overhead
   (launches, argument checks) counts.
-* CPU cells: wall clock per call with the caches flushed before every call (``WallClockTimer``):
-  a sparse weight of a few MiB (4096x4096 at density 0.1 is 6.7 MiB in float32) would otherwise
-  stay in the last-level cache from one repeat to the next, while the dense weight (64 MiB) cannot,
-  which overstates the speed-up any model with more than one layer would see. Before each timed
-  call the timer reads a buffer of twice the last-level cache (at least 64 MiB: reads leave clean
-  lines, so the call pays no write-backs for the flush), outside the timed region; each sample is
-  one call (``time.perf_counter`` resolves well below the shortest call measured). ``l2_flushed``
-  records it as for CUDA.
+* CPU cells (``WallClockTimer``): wall clock as above, caches warm by default. Warm caches favour
+  a small weight: a sparse weight of a few MiB (4096x4096 at density 0.1 is 6.7 MiB in float32)
+  stays in the last-level cache from one repeat to the next, while the dense one (64 MiB) cannot,
+  which overstates the speed-up of a model with more than one layer. ``--flush-caches``
+  (``TimingConfig.flush_cpu_caches``) reads a buffer of twice the last-level cache (at least 64
+  MiB; reads leave clean lines) before every timed call, outside the timed region, each sample one
+  call. That errs the other way: the flush also evicts the interpreter's and torch's own state,
+  so every call pays a fixed cold-start cost (tens of µs for ``F.linear``, more for an op with
+  more Python around it), which weighs most on the shortest calls. A model's layers see hot code
+  and cold weights, which neither method gives exactly. ``l2_flushed`` records which ran.
 * CUDA graphs (``triton.testing.do_bench_cudagraph``): the calls are captured into one graph and
   replayed, which removes host overhead and leaves kernel time. If that fails (an op that syncs
   with the host cannot be captured; triton may be missing), the eager time stands in, with
@@ -67,6 +69,7 @@ class TimingConfig:
     warmup: int  # untimed calls before sampling (the correctness call already ran once)
     repeats: int  # most samples taken
     budget_s: float  # stop sampling after this long, once MIN_SAMPLES are in
+    flush_cpu_caches: bool = False  # CPU: flush the caches before every timed call (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def _cold_samples_and_last_output(
 
 
 class WallClockTimer:
-    """CPU: wall time per call, caches flushed before every call (see the module docstring)."""
+    """CPU: wall time per call, caches warm or flushed before every call (see the module docstring)."""
 
     def __init__(self, config: TimingConfig) -> None:
         self.config = config
@@ -170,10 +173,13 @@ class WallClockTimer:
         self._flush_buffer.sum()
 
     def measure(self, fn: Callable[[], object], on_output: Optional[OutputSink] = None) -> Timing:
-        samples_ms, output = _cold_samples_and_last_output(fn, self._flush_caches, self.config)
+        if self.config.flush_cpu_caches:
+            samples_ms, output = _cold_samples_and_last_output(fn, self._flush_caches, self.config)
+        else:
+            samples_ms, output = _samples_and_last_output(fn, self.config, lambda: None)
         if on_output is not None:
             on_output(LAST_TIMED_CALL, output)
-        return replace(_summarize(samples_ms, "wall_clock"), l2_flushed=True)
+        return replace(_summarize(samples_ms, "wall_clock"), l2_flushed=self.config.flush_cpu_caches)
 
 
 def subtract_flush(samples_ms: list[float], flush_ms: float) -> list[float]:

@@ -499,8 +499,9 @@ def test_a_busy_cpu_is_pointed_out_next_to_the_timings():
 
 
 def test_cpu_timer_flushes_the_caches_before_every_timed_call_outside_the_timing(monkeypatch):
-    """Each sample is one call right after a flush; the flush's time is not in the samples."""
-    timer = timing.WallClockTimer(TimingConfig(warmup=2, repeats=4, budget_s=10.0))
+    """With --flush-caches each sample is one call right after a flush; the flush's time is not in
+    the samples."""
+    timer = timing.WallClockTimer(TimingConfig(warmup=2, repeats=4, budget_s=10.0, flush_cpu_caches=True))
     events = []
     clock = [0.0]
 
@@ -518,6 +519,19 @@ def test_cpu_timer_flushes_the_caches_before_every_timed_call_outside_the_timing
     measured = timer.measure(call)
     assert events == ["call", "call"] + ["flush", "call"] * 4  # warm-up, then flush before each call
     assert measured.samples == 4 and measured.median_ms == pytest.approx(2.0) and measured.l2_flushed
+
+
+def test_cpu_timer_keeps_caches_warm_by_default(monkeypatch):
+    timer = timing.WallClockTimer(FAST_TIMING)
+    monkeypatch.setattr(timer, "_flush_caches", lambda: pytest.fail("flushed without --flush-caches"))
+    assert not timer.measure(lambda: None).l2_flushed
+
+
+@pytest.mark.parametrize("flags, flushed", [([], False), (["--flush-caches"], True)])
+def test_flush_caches_option_reaches_the_timing_config(flags, flushed):
+    parser = cli.build_parser()
+    _, config, _ = cli._plan(parser.parse_args(["--device", "cpu", *flags]), parser, Console(file=io.StringIO()))
+    assert config.flush_cpu_caches is flushed
 
 
 def test_cpu_cache_flush_reads_twice_the_last_level_cache(monkeypatch):
