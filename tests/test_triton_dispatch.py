@@ -433,6 +433,23 @@ def test_a_cuda_op_that_refuses_is_no_candidate(tmp_path, cuda_competes, monkeyp
     assert [sorted(entry) for entry in stored.values()] == [["dense_ms", "path", "sparse_ms"]]
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"),
+                                   torch.AcceleratorError("an illegal memory access was encountered")],
+                         ids=["oom", "accelerator"])
+def test_a_transient_cuda_failure_is_raised_not_stored(tmp_path, cuda_competes, monkeypatch, error):
+    """Out of memory or a poisoned context while measuring says nothing about the candidate: the
+    error propagates and no decision without the CUDA op lands in the tuning file."""
+    def fails(*args):
+        raise error
+
+    monkeypatch.setattr(dispatch(), "bsr_cuda", fails)
+    tuner, _ = timed_in_order(tmp_path, {"sparse": 2.0, "dense": 1.0})
+    case, values, index = block_problem()
+    with pytest.raises(type(error)):
+        dispatch().bsr_linear(torch.randn(3, 64, device=DEVICE), values, *index, tuner=tuner)
+    assert not (tmp_path / "tune.json").exists()
+
+
 def test_a_cuda_decision_is_not_read_without_the_cuda_candidate(tmp_path, monkeypatch):
     """The candidates are part of the key: a process whose build has no CUDA kernels (or with the
     backend forced to triton) does not take a stored "cuda" decision."""

@@ -642,6 +642,46 @@ def test_a_cuda_decision_is_kept_in_the_plan(layout, routed, plan_builds, monkey
     assert routed["decisions"] == 2 and plan_builds["built"] == 1 and dispatch.last_path() == "sparse"
 
 
+def test_a_transposable_layer_in_training_decides_as_its_op_does(routed, monkeypatch, tmp_path):
+    """nm_linear_transposable runs nm_linear below its own autograd, where the CUDA op competes: the
+    fast path's decision for a training call is made the same way (without autograd recording)."""
+    from sparsekernels.triton import autotune, dispatch
+
+    recorded = []
+    monkeypatch.setattr(dispatch, "cuda_candidate", lambda input, values: recorded.append(
+        torch.is_grad_enabled() and (input.requires_grad or values.requires_grad)) or True)
+    monkeypatch.setattr(autotune, "tuner", _reporting_tuner(tmp_path, [3.0, 1.0, 2.0]))
+    layer = make_layer(NM(2, 4, transposable=True))
+    input = torch.randn(2, 3, 64, device=DEVICE, requires_grad=True)
+    output = layer(input)
+    output.sum().backward()
+    assert recorded and not any(recorded) and dispatch.last_path() in ("cuda", "sparse")
+    assert input.grad is not None and layer.values.grad is not None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_a_cuda_plan_under_autograd_runs_the_op_with_its_own_autograd(layout, routed, monkeypatch, tmp_path):
+    """A bias-only gradient leaves the CUDA op a candidate (autograd records nothing for input or
+    values): the plan then calls the C++ op directly, whose autograd gives the bias gradient, as on
+    the op path."""
+    from sparsekernels.triton import autotune, dispatch
+
+    monkeypatch.setattr(dispatch, "cuda_candidate", lambda input, values: not (
+        torch.is_grad_enabled() and (input.requires_grad or values.requires_grad)))
+    monkeypatch.setattr(autotune, "tuner", _reporting_tuner(tmp_path, [3.0, 1.0, 2.0, 1.0, 2.0]))
+    layer = make_layer(layout)
+    layer.values.requires_grad_(False)
+    input = torch.randn(4, 64, device=DEVICE)
+    output = layer(input)
+    assert dispatch.last_path() == "cuda" and output.grad_fn is not None
+    assert "_OpAutograd" not in type(output.grad_fn).__name__
+    output.sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((48,), 4.0), rtol=0, atol=0)
+    # Input requiring grad: recorded, another plan, decided without the CUDA op.
+    layer(input.requires_grad_())
+    assert dispatch.last_path() == "sparse"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS + [NM(1, 4)], ids=layout_id)
 @pytest.mark.parametrize("rows", [1, 16, 40])

@@ -160,13 +160,22 @@ def _choose(key_fn, sizes: tuple, input: Tensor, values: Tensor, sparse, cuda, d
     return tuner.decide(key, input.device, (input, values), measure)
 
 
+# Errors that say nothing about whether the CUDA op supports these operands: out of memory during
+# the measurement, or a CUDA error that poisons the context. They propagate (nothing is stored).
+_TRANSIENT_ERRORS = tuple(
+    error for error in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None)) if error
+)
+
+
 def _runs(candidate) -> bool:
     """Whether ``candidate()`` runs on these operands: the CUDA ops refuse some (an unsupported dtype
     or n:m, a GPU the extension was not built for) with an error, which here only means "not a
-    candidate"."""
+    candidate" (and is stored with the decision). Transient errors are raised, not stored."""
     try:
         candidate()
-    except (RuntimeError, ValueError, NotImplementedError):
+    except _TRANSIENT_ERRORS:
+        raise
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
         return False
     return True
 

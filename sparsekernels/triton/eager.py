@@ -167,8 +167,15 @@ def _plan_stamp(input: Tensor, block_row_offsets: Optional[Tensor]) -> Optional[
     return stamp
 
 
+def _recorded(autograd: bool, input: Tensor, values: Tensor) -> bool:
+    """Whether autograd records this call for input or values: dispatch.py's rule for the CUDA
+    op's candidacy, so plans made on either side of it are kept apart (a bias-only gradient does
+    not count, as there)."""
+    return autograd and (input.requires_grad or values.requires_grad)
+
+
 def routed(input: Tensor) -> bool:
-    """Whether dispatch.py decides this call's path (sparse kernel or dense ``F.linear``): CUDA
+    """Whether dispatch.py decides this call's path (Triton kernel, CUDA op or dense ``F.linear``): CUDA
     tensors, as the op's front end does. Tests patch it to run that logic on CPU tensors."""
     return input.device.type == "cuda"
 
@@ -195,7 +202,7 @@ def bsr_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, bias: O
     """``sparsekernels.ops.bsr_linear`` on arguments for which :func:`path` is not None (``index``:
     the five index tensors in op order; ``autograd``: it said :data:`AUTOGRAD`); ``plans`` is the
     layer's plan dict."""
-    key = (input.shape, input.stride(), input.dtype, input.device, values.shape, autograd)
+    key = (input.shape, input.stride(), input.dtype, input.device, values.shape, _recorded(autograd, input, values))
     run = _lookup(plans, key, input, index[0])
     if run is None:
         run, keep = _bsr_plan(input, values, index, bias, out_features, in_features)
@@ -212,7 +219,8 @@ def nm_linear(plans: dict, input: Tensor, values: Tensor, index: tuple, n: int, 
     ``(positions,)``), or ``nm_linear_transposable`` (``index``: ``(positions, transpose_index,
     positions_t)``: the same forward, its own backward); ``plans`` and ``autograd`` as in
     :func:`bsr_linear`."""
-    key = (input.shape, input.stride(), input.dtype, input.device, values.shape, autograd)
+    key = (input.shape, input.stride(), input.dtype, input.device, values.shape,
+           len(index) != 3 and _recorded(autograd, input, values))
     run = _lookup(plans, key, input, None)
     if run is None:
         run, keep = _nm_plan(input, values, index, n, m, bias, out_features, in_features)
@@ -272,8 +280,8 @@ _nm_transposable_autograd = (nm_transposable._setup_context, nm_transposable._ba
 
 def _bsr_plan(input, values, index, bias, out_features, in_features):
     """(run, keep) for a block-sparse forward: the op's metadata checks of the layer's tensors, the
-    path (CUDA: dispatch.py's decision), then the dense ``F.linear``, the planned sparse launch, or
-    the launcher at every call (not kept)."""
+    path (CUDA: dispatch.py's decision), then the dense ``F.linear``, the CUDA C++ op, the planned
+    sparse launch, or the launcher at every call (not kept)."""
     check_bias(bias, values, bsr_features(values, *index)[0])
     decided = routed(input)
     path = dispatch.bsr_path(input, values, index) if decided else "sparse"
@@ -289,6 +297,7 @@ def _bsr_plan(input, values, index, bias, out_features, in_features):
             dispatch.count_path("cuda")
             return dispatch.bsr_cuda(input, values, index, bias)
 
+        cuda.differentiable = True  # the C++ op, with its own autograd: as the op path's CUDA route
         return cuda, True
     if not _plannable(input, in_features, out_features, values, index[0], index[1], bias):
         def unplanned(input, values, index, bias):
@@ -311,7 +320,13 @@ def _nm_plan(input, values, index, n, m, bias, out_features, in_features):
     if len(index) == 3:  # transposable: its op checks W.T's pattern too
         check_transposed_pattern(index[1], index[2], values, n, m, out_features_checked, in_features_checked)
     decided = routed(input)
-    path = dispatch.nm_path(input, values, index[0], n, m) if decided else "sparse"
+    if decided and len(index) == 3:
+        # The transposable op runs nm_linear inside its own autograd, where nothing is recorded:
+        # decide as it does, whatever grad mode this call has.
+        with torch.no_grad():
+            path = dispatch.nm_path(input, values, index[0], n, m)
+    else:
+        path = dispatch.nm_path(input, values, index[0], n, m) if decided else "sparse"
     if path == "dense":
         def dense(input, values, index, bias):
             dispatch.count_path("dense")
@@ -324,6 +339,7 @@ def _nm_plan(input, values, index, n, m, bias, out_features, in_features):
             dispatch.count_path("cuda")
             return dispatch.nm_cuda(input, values, index[0], n, m, bias)
 
+        cuda.differentiable = True
         return cuda, True
     if not _plannable(input, in_features, out_features, values, index[0], bias):
         def unplanned(input, values, index, bias):
