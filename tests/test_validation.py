@@ -897,6 +897,15 @@ class TestMetaDevice:
             source(x).sum().backward()
             torch.testing.assert_close(grad, x.grad)
 
+    @pytest.mark.parametrize("transposable", [False, True], ids=["nm", "transposable"])
+    def test_random_nm_on_the_cpu_under_a_meta_default_device(self, transposable):
+        """The pattern is drawn on the CPU whatever the default device, so a CPU matrix built
+        inside ``with torch.device("meta")`` is a real one."""
+        with torch.device("meta"):
+            matrix = NMMatrix.random((64, 64), 2, 4, device="cpu", transposable=transposable)
+        assert matrix.values.device.type == "cpu" and matrix.positions.device.type == "cpu"
+        matrix.validate()
+
     @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
     def test_load_without_assign_stays_meta(self, layout):
         """As for torch's own modules: copying into a meta tensor is a no-op (torch warns), not an error."""

@@ -128,11 +128,11 @@ def random_transposable_mask(
     tiles whose kept entries form one 8-cycle, not the 18 made of two 2 x 2 blocks).
     """
     NM(n, m, transposable=True).check_shape(out_features, in_features)
-    offsets = torch.arange(m)
+    offsets = torch.arange(m, device="cpu")  # whatever the default device
     circulant = (offsets[None, :] - offsets[:, None]) % m < n  # [m, m]
     tiles = (out_features // m) * (in_features // m)
-    row_order = torch.rand(tiles, m, generator=generator).argsort(dim=-1)
-    col_order = torch.rand(tiles, m, generator=generator).argsort(dim=-1)
+    row_order = torch.rand(tiles, m, generator=generator, device="cpu").argsort(dim=-1)
+    col_order = torch.rand(tiles, m, generator=generator, device="cpu").argsort(dim=-1)
     mask_tiles = circulant[row_order[:, :, None], col_order[:, None, :]]  # [tiles, m, m]
     return (
         mask_tiles.reshape(out_features // m, in_features // m, m, m).permute(0, 2, 1, 3)
@@ -238,9 +238,9 @@ class NMMatrix:
         ``transposable=True``: a random pattern that is N:M along out_features too
         (:func:`random_transposable_mask`; out_features must be a multiple of m).
 
-        The pattern is drawn on the CPU (whatever the default device), a block of rows at a time,
-        and moved to ``device``; on the meta device nothing is drawn: the tensors have the right
-        shapes and no data, at any size.
+        The pattern is drawn on the CPU (whatever the default device), a block of rows at a time
+        (a transposable one as a whole bool mask: out x in bytes), and moved to ``device``; on the
+        meta device nothing is drawn: the tensors have the right shapes and no data, at any size.
         """
         out_features, in_features = check_shape_pair(shape)
         NM(n, m, transposable=transposable).check_shape(out_features, in_features)
@@ -255,7 +255,7 @@ class NMMatrix:
             mask = random_transposable_mask(out_features, in_features, n, m, generator)
             positions = pack_positions(kept_offsets(mask, n, m), m)
         else:
-            positions = torch.empty(out_features, -(-kept_per_row // per_byte), dtype=torch.uint8)
+            positions = torch.empty(out_features, -(-kept_per_row // per_byte), dtype=torch.uint8, device="cpu")
             rows_per_chunk = max(1, _RANDOM_SCORES_PER_CHUNK // in_features)
             for start in range(0, out_features, rows_per_chunk):
                 rows = min(rows_per_chunk, out_features - start)
