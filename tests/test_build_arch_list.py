@@ -1,6 +1,6 @@
 """The CUDA arch list setup.py builds for (csrc/cuda/arch_list.py): plain Hopper becomes sm_90a.
 
-Plain Python, no GPU and no CUDA toolkit needed; run by CTest (CMakeLists.txt) with pytest.
+Plain Python, no GPU and no CUDA toolkit needed; run by pytest.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The CUTLASS header lookup and its version pin (csrc/cuda/find_cutlass.py), as CMake and the
 Makefile run it.
 
-Plain Python with fake header trees, no CUTLASS, GPU or CUDA toolkit needed; run by CTest
-(CMakeLists.txt) with pytest.
+Plain Python with fake header trees, no CUTLASS, GPU or CUDA toolkit needed; run by pytest.
 """
 
 from __future__ import annotations
