@@ -14,7 +14,9 @@ Implementations, in table order:
   CPU, ``triton`` and ``cuda`` on CUDA). Each column forces its backend with
   ``sparsekernels.set_backend`` around its weight conversion and its measurements, and restores the
   previous choice after, so that on CUDA both the Triton kernels and the CUDA C++ kernels (decode
-  kernels, CUTLASS 2:4 GEMMs) are timed rather than only the one the library picks by default. For a
+  kernels, CUTLASS 2:4 GEMMs) are timed on their own. ``--backends auto`` adds the library's own
+  choice (on CUDA the forward dispatch among the Triton kernel, the CUDA op and dense ``F.linear``,
+  which a forced backend does not run: a forced ``triton`` excludes the CUDA op). For a
   transposable N:M layout (``2:4T``) the forward and training step run ``nm_linear_transposable`` and
   the input gradient is what that op's backward does: a gather of W.T's values, then the ``nm_linear``
   front end on W.T (the N:M forward kernels of the column's backend). The ``reference`` backend has no
@@ -51,7 +53,9 @@ from .workloads import Inputs, SparseWeight
 BASELINE = "dense"
 OURS = "sparsekernels"  # the library; its columns are named ``sparsekernels[<backend>]``
 # The library's backends that a column can force: cpu, cuda, triton, reference.
-SPARSEKERNELS_BACKENDS = tuple(backend for backend in sparsekernels.BACKENDS if backend != "auto")
+# "auto" is the library's own choice per device (on CUDA: the forward dispatch among the Triton
+# kernel, the CUDA op and dense F.linear), as a user gets it; a column of its own when asked for.
+SPARSEKERNELS_BACKENDS = sparsekernels.BACKENDS
 
 Outputs = tuple[Tensor, ...]
 
@@ -190,6 +194,8 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[s
     if backend == "triton":
         from sparsekernels import triton as triton_backend
 
+        if device.type == "cpu" and not triton_backend._interpreting():
+            return "the Triton kernels run CPU tensors only under TRITON_INTERPRET=1"
         return triton_backend.unavailable_reason()
     return None
 

@@ -824,6 +824,7 @@ def test_a_backend_that_cannot_run_here_shows_na_with_the_reason(tmp_path):
         assert measurement["status"] == "n/a" and "CUDA tensors only" in measurement["detail"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is set for this module only without a GPU")
 def test_triton_backend_column_under_the_interpreter(tmp_path):
     args = ["--device", "cpu", "--shapes", "32x32", "--m", "2", "--dtype", "float32", "--layouts", "b16d0.5",
             "--ops", "forward", "--backends", "triton", "--peers", "dense", "--repeats", "1", "--warmup", "0",
@@ -831,6 +832,28 @@ def test_triton_backend_column_under_the_interpreter(tmp_path):
     assert cli.main(args) == 0
     (cell,) = json.loads((tmp_path / "results.json").read_text())["cells"]
     assert cell["results"]["sparsekernels[triton]"]["status"] == "ok", cell["results"]["sparsekernels[triton]"]
+
+
+def test_auto_backend_column_is_the_librarys_own_choice(tmp_path, monkeypatch):
+    monkeypatch.setitem(implementations.IMPLEMENTATIONS, "sparsekernels", BackendRecording)
+    monkeypatch.setattr(BackendRecording, "seen", [])
+    args = ["--device", "cpu", "--shapes", "64x64", "--m", "4", "--dtype", "float32", "--layouts", "b16d0.5",
+            "--ops", "forward", "--backends", "auto,cpu", "--peers", "dense", "--repeats", "1", "--warmup", "0",
+            "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["run"]["implementations"] == ["dense", "sparsekernels[auto]", "sparsekernels[cpu]"]
+    assert dict(BackendRecording.seen)["sparsekernels[auto]"] == "auto"
+    assert all(cell["results"]["sparsekernels[auto]"]["status"] == "ok" for cell in document["cells"])
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    """A GPU machine without TRITON_INTERPRET cannot run the Triton kernels on CPU tensors: n/a with
+    the reason, not an error in every cell."""
+    from sparsekernels import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
+    assert "TRITON_INTERPRET=1" in implementations.backend_unavailable_reason("triton", CPU)
 
 
 def test_default_backends_follow_the_device_or_a_forced_backend():
