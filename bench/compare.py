@@ -41,13 +41,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .implementations import results_by_column
 from .report import wide_console
-from .results import CELL_KEY_FIELDS, Status, cell_key
+from .implementations import is_ours, results_by_column
+from .results import CELL_KEY_FIELDS, ENVIRONMENT_FIELDS_THAT_MATTER, Status, cell_key
 
 DEFAULT_THRESHOLD = 0.10
 MAX_NOISE = 0.50
-ENVIRONMENT_FIELDS_THAT_MATTER = ("device", "cpu_model", "torch_threads", "gpu", "torch")
 OK, NOT_APPLICABLE = Status.OK.value, Status.NOT_APPLICABLE.value
 E2E_PHASES = ("train", "decode")  # the two rows of an e2e record, in place of a cell's op
 MISSING_LISTED = 10  # cells with missing results printed one by one; the rest are counted
@@ -91,6 +90,8 @@ class Change:
         n/a when one side had nothing to measure; method differs when the timings are not comparable."""
         if self.new_status not in (OK, NOT_APPLICABLE):
             return "broken"  # OK before (pairs failing in both are not compared)
+        if self.old_status == OK and self.new_status == NOT_APPLICABLE and is_ours(self.implementation):
+            return "broken"  # a peer may come and go; this library losing a cell it ran is a regression
         if NOT_APPLICABLE in (self.old_status, self.new_status):
             return "n/a"
         if self.old_status != OK:
@@ -147,8 +148,9 @@ def _spread(median: Optional[float], p20: Optional[float], p80: Optional[float])
 
 
 def timing_method(measurement: dict[str, Any]) -> Optional[str]:
-    """How a measurement was timed: ``wall_clock``, ``eager``, ``cuda_graph`` or, with the L2 cache
-    flushed before every call, ``cuda_graph+l2_flush``; None when it was not timed."""
+    """How a measurement was timed: ``wall_clock``, ``eager`` or ``cuda_graph``, with ``+l2_flush``
+    when the caches were flushed before every call (CUDA graphs; CPU with ``--flush-caches``); None
+    when it was not timed."""
     timing = measurement.get("timing")
     if not timing:
         return None

@@ -63,14 +63,16 @@ def _slug(text: str) -> str:
 
 def results_file_stem(environment: dict[str, Any], suite: str) -> str:
     """The name a results file gets under ``bench/results/``: the machine and the date, e.g.
-    ``h100-80gb-hbm3-2026-11-23`` or ``cpu-intel-xeon-2core-2026-11-23``, then ``-e2e`` for that suite."""
+    ``h100-80gb-hbm3-2026-11-23`` or ``cpu-intel-xeon-2core-2026-11-23``, then the suite's name for
+    every suite but quick (``-e2e``, ``-targets``, ``-full``), so that one day's runs do not overwrite
+    each other."""
     gpu = environment.get("gpu")
     if gpu:
         machine = _slug(gpu.get("name") or "gpu")
     else:
         machine = f"cpu-{_slug(environment.get('cpu_model') or 'unknown')}-{environment.get('cpu_count')}core"
     stem = f"{machine}-{(environment.get('date_utc') or 'undated')[:10]}"
-    return f"{stem}-e2e" if suite == "e2e" else stem
+    return stem if suite == "quick" else f"{stem}-{suite}"
 
 
 def wide_console() -> Console:

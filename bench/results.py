@@ -14,6 +14,10 @@ from typing import Any, Optional
 from .cases import Case, Op, dtype_name, layout_label, parse_dtype, parse_layout, parse_shape
 from .timing import Timing
 
+# The environment fields that make two runs' timings comparable: compare warns when they differ,
+# and --resume refuses to merge runs that differ in them (or in the git commit).
+ENVIRONMENT_FIELDS_THAT_MATTER = ("device", "cpu_model", "torch_threads", "gpu", "torch", "triton")
+
 
 class Status(str, Enum):
     OK = "ok"  # correct and timed

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .cases import Case
-from .results import CellResult, Status, case_key, cell_key
+from .results import ENVIRONMENT_FIELDS_THAT_MATTER, CellResult, Status, case_key, cell_key
 
 # A measurement with one of these statuses is final: resuming does not run it again.
 FINAL_STATUSES = frozenset(status.value for status in Status)  # ok, wrong, error, n/a
-# What must be equal in the old file's environment and this run's (the GPU by its name).
-RESUMED_ENVIRONMENT_FIELDS = ("device", "gpu", "torch", "triton", "git_commit")
+# What must be equal in the old file's environment and this run's (the GPU by its name): what compare
+# checks, and the code itself.
+RESUMED_ENVIRONMENT_FIELDS = (*ENVIRONMENT_FIELDS_THAT_MATTER, "git_commit")
 CHECKPOINT_SECONDS = 20.0  # results.json is rewritten at most this often while a run goes on
 
 

@@ -675,6 +675,9 @@ def test_results_files_are_named_after_the_machine_and_the_date(tiny_run, tmp_pa
     cpu = {"gpu": None, "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_count": 2, "date_utc": date}
     assert results_file_stem(cpu, "quick") == "cpu-intel-xeon-2core-2026-11-23"
     assert results_file_stem(cpu, "e2e") == "cpu-intel-xeon-2core-2026-11-23-e2e"
+    # every suite but quick names itself, so that one day's runs do not overwrite each other
+    assert results_file_stem(cpu, "targets") == "cpu-intel-xeon-2core-2026-11-23-targets"
+    assert results_file_stem(cpu, "full") == "cpu-intel-xeon-2core-2026-11-23-full"
 
     _, out = tiny_run
     console = Console(file=io.StringIO(), width=200)

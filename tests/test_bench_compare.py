@@ -62,6 +62,18 @@ def test_a_peer_that_became_not_applicable_is_listed_but_not_a_regression(tmp_pa
     assert _verdicts(new, old)[(1, "forward", "torch_bsr")] == "n/a"
 
 
+def test_this_library_losing_a_cell_it_ran_is_broken(tmp_path):
+    """A peer may come and go (n/a); a sparsekernels column that ran a cell and now cannot (a CUDA
+    build without its kernels, say) is a regression."""
+    old = _document()
+    ours = next(name for name in old["cells"][0]["results"] if name.startswith("sparsekernels"))
+    new = copy.deepcopy(old)
+    new["cells"][0]["results"][ours] = {"status": "n/a", "detail": "this build has no CUDA kernels", "timing": None}
+    assert _verdicts(old, new)[(1, "forward", ours)] == "broken"
+    assert _compare(tmp_path, old, new) == 1
+    assert _verdicts(new, old)[(1, "forward", ours)] == "n/a"  # gaining one is not
+
+
 def test_a_result_that_became_wrong_or_an_error_is_still_broken(tmp_path):
     old = _document()
     for status in ("wrong", "error"):

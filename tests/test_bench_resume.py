@@ -147,6 +147,11 @@ def test_environment_mismatches_name_each_field_and_compare_gpus_by_name():
     new = {**old, "gpu": {"name": "NVIDIA H200"}, "git_commit": "def", "triton": None}
     assert resume.environment_mismatches(old, new) == [
         "gpu: 'NVIDIA H100 80GB HBM3' -> 'NVIDIA H200'", "triton: '3.6' -> None", "git_commit: 'abc' -> 'def'"]
+    # CPU runs: another CPU or thread count is another machine, as compare says too
+    cpu = {"device": "cpu", "cpu_model": "AMD EPYC", "torch_threads": 2, "gpu": None, "torch": "2.13",
+           "triton": "3.6", "git_commit": "abc"}
+    assert resume.environment_mismatches(cpu, {**cpu, "cpu_model": "Some Other CPU", "torch_threads": 64}) == [
+        "cpu_model: 'AMD EPYC' -> 'Some Other CPU'", "torch_threads: 2 -> 64"]
 
 
 def test_resume_options_are_refused_where_they_do_not_apply(tmp_path, capsys):
