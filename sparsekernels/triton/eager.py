@@ -71,6 +71,7 @@ launch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -285,20 +286,8 @@ def _bsr_plan(input, values, index, bias, out_features, in_features):
     check_bias(bias, values, bsr_features(values, *index)[0])
     decided = routed(input)
     path = dispatch.bsr_path(input, values, index) if decided else "sparse"
-    if path == "dense":
-        def dense(input, values, index, bias):
-            dispatch.count_path("dense")
-            return dispatch.bsr_dense(input, values, index, bias)
-
-        dense.differentiable = True  # F.linear on a weight built from values: as the op path's dense route
-        return dense, True
-    if path == "cuda":
-        def cuda(input, values, index, bias):
-            dispatch.count_path("cuda")
-            return dispatch.bsr_cuda(input, values, index, bias)
-
-        cuda.differentiable = True  # the C++ op, with its own autograd: as the op path's CUDA route
-        return cuda, True
+    if path != "sparse":
+        return _routed_run(path, {"dense": dispatch.bsr_dense, "cuda": dispatch.bsr_cuda}[path]), True
     if not _plannable(input, in_features, out_features, values, index[0], index[1], bias):
         def unplanned(input, values, index, bias):
             if decided:
@@ -313,6 +302,20 @@ def _bsr_plan(input, values, index, bias, out_features, in_features):
                        x.shape[0], in_features, out_features, restore, decided), True
 
 
+def _routed_run(path: str, forward):
+    """The kept plan of a path dispatch.py chose other than the Triton kernel (``"dense"``:
+    ``F.linear`` on its cached dense weight; ``"cuda"``: the C++ op): ``forward(input, values,
+    index, bias)``, counted. It is differentiable itself, as those routes are on the op path
+    (``F.linear`` on a weight built from values; the C++ op's own autograd), so autograd calls run
+    it directly rather than inside :class:`_OpAutograd`."""
+    def run(input, values, index, bias):
+        dispatch.count_path(path)
+        return forward(input, values, index, bias)
+
+    run.differentiable = True
+    return run
+
+
 def _nm_plan(input, values, index, n, m, bias, out_features, in_features):
     """(run, keep) for an N:M forward, as :func:`_bsr_plan`."""
     out_features_checked, in_features_checked = nm_features(values, index[0], n, m)
@@ -320,27 +323,15 @@ def _nm_plan(input, values, index, n, m, bias, out_features, in_features):
     if len(index) == 3:  # transposable: its op checks W.T's pattern too
         check_transposed_pattern(index[1], index[2], values, n, m, out_features_checked, in_features_checked)
     decided = routed(input)
-    if decided and len(index) == 3:
+    path = "sparse"
+    if decided:
         # The transposable op runs nm_linear inside its own autograd, where nothing is recorded:
         # decide as it does, whatever grad mode this call has.
-        with torch.no_grad():
+        with torch.no_grad() if len(index) == 3 else contextlib.nullcontext():
             path = dispatch.nm_path(input, values, index[0], n, m)
-    else:
-        path = dispatch.nm_path(input, values, index[0], n, m) if decided else "sparse"
-    if path == "dense":
-        def dense(input, values, index, bias):
-            dispatch.count_path("dense")
-            return dispatch.nm_dense(input, values, index[0], n, m, bias)
-
-        dense.differentiable = True
-        return dense, True
-    if path == "cuda":
-        def cuda(input, values, index, bias):
-            dispatch.count_path("cuda")
-            return dispatch.nm_cuda(input, values, index[0], n, m, bias)
-
-        cuda.differentiable = True
-        return cuda, True
+    if path != "sparse":
+        forward = dispatch.nm_dense if path == "dense" else dispatch.nm_cuda
+        return _routed_run(path, lambda input, values, index, bias: forward(input, values, index[0], n, m, bias)), True
     if not _plannable(input, in_features, out_features, values, index[0], bias):
         def unplanned(input, values, index, bias):
             if decided:
