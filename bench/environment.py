@@ -74,6 +74,7 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_isa": sparsekernels.cpu_isa(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "gpu": gpu_description(device),
         "python": platform.python_version(),

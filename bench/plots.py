@@ -81,6 +81,8 @@ def _title(document: dict[str, Any]) -> str:
         machine = gpu.get("name", "GPU")
     else:
         machine = f"{environment.get('cpu_model') or 'CPU'}, {environment.get('torch_threads')} threads"
+        if environment.get("cpu_isa"):
+            machine += f", {environment['cpu_isa']}"
     date = (environment.get("date_utc") or "")[:10]
     return f"{machine}, torch {environment.get('torch')}, {date}"
 

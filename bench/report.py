@@ -71,6 +71,10 @@ def results_file_stem(environment: dict[str, Any], suite: str) -> str:
         machine = _slug(gpu.get("name") or "gpu")
     else:
         machine = f"cpu-{_slug(environment.get('cpu_model') or 'unknown')}-{environment.get('cpu_count')}core"
+        # One CPU model name can hide different vector units (an "AMD EPYC" VM may be Zen 3 with
+        # AVX2 only, or Zen 4 with AVX-512): files record the kernels' ISA where the run knew it.
+        if environment.get("cpu_isa"):
+            machine += f"-{environment['cpu_isa']}"
     stem = f"{machine}-{(environment.get('date_utc') or 'undated')[:10]}"
     return stem if suite == "quick" else f"{stem}-{suite}"
 
@@ -145,6 +149,8 @@ def print_table(
     else:
         threads = environment["torch_threads"]
         timing_note = f"wall time on {threads} thread{'' if threads == 1 else 's'}"
+        if environment.get("cpu_isa"):
+            timing_note += f", {environment['cpu_isa']} kernels"
     table = Table(
         title="sparsekernels benchmark",
         caption=f"median {timing_note}; speedup = dense time / implementation time; "

@@ -12,7 +12,7 @@ import torch  # noqa: F401  (must be imported before the extension)
 
 from . import _C  # noqa: F401  (registers the op schemas and C++ kernels)
 from . import ops, reference
-from .backend import BACKENDS, backend_available, get_backend, set_backend
+from .backend import BACKENDS, backend_available, cpu_isa, get_backend, set_backend
 from .formats import BlockSparseMatrix, NMMatrix
 from .layouts import NM, BlockSparse
 from .nn import SparseLinear, sparsify_
@@ -28,6 +28,7 @@ __all__ = [
     "NMMatrix",
     "SparseLinear",
     "backend_available",
+    "cpu_isa",
     "get_backend",
     "ops",
     "pruning",

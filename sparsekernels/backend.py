@@ -65,6 +65,18 @@ def _why_unavailable(name: str) -> Optional[str]:
     return f"unknown backend {name!r}"
 
 
+def cpu_isa() -> str:
+    """The instruction set the C++ CPU kernels run in this process: ``"generic"`` (portable C++),
+    ``"avx2"`` (AVX2 + FMA), ``"avx512"`` or ``"amx"`` (AVX-512 plus AMX-BF16 tiles for bfloat16).
+
+    Chosen once per process from what the CPU supports; ``SPARSEKERNELS_CPU_ISA=generic|avx2|avx512``
+    (set before the first CPU kernel call) caps it lower, e.g. to compare paths.
+    """
+    from . import _C
+
+    return _C.cpu_isa()
+
+
 def resolve_backend(device: torch.device) -> str:
     """The backend that runs an op whose operands live on ``device``."""
     if _forced != "auto":

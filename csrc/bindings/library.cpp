@@ -7,10 +7,27 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// A Python module named sparsekernels._C whose only job is to run the static registrations below
-// when `import sparsekernels` loads the shared library.
+#include "cpu/isa.h"
+
+namespace {
+
+// sparsekernels._C.cpu_isa() -> str: the instruction set the CPU kernels of this process run
+// (csrc/cpu/isa.h), for sparsekernels.cpu_isa() and the benchmark's environment record.
+PyObject* cpu_isa(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyUnicode_FromString(sparsekernels::cpu::cpu_isa_name(sparsekernels::cpu::cpu_isa()));
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in this process."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+// A Python module named sparsekernels._C: loading it runs the static registrations below when
+// `import sparsekernels` loads the shared library; its one function reports the CPU kernels' ISA.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);
 }
 

@@ -11,13 +11,13 @@
 // so every output element is written by exactly one task and the results do not depend on how
 // the work is split: all kernels are deterministic.
 //
-// Instruction sets, chosen once per process (see active_isa()):
+// Instruction sets, chosen once per process (isa.h):
 //   generic  portable C++ written so that the compiler can vectorise it; runs anywhere.
 //   avx512   AVX-512 float32 micro-kernels; bfloat16 / float16 storage is widened on load.
 //   amx      avx512, plus AMX-BF16 tile kernels for bfloat16 when M >= kSmallBatchRows.
 // The library is compiled for the baseline ISA; the x86 kernels carry target attributes and are
 // only reached after asking the CPU (and, for AMX, the Linux kernel) whether they may run.
-// SPARSEKERNELS_CPU_ISA=generic|avx512 caps the choice, which is how the tests reach every path.
+// SPARSEKERNELS_CPU_ISA=generic|avx2|avx512|amx caps the choice, which is how the tests reach every path.
 //
 // Why bfloat16 is not computed with AVX512-BF16 (VDPBF16PS): on the Sapphire Rapids machine this
 // is tuned for it was measured at a quarter of the float32 FMA issue rate while doing only twice
@@ -36,6 +36,7 @@
 // The AMX kernels follow the same task structure; see their section.
 
 #include "bsr.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <cstddef>
@@ -47,7 +48,6 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SPARSEKERNELS_X86_KERNELS 1
-#include <cpuid.h>
 // GCC 12's AVX-512 intrinsics build their unused operands with a self-initialised
 // _mm512_undefined_*(); inlined into target-attribute functions of a baseline build this trips
 // false (maybe-)uninitialized warnings attributed to the header, so they are silenced there only.
@@ -59,10 +59,6 @@
 #include <immintrin.h>
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
-#endif
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 #else
 #define SPARSEKERNELS_X86_KERNELS 0
@@ -94,48 +90,11 @@ constexpr int64_t kGradValuesRowStep = 64;
 // Instruction set selection (x86 only: elsewhere the portable kernels are all there is).
 
 #if SPARSEKERNELS_X86_KERNELS
-enum class CpuIsa { generic, avx512, amx };
-
-bool cpu_has_avx512() {
-  // libgcc / compiler-rt also check, through XGETBV, that the OS saves the zmm and mask state.
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
-}
-
-bool cpu_grants_amx_bf16() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  constexpr unsigned kAmxBf16 = 1u << 22, kAmxTile = 1u << 24;  // CPUID.(7,0):EDX
-  if ((edx & kAmxBf16) == 0 || (edx & kAmxTile) == 0) return false;
-#if defined(__linux__)
-  // Linux (5.16+) gives the 8 KiB tile-data state only to processes that request it; without the
-  // grant the first tile instruction faults. The grant is process-wide and idempotent.
-  constexpr long kArchRequestXcompPerm = 0x1023;
-  constexpr long kXfeatureTileData = 18;
-  return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureTileData) == 0;
-#else
-  return false;
-#endif
-}
-
-// SPARSEKERNELS_CPU_ISA=generic or =avx512 caps the choice (read once, like the CPU queries).
-CpuIsa detect_isa() {
-  const char* requested = std::getenv("SPARSEKERNELS_CPU_ISA");
-  if (requested != nullptr && std::strcmp(requested, "generic") == 0) return CpuIsa::generic;
-  if (!cpu_has_avx512()) return CpuIsa::generic;
-  if (requested != nullptr && std::strcmp(requested, "avx512") == 0) return CpuIsa::avx512;
-  return cpu_grants_amx_bf16() ? CpuIsa::amx : CpuIsa::avx512;
-}
-
-CpuIsa active_isa() {
-  static const CpuIsa isa = detect_isa();  // thread-safe one-time initialisation
-  return isa;
-}
-
 // The x86 kernels work on whole 16-float vectors; other block sizes take the portable path.
+// (The AVX2 level runs the portable kernels here until this file has AVX2 kernels of its own.)
 CpuIsa isa_for_block_size(int64_t block_size) {
-  return block_size % 16 == 0 ? active_isa() : CpuIsa::generic;
+  const CpuIsa isa = cpu_isa();
+  return block_size % 16 == 0 && isa >= CpuIsa::avx512 ? isa : CpuIsa::generic;
 }
 #endif
 

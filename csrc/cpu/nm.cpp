@@ -39,8 +39,9 @@
 //
 // ISA: the inner loops exist as portable C++ and as AVX-512 code compiled through a target
 // attribute (the library itself is built without -march). The AVX-512 set is chosen at run time
-// when the CPU supports it, unless SPARSEKERNELS_CPU_ISA=generic is set.
+// when the CPU supports it and SPARSEKERNELS_CPU_ISA does not cap it lower (isa.h).
 #include "nm.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <cmath>
@@ -894,25 +895,11 @@ SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 // ------------------------------------------------------------------------------------------------
 // ISA selection, decided once per process.
 
-bool avx512_enabled() {
-  static const bool enabled = [] {
-    const char* forced = std::getenv("SPARSEKERNELS_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
-  }();
-  return enabled;
-}
-
 template <typename scalar_t>
 const KernelSet<scalar_t>& kernels_for_this_cpu() {
 #if defined(__x86_64__)
-  if (avx512_enabled()) return avx512::kernels<scalar_t>;
+  // (The AVX2 level runs the portable kernels until this file has AVX2 kernels of its own.)
+  if (cpu_isa() >= CpuIsa::avx512) return avx512::kernels<scalar_t>;
 #endif
   return generic::kernels<scalar_t>;
 }

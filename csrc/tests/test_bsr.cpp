@@ -18,7 +18,8 @@
 //
 // The kernels choose their instruction set once per process, so the program re-executes itself
 // to cover each path: with SPARSEKERNELS_CPU_ISA unset (AMX where available), then "avx512",
-// then "generic" (the portable C++ path). Setting the variable runs that path and the ones after it.
+// "avx2", then "generic" (the portable C++ path). Setting the variable runs that path and the ones
+// after it; a level the CPU lacks runs the highest one it has (csrc/cpu/isa.h).
 
 #include <algorithm>
 #include <atomic>
@@ -520,11 +521,13 @@ int main(int argc, char** argv) {
               g_failures);
   if (g_failures > 0) return 1;
 
-  // Next instruction-set path: auto -> avx512 -> generic. The choice is made once per process.
+  // Next instruction-set path: auto -> avx512 -> avx2 -> generic. The choice is made once per process.
   const char* next = nullptr;
   if (isa == nullptr) {
     next = "avx512";
   } else if (std::strcmp(isa, "avx512") == 0) {
+    next = "avx2";
+  } else if (std::strcmp(isa, "avx2") == 0) {
     next = "generic";
   }
   if (next == nullptr) return 0;

@@ -1,0 +1,30 @@
+// Which x86 vector kernels the CPU kernels run: decided once per process, shared by every kernel
+// family (bsr.cpp, nm.cpp) so that they never disagree.
+//
+// The levels are ordered; each kernel family uses the highest level it has kernels for, at or
+// below the process's level:
+//   generic  portable C++ (any CPU, any architecture)
+//   avx2     AVX2 + FMA + F16C, 8-float vectors (Haswell and later, AMD Zen 1-3, Intel client
+//            cores without AVX-512)
+//   avx512   AVX-512 F/BW/VL/DQ + FMA + F16C, 16-float vectors
+//   amx      avx512 plus AMX-BF16 tiles, granted by the OS (Sapphire Rapids and later)
+// The library is compiled for the baseline ISA; kernels above it carry target attributes and are
+// only reached after asking the CPU (and, for AMX, the Linux kernel) whether they may run.
+//
+// SPARSEKERNELS_CPU_ISA=generic|avx2|avx512|amx caps the level (it never raises it above what the
+// CPU supports), which is how the tests reach every path on one machine. Any other value is
+// reported once on stderr and ignored.
+#pragma once
+
+namespace sparsekernels::cpu {
+
+enum class CpuIsa : int { generic = 0, avx2 = 1, avx512 = 2, amx = 3 };
+
+// The level of this process: what the CPU and OS support, capped by SPARSEKERNELS_CPU_ISA.
+// Computed on the first call (thread-safe), constant afterwards.
+CpuIsa cpu_isa();
+
+// "generic", "avx2", "avx512" or "amx".
+const char* cpu_isa_name(CpuIsa isa);
+
+}  // namespace sparsekernels::cpu
