@@ -44,7 +44,7 @@ TINY_CELLS = {
 }
 OURS_CPU = "sparsekernels[cpu]"  # sparsekernels' column in a CPU run: one column per backend (--backends)
 ENVIRONMENT_KEYS = {
-    "date_utc", "device", "cpu_model", "cpu_count", "torch_threads", "gpu", "python", "torch", "triton",
+    "date_utc", "device", "cpu_model", "cpu_count", "torch_threads", "cpu_isa", "gpu", "python", "torch", "triton",
     "sparsekernels", "sparsekernels_backend", "git_commit",
 }  # fmt: skip
 

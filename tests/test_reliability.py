@@ -440,14 +440,21 @@ def test_nm_in_features_limit_is_checked_before_any_kernel():
         ops.nm_linear_grad_input(torch.zeros(1, 1, dtype=torch.float16), values, positions, 2, 4)
 
 
-# ------------------------------------------------------------------------ portable (generic) ISA
-def test_non_finite_and_determinism_hold_for_the_portable_kernels():
-    """The ISA is chosen once per process: rerun the NaN and determinism tests in a child process
-    restricted to the portable C++ kernels."""
+# ------------------------------------------------------------------------ the lower ISA levels
+_ISA_LEVELS = ("generic", "avx2", "avx512", "amx")
+
+
+@pytest.mark.parametrize("cap", _ISA_LEVELS[:-1])
+def test_non_finite_and_determinism_hold_at_every_lower_isa_level(cap):
+    """The ISA is chosen once per process (csrc/cpu/isa.h), and this process runs the highest level
+    the CPU has: rerun the NaN and determinism tests in a child process capped at each lower level
+    (the portable kernels, and the AVX2 ones on an AVX-512 machine)."""
     import subprocess
     import sys
 
-    environment = dict(os.environ, SPARSEKERNELS_CPU_ISA="generic")
+    if _ISA_LEVELS.index(cap) >= _ISA_LEVELS.index(sk.cpu_isa()):
+        pytest.skip(f"this process already runs {sk.cpu_isa()!r}, the highest level this CPU has at or below {cap!r}")
+    environment = dict(os.environ, SPARSEKERNELS_CPU_ISA=cap)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
          "-k", "(TestNonFinite and cpu and not 40) or deterministic"],
