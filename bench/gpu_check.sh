@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # One GPU visit: build, GPU tests, sanitizer, the targets benchmark; everything it finds lands in $OUT.
 #
+#   bash bench/gpu_check.sh visit           # a 15-minute lease in one device call (below)
 #   bash bench/gpu_check.sh                 # every step, in order (about 25 minutes at most)
 #   bash bench/gpu_check.sh build tests     # only some steps (a device command may run 10 minutes:
 #   bash bench/gpu_check.sh sanitizer bench #  split the visit over calls while the machine is warm)
+#
+# `visit` is for a lease of 15 minutes of device time, the machine's start (1-2 minutes) and the
+# transfers included: one device call with timeout_s=600 that runs, most important first, info,
+# build, tests (the gpu-marked ones), bench, sanitizer, all inside VISIT_S seconds (default 540).
+# With VISIT_S set (visit sets it), every step's limit is cut to the time left before that deadline,
+# a step with under 20 s left is skipped (recorded as such), and the targets run gets what is left
+# after reserving OVERHEAD_RESERVE_S (90) for the overhead runs: whatever the build costs, the call
+# ends inside its limit with the summary and the partial results in $OUT.
 #
 # Steps: info, build, compile, tests, triton-tests, sanitizer, racecheck, bench (the targets suite and
 # `python -m bench overhead`, the eager host overhead per call at small M). A failing step does not stop
@@ -53,6 +62,14 @@ step() {
     shift 3
     local started rc
     started=$(date +%s)
+    if [ -n "$DEADLINE" ]; then
+        local left=$(( DEADLINE - started ))
+        if [ "$left" -lt 20 ]; then
+            echo "$name skipped: ${left}s left of VISIT_S=${VISIT_S}" | tee -a "$SUMMARY"
+            return 0
+        fi
+        if [ "$left" -lt "$limit" ]; then limit="$left"; fi
+    fi
     echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
     set +e
     # bash -c: the steps below are shell functions (exported), which timeout cannot run directly.
@@ -89,7 +106,9 @@ build() {
     else
         echo "no .whl/nvidia_cutlass-$cutlass wheel carried: skipping the CUTLASS headers"
     fi
-    "$PY" -m pip install --no-build-isolation --no-deps -e .
+    # Only the visiting GPU's architecture (arch_list.py makes an H100's 9.0 into 9.0a): the default
+    # list would compile every CUDA source for sm_80 as well, about doubling the nvcc time.
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-native}" "$PY" -m pip install --no-build-isolation --no-deps -e .
 }
 
 gpu_name_for_file() {
@@ -101,8 +120,16 @@ bench() {
     local dir="${BENCH_DIR:-/tmp/gpu-check-bench-targets}" stem rc=0 resume=()
     if [ -n "${BENCH_RESUME:-}" ]; then resume=(--resume); else rm -rf "$dir"; fi
     stem="$(gpu_name_for_file)-$(date -u +%Y-%m-%d)"
+    local targets_limit="${TARGETS_LIMIT_S:-400}"
+    if [ -n "$DEADLINE" ]; then
+        # Inside a visit: what is left, less the overhead runs' reserve (at least 60 s).
+        local left=$(( DEADLINE - $(date +%s) - ${OVERHEAD_RESERVE_S:-90} ))
+        if [ "$left" -lt 60 ]; then left=60; fi
+        if [ "$left" -lt "$targets_limit" ]; then targets_limit="$left"; fi
+    fi
+    echo "targets run limited to ${targets_limit}s"
     # Every sparsekernels backend of the build (sparsekernels[triton], sparsekernels[cuda]) and every peer.
-    timeout -s INT -k 30 "${TARGETS_LIMIT_S:-400}" \
+    timeout -s INT -k 30 "$targets_limit" \
         "$PY" -m bench --suite targets --device cuda --out "$dir" --no-plots --no-progress "${resume[@]}" || rc=$?
     if [ -f "$dir/results.json" ]; then
         cp "$dir/results.json" "$OUT/$stem-targets.json"
@@ -118,13 +145,18 @@ bench() {
     return "$rc"
 }
 
-export OUT PY BENCH_DIR BENCH_RESUME
-export -f info build bench gpu_name_for_file
-
 steps=("$@")
 if [ ${#steps[@]} -eq 0 ]; then
     steps=(info build compile tests triton-tests sanitizer racecheck bench)
+elif [ "${steps[*]}" = "visit" ]; then
+    steps=(info build tests bench sanitizer)
+    VISIT_S="${VISIT_S:-540}"
 fi
+DEADLINE=""
+if [ -n "${VISIT_S:-}" ]; then DEADLINE=$(( $(date +%s) + VISIT_S )); fi
+
+export OUT PY BENCH_DIR BENCH_RESUME DEADLINE VISIT_S
+export -f info build bench gpu_name_for_file
 export PYTHONUNBUFFERED=1
 
 for name in "${steps[@]}"; do
@@ -146,7 +178,7 @@ for name in "${steps[@]}"; do
             compute-sanitizer --tool racecheck --target-processes all --error-exitcode 1 \
             "$PY" -m pytest -q -x tests/test_triton.py -k "test_matches_dense_reference and bfloat16 and 7 and nobias and (block32 or nm2:4)" ;;
         bench) step bench 540 "$OUT/bench.txt" bench ;;
-        *) echo "unknown step $name (info, build, compile, tests, triton-tests, sanitizer, racecheck, bench)" | tee -a "$SUMMARY"
+        *) echo "unknown step $name (info, build, compile, tests, triton-tests, sanitizer, racecheck, bench; or visit alone)" | tee -a "$SUMMARY"
            failed=1 ;;
     esac
 done
