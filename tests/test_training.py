@@ -205,6 +205,13 @@ def test_cubic_and_cosine_schedules():
     assert cosine_decay(100, 0.3, 100) == 0.0
     with pytest.raises(ValueError, match="end_step must be > start_step"):
         cubic_density(0, 1.0, 0.1, 5, 5)
+    for bad in (float("nan"), float("inf"), None):
+        with pytest.raises(ValueError, match=r"final must be a finite number, got"):
+            cubic_density(0, 1.0, bad, 10, 20)
+        with pytest.raises(ValueError, match=r"initial must be a finite number, got"):
+            cubic_density(0, bad, 0.1, 10, 20)
+        with pytest.raises(ValueError, match=r"initial must be a finite number, got"):
+            cosine_decay(0, bad, 100)
 
 
 def _mlp(layout_fc, layout_proj, width=64) -> nn.Module:

@@ -7,6 +7,13 @@ import math
 __all__ = ["cubic_density", "cosine_decay"]
 
 
+def _check_finite(name: str, value: float) -> None:
+    # NaN passes every comparison a caller might make (0 < nan <= 1 is False, but so is nan > 1),
+    # and would then reach a pruning threshold or a drop count as NaN: refuse it here.
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def cubic_density(step: int, initial: float, final: float, start_step: int, end_step: int) -> float:
     """Zhu and Gupta's schedule, written for density: ``final + (initial - final) * (1 - p) ** 3``.
 
@@ -14,6 +21,8 @@ def cubic_density(step: int, initial: float, final: float, start_step: int, end_
     ``initial`` up to start_step, falls fast at first and slowly near the end, and is ``final``
     from end_step on.
     """
+    _check_finite("initial", initial)
+    _check_finite("final", final)
     if end_step <= start_step:
         raise ValueError(f"end_step must be > start_step, got start_step={start_step}, end_step={end_step}")
     progress = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
@@ -22,6 +31,7 @@ def cubic_density(step: int, initial: float, final: float, start_step: int, end_
 
 def cosine_decay(step: int, initial: float, end_step: int) -> float:
     """``initial / 2 * (1 + cos(pi * step / end_step))``, and 0 from end_step on (RigL's drop fraction)."""
+    _check_finite("initial", initial)
     if end_step <= 0:
         raise ValueError(f"end_step must be positive, got {end_step}")
     if step >= end_step:
