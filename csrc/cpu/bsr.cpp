@@ -13,6 +13,8 @@
 //
 // Instruction sets, chosen once per process (isa.h):
 //   generic  portable C++ written so that the compiler can vectorise it; runs anywhere.
+//   avx2     the portable code with an AVX2 + FMA micro-kernel (6 rows x 16 columns) in place of its
+//            multiply-add loop: packing, stores and the small-M GEMV stay portable.
 //   avx512   AVX-512 float32 micro-kernels; bfloat16 / float16 storage is widened on load.
 //   amx      avx512, plus AMX-BF16 tile kernels for bfloat16 when M >= kSmallBatchRows.
 // The library is compiled for the baseline ISA; the x86 kernels carry target attributes and are
@@ -90,11 +92,9 @@ constexpr int64_t kGradValuesRowStep = 64;
 // Instruction set selection (x86 only: elsewhere the portable kernels are all there is).
 
 #if SPARSEKERNELS_X86_KERNELS
-// The x86 kernels work on whole 16-float vectors; other block sizes take the portable path.
-// (The AVX2 level runs the portable kernels here until this file has AVX2 kernels of its own.)
+// The x86 kernels work on whole 16-float panels; other block sizes take the portable path.
 CpuIsa isa_for_block_size(int64_t block_size) {
-  const CpuIsa isa = cpu_isa();
-  return block_size % 16 == 0 && isa >= CpuIsa::avx512 ? isa : CpuIsa::generic;
+  return block_size % 16 == 0 ? cpu_isa() : CpuIsa::generic;
 }
 #endif
 
@@ -606,6 +606,79 @@ struct Avx512Kernels {
     avx512_store_rows(acc, acc_stride, rows, width, bias, dst, dst_stride);
   }
   static void gemv(const GemvArgs<scalar_t>& args) { avx512_gemv(args); }
+};
+
+// ----------------------------------------------------------------------------------------------
+// AVX2 + FMA kernels (CPUs without AVX-512: AMD Zen 1-3, Intel client cores).
+//
+// The product's time is spent in fma_tile (every kernel at M >= kSmallBatchRows, and grad_values
+// at any M), so that is the one written for ymm here; packing, the stores and the small-M GEMV
+// stay the portable code, which is bound by memory rather than by the FMA units.
+
+#define SPARSEKERNELS_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// kRows rows x 16 columns (two ymm) of out in registers for the whole depth loop: 12 accumulators
+// at 6 rows, plus the two rhs vectors and one broadcast, fill 15 of the 16 ymm registers. Each
+// depth step makes 12 FMAs from 2 loads and 6 broadcasts.
+template <int kRows>
+SPARSEKERNELS_AVX2 inline void avx2_fma_strip(const FmaTile& tile, int64_t row0, int64_t col0) {
+  const int64_t out_stride = tile.out_stride;
+  float* out = tile.out + row0 * out_stride + col0;
+  __m256 acc[kRows][2];
+  SPARSEKERNELS_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    SPARSEKERNELS_UNROLL
+    for (int v = 0; v < 2; ++v) {
+      acc[i][v] = tile.accumulate ? _mm256_loadu_ps(out + i * out_stride + 8 * v) : _mm256_setzero_ps();
+    }
+  }
+  const float* lhs = tile.lhs + row0 * tile.lhs_row_stride;
+  const float* rhs = tile.rhs + col0;
+  const int64_t lhs_row_stride = tile.lhs_row_stride;
+  for (int64_t d = 0; d < tile.depth; ++d) {
+    const __m256 rhs_low = _mm256_loadu_ps(rhs);
+    const __m256 rhs_high = _mm256_loadu_ps(rhs + 8);
+    SPARSEKERNELS_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const __m256 lhs_value = _mm256_broadcast_ss(lhs + i * lhs_row_stride);
+      acc[i][0] = _mm256_fmadd_ps(lhs_value, rhs_low, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(lhs_value, rhs_high, acc[i][1]);
+    }
+    lhs += tile.lhs_depth_stride;
+    rhs += tile.rhs_stride;
+  }
+  SPARSEKERNELS_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    _mm256_storeu_ps(out + i * out_stride, acc[i][0]);
+    _mm256_storeu_ps(out + i * out_stride + 8, acc[i][1]);
+  }
+}
+
+// The last rows % 6 rows of a panel, with a kernel of exactly that height.
+template <int kRows>
+SPARSEKERNELS_AVX2 inline void avx2_fma_rows_left(const FmaTile& tile, int64_t row0, int64_t col0, int64_t rows) {
+  if constexpr (kRows > 0) {
+    if (rows == kRows) {
+      avx2_fma_strip<kRows>(tile, row0, col0);
+    } else {
+      avx2_fma_rows_left<kRows - 1>(tile, row0, col0, rows);
+    }
+  }
+}
+
+// 16-column panels (tile.width is a multiple of 16: block sizes are), 6 rows at a time.
+SPARSEKERNELS_AVX2 void avx2_fma_tile(const FmaTile& tile) {
+  constexpr int kRows = 6;
+  for (int64_t col0 = 0; col0 < tile.width; col0 += 16) {
+    int64_t row = 0;
+    for (; row + kRows <= tile.rows; row += kRows) avx2_fma_strip<kRows>(tile, row, col0);
+    avx2_fma_rows_left<kRows - 1>(tile, row, col0, tile.rows - row);
+  }
+}
+
+template <typename scalar_t>
+struct Avx2Kernels : GenericKernels<scalar_t> {
+  static void fma_tile(const FmaTile& tile) { avx2_fma_tile(tile); }
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -1124,8 +1197,12 @@ void run_line_product(const LineProduct<scalar_t, index_t>& product, int64_t M, 
       return;
     }
   }
-  if (isa != CpuIsa::generic) {
+  if (isa >= CpuIsa::avx512) {
     run_fma_line_product<Avx512Kernels<scalar_t>>(product, M, parallel_for);
+    return;
+  }
+  if (isa == CpuIsa::avx2) {
+    run_fma_line_product<Avx2Kernels<scalar_t>>(product, M, parallel_for);
     return;
   }
 #endif
@@ -1234,8 +1311,12 @@ void bsr_linear_grad_values(const scalar_t* grad_out, const scalar_t* x, int64_t
       return;
     }
   }
-  if (isa != CpuIsa::generic) {
+  if (isa >= CpuIsa::avx512) {
     run_grad_values<Avx512Kernels<scalar_t>>(grad_out, x, M, index, grad_values, parallel_for);
+    return;
+  }
+  if (isa == CpuIsa::avx2) {
+    run_grad_values<Avx2Kernels<scalar_t>>(grad_out, x, M, index, grad_values, parallel_for);
     return;
   }
 #endif
