@@ -887,6 +887,338 @@ SPARSEKERNELS_AVX512 void dense_strip(const float* a, int64_t rows, int64_t dept
 SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 
 }  // namespace avx512
+
+// ------------------------------------------------------------------------------------------------
+// AVX2 + FMA implementation (x86-64 CPUs without AVX-512: AMD Zen 1-3, Intel client cores).
+//
+// The batch-lane layout keeps its 16-lane vectors; a kernel here handles each as two ymm. The hot
+// loops are written for ymm: the small-batch GEMV, the forward panel, the grad_values dot products
+// and the grad_input micro-kernel. Position decoding into column arrays, the weight unpacking and
+// the dtype conversions stay the portable code (each touches an element once, next to the
+// multiply-adds that dominate).
+
+#define SPARSEKERNELS_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace avx2 {
+
+using generic::decode_rows;
+using generic::expand_rows;
+using generic::from_float_array;
+using generic::to_float_array;
+using generic::unpack_rows;
+
+constexpr int64_t kYmmLanes = 8;
+
+// Eight stored values as fp32.
+SPARSEKERNELS_AVX2 inline __m256 load8_as_float(const float* source) { return _mm256_loadu_ps(source); }
+SPARSEKERNELS_AVX2 inline __m256 load8_as_float(const bfloat16* source) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+SPARSEKERNELS_AVX2 inline __m256 load8_as_float(const float16* source) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source)));
+}
+
+SPARSEKERNELS_AVX2 inline float sum_lanes(__m256 value) {
+  const __m128 folded = _mm_add_ps(_mm256_castps256_ps128(value), _mm256_extractf128_ps(value, 1));
+  const __m128 pairs = _mm_add_ps(folded, _mm_movehl_ps(folded, folded));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+}
+
+// How the small-batch forward fetches the 8 activations of a chunk of 8 kept values. When n
+// divides 8 and the chunk's groups span 16 consecutive columns (2:4, 1:2, 4:8, 8:16), the window
+// is loaded as two ymm and each lane picks its column with vpermps from both halves and a blend on
+// bit 3 of its index; other patterns gather (one load per lane).
+enum class Fetch8 { kWindow16, kGather };
+
+// Dot products of one output row with kRows rows of x (fp32, row stride in_features), added to
+// sums[0 .. kRows). A full chunk's 8 positions are 8 * kBits <= 32 bits starting on a byte: one
+// word, shifted per lane. Two accumulator sets (even / odd chunks) hide the FMA latency.
+template <typename scalar_t, int kBits, Fetch8 kFetch, int kRows>
+SPARSEKERNELS_AVX2 inline void small_batch_dots(const float* x, int64_t in_features, const scalar_t* row_values,
+                                                const uint8_t* row_bytes, int64_t kept, const int32_t* group_base,
+                                                __m256i window_base, float* sums) {
+  const __m256i shifts = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits, 6 * kBits, 7 * kBits);
+  const __m256i field_mask = _mm256_set1_epi32((1 << kBits) - 1);
+  __m256 acc[2][kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  const int64_t full_chunks = kept / kYmmLanes;
+  for (int64_t chunk = 0; chunk < full_chunks; ++chunk) {
+    const int half = static_cast<int>(chunk & 1);
+    uint32_t word = 0;
+    std::memcpy(&word, row_bytes + chunk * kBits, kBits);  // 8 fields of kBits bits = kBits bytes
+    const __m256i offsets =
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), field_mask);
+    const __m256 weights = load8_as_float(row_values + chunk * kYmmLanes);
+    if constexpr (kFetch == Fetch8::kGather) {
+      const __m256i columns = _mm256_add_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_base + chunk * kYmmLanes)), offsets);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        acc[half][r] = _mm256_fmadd_ps(weights, _mm256_i32gather_ps(x + r * in_features, columns, 4), acc[half][r]);
+      }
+    } else {
+      const __m256i index = _mm256_add_epi32(window_base, offsets);  // 0 .. 15 inside the window
+      const __m256 from_upper = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28));  // bit 3 -> sign
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        const float* window = x + r * in_features + chunk * 16;
+        const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(window), index);
+        const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(window + 8), index);
+        acc[half][r] = _mm256_fmadd_ps(weights, _mm256_blendv_ps(low, high, from_upper), acc[half][r]);
+      }
+    }
+  }
+  float tail[kRows] = {};
+  for (int64_t j = full_chunks * kYmmLanes; j < kept; ++j) {  // the last kept % 8 values
+    const int64_t column = group_base[j] + generic::position_at(row_bytes, kBits, j);
+    const float weight = to_float(row_values[j]);
+    for (int r = 0; r < kRows; ++r) tail[r] += weight * x[r * in_features + column];
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) sums[r] += sum_lanes(_mm256_add_ps(acc[0][r], acc[1][r])) + tail[r];
+}
+
+// Output rows [row_begin, row_end) for M < kSmallBatch, batch rows four at a time (as in the
+// AVX-512 kernel: one decode and conversion of a chunk serves four rows).
+template <typename scalar_t, int kBits, Fetch8 kFetch>
+SPARSEKERNELS_AVX2 void small_batch_rows(const float* x, int64_t M, const scalar_t* values, const uint8_t* positions,
+                                         const NMShape& shape, const int32_t* group_base, const scalar_t* bias,
+                                         scalar_t* y, int64_t row_begin, int64_t row_end) {
+  const int64_t kept = shape.kept_per_row();
+  const int64_t in_features = shape.in_features;
+  int32_t window_columns[kYmmLanes];  // first column of each lane's group, relative to the window
+  for (int64_t lane = 0; lane < kYmmLanes; ++lane) window_columns[lane] = static_cast<int32_t>(lane / shape.n * shape.m);
+  const __m256i window_base = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(window_columns));
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const scalar_t* row_values = values + o * kept;
+    const uint8_t* row_bytes = positions + o * shape.position_bytes();
+    float sums[kSmallBatch] = {};
+    for (int64_t r = 0; r < M; r += 4) {
+      const float* x_rows = x + r * in_features;
+      switch (std::min<int64_t>(4, M - r)) {
+        case 1:
+          small_batch_dots<scalar_t, kBits, kFetch, 1>(x_rows, in_features, row_values, row_bytes, kept, group_base,
+                                                       window_base, sums + r);
+          break;
+        case 2:
+          small_batch_dots<scalar_t, kBits, kFetch, 2>(x_rows, in_features, row_values, row_bytes, kept, group_base,
+                                                       window_base, sums + r);
+          break;
+        case 3:
+          small_batch_dots<scalar_t, kBits, kFetch, 3>(x_rows, in_features, row_values, row_bytes, kept, group_base,
+                                                       window_base, sums + r);
+          break;
+        default:
+          small_batch_dots<scalar_t, kBits, kFetch, 4>(x_rows, in_features, row_values, row_bytes, kept, group_base,
+                                                       window_base, sums + r);
+          break;
+      }
+    }
+    const float bias_value = bias ? to_float(bias[o]) : 0.0f;
+    for (int64_t r = 0; r < M; ++r) y[r * shape.out_features + o] = from_float<scalar_t>(sums[r] + bias_value);
+  }
+}
+
+template <typename scalar_t, int kBits>
+SPARSEKERNELS_AVX2 void forward_small_batch_bits(const float* x, int64_t M, const scalar_t* values,
+                                                 const uint8_t* positions, const NMShape& shape,
+                                                 const int32_t* group_base, const scalar_t* bias, scalar_t* y,
+                                                 int64_t row_begin, int64_t row_end) {
+  const bool window16 = kYmmLanes % shape.n == 0 && kYmmLanes / shape.n * shape.m == 16;
+  if (window16) {
+    small_batch_rows<scalar_t, kBits, Fetch8::kWindow16>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+  } else {
+    small_batch_rows<scalar_t, kBits, Fetch8::kGather>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX2 void forward_small_batch(const float* x, int64_t M, const scalar_t* values,
+                                            const uint8_t* positions, const NMShape& shape,
+                                            const int32_t* group_base, const scalar_t* bias, scalar_t* y,
+                                            int64_t row_begin, int64_t row_end) {
+  switch (bits_per_position(shape.m)) {
+    case 1:
+      return forward_small_batch_bits<scalar_t, 1>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+    case 2:
+      return forward_small_batch_bits<scalar_t, 2>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+    default:
+      return forward_small_batch_bits<scalar_t, 4>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+  }
+}
+
+// Forward panel over kChunk (1 or 2) 16-lane vectors of the block, starting at lane_offset: kSets
+// accumulator sets of 2 * kChunk ymm, one kept value each, keep 8 FMAs in flight.
+template <int kChunk>
+SPARSEKERNELS_AVX2 inline void forward_panel_chunk(const float* row_values, const int32_t* row_columns, int64_t count,
+                                                   const float* activations, int64_t width, float* row_acc) {
+  constexpr int kYmm = 2 * kChunk;
+  constexpr int kSets = 8 / kYmm;
+  __m256 sums[kSets][kYmm];
+#pragma GCC unroll 8
+  for (int s = 0; s < kSets; ++s) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kYmm; ++v) sums[s][v] = _mm256_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + kSets <= count; i += kSets) {
+#pragma GCC unroll 8
+    for (int s = 0; s < kSets; ++s) {
+      const __m256 weight = _mm256_set1_ps(row_values[i + s]);
+      const float* source = activations + static_cast<int64_t>(row_columns[i + s]) * width;
+#pragma GCC unroll 4
+      for (int v = 0; v < kYmm; ++v) sums[s][v] = _mm256_fmadd_ps(weight, _mm256_load_ps(source + v * kYmmLanes), sums[s][v]);
+    }
+  }
+  for (; i < count; ++i) {
+    const __m256 weight = _mm256_set1_ps(row_values[i]);
+    const float* source = activations + static_cast<int64_t>(row_columns[i]) * width;
+#pragma GCC unroll 4
+    for (int v = 0; v < kYmm; ++v) sums[0][v] = _mm256_fmadd_ps(weight, _mm256_load_ps(source + v * kYmmLanes), sums[0][v]);
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < kYmm; ++v) {
+    __m256 total = _mm256_load_ps(row_acc + v * kYmmLanes);
+#pragma GCC unroll 8
+    for (int s = 0; s < kSets; ++s) total = _mm256_add_ps(total, sums[s][v]);
+    _mm256_store_ps(row_acc + v * kYmmLanes, total);
+  }
+}
+
+// Forward panel: the block's kVectors 16-lane vectors in chunks of two (and one), each chunk a pass
+// over the row's kept values (their values and columns stay in L1 between passes).
+template <int kVectors>
+SPARSEKERNELS_AVX2 void forward_panel(const float* values, const int32_t* columns, int64_t count, int64_t rows,
+                                      const float* activations, float* acc) {
+  constexpr int64_t kWidth = kVectors * kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row_values = values + r * count;
+    const int32_t* row_columns = columns + r * count;
+    float* row_acc = acc + r * kWidth;
+    int v = 0;
+    for (; v + 2 <= kVectors; v += 2) {
+      forward_panel_chunk<2>(row_values, row_columns, count, activations + v * kLanes, kWidth, row_acc + v * kLanes);
+    }
+    if (v < kVectors) {
+      forward_panel_chunk<1>(row_values, row_columns, count, activations + v * kLanes, kWidth, row_acc + v * kLanes);
+    }
+  }
+}
+
+// Lane i of the result: the sum of the lanes of dots[i].
+SPARSEKERNELS_AVX2 inline __m256 sum_each_of_8(const __m256 dots[8]) {
+  const __m256 pairs01 = _mm256_hadd_ps(dots[0], dots[1]);
+  const __m256 pairs23 = _mm256_hadd_ps(dots[2], dots[3]);
+  const __m256 pairs45 = _mm256_hadd_ps(dots[4], dots[5]);
+  const __m256 pairs67 = _mm256_hadd_ps(dots[6], dots[7]);
+  // Per 128-bit half: the half's partial sums of dots 0..3 (resp. 4..7).
+  const __m256 quads0123 = _mm256_hadd_ps(pairs01, pairs23);
+  const __m256 quads4567 = _mm256_hadd_ps(pairs45, pairs67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(quads0123, quads4567, 0x20),
+                       _mm256_permute2f128_ps(quads0123, quads4567, 0x31));
+}
+
+// grad_values panel: 8 kept values at a time, each a dot product of the gradient row (in L1) with
+// its activation row; the 8 independent FMA chains are then reduced together.
+template <int kVectors>
+SPARSEKERNELS_AVX2 void grad_values_panel(const float* grad, const int32_t* columns, int64_t count, int64_t rows,
+                                          const float* activations, float* out, bool accumulate) {
+  constexpr int64_t kWidth = kVectors * kLanes;
+  constexpr int kYmm = 2 * kVectors;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* row_columns = columns + r * count;
+    const float* grad_row = grad + r * kWidth;
+    float* row_out = out + r * count;
+    for (int64_t i = 0; i < count; i += kYmmLanes) {
+      const int64_t chunk = std::min(kYmmLanes, count - i);
+      int32_t padded[kYmmLanes] = {};  // a partial chunk reuses column 0 for its unused lanes
+      const int32_t* chunk_columns = row_columns + i;
+      if (chunk < kYmmLanes) {
+        std::memcpy(padded, chunk_columns, sizeof(int32_t) * chunk);
+        chunk_columns = padded;
+      }
+      __m256 dots[kYmmLanes];
+#pragma GCC unroll 8
+      for (int q = 0; q < kYmmLanes; ++q) dots[q] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+      for (int v = 0; v < kYmm; ++v) {
+        const __m256 grad_vector = _mm256_load_ps(grad_row + v * kYmmLanes);
+#pragma GCC unroll 8
+        for (int q = 0; q < kYmmLanes; ++q) {
+          const float* source = activations + static_cast<int64_t>(chunk_columns[q]) * kWidth + v * kYmmLanes;
+          dots[q] = _mm256_fmadd_ps(grad_vector, _mm256_load_ps(source), dots[q]);
+        }
+      }
+      const __m256 totals = sum_each_of_8(dots);
+      alignas(32) float lanes[kYmmLanes];
+      _mm256_store_ps(lanes, totals);
+      for (int64_t q = 0; q < chunk; ++q) row_out[i + q] = accumulate ? row_out[i + q] + lanes[q] : lanes[q];
+    }
+  }
+}
+
+// grad_input micro-kernel: kRows rows x 16 columns (two ymm) over the whole depth, 12 accumulators
+// at 6 rows; a 32-column strip of the dense tile is two such column halves.
+template <int kRows>
+SPARSEKERNELS_AVX2 inline void dense_block(const float* a, int64_t depth, const float* b, int64_t b_stride, float* c,
+                                           int64_t c_stride, bool accumulate) {
+  __m256 acc[kRows][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < depth; ++d) {
+    const __m256 low = _mm256_loadu_ps(b + d * b_stride);
+    const __m256 high = _mm256_loadu_ps(b + d * b_stride + kYmmLanes);
+#pragma GCC unroll 6
+    for (int i = 0; i < kRows; ++i) {
+      const __m256 scale = _mm256_broadcast_ss(a + d * kStripRows + i);
+      acc[i][0] = _mm256_fmadd_ps(scale, low, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(scale, high, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < kRows; ++i) {
+    float* c_row = c + i * c_stride;
+    if (accumulate) {
+      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(c_row));
+      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(c_row + kYmmLanes));
+    }
+    _mm256_storeu_ps(c_row, acc[i][0]);
+    _mm256_storeu_ps(c_row + kYmmLanes, acc[i][1]);
+  }
+}
+
+// Rows [row0, row0 + kRows) of the strip (a's rows start at a + row0; depth stride kStripRows).
+template <int kRows>
+SPARSEKERNELS_AVX2 void dense_strip_rows(const float* a, int64_t depth, const float* b, int64_t b_stride,
+                                         int64_t strips, float* c, int64_t c_stride, bool accumulate) {
+  for (int64_t column = 0; column < strips * kStripColumns; column += 16) {
+    dense_block<kRows>(a, depth, b + column, b_stride, c + column, c_stride, accumulate);
+  }
+}
+
+SPARSEKERNELS_AVX2 void dense_strip(const float* a, int64_t rows, int64_t depth, const float* b, int64_t b_stride,
+                                    int64_t strips, float* c, int64_t c_stride, bool accumulate) {
+  static_assert(kStripColumns % 16 == 0, "strips are whole 16-column halves");
+  using StripFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool);
+  static constexpr StripFn by_rows[7] = {nullptr,
+                                         &dense_strip_rows<1>,
+                                         &dense_strip_rows<2>,
+                                         &dense_strip_rows<3>,
+                                         &dense_strip_rows<4>,
+                                         &dense_strip_rows<5>,
+                                         &dense_strip_rows<6>};
+  // Six batch rows per pass keep 12 of the 16 ymm registers as accumulators.
+  for (int64_t row0 = 0; row0 < rows; row0 += 6) {
+    by_rows[std::min<int64_t>(6, rows - row0)](a + row0, depth, b, b_stride, strips, c + row0 * c_stride, c_stride,
+                                               accumulate);
+  }
+}
+
+SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
+
+}  // namespace avx2
 #endif  // defined(__x86_64__)
 
 #undef SPARSEKERNELS_DEFINE_KERNEL_SET
@@ -898,8 +1230,8 @@ SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 template <typename scalar_t>
 const KernelSet<scalar_t>& kernels_for_this_cpu() {
 #if defined(__x86_64__)
-  // (The AVX2 level runs the portable kernels until this file has AVX2 kernels of its own.)
   if (cpu_isa() >= CpuIsa::avx512) return avx512::kernels<scalar_t>;
+  if (cpu_isa() == CpuIsa::avx2) return avx2::kernels<scalar_t>;
 #endif
   return generic::kernels<scalar_t>;
 }
