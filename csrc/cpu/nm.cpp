@@ -891,23 +891,31 @@ SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 // ------------------------------------------------------------------------------------------------
 // AVX2 + FMA implementation (x86-64 CPUs without AVX-512: AMD Zen 1-3, Intel client cores).
 //
-// The batch-lane layout keeps its 16-lane vectors; a kernel here handles each as two ymm. The hot
-// loops are written for ymm: the small-batch GEMV, the forward panel, the grad_values dot products
-// and the grad_input micro-kernel. Position decoding into column arrays, the weight unpacking and
-// the dtype conversions stay the portable code (each touches an element once, next to the
-// multiply-adds that dominate).
+// The batch-lane layout keeps its 16-lane vectors; a kernel here handles each as two ymm. Written
+// for ymm: the small-batch GEMV, the forward panel, the grad_values dot products, the grad_input
+// micro-kernel, position decoding (8 fields per word) and the widening conversions. The expansion
+// into grad_input tiles (a scatter, which AVX2 lacks) and the rounding stores stay portable.
 
 #define SPARSEKERNELS_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace avx2 {
 
-using generic::decode_rows;
 using generic::expand_rows;
 using generic::from_float_array;
-using generic::to_float_array;
-using generic::unpack_rows;
 
 constexpr int64_t kYmmLanes = 8;
+
+// In-group offsets of 8 consecutive kept values whose fields start on the byte chunk_bytes: their
+// 8 * kBits <= 32 bits are one little-endian word, shifted per lane and masked. Only the kBits
+// bytes that exist are read.
+template <int kBits>
+SPARSEKERNELS_AVX2 inline __m256i decode8(const uint8_t* chunk_bytes) {
+  uint32_t word = 0;
+  std::memcpy(&word, chunk_bytes, kBits);
+  const __m256i shifts = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits, 6 * kBits, 7 * kBits);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
+                          _mm256_set1_epi32((1 << kBits) - 1));
+}
 
 // Eight stored values as fp32.
 SPARSEKERNELS_AVX2 inline __m256 load8_as_float(const float* source) { return _mm256_loadu_ps(source); }
@@ -925,6 +933,83 @@ SPARSEKERNELS_AVX2 inline float sum_lanes(__m256 value) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
 }
 
+template <typename scalar_t>
+SPARSEKERNELS_AVX2 void to_float_array(const scalar_t* source, float* destination, int64_t count) {
+  int64_t i = 0;
+  for (; i + kYmmLanes <= count; i += kYmmLanes) _mm256_storeu_ps(destination + i, load8_as_float(source + i));
+  for (; i < count; ++i) destination[i] = to_float(source[i]);
+}
+
+// Columns of kept values [first, first + count) of one row: 8 at a time where the chunk starts
+// on a byte (every chunk does when first does, as 8 * kBits bits are whole bytes), the rest
+// one by one.
+template <int kBits>
+SPARSEKERNELS_AVX2 inline void decode_columns(const uint8_t* row_bytes, int64_t first, int64_t count,
+                                                 const int32_t* group_base, int32_t* columns) {
+  int64_t i = 0;
+  if (first * kBits % 8 == 0) {
+    for (; i + kYmmLanes <= count; i += kYmmLanes) {
+      const __m256i base = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_base + first + i));
+      const __m256i offsets = decode8<kBits>(row_bytes + (first + i) * kBits / 8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(columns + i), _mm256_add_epi32(base, offsets));
+    }
+  }
+  for (; i < count; ++i) columns[i] = group_base[first + i] + generic::position_at(row_bytes, kBits, first + i);
+}
+
+template <int kBits>
+SPARSEKERNELS_AVX2 void decode_rows_bits(const uint8_t* positions, int64_t position_stride, int64_t rows,
+                                         int64_t first_kept, int64_t count, const int32_t* group_base,
+                                         int32_t* columns, int64_t columns_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    decode_columns<kBits>(positions + r * position_stride, first_kept, count, group_base, columns + r * columns_stride);
+  }
+}
+
+SPARSEKERNELS_AVX2 void decode_rows(const uint8_t* positions, int64_t position_stride, int bits, int64_t rows,
+                                    int64_t first_kept, int64_t count, const int32_t* group_base, int32_t* columns,
+                                    int64_t columns_stride) {
+  switch (bits) {
+    case 1:
+      return decode_rows_bits<1>(positions, position_stride, rows, first_kept, count, group_base, columns, columns_stride);
+    case 2:
+      return decode_rows_bits<2>(positions, position_stride, rows, first_kept, count, group_base, columns, columns_stride);
+    default:
+      return decode_rows_bits<4>(positions, position_stride, rows, first_kept, count, group_base, columns, columns_stride);
+  }
+}
+
+template <typename scalar_t, int kBits>
+SPARSEKERNELS_AVX2 void unpack_rows_bits(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                         const int32_t* group_base, int64_t first_row, int64_t rows,
+                                         int64_t panel_kept, float* values_out, int32_t* columns_out) {
+  const int64_t kept = shape.kept_per_row();
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row_values = values != nullptr ? values + (first_row + r) * kept : nullptr;
+    const uint8_t* row_bytes = positions + (first_row + r) * shape.position_bytes();
+    for (int64_t first = 0; first < kept; first += panel_kept) {
+      const int64_t count = std::min(panel_kept, kept - first);
+      const int64_t offset = first * rows + r * count;  // = p * rows * panel_kept + r * count
+      decode_columns<kBits>(row_bytes, first, count, group_base, columns_out + offset);
+      if (values_out != nullptr) to_float_array(row_values + first, values_out + offset, count);
+    }
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX2 void unpack_rows(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                    const int32_t* group_base, int64_t first_row, int64_t rows, int64_t panel_kept,
+                                    float* values_out, int32_t* columns_out) {
+  switch (bits_per_position(shape.m)) {
+    case 1:
+      return unpack_rows_bits<scalar_t, 1>(values, positions, shape, group_base, first_row, rows, panel_kept, values_out, columns_out);
+    case 2:
+      return unpack_rows_bits<scalar_t, 2>(values, positions, shape, group_base, first_row, rows, panel_kept, values_out, columns_out);
+    default:
+      return unpack_rows_bits<scalar_t, 4>(values, positions, shape, group_base, first_row, rows, panel_kept, values_out, columns_out);
+  }
+}
+
 // How the small-batch forward fetches the 8 activations of a chunk of 8 kept values. When n
 // divides 8 and the chunk's groups span 16 consecutive columns (2:4, 1:2, 4:8, 8:16), the window
 // is loaded as two ymm and each lane picks its column with vpermps from both halves and a blend on
@@ -932,24 +1017,18 @@ SPARSEKERNELS_AVX2 inline float sum_lanes(__m256 value) {
 enum class Fetch8 { kWindow16, kGather };
 
 // Dot products of one output row with kRows rows of x (fp32, row stride in_features), added to
-// sums[0 .. kRows). A full chunk's 8 positions are 8 * kBits <= 32 bits starting on a byte: one
-// word, shifted per lane. Two accumulator sets (even / odd chunks) hide the FMA latency.
+// sums[0 .. kRows). Two accumulator sets (even / odd chunks) hide the FMA latency.
 template <typename scalar_t, int kBits, Fetch8 kFetch, int kRows>
 SPARSEKERNELS_AVX2 inline void small_batch_dots(const float* x, int64_t in_features, const scalar_t* row_values,
                                                 const uint8_t* row_bytes, int64_t kept, const int32_t* group_base,
                                                 __m256i window_base, float* sums) {
-  const __m256i shifts = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits, 6 * kBits, 7 * kBits);
-  const __m256i field_mask = _mm256_set1_epi32((1 << kBits) - 1);
   __m256 acc[2][kRows];
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
   const int64_t full_chunks = kept / kYmmLanes;
   for (int64_t chunk = 0; chunk < full_chunks; ++chunk) {
     const int half = static_cast<int>(chunk & 1);
-    uint32_t word = 0;
-    std::memcpy(&word, row_bytes + chunk * kBits, kBits);  // 8 fields of kBits bits = kBits bytes
-    const __m256i offsets =
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), field_mask);
+    const __m256i offsets = decode8<kBits>(row_bytes + chunk * kBits);  // 8 fields = kBits bytes
     const __m256 weights = load8_as_float(row_values + chunk * kYmmLanes);
     if constexpr (kFetch == Fetch8::kGather) {
       const __m256i columns = _mm256_add_epi32(
