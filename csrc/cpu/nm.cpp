@@ -37,9 +37,10 @@
 // is allocated inside the task body; the activation copies are built by a separate parallel pass
 // first and only read afterwards.
 //
-// ISA: the inner loops exist as portable C++ and as AVX-512 code compiled through a target
-// attribute (the library itself is built without -march). The AVX-512 set is chosen at run time
-// when the CPU supports it and SPARSEKERNELS_CPU_ISA does not cap it lower (isa.h).
+// ISA: the inner loops exist as portable C++, as AVX2 + FMA code (8-float ymm, for CPUs without
+// AVX-512) and as AVX-512 code, the vector sets compiled through target attributes (the library
+// itself is built without -march). The highest set the CPU supports runs, unless
+// SPARSEKERNELS_CPU_ISA caps it lower (isa.h).
 #include "nm.h"
 #include "isa.h"
 
