@@ -61,6 +61,7 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 #endif
+#include "avx2.h"
 
 namespace sparsekernels::cpu {
 namespace {
@@ -894,17 +895,17 @@ SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 //
 // The batch-lane layout keeps its 16-lane vectors; a kernel here handles each as two ymm. Written
 // for ymm: the small-batch GEMV, the forward panel, the grad_values dot products, the grad_input
-// micro-kernel, position decoding (8 fields per word) and the widening conversions. The expansion
-// into grad_input tiles (a scatter, which AVX2 lacks) and the rounding stores stay portable.
-
-#define SPARSEKERNELS_AVX2 __attribute__((target("avx2,fma,f16c")))
+// micro-kernel, position decoding (8 fields per word) and the conversions (avx2.h). The expansion
+// into grad_input tiles (a scatter, which AVX2 lacks) stays portable.
 
 namespace avx2 {
 
 using generic::expand_rows;
-using generic::from_float_array;
+using avx2_simd::from_float_array;
+using avx2_simd::sum_lanes;
+using avx2_simd::to_float_array;
 
-constexpr int64_t kYmmLanes = 8;
+constexpr int64_t kYmmLanes = avx2_simd::kLanes;
 
 // In-group offsets of 8 consecutive kept values whose fields start on the byte chunk_bytes: their
 // 8 * kBits <= 32 bits are one little-endian word, shifted per lane and masked. Only the kBits
@@ -916,29 +917,6 @@ SPARSEKERNELS_AVX2 inline __m256i decode8(const uint8_t* chunk_bytes) {
   const __m256i shifts = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits, 6 * kBits, 7 * kBits);
   return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
                           _mm256_set1_epi32((1 << kBits) - 1));
-}
-
-// Eight stored values as fp32.
-SPARSEKERNELS_AVX2 inline __m256 load8_as_float(const float* source) { return _mm256_loadu_ps(source); }
-SPARSEKERNELS_AVX2 inline __m256 load8_as_float(const bfloat16* source) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-SPARSEKERNELS_AVX2 inline __m256 load8_as_float(const float16* source) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source)));
-}
-
-SPARSEKERNELS_AVX2 inline float sum_lanes(__m256 value) {
-  const __m128 folded = _mm_add_ps(_mm256_castps256_ps128(value), _mm256_extractf128_ps(value, 1));
-  const __m128 pairs = _mm_add_ps(folded, _mm_movehl_ps(folded, folded));
-  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
-}
-
-template <typename scalar_t>
-SPARSEKERNELS_AVX2 void to_float_array(const scalar_t* source, float* destination, int64_t count) {
-  int64_t i = 0;
-  for (; i + kYmmLanes <= count; i += kYmmLanes) _mm256_storeu_ps(destination + i, load8_as_float(source + i));
-  for (; i < count; ++i) destination[i] = to_float(source[i]);
 }
 
 // Columns of kept values [first, first + count) of one row: 8 at a time where the chunk starts
@@ -1030,7 +1008,7 @@ SPARSEKERNELS_AVX2 inline void small_batch_dots(const float* x, int64_t in_featu
   for (int64_t chunk = 0; chunk < full_chunks; ++chunk) {
     const int half = static_cast<int>(chunk & 1);
     const __m256i offsets = decode8<kBits>(row_bytes + chunk * kBits);  // 8 fields = kBits bytes
-    const __m256 weights = load8_as_float(row_values + chunk * kYmmLanes);
+    const __m256 weights = avx2_simd::load8(row_values + chunk * kYmmLanes);
     if constexpr (kFetch == Fetch8::kGather) {
       const __m256i columns = _mm256_add_epi32(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_base + chunk * kYmmLanes)), offsets);
