@@ -13,8 +13,8 @@
 //
 // Instruction sets, chosen once per process (isa.h):
 //   generic  portable C++ written so that the compiler can vectorise it; runs anywhere.
-//   avx2     the portable code with an AVX2 + FMA micro-kernel (6 rows x 16 columns) in place of its
-//            multiply-add loop: packing, stores and the small-M GEMV stay portable.
+//   avx2     the avx512 kernels on ymm registers (AVX2 + FMA): a 6 rows x 16 columns micro-kernel,
+//            the small-M GEMV, packing and the rounding stores.
 //   avx512   AVX-512 float32 micro-kernels; bfloat16 / float16 storage is widened on load.
 //   amx      avx512, plus AMX-BF16 tile kernels for bfloat16 when M >= kSmallBatchRows.
 // The library is compiled for the baseline ISA; the x86 kernels carry target attributes and are
@@ -62,6 +62,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
+#include "avx2.h"
 #else
 #define SPARSEKERNELS_X86_KERNELS 0
 #endif
@@ -611,11 +612,8 @@ struct Avx512Kernels {
 // ----------------------------------------------------------------------------------------------
 // AVX2 + FMA kernels (CPUs without AVX-512: AMD Zen 1-3, Intel client cores).
 //
-// The product's time is spent in fma_tile (every kernel at M >= kSmallBatchRows, and grad_values
-// at any M), so that is the one written for ymm here; packing, the stores and the small-M GEMV
-// stay the portable code, which is bound by memory rather than by the FMA units.
-
-#define SPARSEKERNELS_AVX2 __attribute__((target("avx2,fma,f16c")))
+// The same kernels as the AVX-512 set, on 8-float ymm registers (16 of them instead of 32, so the
+// register tiles are smaller); conversions come from avx2.h.
 
 // kRows rows x 16 columns (two ymm) of out in registers for the whole depth loop: 12 accumulators
 // at 6 rows, plus the two rhs vectors and one broadcast, fill 15 of the 16 ymm registers. Each
@@ -677,8 +675,146 @@ SPARSEKERNELS_AVX2 void avx2_fma_tile(const FmaTile& tile) {
 }
 
 template <typename scalar_t>
-struct Avx2Kernels : GenericKernels<scalar_t> {
+SPARSEKERNELS_AVX2 void avx2_convert_rows(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t width,
+                                          float* dst) {
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t col = 0; col < width; col += 8) {
+      _mm256_storeu_ps(dst + row * width + col, avx2_simd::load8(src + row * src_stride + col));
+    }
+  }
+}
+
+// In-register transpose of an 8 x 8 float matrix (rows[i] = row i).
+SPARSEKERNELS_AVX2 inline void transpose8x8_ps(__m256 rows[8]) {
+  // Interleave the elements of row pairs within 128-bit halves ...
+  __m256 pairs[8];
+  SPARSEKERNELS_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    pairs[2 * i] = _mm256_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+    pairs[2 * i + 1] = _mm256_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+  }
+  // ... then their 64-bit pairs: quads[4g + j] holds, in half h, column 4h + j of rows 4g .. 4g + 3 ...
+  __m256 quads[8];
+  SPARSEKERNELS_UNROLL
+  for (int group = 0; group < 2; ++group) {
+    const __m256* in = pairs + 4 * group;
+    quads[4 * group + 0] = _mm256_shuffle_ps(in[0], in[2], 0x44);
+    quads[4 * group + 1] = _mm256_shuffle_ps(in[0], in[2], 0xee);
+    quads[4 * group + 2] = _mm256_shuffle_ps(in[1], in[3], 0x44);
+    quads[4 * group + 3] = _mm256_shuffle_ps(in[1], in[3], 0xee);
+  }
+  // ... and the 128-bit halves of the two row groups.
+  SPARSEKERNELS_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    rows[j] = _mm256_permute2f128_ps(quads[j], quads[4 + j], 0x20);
+    rows[4 + j] = _mm256_permute2f128_ps(quads[j], quads[4 + j], 0x31);
+  }
+}
+
+// dst[k][n] = block[n][k], 8 x 8 tiles at a time.
+template <typename scalar_t>
+SPARSEKERNELS_AVX2 void avx2_transpose_block(const scalar_t* block, int64_t block_size, float* dst) {
+  for (int64_t n0 = 0; n0 < block_size; n0 += 8) {
+    for (int64_t k0 = 0; k0 < block_size; k0 += 8) {
+      __m256 rows[8];
+      SPARSEKERNELS_UNROLL
+      for (int i = 0; i < 8; ++i) rows[i] = avx2_simd::load8(block + (n0 + i) * block_size + k0);
+      transpose8x8_ps(rows);
+      SPARSEKERNELS_UNROLL
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k0 + j) * block_size + n0, rows[j]);
+    }
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX2 void avx2_store_rows(const float* acc, int64_t acc_stride, int64_t rows, int64_t width,
+                                        const scalar_t* bias, scalar_t* dst, int64_t dst_stride) {
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t col = 0; col < width; col += 8) {
+      __m256 value = acc != nullptr ? _mm256_loadu_ps(acc + row * acc_stride + col) : _mm256_setzero_ps();
+      if (bias != nullptr) value = _mm256_add_ps(value, avx2_simd::load8(bias + col));
+      avx2_simd::store8(dst + row * dst_stride + col, value);
+    }
+  }
+}
+
+// Outputs n0 .. n0 + kOutputs - 1 of activation rows row0 .. row0 + kRows - 1, as in
+// avx512_gemv_tile. With 16 ymm registers: 3 rows x 4 outputs (12 accumulators, 3 activation
+// vectors, 1 weight vector), or 1 row x 8 outputs, which keeps 8 FMA chains in flight at M = 1.
+template <typename scalar_t, int kRows, int kOutputs>
+SPARSEKERNELS_AVX2 inline void avx2_gemv_tile(const GemvArgs<scalar_t>& args, int64_t row0, int64_t n0) {
+  static_assert(kOutputs % 4 == 0, "outputs are reduced four at a time");
+  const int64_t block_size = args.block_size;
+  __m256 acc[kRows][kOutputs];
+  SPARSEKERNELS_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    SPARSEKERNELS_UNROLL
+    for (int j = 0; j < kOutputs; ++j) acc[i][j] = _mm256_setzero_ps();
+  }
+  for (int64_t entry = 0; entry < args.count; ++entry) {
+    const scalar_t* weights = args.blocks[entry] + n0 * block_size;
+    const float* lhs = args.lhs[entry] + row0 * args.lhs_stride;
+    for (int64_t k0 = 0; k0 < block_size; k0 += 8) {
+      __m256 lhs_vectors[kRows];
+      SPARSEKERNELS_UNROLL
+      for (int i = 0; i < kRows; ++i) lhs_vectors[i] = _mm256_loadu_ps(lhs + i * args.lhs_stride + k0);
+      SPARSEKERNELS_UNROLL
+      for (int j = 0; j < kOutputs; ++j) {
+        const __m256 weight_vector = avx2_simd::load8(weights + j * block_size + k0);
+        SPARSEKERNELS_UNROLL
+        for (int i = 0; i < kRows; ++i) acc[i][j] = _mm256_fmadd_ps(lhs_vectors[i], weight_vector, acc[i][j]);
+      }
+    }
+  }
+  SPARSEKERNELS_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    SPARSEKERNELS_UNROLL
+    for (int j = 0; j < kOutputs; j += 4) {
+      _mm_storeu_ps(args.out + (row0 + i) * block_size + n0 + j, avx2_simd::sum_each_of_4(acc[i] + j));
+    }
+  }
+}
+
+template <typename scalar_t, int kRows>
+SPARSEKERNELS_AVX2 inline void avx2_gemv_rows_left(const GemvArgs<scalar_t>& args, int64_t row0, int64_t n0,
+                                                   int64_t rows) {
+  if constexpr (kRows > 0) {
+    if (rows == kRows) {
+      avx2_gemv_tile<scalar_t, kRows, 4>(args, row0, n0);
+    } else {
+      avx2_gemv_rows_left<scalar_t, kRows - 1>(args, row0, n0, rows);
+    }
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX2 void avx2_gemv(const GemvArgs<scalar_t>& args) {
+  if (args.rows == 1) {
+    for (int64_t n0 = 0; n0 < args.block_size; n0 += 8) avx2_gemv_tile<scalar_t, 1, 8>(args, 0, n0);
+    return;
+  }
+  constexpr int kMaxRows = 3;
+  for (int64_t n0 = 0; n0 < args.block_size; n0 += 4) {
+    int64_t row = 0;
+    for (; row + kMaxRows <= args.rows; row += kMaxRows) avx2_gemv_tile<scalar_t, kMaxRows, 4>(args, row, n0);
+    avx2_gemv_rows_left<scalar_t, kMaxRows - 1>(args, row, n0, args.rows - row);
+  }
+}
+
+template <typename scalar_t>
+struct Avx2Kernels {
+  static void convert_rows(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t width, float* dst) {
+    avx2_convert_rows(src, src_stride, rows, width, dst);
+  }
+  static void transpose_block(const scalar_t* block, int64_t block_size, float* dst) {
+    avx2_transpose_block(block, block_size, dst);
+  }
   static void fma_tile(const FmaTile& tile) { avx2_fma_tile(tile); }
+  static void store_rows(const float* acc, int64_t acc_stride, int64_t rows, int64_t width, const scalar_t* bias,
+                         scalar_t* dst, int64_t dst_stride) {
+    avx2_store_rows(acc, acc_stride, rows, width, bias, dst, dst_stride);
+  }
+  static void gemv(const GemvArgs<scalar_t>& args) { avx2_gemv(args); }
 };
 
 // ----------------------------------------------------------------------------------------------
