@@ -895,12 +895,11 @@ SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 //
 // The batch-lane layout keeps its 16-lane vectors; a kernel here handles each as two ymm. Written
 // for ymm: the small-batch GEMV, the forward panel, the grad_values dot products, the grad_input
-// micro-kernel, position decoding (8 fields per word) and the conversions (avx2.h). The expansion
-// into grad_input tiles (a scatter, which AVX2 lacks) stays portable.
+// micro-kernel, position decoding (8 fields per word), the expansion into grad_input tiles (built
+// in registers where n divides 8; AVX2 has no scatter) and the conversions (avx2.h).
 
 namespace avx2 {
 
-using generic::expand_rows;
 using avx2_simd::from_float_array;
 using avx2_simd::sum_lanes;
 using avx2_simd::to_float_array;
@@ -986,6 +985,120 @@ SPARSEKERNELS_AVX2 void unpack_rows(const scalar_t* values, const uint8_t* posit
       return unpack_rows_bits<scalar_t, 2>(values, positions, shape, group_base, first_row, rows, panel_kept, values_out, columns_out);
     default:
       return unpack_rows_bits<scalar_t, 4>(values, positions, shape, group_base, first_row, rows, panel_kept, values_out, columns_out);
+  }
+}
+
+// Expansion into the grad_input tile, built in registers. When n divides 8, a chunk of 8 kept
+// values (starting on a group) covers 8 / n whole groups, i.e. m / n ymm of dense columns. Lane l
+// of dense vector h holds column c = 8 h + l of the chunk, in group g = c / m at offset c % m;
+// of the n kept values of that group (chunk indices g n + t), at most one has that offset, so
+//   dense = OR over t < n of (offset[g n + t] == c % m) AND value[g n + t],
+// two vpermd/vpermps, a compare, an AND and an OR per candidate, and every dense column is
+// written once by a full store (no clearing pass, no scatter). The AND/OR moves bits, so values
+// (signed zeros and NaNs included) land unchanged. Other n, and a partial last chunk, take the
+// clear-then-store path one value at a time.
+struct ExpandSelectors {
+  // For dense vector h and candidate t (h * n + t): the chunk index of the candidate per lane,
+  // and per h the in-group offset of each lane's column. m / n * n = m <= 16 vectors each.
+  alignas(32) int32_t candidate[16][kYmmLanes];
+  alignas(32) int32_t offset[16][kYmmLanes];
+  ExpandSelectors(int64_t n, int64_t m) {
+    for (int64_t h = 0; h < m / n; ++h) {
+      for (int64_t lane = 0; lane < kYmmLanes; ++lane) {
+        const int64_t column = h * kYmmLanes + lane;
+        offset[h][lane] = static_cast<int32_t>(column % m);
+        for (int64_t t = 0; t < n; ++t) candidate[h * n + t][lane] = static_cast<int32_t>(column / m * n + t);
+      }
+    }
+  }
+};
+
+template <typename scalar_t, int kBits, int kN>
+SPARSEKERNELS_AVX2 void expand_rows_selected(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                             const int32_t* group_base, int64_t first_row, int64_t rows,
+                                             int64_t first_kept, int64_t count, int64_t origin, int64_t width,
+                                             float* tile, int64_t tile_stride) {
+  static_assert(kYmmLanes % kN == 0, "a chunk of 8 kept values must hold whole groups");
+  const ExpandSelectors selectors(kN, shape.m);
+  const int64_t vectors_per_chunk = shape.m / kN;
+  const int64_t chunk_columns = vectors_per_chunk * kYmmLanes;
+  const int64_t full_chunks = count / kYmmLanes;
+  const int64_t start_column = first_kept / kN * shape.m;  // first_kept starts a group
+  const auto* candidate = reinterpret_cast<const __m256i*>(selectors.candidate);
+  const auto* offset = reinterpret_cast<const __m256i*>(selectors.offset);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row_values = values + (first_row + r) * shape.kept_per_row() + first_kept;
+    const uint8_t* row_bytes = positions + (first_row + r) * shape.position_bytes() + first_kept * kBits / 8;
+    float* tile_row = tile + r * tile_stride - origin;  // indexed by absolute column
+    std::fill(tile_row + origin, tile_row + start_column, 0.0f);
+    for (int64_t chunk = 0; chunk < full_chunks; ++chunk) {
+      const int64_t i = chunk * kYmmLanes;
+      const __m256 chunk_values = avx2_simd::load8(row_values + i);
+      const __m256i chunk_offsets = decode8<kBits>(row_bytes + i * kBits / 8);
+      float* dense = tile_row + start_column + chunk * chunk_columns;
+      for (int64_t h = 0; h < vectors_per_chunk; ++h) {
+        __m256 column_values = _mm256_setzero_ps();
+#pragma GCC unroll 8
+        for (int t = 0; t < kN; ++t) {
+          const __m256i source = _mm256_load_si256(candidate + h * kN + t);
+          const __m256i hit = _mm256_cmpeq_epi32(_mm256_permutevar8x32_epi32(chunk_offsets, source),
+                                                 _mm256_load_si256(offset + h));
+          column_values = _mm256_or_ps(
+              column_values, _mm256_and_ps(_mm256_castsi256_ps(hit), _mm256_permutevar8x32_ps(chunk_values, source)));
+        }
+        _mm256_storeu_ps(dense + h * kYmmLanes, column_values);
+      }
+    }
+    // The rest of the row: the columns after the full chunks (a partial chunk, then the padding
+    // up to whole strips) are cleared, and the last count % 8 kept values stored one by one.
+    const int64_t done = full_chunks * kYmmLanes;
+    std::fill(tile_row + start_column + full_chunks * chunk_columns, tile_row + origin + width, 0.0f);
+    for (int64_t i = done; i < count; ++i) {
+      tile_row[group_base[first_kept + i] + generic::position_at(row_bytes, kBits, i)] = to_float(row_values[i]);
+    }
+  }
+}
+
+template <typename scalar_t, int kBits>
+SPARSEKERNELS_AVX2 void expand_rows_bits(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                         const int32_t* group_base, int64_t first_row, int64_t rows,
+                                         int64_t first_kept, int64_t count, int64_t origin, int64_t width,
+                                         float* tile, int64_t tile_stride) {
+  // The register path needs chunks that start on a byte of the positions and on a group.
+  const bool chunks_aligned = first_kept * kBits % 8 == 0 && first_kept % shape.n == 0;
+  switch (chunks_aligned ? shape.n : 0) {
+    case 1:
+      return expand_rows_selected<scalar_t, kBits, 1>(values, positions, shape, group_base, first_row, rows,
+                                                      first_kept, count, origin, width, tile, tile_stride);
+    case 2:
+      return expand_rows_selected<scalar_t, kBits, 2>(values, positions, shape, group_base, first_row, rows,
+                                                      first_kept, count, origin, width, tile, tile_stride);
+    case 4:
+      return expand_rows_selected<scalar_t, kBits, 4>(values, positions, shape, group_base, first_row, rows,
+                                                      first_kept, count, origin, width, tile, tile_stride);
+    case 8:
+      return expand_rows_selected<scalar_t, kBits, 8>(values, positions, shape, group_base, first_row, rows,
+                                                      first_kept, count, origin, width, tile, tile_stride);
+    default:  // n = 3, 5, 6, 7, 9..15: groups straddle chunks of 8
+      return generic::expand_rows(values, positions, shape, group_base, first_row, rows, first_kept, count, origin,
+                                  width, tile, tile_stride);
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX2 void expand_rows(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                    const int32_t* group_base, int64_t first_row, int64_t rows, int64_t first_kept,
+                                    int64_t count, int64_t origin, int64_t width, float* tile, int64_t tile_stride) {
+  switch (bits_per_position(shape.m)) {
+    case 1:
+      return expand_rows_bits<scalar_t, 1>(values, positions, shape, group_base, first_row, rows, first_kept, count,
+                                           origin, width, tile, tile_stride);
+    case 2:
+      return expand_rows_bits<scalar_t, 2>(values, positions, shape, group_base, first_row, rows, first_kept, count,
+                                           origin, width, tile, tile_stride);
+    default:
+      return expand_rows_bits<scalar_t, 4>(values, positions, shape, group_base, first_row, rows, first_kept, count,
+                                           origin, width, tile, tile_stride);
   }
 }
 
