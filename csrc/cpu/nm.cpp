@@ -75,6 +75,7 @@ constexpr int64_t kMaxBlockRows = kLanes * kMaxBlockVectors;  // ... = 128 batch
 constexpr int64_t kTileFloats = 8192;                         // 32 KiB of L1 per activation panel
 constexpr int64_t kUnpackFloats = int64_t{1} << 16;           // 256 KiB of unpacked values per row block
 constexpr int64_t kSmallBatch = 8;                            // forward: GEMV path below this M
+constexpr int64_t kActivationPassBytes = int64_t{4} << 20;    // forward: activations per sweep (L3)
 // Row-parallel loops hand each thread at least this many multiply-adds, so that small layers
 // (say 64x64 at M = 8) run serially instead of paying for a parallel region per call.
 constexpr int64_t kMinMultiplyAddsPerTask = int64_t{1} << 20;  // ~60 us of work, > a parallel region's cost
@@ -1587,35 +1588,48 @@ void forward_impl(const scalar_t* x, int64_t M, const scalar_t* values, const ui
   const int64_t panel = panel_columns(blocks.vectors(0));
   const int64_t block_rows_max = unpack_block_rows(shape);
 
+  // Every row block streams the transposed activations of all the batch blocks it multiplies. For
+  // a large batch they would not stay in the last-level cache between row blocks, so the batch
+  // blocks go in groups of at most kActivationPassBytes, each group a sweep over the task's rows
+  // (a row block is unpacked again per group: a few percent of the multiply-adds).
+  const int64_t block_bytes = kMaxBlockRows * in_features * static_cast<int64_t>(sizeof(float));
+  const int64_t blocks_per_pass = std::max<int64_t>(1, kActivationPassBytes / std::max<int64_t>(block_bytes, 1));
+
   parallel_for(0, out_features, row_grain(shape, M), [&](int64_t row_begin, int64_t row_end) {
     UnpackedRows<scalar_t> unpacked(shape, panel, block_rows_max, /*with_values=*/true);
     AlignedArray<float> acc(block_rows_max * kMaxBlockRows);
     std::vector<float> bias_float(static_cast<size_t>(block_rows_max), 0.0f);
     std::vector<float> output_row(static_cast<size_t>(block_rows_max));
-    for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += block_rows_max) {
-      const int64_t block_rows = std::min(block_rows_max, row_end - block_begin);
-      unpacked.unpack(kernels, values, positions, group_base.data(), block_begin, block_rows);
-      if (bias != nullptr) kernels.to_float(bias + block_begin, bias_float.data(), block_rows);
-      for (int64_t block = 0; block < blocks.count(); ++block) {
-        const int64_t width = blocks.width(block);
-        const ForwardPanelFn panel_kernel = kernels.forward_panel[blocks.vectors(block)];
-        const float* activations = x_packed.data() + blocks.offset(block, in_features);
-        std::fill(acc.data(), acc.data() + block_rows * width, 0.0f);
-        const int64_t panels = unpacked.panels();
-        for (int64_t p = 0; p < panels; ++p) {
-          if (block == 0) {  // stream in the weights of the next row block
-            const int64_t next_begin = block_begin + block_rows;
-            const int64_t next_rows = std::max<int64_t>(0, std::min(block_rows_max, row_end - next_begin));
-            prefetch_part(values + next_begin * kept, next_rows * kept * static_cast<int64_t>(sizeof(scalar_t)), p, panels);
-            prefetch_part(positions + next_begin * shape.position_bytes(), next_rows * shape.position_bytes(), p, panels);
+    for (int64_t pass_begin = 0; pass_begin < blocks.count(); pass_begin += blocks_per_pass) {
+      const int64_t pass_end = std::min(blocks.count(), pass_begin + blocks_per_pass);
+      for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += block_rows_max) {
+        const int64_t block_rows = std::min(block_rows_max, row_end - block_begin);
+        unpacked.unpack(kernels, values, positions, group_base.data(), block_begin, block_rows);
+        if (bias != nullptr) kernels.to_float(bias + block_begin, bias_float.data(), block_rows);
+        for (int64_t block = pass_begin; block < pass_end; ++block) {
+          const int64_t width = blocks.width(block);
+          const ForwardPanelFn panel_kernel = kernels.forward_panel[blocks.vectors(block)];
+          const float* activations = x_packed.data() + blocks.offset(block, in_features);
+          std::fill(acc.data(), acc.data() + block_rows * width, 0.0f);
+          const int64_t panels = unpacked.panels();
+          for (int64_t p = 0; p < panels; ++p) {
+            if (block == pass_begin) {  // stream in the weights of the next row block
+              const int64_t next_begin = block_begin + block_rows;
+              const int64_t next_rows = std::max<int64_t>(0, std::min(block_rows_max, row_end - next_begin));
+              prefetch_part(values + next_begin * kept, next_rows * kept * static_cast<int64_t>(sizeof(scalar_t)), p,
+                            panels);
+              prefetch_part(positions + next_begin * shape.position_bytes(), next_rows * shape.position_bytes(), p,
+                            panels);
+            }
+            panel_kernel(unpacked.values(p), unpacked.columns(p), unpacked.count(p), block_rows, activations,
+                         acc.data());
           }
-          panel_kernel(unpacked.values(p), unpacked.columns(p), unpacked.count(p), block_rows, activations, acc.data());
-        }
-        // Transpose the accumulators back into rows of y, adding the bias.
-        for (int64_t lane = 0; lane < blocks.rows(block); ++lane) {
-          for (int64_t r = 0; r < block_rows; ++r) output_row[r] = acc.data()[r * width + lane] + bias_float[r];
-          kernels.from_float(output_row.data(), y + (blocks.first_row(block) + lane) * out_features + block_begin,
-                             block_rows);
+          // Transpose the accumulators back into rows of y, adding the bias.
+          for (int64_t lane = 0; lane < blocks.rows(block); ++lane) {
+            for (int64_t r = 0; r < block_rows; ++r) output_row[r] = acc.data()[r * width + lane] + bias_float[r];
+            kernels.from_float(output_row.data(), y + (blocks.first_row(block) + lane) * out_features + block_begin,
+                               block_rows);
+          }
         }
       }
     }
