@@ -19,7 +19,9 @@
 //   so only kept values are multiplied (n/m of the FMAs of a dense GEMM). Output rows go in
 //   blocks whose kept values and decoded columns are first unpacked, reading the weight rows
 //   sequentially, into panel-major scratch; the inner loops then stream contiguous arrays while
-//   one panel of transposed activations (about 32 KiB) stays in L1.
+//   one panel of transposed activations (about 32 KiB) stays in L1. For large batches the batch
+//   blocks go in passes of a few MiB of activations, so that they stay in the last-level cache
+//   while a task sweeps its rows.
 //
 // * grad_input (dX = dY W) is decompress-and-multiply: each task owns a panel of input columns,
 //   expands the kept weights of a block of output rows into a dense [rows x 128] fp32 tile and

@@ -318,9 +318,13 @@ std::string describe(const char* kernel, const char* dtype, const NMShape& shape
   return text;
 }
 
+// in_features = 0 picks one (pick_in_features); a wide layer (about 8192 inputs) makes each batch
+// block of the forward's transposed activations large enough to need a pass of its own.
 template <typename T>
-void test_pattern(const Pattern& pattern, const std::vector<int64_t>& batch_sizes, uint64_t seed) {
-  const NMShape shape{70, pick_in_features(pattern), pattern.n, pattern.m};  // 70 rows: ragged row chunks
+void test_pattern(const Pattern& pattern, const std::vector<int64_t>& batch_sizes, uint64_t seed,
+                  int64_t in_features = 0) {
+  // 70 rows: ragged row chunks
+  const NMShape shape{70, in_features > 0 ? in_features : pick_in_features(pattern), pattern.n, pattern.m};
   const int64_t N = shape.out_features, K = shape.in_features, kept = shape.kept_per_row();
   std::mt19937_64 rng(seed);
 
@@ -470,6 +474,7 @@ int run_suite(const char* label) {
   test_pattern<float>({2, 4}, extra_batches, seed++);
   test_pattern<bfloat16>({1, 16}, extra_batches, seed++);
   test_pattern<float16>({3, 8}, extra_batches, seed++);
+  test_pattern<float>({2, 4}, {300}, seed++, /*in_features=*/8196);  // three batch blocks, one per pass
   for (const Pattern& pattern : other) {
     test_position_format(pattern, seed++);
     test_pattern<float>(pattern, {1, 3, 64, 140}, seed++);
