@@ -1120,9 +1120,10 @@ SPARSEKERNELS_AVX2 inline void small_batch_dots(const float* x, int64_t in_featu
   __m256 acc[2][kRows];
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  const int64_t full_chunks = kept / kYmmLanes;
-  for (int64_t chunk = 0; chunk < full_chunks; ++chunk) {
-    const int half = static_cast<int>(chunk & 1);
+  // One chunk of 8 kept values into accumulator set `half`. The chunk loop goes in pairs so that
+  // `half` is a constant and both sets stay in registers (a run-time index spills them to the
+  // stack, and the FMA chain then runs through store-to-load forwarding).
+  const auto chunk_dots = [&](int64_t chunk, __m256* half_acc) SPARSEKERNELS_AVX2 {
     const __m256i offsets = decode8<kBits>(row_bytes + chunk * kBits);  // 8 fields = kBits bytes
     const __m256 weights = avx2_simd::load8(row_values + chunk * kYmmLanes);
     if constexpr (kFetch == Fetch8::kGather) {
@@ -1130,7 +1131,7 @@ SPARSEKERNELS_AVX2 inline void small_batch_dots(const float* x, int64_t in_featu
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_base + chunk * kYmmLanes)), offsets);
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
-        acc[half][r] = _mm256_fmadd_ps(weights, _mm256_i32gather_ps(x + r * in_features, columns, 4), acc[half][r]);
+        half_acc[r] = _mm256_fmadd_ps(weights, _mm256_i32gather_ps(x + r * in_features, columns, 4), half_acc[r]);
       }
     } else {
       const __m256i index = _mm256_add_epi32(window_base, offsets);  // 0 .. 15 inside the window
@@ -1140,10 +1141,17 @@ SPARSEKERNELS_AVX2 inline void small_batch_dots(const float* x, int64_t in_featu
         const float* window = x + r * in_features + chunk * 16;
         const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(window), index);
         const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(window + 8), index);
-        acc[half][r] = _mm256_fmadd_ps(weights, _mm256_blendv_ps(low, high, from_upper), acc[half][r]);
+        half_acc[r] = _mm256_fmadd_ps(weights, _mm256_blendv_ps(low, high, from_upper), half_acc[r]);
       }
     }
+  };
+  const int64_t full_chunks = kept / kYmmLanes;
+  int64_t chunk = 0;
+  for (; chunk + 2 <= full_chunks; chunk += 2) {
+    chunk_dots(chunk, acc[0]);
+    chunk_dots(chunk + 1, acc[1]);
   }
+  if (chunk < full_chunks) chunk_dots(chunk, acc[0]);
   float tail[kRows] = {};
   for (int64_t j = full_chunks * kYmmLanes; j < kept; ++j) {  // the last kept % 8 values
     const int64_t column = group_base[j] + generic::position_at(row_bytes, kBits, j);
