@@ -1112,7 +1112,7 @@ SPARSEKERNELS_AVX2 void expand_rows(const scalar_t* values, const uint8_t* posit
 enum class Fetch8 { kWindow16, kGather };
 
 // Dot products of one output row with kRows rows of x (fp32, row stride in_features), added to
-// sums[0 .. kRows). Two accumulator sets (even / odd chunks) hide the FMA latency.
+// sums[0 .. kRows). At one row, two accumulator sets (even / odd chunks) hide the FMA latency.
 template <typename scalar_t, int kBits, Fetch8 kFetch, int kRows>
 SPARSEKERNELS_AVX2 inline void small_batch_dots(const float* x, int64_t in_features, const scalar_t* row_values,
                                                 const uint8_t* row_bytes, int64_t kept, const int32_t* group_base,
@@ -1120,9 +1120,10 @@ SPARSEKERNELS_AVX2 inline void small_batch_dots(const float* x, int64_t in_featu
   __m256 acc[2][kRows];
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  // One chunk of 8 kept values into accumulator set `half`. The chunk loop goes in pairs so that
-  // `half` is a constant and both sets stay in registers (a run-time index spills them to the
-  // stack, and the FMA chain then runs through store-to-load forwarding).
+  // One chunk of 8 kept values into an accumulator set. The chunk loop goes in pairs so that the
+  // set is a constant and the sets stay in registers (a run-time index spills them to the stack,
+  // and the FMA chain then runs through store-to-load forwarding). From two rows on, the rows'
+  // chains already hide the FMA latency, and one set leaves registers for the fetch.
   const auto chunk_dots = [&](int64_t chunk, __m256* half_acc) SPARSEKERNELS_AVX2 {
     const __m256i offsets = decode8<kBits>(row_bytes + chunk * kBits);  // 8 fields = kBits bytes
     const __m256 weights = avx2_simd::load8(row_values + chunk * kYmmLanes);
@@ -1149,7 +1150,7 @@ SPARSEKERNELS_AVX2 inline void small_batch_dots(const float* x, int64_t in_featu
   int64_t chunk = 0;
   for (; chunk + 2 <= full_chunks; chunk += 2) {
     chunk_dots(chunk, acc[0]);
-    chunk_dots(chunk + 1, acc[1]);
+    chunk_dots(chunk + 1, acc[kRows >= 2 ? 0 : 1]);
   }
   if (chunk < full_chunks) chunk_dots(chunk, acc[0]);
   float tail[kRows] = {};
