@@ -18,8 +18,9 @@ Implementations, in table order:
   choice (on CUDA the forward dispatch among the Triton kernel, the CUDA op and dense ``F.linear``,
   which a forced backend does not run: a forced ``triton`` excludes the CUDA op). For a
   transposable N:M layout (``2:4T``) the forward and training step run ``nm_linear_transposable`` and
-  the input gradient is what that op's backward does: a gather of W.T's values, then the ``nm_linear``
-  front end on W.T (the N:M forward kernels of the column's backend). The ``reference`` backend has no
+  the input gradient is what that op's backward does (``transposable_grad_input``): a gather of W.T's
+  values, then the ``nm_linear`` front end on W.T (the N:M forward kernels of the column's backend),
+  or on the ``cpu`` backend the C++ ``nm_linear_grad_input``. The ``reference`` backend has no
   backward ops of its own: its input- and weight-gradient cells are n/a.
 * ``torch_bsr``: torch's BSR tensors (``to_sparse_bsr``) in ``F.linear``; block layouts.
 * ``torch_semi_cusparselt`` / ``torch_semi_cutlass``: ``to_sparse_semi_structured`` with either
@@ -45,7 +46,7 @@ from torch import Tensor
 import sparsekernels
 from sparsekernels import NM, BlockSparse, BlockSparseMatrix, reference
 from sparsekernels.layouts import Layout
-from sparsekernels.ops.nm_transposable import transposed_values
+from sparsekernels.ops.nm_transposable import transposable_grad_input
 
 from .cases import Op
 from .workloads import Inputs, SparseWeight
@@ -286,9 +287,9 @@ class Sparsekernels(Implementation):
 
     def grad_input(self, grad_output: Tensor) -> Tensor:
         matrix = self.matrix
-        if self.transposed is not None:  # the backward of nm_linear_transposable: gather, then the N:M forward
-            values_t = transposed_values(matrix.values, self.transposed.transpose_index, matrix.shape[1])
-            return sparsekernels.ops.nm_linear(grad_output, values_t, self.transposed.positions_t, matrix.n, matrix.m)
+        if self.transposed is not None:  # the backward of nm_linear_transposable
+            return transposable_grad_input(grad_output, matrix.values, matrix.positions, *self.transposed, matrix.n,
+                                           matrix.m)
         ops = self._backward_ops(grad_output.device)
         if self.is_block:
             return ops.bsr_linear_grad_input(grad_output, matrix.values, *matrix.index_tensors())

@@ -178,9 +178,13 @@ def test_grad_input_equals_the_plain_nm_path(backend, dtype, monkeypatch):
         torch.testing.assert_close(transposed, plain, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype], msg=what)
 
 
-def test_wrong_transpose_index_or_positions_t_gives_a_wrong_input_gradient():
-    """The input gradient really reads transpose_index and positions_t: a swap of two entries of
-    either (still in range, still the right shape) breaks it while the forward stays right."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_wrong_transpose_index_or_positions_t_gives_a_wrong_input_gradient(backend, monkeypatch):
+    """Where the input gradient takes the transposed route, it really reads transpose_index and
+    positions_t: a swap of two entries of either (still in range, still the right shape) breaks it
+    while the forward stays right. (The ``cpu`` backend reads neither: see the next tests.)"""
+    if use_backend(backend, monkeypatch) != "cpu":
+        pytest.skip("small CPU tensors; the GPU path is covered by test_matches_dense_reference")
     case = transposable_case(2, 4, (12, 20))
     matrix = case.matrix
     positions, transpose_index, positions_t, n, m = op_args(matrix)
@@ -207,19 +211,33 @@ def test_wrong_transpose_index_or_positions_t_gives_a_wrong_input_gradient():
     assert not torch.allclose(grad_input(transpose_index, other_positions_t), expected)
 
 
-def test_backward_runs_the_nm_forward_on_w_transposed(monkeypatch):
-    """Eager CPU: the input gradient is a gather plus sparsekernels::nm_linear, never
-    nm_linear_grad_input (which on CUDA expands the weight to dense)."""
-    use_backend("cpu", monkeypatch)
-    matrix = transposable_case(2, 4, (12, 20)).matrix
-    x = torch.randn(3, 20, requires_grad=True)
+def backward_ops(backend: str, monkeypatch) -> list:
+    """The ops that the backward of a small transposable layer reaches, eagerly, with ``backend``."""
+    device = use_backend(backend, monkeypatch)
+    matrix = transposable_case(2, 4, (12, 20), device=device).matrix
+    x = torch.randn(3, 20, device=device, requires_grad=True)
     output = nm_linear_transposable(x, matrix.values.detach().clone().requires_grad_(), *op_args(matrix))
     with OpRecorder() as recorder:
         output.sum().backward()
-    assert "sparsekernels.nm_linear.default" in recorder.names, recorder.names
-    assert "sparsekernels.nm_linear_grad_values.default" in recorder.names
-    assert not any("nm_linear_grad_input" in name for name in recorder.names), recorder.names
-    assert any("index_select" in name for name in recorder.names), recorder.names
+    return recorder.names
+
+
+def test_backward_runs_the_nm_forward_on_w_transposed(monkeypatch):
+    """Triton backend: the input gradient is a gather plus the N:M forward on W.T, never
+    nm_linear_grad_input (which on CUDA expands the weight to dense)."""
+    names = backward_ops("triton", monkeypatch)
+    assert any("index_select" in name for name in names), names
+    assert not any("nm_linear_grad_input" in name for name in names), names
+
+
+def test_cpu_backward_runs_the_expanding_grad_input_kernel(monkeypatch):
+    """CPU backend: the input gradient is the C++ nm_linear_grad_input, with no gather (on CPU the
+    gather alone costs more than that kernel; see transposable_grad_input)."""
+    names = backward_ops("cpu", monkeypatch)
+    assert "sparsekernels.nm_linear_grad_input.default" in names, names
+    assert "sparsekernels.nm_linear_grad_values.default" in names, names
+    assert not any("index_select" in name for name in names), names
+    assert "sparsekernels.nm_linear.default" not in names, names
 
 
 # ---------------------------------------------------------------------- op contract: checks, opcheck, compile
@@ -281,7 +299,8 @@ def test_opcheck(backend, index, monkeypatch):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_compiles_without_graph_breaks(backend, monkeypatch):
     """torch.compile(fullgraph=True) through a transposable layer; the traced backward holds the
-    gather and the forward op on W.T, not nm_linear_grad_input."""
+    gather and the forward op on W.T, not nm_linear_grad_input (on the ``cpu`` backend the reverse:
+    nm_linear_grad_input and no gather)."""
     device = use_backend(backend, monkeypatch)
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -312,9 +331,13 @@ def test_compiles_without_graph_breaks(backend, monkeypatch):
         assert_close(actual, wanted, torch.float32, f"grad {what}")
     assert len(backward_graphs) == 1
     code = backward_graphs[0]
+    if backend == "cpu":
+        assert "nm_linear_grad_input" in code and "index_select" not in code, code
+        assert "nm_linear_grad_values" in code and "nm_linear.default" not in code, code
+        return
     assert "index_select" in code and "nm_linear_grad_input" not in code, code
     if device == "cpu":
-        # Opaque ops (C++, or Triton under the interpreter) appear by name; on a GPU a triton_op is
+        # Opaque ops (Triton under the interpreter) appear by name; on a GPU a triton_op is
         # decomposed into its kernel launches, so only the gather is recognisable there.
         assert "nm_linear_grad_values" in code and "nm_linear.default" in code, code
 

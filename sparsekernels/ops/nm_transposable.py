@@ -12,9 +12,11 @@ with the fixed pattern ``positions_t``, and its kept values are a permutation of
 
 and the input gradient runs wherever the forward runs best: the CUTLASS 2:4 sparse tensor core GEMM
 on CUDA for 2:4 bf16/fp16 (the ``cuda`` backend's ``nm_linear_grad_input`` expands the weight to
-dense instead), the C++ N:M forward on CPU, the Triton N:M forward kernel with the ``triton`` backend.
-No new kernel: the op composes existing ones, each reached through the backend-routing front end
-(``sparsekernels.ops.nm_linear``) or the backend's own grad-values op.
+dense instead), the Triton N:M forward kernel with the ``triton`` backend. The ``cpu`` backend is
+the exception: there the gather costs more than the C++ ``nm_linear_grad_input`` it would replace
+(measured in :func:`transposable_grad_input`), so the CPU input gradient is that kernel, and the
+transposed pattern goes unused. No new kernel: the op composes existing ones, each reached through
+the backend-routing front end (``sparsekernels.ops.nm_linear``) or the backend's own ops.
 
 Design. The op is declared here, in Python (``torch.library.custom_op``; one schema, in the
 ``sparsekernels`` namespace beside the C++-declared ops), rather than in csrc/bindings/library.cpp,
@@ -24,7 +26,8 @@ this op exists to replace. A custom op with ``register_autograd`` keeps the plai
 the other ops (``SparseLinear`` is a thin wrapper that holds the two extra buffers), is checked by
 ``torch.library.opcheck``, and traces under ``torch.compile(fullgraph=True)``: the forward is one
 opaque op (its fake kernel gives the shape), and the backward formula above is traced op by op (the
-gather and the backend's ``nm_linear`` / ``nm_linear_grad_values`` ops), so with the Triton backend
+gather and the backend's ``nm_linear`` / ``nm_linear_grad_values`` ops; on CPU
+``nm_linear_grad_input`` in place of the first two), so with the Triton backend
 Inductor sees the backward's kernel launches. The price of opacity is the forward only: under
 ``torch.compile`` the Triton forward launches from inside the opaque op rather than from the graph.
 
@@ -32,7 +35,8 @@ Checks. Metadata only (as every op, ops/_checks.py): ``transpose_index`` int64 w
 kept weight, ``positions_t`` uint8 of W.T's shape, both on the operands' device, out_features a
 multiple of m. The *contents* of both are derived once from the mask when a pattern is set
 (``NMMatrix.transposed_pattern``, ``SparseLinear``); an out-of-range ``transpose_index`` entry is
-caught by the gather's own bounds check, a wrong but in-range one gives a wrong input gradient.
+caught by the gather's own bounds check, a wrong but in-range one gives a wrong input gradient
+(on the ``cpu`` backend neither is read).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from ._checks import check_bias, check_operand, nm_features
 from .bias import bias_grad_reduction
 from .nm import nm_linear
 
-__all__ = ["nm_linear_transposable", "transposed_values"]
+__all__ = ["nm_linear_transposable", "transposable_grad_input", "transposed_values"]
 
 _ops = torch.ops.sparsekernels
 
@@ -105,6 +109,24 @@ def transposed_values(values: Tensor, transpose_index: Tensor, in_features: int)
     return values.reshape(-1).index_select(0, transpose_index).view(in_features, values.numel() // in_features)
 
 
+def transposable_grad_input(grad_output: Tensor, values: Tensor, positions: Tensor, transpose_index: Tensor,
+                            positions_t: Tensor, n: int, m: int) -> Tensor:
+    """The input gradient of :func:`nm_linear_transposable`: ``grad_output @ W``.
+
+    With the ``cpu`` backend it is ``nm_linear_grad_input`` (the C++ kernel that expands the weight
+    tile by tile); elsewhere the gather of W.T's values and the N:M forward on W.T. On CPU the
+    gather is the cost: walking each column of W over all its rows misses the TLB on nearly every
+    element (about 85 ms for a 4096x4096 2:4 weight on a 2-core Zen 3, 2026-12-07), more than the
+    whole expanding kernel (8 ms at M = 16, 76 ms at M = 256), and at M = 1024 and 2048 the two
+    routes measured the same. A tiled gather (tried: 32 to 37 ms, half of it the page faults of the
+    fresh 32 MB output) does not change the verdict.
+    """
+    if resolve_backend(grad_output.device) == "cpu":
+        return _ops.nm_linear_grad_input(grad_output, values, positions, n, m)
+    values_t = transposed_values(values, transpose_index, positions_t.shape[0])  # positions_t: [in_features, ...]
+    return nm_linear(grad_output, values_t, positions_t, n, m)
+
+
 @torch.library.custom_op("sparsekernels::nm_linear_transposable", mutates_args=())
 def _nm_linear_transposable(input: Tensor, values: Tensor, positions: Tensor, transpose_index: Tensor,
                             positions_t: Tensor, n: int, m: int, bias: Optional[Tensor]) -> Tensor:
@@ -154,8 +176,7 @@ def _backward(ctx, grad_output):
     needs_input, needs_values, needs_bias = (ctx.needs_input_grad[i] for i in (0, 1, 7))
     grad_input = grad_values = grad_bias = None
     if needs_input:
-        values_t = transposed_values(values, transpose_index, input.shape[-1])
-        grad_input = nm_linear(grad_output, values_t, positions_t, n, m)
+        grad_input = transposable_grad_input(grad_output, values, positions, transpose_index, positions_t, n, m)
     if needs_values:
         grad_values = _grad_values(grad_output, input, positions, n, m)
     if ctx.has_bias and needs_bias:
