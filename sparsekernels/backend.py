@@ -67,9 +67,12 @@ def _why_unavailable(name: str) -> Optional[str]:
 
 def cpu_isa() -> str:
     """The instruction set the C++ CPU kernels run in this process: ``"generic"`` (portable C++),
-    ``"avx2"`` (AVX2 + FMA), ``"avx512"`` or ``"amx"`` (AVX-512 plus AMX-BF16 tiles for bfloat16).
+    ``"avx2"`` (AVX2 + FMA), ``"avx512"``, ``"avx512_bf16"`` (AVX-512 plus VDPBF16PS pair dot
+    products for bfloat16, on CPUs without AMX such as AMD Zen 4 and 5) or ``"amx"`` (AVX-512 plus
+    AMX-BF16 tiles for bfloat16).
 
-    Chosen once per process from what the CPU supports; ``SPARSEKERNELS_CPU_ISA=generic|avx2|avx512``
+    Chosen once per process from what the CPU supports;
+    ``SPARSEKERNELS_CPU_ISA=generic|avx2|avx512|avx512_bf16``
     (set before the first CPU kernel call) caps it lower, e.g. to compare paths.
     """
     from . import _C

@@ -11,7 +11,7 @@ import pytest
 
 import sparsekernels as sk
 
-LEVELS = ("generic", "avx2", "avx512", "amx")
+LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
 
 
 def _isa_in_child(cap: str | None) -> subprocess.CompletedProcess:
@@ -43,7 +43,7 @@ def test_the_environment_variable_caps_the_level_and_never_raises_it(cap, uncapp
 def test_an_unknown_level_is_reported_and_ignored(uncapped):
     result = _isa_in_child("avx1024")
     assert result.stdout.strip() == uncapped
-    assert "SPARSEKERNELS_CPU_ISA=avx1024 is not one of generic, avx2, avx512, amx" in result.stderr
+    assert "SPARSEKERNELS_CPU_ISA=avx1024 is not one of generic, avx2, avx512, avx512_bf16, amx" in result.stderr
 
 
 def test_benchmark_results_record_the_level():

@@ -441,7 +441,7 @@ def test_nm_in_features_limit_is_checked_before_any_kernel():
 
 
 # ------------------------------------------------------------------------ the lower ISA levels
-_ISA_LEVELS = ("generic", "avx2", "avx512", "amx")
+_ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
 
 
 @pytest.mark.parametrize("cap", _ISA_LEVELS[:-1])

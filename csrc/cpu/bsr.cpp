@@ -15,16 +15,20 @@
 //   generic  portable C++ written so that the compiler can vectorise it; runs anywhere.
 //   avx2     the avx512 kernels on ymm registers (AVX2 + FMA): a 6 rows x 16 columns micro-kernel,
 //            the small-M GEMV, packing and the rounding stores.
-//   avx512   AVX-512 float32 micro-kernels; bfloat16 / float16 storage is widened on load.
-//   amx      avx512, plus AMX-BF16 tile kernels for bfloat16 when M >= kSmallBatchRows.
+//   avx512       AVX-512 float32 micro-kernels; bfloat16 / float16 storage is widened on load.
+//   avx512_bf16  avx512, plus VDPBF16PS kernels for bfloat16 (all but the small-M forward).
+//   amx          avx512, plus AMX-BF16 tile kernels for bfloat16 when M >= kSmallBatchRows.
 // The library is compiled for the baseline ISA; the x86 kernels carry target attributes and are
 // only reached after asking the CPU (and, for AMX, the Linux kernel) whether they may run.
-// SPARSEKERNELS_CPU_ISA=generic|avx2|avx512|amx caps the choice, which is how the tests reach every path.
+// SPARSEKERNELS_CPU_ISA=generic|avx2|avx512|avx512_bf16|amx caps the choice, which is how the tests
+// reach every path.
 //
-// Why bfloat16 is not computed with AVX512-BF16 (VDPBF16PS): on the Sapphire Rapids machine this
-// is tuned for it was measured at a quarter of the float32 FMA issue rate while doing only twice
-// the work per instruction, i.e. slower than widening to float32. An AMX TDPBF16PS does 16x16x32
-// products at several times the float32 FMA rate; dense bfloat16 linear (oneDNN) uses it too.
+// Why AMX CPUs do not use VDPBF16PS: on the Sapphire Rapids machine the amx kernels were tuned on
+// it was measured at a quarter of the float32 FMA issue rate while doing only twice the work per
+// instruction, i.e. slower than widening to float32, and an AMX TDPBF16PS does 16x16x32 products
+// at several times the float32 FMA rate (dense bfloat16 linear, oneDNN, uses it too). On AMD Zen 4
+// and later, which have AVX512-BF16 but no AMX, VDPBF16PS issues at the FMA rate: twice the
+// float32 throughput, hence the avx512_bf16 level.
 //
 // Float32 path, per (line, row chunk) task:
 //   M >= kSmallBatchRows: each kept block is packed as the right-hand operand B[depth][n] (forward:
@@ -35,7 +39,7 @@
 //     block is read once, in storage order, as dot products along its rows (no packing).
 // grad_values packs a dy tile and an x tile per kept block and per slice of M and runs the same
 // micro-kernel with the roles [n][m] x [m][k]; each block is reduced over all of M by one task.
-// The AMX kernels follow the same task structure; see their section.
+// The AMX and AVX512-BF16 kernels follow the same task structure; see their sections.
 
 #include "bsr.h"
 #include "isa.h"
@@ -593,6 +597,65 @@ SPARSEKERNELS_AVX512 void avx512_gemv(const GemvArgs<scalar_t>& args) {
   }
 }
 
+// ----------------------------------------------------------------------------------------------
+// Pair ("VNNI") layout of a bfloat16 right-hand operand B[depth][n], read by both the AMX tile
+// multiply and VDPBF16PS: [depth/2][n] 32-bit words, word (p, n) holding (B[2p][n], B[2p + 1][n])
+// (the low half is the even depth). Each kept block is packed into it as [b/2][b] words.
+
+// Forward weights: depth is the stored column k, so word (k/2, n) is the pair (k, k + 1) of stored
+// row n, which is already one 32-bit word in memory: packing is a 32-bit transpose of the
+// [b][b/2] word matrix into [b/2][b].
+SPARSEKERNELS_AVX512 void pack_pairs_transposed(const bfloat16* block, int64_t block_size, uint32_t* dst) {
+  const int64_t words_per_row = block_size / 2;
+  const char* src = reinterpret_cast<const char*>(block);
+  for (int64_t n0 = 0; n0 < block_size; n0 += 16) {
+    for (int64_t w0 = 0; w0 < words_per_row; w0 += 16) {
+      const int64_t words = std::min<int64_t>(16, words_per_row - w0);  // 8 for 16 x 16 blocks
+      const __mmask16 mask = static_cast<__mmask16>((1u << words) - 1);
+      __m512i rows[16];
+      SPARSEKERNELS_UNROLL
+      for (int i = 0; i < 16; ++i) {
+        rows[i] = _mm512_maskz_loadu_epi32(mask, src + ((n0 + i) * words_per_row + w0) * sizeof(uint32_t));
+      }
+      transpose16x16_epi32(rows);
+      for (int64_t j = 0; j < words; ++j) _mm512_storeu_si512(dst + (w0 + j) * block_size + n0, rows[j]);
+    }
+  }
+}
+
+// Depth running down the rows (grad_input weights): word (p, col) pairs rows 2p and 2p + 1,
+// interleaving them 16 bits at a time; an odd last row is paired with zeros.
+// dst is [ceil(rows / 2)][width] words.
+SPARSEKERNELS_AVX512 void pack_row_pairs(const bfloat16* src, int64_t src_stride, int64_t rows, int64_t width,
+                                         uint32_t* dst) {
+  alignas(64) uint16_t first_half[32], second_half[32];
+  for (int i = 0; i < 32; ++i) {
+    // permutex2var indices: 0-31 select from the even row, 32-63 from the odd row.
+    first_half[i] = static_cast<uint16_t>((i % 2 == 0 ? 0 : 32) + i / 2);
+    second_half[i] = static_cast<uint16_t>((i % 2 == 0 ? 16 : 48) + i / 2);
+  }
+  const __m512i first_index = _mm512_load_si512(first_half);
+  const __m512i second_index = _mm512_load_si512(second_half);
+  for (int64_t pair = 0; pair < ceil_div(rows, 2); ++pair) {
+    const bfloat16* even = src + 2 * pair * src_stride;
+    const bfloat16* odd = 2 * pair + 1 < rows ? even + src_stride : nullptr;
+    uint32_t* dst_row = dst + pair * width;
+    for (int64_t col = 0; col < width; col += 32) {
+      const int64_t count = std::min<int64_t>(32, width - col);
+      const __mmask32 mask = count == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << count) - 1);
+      const __m512i even_values = _mm512_maskz_loadu_epi16(mask, even + col);
+      const __m512i odd_values = odd != nullptr ? _mm512_maskz_loadu_epi16(mask, odd + col) : _mm512_setzero_si512();
+      const __m512i first = _mm512_permutex2var_epi16(even_values, first_index, odd_values);
+      const __m512i second = _mm512_permutex2var_epi16(even_values, second_index, odd_values);
+      const int64_t first_words = std::min<int64_t>(16, count);
+      _mm512_mask_storeu_epi32(dst_row + col, static_cast<__mmask16>((1u << first_words) - 1), first);
+      if (count > 16) {
+        _mm512_mask_storeu_epi32(dst_row + col + 16, static_cast<__mmask16>((1u << (count - 16)) - 1), second);
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 struct Avx512Kernels {
   static void convert_rows(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t width, float* dst) {
@@ -822,8 +885,7 @@ struct Avx2Kernels {
 //
 // TDPBF16PS C[16][16] += A[16][32] B[32][16] reads A as 16 rows of 32 bfloat16 (for forward and
 // grad_input a plain row-major slice of x or dy, loaded in place with its row stride) and B in
-// "VNNI" layout: 16 rows of 16 32-bit words, word (p, n) holding (B[2p][n], B[2p + 1][n]). Each
-// kept block is packed into that layout once per task, as [b/2][b] words. Tiles: 0-3
+// the pair layout above: 16 rows of 16 32-bit words. Each kept block is packed once per task. Tiles: 0-3
 // accumulators (2 x 2 tiles of 16 x 16 floats: 32 rows x 32 columns of output), 4-5 A, 6-7 B.
 // Tile state is configured at the start of each task and released at its end.
 //
@@ -859,60 +921,6 @@ SPARSEKERNELS_AMX void amx_configure(int64_t depth_step) {
   }
   compiler_memory_barrier();  // the intrinsic declares a read of the first 8 bytes only
   _tile_loadconfig(&config);
-}
-
-// Forward weights: depth is the stored column k, so word (k/2, n) is the pair (k, k + 1) of stored
-// row n, which is already one 32-bit word in memory: packing is a 32-bit transpose of the
-// [b][b/2] word matrix into [b/2][b].
-SPARSEKERNELS_AMX void amx_pack_transposed(const bfloat16* block, int64_t block_size, uint32_t* dst) {
-  const int64_t words_per_row = block_size / 2;
-  const char* src = reinterpret_cast<const char*>(block);
-  for (int64_t n0 = 0; n0 < block_size; n0 += 16) {
-    for (int64_t w0 = 0; w0 < words_per_row; w0 += 16) {
-      const int64_t words = std::min<int64_t>(16, words_per_row - w0);  // 8 for 16 x 16 blocks
-      const __mmask16 mask = static_cast<__mmask16>((1u << words) - 1);
-      __m512i rows[16];
-      SPARSEKERNELS_UNROLL
-      for (int i = 0; i < 16; ++i) {
-        rows[i] = _mm512_maskz_loadu_epi32(mask, src + ((n0 + i) * words_per_row + w0) * sizeof(uint32_t));
-      }
-      transpose16x16_epi32(rows);
-      for (int64_t j = 0; j < words; ++j) _mm512_storeu_si512(dst + (w0 + j) * block_size + n0, rows[j]);
-    }
-  }
-}
-
-// Depth running down the rows (grad_input weights): word (p, col) pairs rows 2p and 2p + 1,
-// interleaving them 16 bits at a time; an odd last row is paired with zeros.
-// dst is [ceil(rows / 2)][width] words.
-SPARSEKERNELS_AMX void amx_pack_row_pairs(const bfloat16* src, int64_t src_stride, int64_t rows, int64_t width,
-                                          uint32_t* dst) {
-  alignas(64) uint16_t first_half[32], second_half[32];
-  for (int i = 0; i < 32; ++i) {
-    // permutex2var indices: 0-31 select from the even row, 32-63 from the odd row.
-    first_half[i] = static_cast<uint16_t>((i % 2 == 0 ? 0 : 32) + i / 2);
-    second_half[i] = static_cast<uint16_t>((i % 2 == 0 ? 16 : 48) + i / 2);
-  }
-  const __m512i first_index = _mm512_load_si512(first_half);
-  const __m512i second_index = _mm512_load_si512(second_half);
-  for (int64_t pair = 0; pair < ceil_div(rows, 2); ++pair) {
-    const bfloat16* even = src + 2 * pair * src_stride;
-    const bfloat16* odd = 2 * pair + 1 < rows ? even + src_stride : nullptr;
-    uint32_t* dst_row = dst + pair * width;
-    for (int64_t col = 0; col < width; col += 32) {
-      const int64_t count = std::min<int64_t>(32, width - col);
-      const __mmask32 mask = count == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << count) - 1);
-      const __m512i even_values = _mm512_maskz_loadu_epi16(mask, even + col);
-      const __m512i odd_values = odd != nullptr ? _mm512_maskz_loadu_epi16(mask, odd + col) : _mm512_setzero_si512();
-      const __m512i first = _mm512_permutex2var_epi16(even_values, first_index, odd_values);
-      const __m512i second = _mm512_permutex2var_epi16(even_values, second_index, odd_values);
-      const int64_t first_words = std::min<int64_t>(16, count);
-      _mm512_mask_storeu_epi32(dst_row + col, static_cast<__mmask16>((1u << first_words) - 1), first);
-      if (count > 16) {
-        _mm512_mask_storeu_epi32(dst_row + col + 16, static_cast<__mmask16>((1u << (count - 16)) - 1), second);
-      }
-    }
-  }
 }
 
 // Activation rows of one 16-row tile: row r of the tile for entry e starts at
@@ -987,9 +995,9 @@ SPARSEKERNELS_AMX void amx_line_task(const LineProduct<bfloat16, index_t>& produ
   for (int64_t entry = 0; entry < count; ++entry) {
     const bfloat16* block = product.block(first + entry);
     if (product.transpose_blocks) {
-      amx_pack_transposed(block, block_size, panel + entry * block_words);
+      pack_pairs_transposed(block, block_size, panel + entry * block_words);
     } else {
-      amx_pack_row_pairs(block, block_size, block_size, block_size, panel + entry * block_words);
+      pack_row_pairs(block, block_size, block_size, block_size, panel + entry * block_words);
     }
     workspace.lhs_columns[entry] = static_cast<int64_t>(product.a_blocks[first + entry]) * block_size;
   }
@@ -1097,7 +1105,7 @@ SPARSEKERNELS_AMX void amx_transpose_words(const uint32_t* src, int64_t rows, in
 // Row pairs of rows x width bfloat16 (stride src_stride), zero padded to padded_pairs word rows.
 SPARSEKERNELS_AMX void amx_pack_padded_row_pairs(const bfloat16* src, int64_t src_stride, int64_t rows, int64_t width,
                                                  int64_t padded_pairs, uint32_t* dst) {
-  amx_pack_row_pairs(src, src_stride, rows, width, dst);
+  pack_row_pairs(src, src_stride, rows, width, dst);
   const int64_t pairs = ceil_div(rows, 2);
   std::memset(dst + pairs * width, 0, (padded_pairs - pairs) * width * sizeof(uint32_t));
 }
@@ -1208,6 +1216,207 @@ SPARSEKERNELS_AMX void amx_grad_values_range(const bfloat16* grad_out, const bfl
   }
   _tile_release();
   compiler_memory_barrier();
+}
+
+// ----------------------------------------------------------------------------------------------
+// AVX512-BF16 kernels for bfloat16 (the avx512_bf16 level: CPUs without AMX).
+//
+// VDPBF16PS adds, in each of 16 float32 lanes, the two products of a pair of bfloat16 values:
+// acc[n] += a[2p] * b[2p][n] + a[2p + 1] * b[2p + 1][n]. On AMD Zen 4 it issues at the rate of a
+// float32 FMA and so does twice the multiply-adds per instruction (measured 114 vs 57 GMAC/s per
+// core); the widening float32 path also spends loads and conversions on every bfloat16 operand.
+// The micro-kernel is the float32 one with depth counted in pairs: the rhs is a kept block packed
+// in the pair layout, and each lhs row contributes one 32-bit pair, broadcast to all lanes. For
+// forward and grad_input the lhs pairs are read in place (two adjacent bfloat16 of a row of x or
+// dy: block sizes are multiples of 16, so a pair never straddles a block).
+//
+// Numerics: each instruction rounds the sum of its two products once into the float32 accumulator
+// (the float32 path rounds after each product), and input and output denormals are flushed to
+// zero; both are far below bfloat16's own precision. Accumulation order is fixed per output
+// element, so results stay deterministic.
+
+#define SPARSEKERNELS_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+
+// out[rows][width] (+)= lhs[rows][2 * pairs] @ rhs[2 * pairs][width], float32 out. Pair p of lhs
+// row i starts at lhs + i * lhs_row_stride + p * lhs_pair_stride (in bfloat16 elements, so both
+// in-place activations and packed pair words can be addressed); rhs is [pairs][rhs_stride] words
+// in the pair layout.
+struct Dpbf16Tile {
+  int64_t rows, pairs, width;
+  const bfloat16* lhs;
+  int64_t lhs_row_stride, lhs_pair_stride;
+  const uint32_t* rhs;
+  int64_t rhs_stride;
+  float* out;
+  int64_t out_stride;
+  bool accumulate;  // false: overwrite out
+};
+
+SPARSEKERNELS_AVX512_BF16 inline __m512i broadcast_pair(const bfloat16* pair) {
+  uint32_t word;
+  std::memcpy(&word, pair, sizeof(word));  // activations need not be 4-byte aligned
+  return _mm512_set1_epi32(static_cast<int>(word));
+}
+
+// kRows x (16 * kVectors) outputs in registers over the whole depth, as avx512_fma_strip: each
+// pair step loads kVectors rhs vectors and broadcasts one pair per row, kRows * kVectors
+// VDPBF16PS per kRows + kVectors loads.
+template <int kRows, int kVectors>
+SPARSEKERNELS_AVX512_BF16 inline void dpbf16_strip(const Dpbf16Tile& tile, int64_t row0, int64_t col0) {
+  const int64_t out_stride = tile.out_stride;
+  float* out = tile.out + row0 * out_stride + col0;
+  __m512 acc[kRows][kVectors];
+  SPARSEKERNELS_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    SPARSEKERNELS_UNROLL
+    for (int v = 0; v < kVectors; ++v) {
+      acc[i][v] = tile.accumulate ? _mm512_loadu_ps(out + i * out_stride + 16 * v) : _mm512_setzero_ps();
+    }
+  }
+  const bfloat16* lhs = tile.lhs + row0 * tile.lhs_row_stride;
+  const uint32_t* rhs = tile.rhs + col0;
+  const int64_t lhs_row_stride = tile.lhs_row_stride;
+  for (int64_t p = 0; p < tile.pairs; ++p) {
+    __m512i rhs_vectors[kVectors];
+    SPARSEKERNELS_UNROLL
+    for (int v = 0; v < kVectors; ++v) rhs_vectors[v] = _mm512_loadu_si512(rhs + 16 * v);
+    SPARSEKERNELS_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const __m512i lhs_pair = broadcast_pair(lhs + i * lhs_row_stride);
+      SPARSEKERNELS_UNROLL
+      for (int v = 0; v < kVectors; ++v) {
+        acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)lhs_pair, (__m512bh)rhs_vectors[v]);
+      }
+    }
+    lhs += tile.lhs_pair_stride;
+    rhs += tile.rhs_stride;
+  }
+  SPARSEKERNELS_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    SPARSEKERNELS_UNROLL
+    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(out + i * out_stride + 16 * v, acc[i][v]);
+  }
+}
+
+template <int kRows, int kVectors>
+SPARSEKERNELS_AVX512_BF16 inline void dpbf16_rows_left(const Dpbf16Tile& tile, int64_t row0, int64_t col0,
+                                                       int64_t rows) {
+  if constexpr (kRows > 0) {
+    if (rows == kRows) {
+      dpbf16_strip<kRows, kVectors>(tile, row0, col0);
+    } else {
+      dpbf16_rows_left<kRows - 1, kVectors>(tile, row0, col0, rows);
+    }
+  }
+}
+
+template <int kRows, int kVectors>
+SPARSEKERNELS_AVX512_BF16 void dpbf16_panel(const Dpbf16Tile& tile, int64_t col0) {
+  int64_t row = 0;
+  for (; row + kRows <= tile.rows; row += kRows) dpbf16_strip<kRows, kVectors>(tile, row, col0);
+  dpbf16_rows_left<kRows - 1, kVectors>(tile, row, col0, tile.rows - row);
+}
+
+// The panel widths and register blocking of avx512_fma_tile.
+SPARSEKERNELS_AVX512_BF16 void dpbf16_tile(const Dpbf16Tile& tile) {
+  int64_t col0 = 0;
+  for (; col0 + 64 <= tile.width; col0 += 64) dpbf16_panel<6, 4>(tile, col0);
+  if (col0 + 32 <= tile.width) {
+    dpbf16_panel<12, 2>(tile, col0);
+    col0 += 32;
+  }
+  if (col0 < tile.width) dpbf16_panel<12, 1>(tile, col0);
+}
+
+struct Dpbf16Workspace {
+  Scratch<float> acc;
+  Scratch<uint32_t> rhs, lhs;
+};
+
+// One (line, row chunk) task of forward or grad_input (the structure of fma_line_task).
+template <typename index_t>
+SPARSEKERNELS_AVX512_BF16 void dpbf16_line_task(const LineProduct<bfloat16, index_t>& product, int64_t line,
+                                                int64_t m_begin, int64_t m_end, Dpbf16Workspace& workspace) {
+  const int64_t block_size = product.block_size;
+  const auto [rows, first, count, out, bias] = product.task(line, m_begin, m_end);
+  if (count == 0) {
+    avx512_store_rows<bfloat16>(nullptr, 0, rows, block_size, bias, out, product.ldo);
+    return;
+  }
+  float* acc = workspace.acc.get(rows * block_size);
+  uint32_t* packed = workspace.rhs.get(block_size * block_size / 2);
+  for (int64_t entry = first; entry < first + count; ++entry) {
+    const bfloat16* block = product.block(entry);
+    if (product.transpose_blocks) {
+      pack_pairs_transposed(block, block_size, packed);
+    } else {
+      pack_row_pairs(block, block_size, block_size, block_size, packed);
+    }
+    const bfloat16* lhs =
+        product.a + m_begin * product.lda + static_cast<int64_t>(product.a_blocks[entry]) * block_size;
+    dpbf16_tile(Dpbf16Tile{rows, block_size / 2, block_size, lhs, product.lda, 2, packed, block_size, acc, block_size,
+                           entry != first});
+  }
+  avx512_store_rows<bfloat16>(acc, block_size, rows, block_size, bias, out, product.ldo);
+}
+
+template <typename index_t>
+void run_dpbf16_line_product(const LineProduct<bfloat16, index_t>& product, int64_t M, const ParallelFor& parallel_for) {
+  // The chunking of run_fma_line_product: whole 6- and 12-row strips, accumulator in L2.
+  const int64_t block_size = product.block_size;
+  const int64_t m_chunk = choose_row_chunk(M, product.n_lines, 12, 48, 256);
+  const LineSchedule<index_t> schedule(product.offsets, product.n_lines, ceil_div(M, m_chunk));
+  const int64_t grain = parallel_grain(m_chunk * block_size * block_size);
+  parallel_for(0, schedule.total_units(), grain, [&](int64_t begin, int64_t end) {
+    Dpbf16Workspace workspace;
+    schedule.for_each_task(begin, end, [&](int64_t chunk, int64_t line) {
+      const int64_t m_begin = chunk * m_chunk;
+      dpbf16_line_task(product, line, m_begin, std::min(M, m_begin + m_chunk), workspace);
+    });
+  });
+}
+
+// grad_values of one kept block with M as the depth: per slice of kGradValuesRowStep rows, dy and
+// x are packed as row pairs ([rows/2][b] words each, an odd last row paired with zero), and the
+// tile runs with the block's output features as its rows: lhs row n, pair p is word (p, n) of the
+// packed dy, i.e. row stride 1 word, pair stride b words.
+template <typename index_t>
+SPARSEKERNELS_AVX512_BF16 void dpbf16_grad_values_task(const bfloat16* grad_out, const bfloat16* x, int64_t M,
+                                                       const BsrIndex<index_t>& index, int64_t block, int64_t block_row,
+                                                       bfloat16* grad_values, Dpbf16Workspace& workspace) {
+  const int64_t block_size = index.block_size;
+  const int64_t out_features = index.n_block_rows * block_size;
+  const int64_t in_features = index.n_block_cols * block_size;
+  const int64_t block_col = index.block_col_indices[block];
+  bfloat16* dst = grad_values + block * block_size * block_size;
+  float* acc = workspace.acc.get(block_size * block_size);
+  for (int64_t m0 = 0; m0 < M; m0 += kGradValuesRowStep) {
+    const int64_t rows = std::min(kGradValuesRowStep, M - m0);
+    const int64_t pairs = ceil_div(rows, 2);
+    uint32_t* dy_pairs = workspace.lhs.get(pairs * block_size);
+    pack_row_pairs(grad_out + m0 * out_features + block_row * block_size, out_features, rows, block_size, dy_pairs);
+    uint32_t* x_pairs = workspace.rhs.get(pairs * block_size);
+    pack_row_pairs(x + m0 * in_features + block_col * block_size, in_features, rows, block_size, x_pairs);
+    dpbf16_tile(Dpbf16Tile{block_size, pairs, block_size, reinterpret_cast<const bfloat16*>(dy_pairs), 2,
+                           2 * block_size, x_pairs, block_size, acc, block_size, m0 > 0});
+  }
+  avx512_store_rows<bfloat16>(M > 0 ? acc : nullptr, block_size, block_size, block_size, nullptr, dst, block_size);
+}
+
+template <typename index_t>
+void run_dpbf16_grad_values(const bfloat16* grad_out, const bfloat16* x, int64_t M, const BsrIndex<index_t>& index,
+                            bfloat16* grad_values, const ParallelFor& parallel_for) {
+  const int64_t block_size = index.block_size;
+  const int64_t grain = parallel_grain(std::max<int64_t>(M, 1) * block_size * block_size);
+  parallel_for(0, index.nnz, grain, [&](int64_t begin, int64_t end) {
+    Dpbf16Workspace workspace;
+    int64_t block_row = block_row_of(index, begin);
+    for (int64_t block = begin; block < end; ++block) {
+      while (index.block_row_offsets[block_row + 1] <= block) ++block_row;
+      dpbf16_grad_values_task(grad_out, x, M, index, block, block_row, grad_values, workspace);
+    }
+  });
 }
 #endif  // SPARSEKERNELS_X86_KERNELS
 
@@ -1332,6 +1541,11 @@ void run_line_product(const LineProduct<scalar_t, index_t>& product, int64_t M, 
       run_amx_line_product(product, M, parallel_for);
       return;
     }
+    // Below kSmallBatchRows the forward is bound by reading the weights: the float32 GEMV.
+    if (isa == CpuIsa::avx512_bf16 && (M >= kSmallBatchRows || !product.transpose_blocks)) {
+      run_dpbf16_line_product(product, M, parallel_for);
+      return;
+    }
   }
   if (isa >= CpuIsa::avx512) {
     run_fma_line_product<Avx512Kernels<scalar_t>>(product, M, parallel_for);
@@ -1444,6 +1658,10 @@ void bsr_linear_grad_values(const scalar_t* grad_out, const scalar_t* x, int64_t
       parallel_for(0, index.nnz, grain, [&](int64_t begin, int64_t end) {
         amx_grad_values_range(grad_out, x, M, index, begin, end, grad_values);
       });
+      return;
+    }
+    if (isa == CpuIsa::avx512_bf16) {
+      run_dpbf16_grad_values(grad_out, x, M, index, grad_values, parallel_for);
       return;
     }
   }

@@ -33,6 +33,11 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 
+bool cpu_has_avx512_bf16() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+
 bool cpu_grants_amx_bf16() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
@@ -56,8 +61,10 @@ CpuIsa supported_isa(CpuIsa cap) {
 #if SPARSEKERNELS_X86_DETECTION
   if (cap == CpuIsa::generic || !cpu_has_avx2()) return CpuIsa::generic;
   if (cap == CpuIsa::avx2 || !cpu_has_avx512()) return CpuIsa::avx2;
-  if (cap == CpuIsa::avx512 || !cpu_grants_amx_bf16()) return CpuIsa::avx512;
-  return CpuIsa::amx;
+  if (cap == CpuIsa::avx512) return CpuIsa::avx512;
+  // An AMX CPU has AVX512-BF16 too: capped at avx512_bf16 it runs the VDPBF16PS kernels.
+  if (cap == CpuIsa::amx && cpu_grants_amx_bf16()) return CpuIsa::amx;
+  return cpu_has_avx512_bf16() ? CpuIsa::avx512_bf16 : CpuIsa::avx512;
 #else
   (void)cap;
   return CpuIsa::generic;
@@ -67,11 +74,11 @@ CpuIsa supported_isa(CpuIsa cap) {
 CpuIsa requested_cap() {
   const char* requested = std::getenv("SPARSEKERNELS_CPU_ISA");
   if (requested == nullptr || requested[0] == '\0') return CpuIsa::amx;
-  for (CpuIsa isa : {CpuIsa::generic, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::amx}) {
+  for (CpuIsa isa : {CpuIsa::generic, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::avx512_bf16, CpuIsa::amx}) {
     if (std::strcmp(requested, cpu_isa_name(isa)) == 0) return isa;
   }
   std::fprintf(stderr,
-               "sparsekernels: SPARSEKERNELS_CPU_ISA=%s is not one of generic, avx2, avx512, amx; ignored\n",
+               "sparsekernels: SPARSEKERNELS_CPU_ISA=%s is not one of generic, avx2, avx512, avx512_bf16, amx; ignored\n",
                requested);
   return CpuIsa::amx;
 }
@@ -91,6 +98,8 @@ const char* cpu_isa_name(CpuIsa isa) {
       return "avx2";
     case CpuIsa::avx512:
       return "avx512";
+    case CpuIsa::avx512_bf16:
+      return "avx512_bf16";
     case CpuIsa::amx:
       return "amx";
   }
