@@ -67,6 +67,7 @@
 #pragma GCC diagnostic pop
 #endif
 #include "avx2.h"
+#include "avx512.h"
 #else
 #define SPARSEKERNELS_X86_KERNELS 0
 #endif
@@ -347,7 +348,9 @@ struct GenericKernels {
 // AVX-512 kernels (float32 arithmetic for every storage type).
 
 #if SPARSEKERNELS_X86_KERNELS
-#define SPARSEKERNELS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+using avx512_simd::broadcast_pair;
+using avx512_simd::transpose16x16_epi32;
+
 #define SPARSEKERNELS_AMX \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,amx-tile,amx-bf16")))
 
@@ -380,40 +383,6 @@ SPARSEKERNELS_AVX512 inline void store16(bfloat16* dst, __m512 value) {
 SPARSEKERNELS_AVX512 inline void store16(float16* dst, __m512 value) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
                       _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// In-register transpose of a 16 x 16 matrix of 32-bit elements (rows[i] = row i).
-SPARSEKERNELS_AVX512 inline void transpose16x16_epi32(__m512i rows[16]) {
-  __m512i pairs[16];
-  // Within each 128-bit lane, interleave the 32-bit elements of rows 2i and 2i + 1 ...
-  SPARSEKERNELS_UNROLL
-  for (int i = 0; i < 8; ++i) {
-    pairs[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
-    pairs[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
-  }
-  // ... then the 64-bit pairs of row pairs: quad[4g + j] holds, in lane L, column 4L + j of rows
-  // 4g .. 4g + 3.
-  __m512i quads[16];
-  SPARSEKERNELS_UNROLL
-  for (int group = 0; group < 4; ++group) {
-    const __m512i* in = pairs + 4 * group;
-    quads[4 * group + 0] = _mm512_unpacklo_epi64(in[0], in[2]);
-    quads[4 * group + 1] = _mm512_unpackhi_epi64(in[0], in[2]);
-    quads[4 * group + 2] = _mm512_unpacklo_epi64(in[1], in[3]);
-    quads[4 * group + 3] = _mm512_unpackhi_epi64(in[1], in[3]);
-  }
-  // Finally a 4 x 4 transpose of 128-bit lanes across the four row groups.
-  SPARSEKERNELS_UNROLL
-  for (int j = 0; j < 4; ++j) {
-    const __m512i low01 = _mm512_shuffle_i32x4(quads[j], quads[4 + j], 0x44);
-    const __m512i high01 = _mm512_shuffle_i32x4(quads[j], quads[4 + j], 0xee);
-    const __m512i low23 = _mm512_shuffle_i32x4(quads[8 + j], quads[12 + j], 0x44);
-    const __m512i high23 = _mm512_shuffle_i32x4(quads[8 + j], quads[12 + j], 0xee);
-    rows[j] = _mm512_shuffle_i32x4(low01, low23, 0x88);
-    rows[4 + j] = _mm512_shuffle_i32x4(low01, low23, 0xdd);
-    rows[8 + j] = _mm512_shuffle_i32x4(high01, high23, 0x88);
-    rows[12 + j] = _mm512_shuffle_i32x4(high01, high23, 0xdd);
-  }
 }
 
 // The register-blocked micro-kernel: kRows rows x (16 * kVectors) columns of out live in zmm
@@ -1235,9 +1204,6 @@ SPARSEKERNELS_AMX void amx_grad_values_range(const bfloat16* grad_out, const bfl
 // zero; both are far below bfloat16's own precision. Accumulation order is fixed per output
 // element, so results stay deterministic.
 
-#define SPARSEKERNELS_AVX512_BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
-
 // out[rows][width] (+)= lhs[rows][2 * pairs] @ rhs[2 * pairs][width], float32 out. Pair p of lhs
 // row i starts at lhs + i * lhs_row_stride + p * lhs_pair_stride (in bfloat16 elements, so both
 // in-place activations and packed pair words can be addressed); rhs is [pairs][rhs_stride] words
@@ -1252,12 +1218,6 @@ struct Dpbf16Tile {
   int64_t out_stride;
   bool accumulate;  // false: overwrite out
 };
-
-SPARSEKERNELS_AVX512_BF16 inline __m512i broadcast_pair(const bfloat16* pair) {
-  uint32_t word;
-  std::memcpy(&word, pair, sizeof(word));  // activations need not be 4-byte aligned
-  return _mm512_set1_epi32(static_cast<int>(word));
-}
 
 // kRows x (16 * kVectors) outputs in registers over the whole depth, as avx512_fma_strip: each
 // pair step loads kVectors rhs vectors and broadcasts one pair per row, kRows * kVectors

@@ -64,6 +64,7 @@
 #pragma GCC diagnostic pop
 #endif
 #include "avx2.h"
+#include "avx512.h"
 
 namespace sparsekernels::cpu {
 namespace {
@@ -371,7 +372,6 @@ SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 // AVX-512 implementation (x86-64 only, selected at run time).
 
 #if defined(__x86_64__)
-#define SPARSEKERNELS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 
 namespace avx512 {
 
