@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu/isa.h"
 #include "cpu/nm.h"
 
 namespace {
@@ -455,6 +456,40 @@ void test_degenerate_shapes() {
   }
 }
 
+// 2:4 codes whose offsets do not increase (a broken contract: the formats reject them, the raw ops
+// do not check). No kernel may read outside its operands, and the pair-row forward of the
+// avx512_bf16 level reads such a group as offsets (0, 1), as documented in nm.cpp.
+void test_non_increasing_24_codes() {
+  const NMShape shape{5, 64, 2, 4};  // 16 groups: one whole decode run
+  const int64_t M = 16, K = shape.in_features, kept = shape.kept_per_row();
+  // 0x44: two groups with offsets (0, 1) each.
+  std::vector<uint8_t> positions(static_cast<size_t>(shape.out_features * shape.position_bytes()), 0x44);
+  positions[0] = 0x00;  // row 0, groups 0 and 1: offsets (0, 0)
+  positions[shape.position_bytes() - 1] = 0xFF;  // row 0, groups 14 and 15: offsets (3, 3)
+  positions[shape.position_bytes()] = 0x36;  // row 1, group 0: offsets (2, 1); group 1: (3, 0)
+  std::vector<bfloat16> x(static_cast<size_t>(M * K)), values(static_cast<size_t>(shape.out_features * kept));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = from_float<bfloat16>(static_cast<float>(i % 7) - 3.0f);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = from_float<bfloat16>(static_cast<float>(i % 5) - 2.0f);
+  std::vector<bfloat16> y(static_cast<size_t>(M * shape.out_features));
+  nm_linear_forward<bfloat16>(x.data(), M, values.data(), positions.data(), shape, nullptr, y.data(), serial_for);
+  if (sparsekernels::cpu::cpu_isa() != sparsekernels::cpu::CpuIsa::avx512_bf16) return;
+  // Every group read as offsets (0, 1): exact in float32 (small integers), then rounded.
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t o = 0; o < shape.out_features; ++o) {
+      float expected = 0.0f;
+      for (int64_t g = 0; g < K / 4; ++g) {
+        expected += to_float(values[o * kept + 2 * g]) * to_float(x[m * K + 4 * g]) +
+                    to_float(values[o * kept + 2 * g + 1]) * to_float(x[m * K + 4 * g + 1]);
+      }
+      if (to_float(y[m * shape.out_features + o]) != to_float(from_float<bfloat16>(expected))) {
+        fail("forward bfloat16 2:4 with non-increasing codes: element (" + std::to_string(m) + ", " +
+             std::to_string(o) + ") is not the (0, 1) reading");
+        return;
+      }
+    }
+  }
+}
+
 int run_suite(const char* label) {
   const std::vector<Pattern> required = {{1, 2}, {2, 4}, {1, 4}, {2, 8}, {4, 8}, {1, 16}, {8, 16}};
   // n that do not divide 16 or positions_per_byte, n = m - 1.
@@ -475,12 +510,19 @@ int run_suite(const char* label) {
   test_pattern<bfloat16>({1, 16}, extra_batches, seed++);
   test_pattern<float16>({3, 8}, extra_batches, seed++);
   test_pattern<float>({2, 4}, {300}, seed++, /*in_features=*/8196);  // three batch blocks, one per pass
+  // The 2:4 bfloat16 forward on pair rows (avx512_bf16 level): one group, whole 16-group decode
+  // runs, panels of 16 and 80 groups, the smallest batch it takes (8), a second batch block, and
+  // batch blocks of about 6 MiB of pair rows each, one per pass.
+  test_pattern<bfloat16>({2, 4}, {8, 17, 129}, seed++, /*in_features=*/4);
+  test_pattern<bfloat16>({2, 4}, {8, 16, 129}, seed++, /*in_features=*/1024);
+  test_pattern<bfloat16>({2, 4}, {300}, seed++, /*in_features=*/8196);
   for (const Pattern& pattern : other) {
     test_position_format(pattern, seed++);
     test_pattern<float>(pattern, {1, 3, 64, 140}, seed++);
     test_pattern<bfloat16>(pattern, {2, 33}, seed++);
   }
   test_degenerate_shapes();
+  test_non_increasing_24_codes();
 
   if (failure_count == 0) {
     std::printf("test_nm [%s]: all checks passed\n", label);
