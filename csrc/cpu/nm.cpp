@@ -1587,6 +1587,104 @@ using ForwardPairsPanelFn = void (*)(const bfloat16*, int64_t, const int32_t*, i
                                      float*);
 constexpr ForwardPairsPanelFn kForwardPairsPanel[kMaxBlockVectors + 1] = SPARSEKERNELS_BY_VECTORS(forward_pairs_panel);
 
+
+// grad_values on batch pairs, for every n:m (bfloat16 at the avx512_bf16 level): the dot products
+// along the batch of grad_values_panel, with both operands copied as pairs of batch rows. Lane l
+// of a pair vector holds the 32-bit pair (v[2l][c], v[2l + 1][c]), so one VDPBF16PS multiplies 32
+// batch rows: batch blocks of 128 rows are 4 pair vectors (PairBlocks).
+struct PairBlocks {
+  int64_t batch;
+  int64_t count() const { return (batch + kMaxBlockRows - 1) / kMaxBlockRows; }
+  int64_t first_row(int64_t block) const { return block * kMaxBlockRows; }
+  int64_t rows(int64_t block) const { return std::min(kMaxBlockRows, batch - first_row(block)); }
+  int vectors(int64_t block) const { return static_cast<int>((rows(block) + 2 * kLanes - 1) / (2 * kLanes)); }
+  int64_t words(int64_t block) const { return vectors(block) * kLanes; }
+  int64_t offset(int64_t block, int64_t columns) const { return block * (kMaxBlockRows / 2) * columns; }
+  int64_t packed_size(int64_t columns) const {
+    return count() == 0 ? 0 : offset(count() - 1, columns) + words(count() - 1) * columns;
+  }
+};
+constexpr int kMaxPairVectors = kMaxBlockVectors / 2;
+
+// Columns [column_begin, column_end) of source [rows x columns] into the batch-pair layout,
+// padding with zeros: per 16 columns and 32 rows, the 16 x 16 words (pair l, column c) are formed
+// from two rows at a time and transposed into column order.
+SPARSEKERNELS_AVX512_BF16 void pack_batch_pairs_range(const bfloat16* source, int64_t rows, int64_t columns,
+                                                      int64_t column_begin, int64_t column_end, uint32_t* packed) {
+  const PairBlocks blocks{rows};
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t c0 = column_begin; c0 < column_end; c0 += kLanes) {
+    const int64_t width_here = std::min(kLanes, column_end - c0);
+    const __mmask16 column_mask = avx512::first_lanes(width_here);
+    for (int64_t block = 0; block < blocks.count(); ++block) {
+      const int64_t first_row = blocks.first_row(block);
+      const int64_t block_rows = blocks.rows(block);
+      const int64_t words = blocks.words(block);
+      uint32_t* destination = packed + blocks.offset(block, columns) + c0 * words;
+      for (int64_t l0 = 0; l0 < words; l0 += kLanes) {
+        __m512i pairs[16];
+        for (int l = 0; l < 16; ++l) {
+          const int64_t even_row = 2 * (l0 + l), odd_row = even_row + 1;
+          const __m256i even = even_row < block_rows
+                                   ? _mm256_maskz_loadu_epi16(column_mask, source + (first_row + even_row) * columns + c0)
+                                   : zero;
+          const __m256i odd = odd_row < block_rows
+                                  ? _mm256_maskz_loadu_epi16(column_mask, source + (first_row + odd_row) * columns + c0)
+                                  : zero;
+          pairs[l] = _mm512_or_si512(_mm512_cvtepu16_epi32(even), _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd), 16));
+        }
+        transpose16x16_epi32(pairs);
+        for (int64_t c = 0; c < width_here; ++c) _mm512_store_si512(destination + c * words + l0, pairs[c]);
+      }
+    }
+  }
+}
+
+// out[r][i] (+)= sum over the batch of grad[r] . activations[columns[r][i]], 16 kept values at a
+// time, reduced together (sum_each_of_16) as in grad_values_panel.
+template <int kVectors>
+SPARSEKERNELS_AVX512_BF16 void grad_values_pairs_panel(const uint32_t* grad, const int32_t* columns, int64_t count,
+                                                       int64_t rows, const uint32_t* activations, float* out,
+                                                       bool accumulate) {
+  constexpr int64_t kWords = kVectors * kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* row_columns = columns + r * count;
+    float* row_out = out + r * count;
+    __m512i grad_row[kVectors];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVectors; ++v) grad_row[v] = _mm512_load_si512(grad + r * kWords + v * kLanes);
+    for (int64_t i = 0; i < count; i += kLanes) {
+      const int64_t chunk = std::min(kLanes, count - i);
+      const __mmask16 lanes = avx512::first_lanes(chunk);
+      int32_t padded[kLanes] = {};  // a partial chunk reuses column 0 for its unused lanes
+      const int32_t* chunk_columns = row_columns + i;
+      if (chunk < kLanes) {
+        std::memcpy(padded, chunk_columns, sizeof(int32_t) * chunk);
+        chunk_columns = padded;
+      }
+      __m512 dots[kLanes];
+#pragma GCC unroll 16
+      for (int q = 0; q < kLanes; ++q) {
+        const uint32_t* source = activations + static_cast<int64_t>(chunk_columns[q]) * kWords;
+        dots[q] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int v = 0; v < kVectors; ++v) {
+          dots[q] = _mm512_dpbf16_ps(dots[q], (__m512bh)grad_row[v], (__m512bh)_mm512_load_si512(source + v * kLanes));
+        }
+      }
+      __m512 totals = avx512::sum_each_of_16(dots);
+      if (accumulate) totals = _mm512_add_ps(totals, _mm512_maskz_loadu_ps(lanes, row_out + i));
+      _mm512_mask_storeu_ps(row_out + i, lanes, totals);
+    }
+  }
+}
+
+using GradValuesPairsPanelFn = void (*)(const uint32_t*, const int32_t*, int64_t, int64_t, const uint32_t*, float*,
+                                        bool);
+constexpr GradValuesPairsPanelFn kGradValuesPairsPanel[kMaxPairVectors + 1] = {
+    nullptr, &grad_values_pairs_panel<1>, &grad_values_pairs_panel<2>, &grad_values_pairs_panel<3>,
+    &grad_values_pairs_panel<4>};
+
 }  // namespace avx512_bf16
 
 #endif  // defined(__x86_64__)
@@ -2043,6 +2141,66 @@ void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values
   });
 }
 
+#if defined(__x86_64__)
+// grad_values of the avx512_bf16 level (any n:m, bfloat16): grad_values_impl on batch-pair copies
+// of x and grad_out (see the avx512_bf16 kernels).
+void grad_values_pairs(const bfloat16* grad_out, const bfloat16* x, int64_t M, const uint8_t* positions,
+                       const NMShape& shape, bfloat16* grad_values, const ParallelFor& parallel_for) {
+  using namespace avx512_bf16;
+  const KernelSet<bfloat16>& kernels = avx512::kernels<bfloat16>;
+  const int64_t out_features = shape.out_features;
+  const int64_t in_features = shape.in_features;
+  const int64_t kept = shape.kept_per_row();
+  const std::vector<int32_t> group_base = make_group_base(shape);
+  const PairBlocks blocks{M};
+  AlignedArray<uint32_t> x_packed(blocks.packed_size(in_features));
+  AlignedArray<uint32_t> grad_packed(blocks.packed_size(out_features));
+  const auto pack = [&](const bfloat16* source, int64_t columns, uint32_t* packed) {
+    const int64_t grain = std::max<int64_t>(64, kMinPackElementsPerTask / M);
+    parallel_for(0, columns, grain, [&](int64_t column_begin, int64_t column_end) {
+      pack_batch_pairs_range(source, M, columns, column_begin, column_end, packed);
+    });
+  };
+  pack(x, in_features, x_packed.data());
+  pack(grad_out, out_features, grad_packed.data());
+  const int64_t panel = panel_columns(blocks.vectors(0));  // 32 KiB of pair words per panel
+  const int64_t block_rows_max = unpack_block_rows(shape);
+
+  parallel_for(0, out_features, row_grain(shape, M), [&](int64_t row_begin, int64_t row_end) {
+    UnpackedRows<bfloat16> unpacked(shape, panel, block_rows_max, /*with_values=*/false);
+    AlignedArray<float> partial(block_rows_max * kept);
+    std::vector<float> output_row(static_cast<size_t>(kept));
+    for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += block_rows_max) {
+      const int64_t block_rows = std::min(block_rows_max, row_end - block_begin);
+      unpacked.unpack(kernels, nullptr, positions, group_base.data(), block_begin, block_rows);
+      for (int64_t block = 0; block < blocks.count(); ++block) {
+        const GradValuesPairsPanelFn panel_kernel = kGradValuesPairsPanel[blocks.vectors(block)];
+        const uint32_t* grad_block =
+            grad_packed.data() + blocks.offset(block, out_features) + block_begin * blocks.words(block);
+        const uint32_t* activations = x_packed.data() + blocks.offset(block, in_features);
+        const int64_t panels = unpacked.panels();
+        for (int64_t p = 0; p < panels; ++p) {
+          if (block == 0) {
+            const int64_t next_begin = block_begin + block_rows;
+            const int64_t next_rows = std::max<int64_t>(0, std::min(block_rows_max, row_end - next_begin));
+            prefetch_part(positions + next_begin * shape.position_bytes(), next_rows * shape.position_bytes(), p, panels);
+          }
+          panel_kernel(grad_block, unpacked.columns(p), unpacked.count(p), block_rows, activations,
+                       partial.data() + unpacked.offset(p), block > 0);
+        }
+      }
+      for (int64_t r = 0; r < block_rows; ++r) {
+        for (int64_t p = 0, first = 0; p < unpacked.panels(); first += unpacked.count(p), ++p) {
+          std::memcpy(output_row.data() + first, partial.data() + unpacked.offset(p) + r * unpacked.count(p),
+                      sizeof(float) * unpacked.count(p));
+        }
+        kernels.from_float(output_row.data(), grad_values + (block_begin + r) * kept, kept);
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void grad_values_impl(const scalar_t* grad_out, const scalar_t* x, int64_t M, const uint8_t* positions,
                       const NMShape& shape, scalar_t* grad_values, const ParallelFor& parallel_for) {
@@ -2054,6 +2212,14 @@ void grad_values_impl(const scalar_t* grad_out, const scalar_t* x, int64_t M, co
     std::memset(static_cast<void*>(grad_values), 0, sizeof(scalar_t) * static_cast<size_t>(out_features * kept));
     return;
   }
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<scalar_t, bfloat16>) {
+    if (cpu_isa() == CpuIsa::avx512_bf16) {
+      grad_values_pairs(grad_out, x, M, positions, shape, grad_values, parallel_for);
+      return;
+    }
+  }
+#endif
   const KernelSet<scalar_t>& kernels = kernels_for_this_cpu<scalar_t>();
   const std::vector<int32_t> group_base = make_group_base(shape);
 
