@@ -348,7 +348,8 @@ struct GenericKernels {
 // AVX-512 kernels (float32 arithmetic for every storage type).
 
 #if SPARSEKERNELS_X86_KERNELS
-using avx512_simd::broadcast_pair;
+using avx512_simd::Dpbf16Tile;
+using avx512_simd::dpbf16_tile;
 using avx512_simd::transpose16x16_epi32;
 
 #define SPARSEKERNELS_AMX \
@@ -1203,91 +1204,6 @@ SPARSEKERNELS_AMX void amx_grad_values_range(const bfloat16* grad_out, const bfl
 // (the float32 path rounds after each product), and input and output denormals are flushed to
 // zero; both are far below bfloat16's own precision. Accumulation order is fixed per output
 // element, so results stay deterministic.
-
-// out[rows][width] (+)= lhs[rows][2 * pairs] @ rhs[2 * pairs][width], float32 out. Pair p of lhs
-// row i starts at lhs + i * lhs_row_stride + p * lhs_pair_stride (in bfloat16 elements, so both
-// in-place activations and packed pair words can be addressed); rhs is [pairs][rhs_stride] words
-// in the pair layout.
-struct Dpbf16Tile {
-  int64_t rows, pairs, width;
-  const bfloat16* lhs;
-  int64_t lhs_row_stride, lhs_pair_stride;
-  const uint32_t* rhs;
-  int64_t rhs_stride;
-  float* out;
-  int64_t out_stride;
-  bool accumulate;  // false: overwrite out
-};
-
-// kRows x (16 * kVectors) outputs in registers over the whole depth, as avx512_fma_strip: each
-// pair step loads kVectors rhs vectors and broadcasts one pair per row, kRows * kVectors
-// VDPBF16PS per kRows + kVectors loads.
-template <int kRows, int kVectors>
-SPARSEKERNELS_AVX512_BF16 inline void dpbf16_strip(const Dpbf16Tile& tile, int64_t row0, int64_t col0) {
-  const int64_t out_stride = tile.out_stride;
-  float* out = tile.out + row0 * out_stride + col0;
-  __m512 acc[kRows][kVectors];
-  SPARSEKERNELS_UNROLL
-  for (int i = 0; i < kRows; ++i) {
-    SPARSEKERNELS_UNROLL
-    for (int v = 0; v < kVectors; ++v) {
-      acc[i][v] = tile.accumulate ? _mm512_loadu_ps(out + i * out_stride + 16 * v) : _mm512_setzero_ps();
-    }
-  }
-  const bfloat16* lhs = tile.lhs + row0 * tile.lhs_row_stride;
-  const uint32_t* rhs = tile.rhs + col0;
-  const int64_t lhs_row_stride = tile.lhs_row_stride;
-  for (int64_t p = 0; p < tile.pairs; ++p) {
-    __m512i rhs_vectors[kVectors];
-    SPARSEKERNELS_UNROLL
-    for (int v = 0; v < kVectors; ++v) rhs_vectors[v] = _mm512_loadu_si512(rhs + 16 * v);
-    SPARSEKERNELS_UNROLL
-    for (int i = 0; i < kRows; ++i) {
-      const __m512i lhs_pair = broadcast_pair(lhs + i * lhs_row_stride);
-      SPARSEKERNELS_UNROLL
-      for (int v = 0; v < kVectors; ++v) {
-        acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)lhs_pair, (__m512bh)rhs_vectors[v]);
-      }
-    }
-    lhs += tile.lhs_pair_stride;
-    rhs += tile.rhs_stride;
-  }
-  SPARSEKERNELS_UNROLL
-  for (int i = 0; i < kRows; ++i) {
-    SPARSEKERNELS_UNROLL
-    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(out + i * out_stride + 16 * v, acc[i][v]);
-  }
-}
-
-template <int kRows, int kVectors>
-SPARSEKERNELS_AVX512_BF16 inline void dpbf16_rows_left(const Dpbf16Tile& tile, int64_t row0, int64_t col0,
-                                                       int64_t rows) {
-  if constexpr (kRows > 0) {
-    if (rows == kRows) {
-      dpbf16_strip<kRows, kVectors>(tile, row0, col0);
-    } else {
-      dpbf16_rows_left<kRows - 1, kVectors>(tile, row0, col0, rows);
-    }
-  }
-}
-
-template <int kRows, int kVectors>
-SPARSEKERNELS_AVX512_BF16 void dpbf16_panel(const Dpbf16Tile& tile, int64_t col0) {
-  int64_t row = 0;
-  for (; row + kRows <= tile.rows; row += kRows) dpbf16_strip<kRows, kVectors>(tile, row, col0);
-  dpbf16_rows_left<kRows - 1, kVectors>(tile, row, col0, tile.rows - row);
-}
-
-// The panel widths and register blocking of avx512_fma_tile.
-SPARSEKERNELS_AVX512_BF16 void dpbf16_tile(const Dpbf16Tile& tile) {
-  int64_t col0 = 0;
-  for (; col0 + 64 <= tile.width; col0 += 64) dpbf16_panel<6, 4>(tile, col0);
-  if (col0 + 32 <= tile.width) {
-    dpbf16_panel<12, 2>(tile, col0);
-    col0 += 32;
-  }
-  if (col0 < tile.width) dpbf16_panel<12, 1>(tile, col0);
-}
 
 struct Dpbf16Workspace {
   Scratch<float> acc;

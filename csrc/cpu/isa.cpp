@@ -35,7 +35,7 @@ bool cpu_has_avx512() {
 
 bool cpu_has_avx512_bf16() {
   __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
 }
 
 bool cpu_grants_amx_bf16() {

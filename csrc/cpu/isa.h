@@ -7,8 +7,10 @@
 //   avx2     AVX2 + FMA + F16C, 8-float vectors (Haswell and later, AMD Zen 1-3, Intel client
 //            cores without AVX-512)
 //   avx512       AVX-512 F/BW/VL/DQ + FMA + F16C, 16-float vectors
-//   avx512_bf16  avx512 plus AVX512-BF16 (VDPBF16PS) on a CPU without AMX (AMD Zen 4 and later):
-//                bfloat16 products as pair dot products at twice the float32 FMA rate
+//   avx512_bf16  avx512 plus AVX512-BF16 (VDPBF16PS) and AVX512-VBMI2 (VPEXPANDW) on a CPU without
+//                AMX (AMD Zen 4 and later): bfloat16 products as pair dot products, at least twice
+//                the float32 FMA rate. Cooper Lake, which has AVX512-BF16 but not VBMI2, stays at
+//                avx512.
 //   amx          avx512 plus AMX-BF16 tiles, granted by the OS (Sapphire Rapids and later). These
 //                CPUs have AVX512-BF16 as well, but their bfloat16 kernels are the AMX ones: the
 //                VDPBF16PS kernels are not used at this level (see bsr.cpp)

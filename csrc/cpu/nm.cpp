@@ -1429,6 +1429,7 @@ SPARSEKERNELS_DEFINE_KERNEL_SET  // kernels<scalar_t>: this namespace's table
 namespace avx512_bf16 {
 
 using avx512_simd::broadcast_pair;
+using avx512_simd::dpbf16_tile;
 using avx512_simd::transpose16x16_epi32;
 
 constexpr int64_t kPairsPerGroup = 6;
@@ -1684,6 +1685,96 @@ using GradValuesPairsPanelFn = void (*)(const uint32_t*, const int32_t*, int64_t
 constexpr GradValuesPairsPanelFn kGradValuesPairsPanel[kMaxPairVectors + 1] = {
     nullptr, &grad_values_pairs_panel<1>, &grad_values_pairs_panel<2>, &grad_values_pairs_panel<3>,
     &grad_values_pairs_panel<4>};
+
+
+// grad_input on pair tiles (bfloat16 at the avx512_bf16 level, even out_features): the expanded
+// weight rows (2p, 2p + 1) of a span become pair words tile[p][c] = (W[2p][c], W[2p + 1][c]), and
+// grad_out is read in place as pairs (dy[m][2p], dy[m][2p + 1]), so the decompress-and-multiply of
+// grad_input_impl runs on avx512_simd::dpbf16_tile. The tile rows come from expand_rows as float32
+// holding bfloat16 values, so taking their high halves is exact.
+SPARSEKERNELS_AVX512_BF16 void pair_rows_of_tile(const float* expanded, int64_t expanded_stride, int64_t rows,
+                                                 int64_t width, uint32_t* tile, int64_t tile_stride) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t p = 0; p < (rows + 1) / 2; ++p) {
+    const float* even = expanded + 2 * p * expanded_stride;
+    const float* odd = 2 * p + 1 < rows ? even + expanded_stride : nullptr;
+    for (int64_t c = 0; c < width; c += kLanes) {
+      const __m512i even_bits = _mm512_castps_si512(_mm512_load_ps(even + c));
+      const __m512i odd_bits = odd != nullptr ? _mm512_castps_si512(_mm512_load_ps(odd + c)) : _mm512_setzero_si512();
+      _mm512_store_si512(tile + p * tile_stride + c,
+                         _mm512_or_si512(_mm512_srli_epi32(even_bits, 16), _mm512_and_si512(odd_bits, high_half)));
+    }
+  }
+}
+
+
+// Row o of a 2:4 weight, the 64 columns from c0, as two registers of 32 bfloat16 (kept values in
+// place, zeros elsewhere and past in_features): the 16 group codes become a 64-bit mask of kept
+// columns (two bits per group; a code whose offsets do not increase counts as offsets (0, 1), as
+// in the 2:4 forward) and VPEXPANDW places the 32 kept values.
+SPARSEKERNELS_AVX512_BF16 inline void dense_row24(const bfloat16* values, const uint8_t* positions,
+                                                  const NMShape& shape, int64_t o, int64_t c0, __m512i& low,
+                                                  __m512i& high) {
+  const int64_t kept = shape.kept_per_row();
+  const int64_t position_bytes = shape.position_bytes();
+  const __m128i mask_of_code = _mm_setr_epi8(3, 3, 3, 3, 3, 3, 3, 3, 5, 6, 3, 3, 9, 10, 12, 3);  // code a | b << 2
+  const __m128i low_nibbles = _mm_set1_epi8(0x0f);
+  const __m128i nibble_weights = _mm_set1_epi16(0x1001);  // maddubs: byte 2k x 1 + byte 2k + 1 x 16
+  const int64_t columns = std::clamp<int64_t>(shape.in_features - c0, 0, 64);
+  if (columns == 0) {
+    low = high = _mm512_setzero_si512();
+    return;
+  }
+  const int64_t groups = columns / 4;
+  const uint8_t* row_positions = positions + o * position_bytes + c0 / 8;
+  const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((groups + 1) / 2)) - 1), row_positions);
+  const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(bytes, low_nibbles),
+                                          _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
+  const __m128i group_masks = _mm_shuffle_epi8(mask_of_code, codes);
+  const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(group_masks, nibble_weights), _mm_setzero_si128());
+  // Past the last group (a half-used last byte's padding nibble, unread bytes) the mask may have
+  // bits, but the values there are loaded as zeros, so they expand to zeros.
+  const uint64_t mask = static_cast<uint64_t>(_mm_cvtsi128_si64(packed));
+  const bfloat16* row_values = values + o * kept + c0 / 2;
+  const int64_t count = 2 * groups;
+  const __m512i low_values = _mm512_maskz_loadu_epi16(avx512::first_lanes(count), row_values);
+  const __m512i high_values =
+      _mm512_maskz_loadu_epi16(avx512::first_lanes(std::max<int64_t>(0, count - 16)), row_values + 16);
+  low = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mask), low_values);
+  high = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mask >> 32), high_values);
+}
+
+// 2:4 weight rows [first_row, first_row + rows) straight into a pair tile, without the float32
+// expansion and its scatters (slow on AMD cores): dense_row24 for rows 2p and 2p + 1 (zeros for a
+// row past `rows`), interleaved into pair words. Columns [column_begin, column_begin + width) of
+// the weight, zero past in_features; width is a multiple of 32.
+SPARSEKERNELS_AVX512_BF16 void expand_pairs24(const bfloat16* values, const uint8_t* positions, const NMShape& shape,
+                                              int64_t first_row, int64_t rows, int64_t column_begin, int64_t width,
+                                              uint32_t* tile, int64_t tile_stride) {
+  alignas(64) uint16_t first_half[32], second_half[32];
+  for (int i = 0; i < 32; ++i) {  // permutex2var: 0-31 the even row, 32-63 the odd row
+    first_half[i] = static_cast<uint16_t>((i % 2 == 0 ? 0 : 32) + i / 2);
+    second_half[i] = static_cast<uint16_t>((i % 2 == 0 ? 16 : 48) + i / 2);
+  }
+  const __m512i first_index = _mm512_load_si512(first_half);
+  const __m512i second_index = _mm512_load_si512(second_half);
+
+  for (int64_t p = 0; p < (rows + 1) / 2; ++p) {
+    const int64_t even_row = first_row + 2 * p;
+    uint32_t* tile_row = tile + p * tile_stride;
+    for (int64_t c = 0; c < width; c += 64) {
+      __m512i even_low, even_high, odd_low = _mm512_setzero_si512(), odd_high = _mm512_setzero_si512();
+      dense_row24(values, positions, shape, even_row, column_begin + c, even_low, even_high);
+      if (2 * p + 1 < rows) dense_row24(values, positions, shape, even_row + 1, column_begin + c, odd_low, odd_high);
+      _mm512_store_si512(tile_row + c, _mm512_permutex2var_epi16(even_low, first_index, odd_low));
+      _mm512_store_si512(tile_row + c + 16, _mm512_permutex2var_epi16(even_low, second_index, odd_low));
+      if (c + 32 < width) {
+        _mm512_store_si512(tile_row + c + 32, _mm512_permutex2var_epi16(even_high, first_index, odd_high));
+        _mm512_store_si512(tile_row + c + 48, _mm512_permutex2var_epi16(even_high, second_index, odd_high));
+      }
+    }
+  }
+}
 
 }  // namespace avx512_bf16
 
@@ -2070,6 +2161,71 @@ void add_non_finite_terms(const scalar_t* grad_out, int64_t M, const scalar_t* v
   });
 }
 
+#if defined(__x86_64__)
+// grad_input of the avx512_bf16 level (bfloat16, any n:m, even out_features): the blocking of
+// grad_input_impl with pair tiles and grad_out read in place (see pair_rows_of_tile).
+void grad_input_pairs(const bfloat16* grad_out, int64_t M, const bfloat16* values, const uint8_t* positions,
+                      const NMShape& shape, bfloat16* grad_input, const ParallelFor& parallel_for) {
+  using namespace avx512_bf16;
+  const KernelSet<bfloat16>& kernels = avx512::kernels<bfloat16>;
+  const int64_t out_features = shape.out_features;
+  const int64_t in_features = shape.in_features;
+  const std::vector<int32_t> group_base = make_group_base(shape);
+  const int64_t batch_chunk = std::min(M, kDenseBatch);
+  const int64_t span_max = std::max<int64_t>(kDensePanel, kDenseAccFloats / batch_chunk / kDensePanel * kDensePanel);
+  const int64_t panel_count = (in_features + kDensePanel - 1) / kDensePanel;
+
+  parallel_for(0, panel_count, 1, [&](int64_t panel_begin, int64_t panel_end) {
+    const int64_t task_begin = panel_begin * kDensePanel;
+    const int64_t task_end = std::min(in_features, panel_end * kDensePanel);
+    const int64_t span_strips_max = (std::min(span_max, task_end - task_begin) + kStripColumns - 1) / kStripColumns;
+    const int64_t row_stride = span_strips_max * kStripColumns + kRowPadding;
+    // Weight rows per tile: a pair tile of kDenseTileFloats words holds twice the rows of a
+    // float32 one. Even, so that every tile starts on a pair.
+    const int64_t depth_max = std::clamp<int64_t>(2 * kDenseTileFloats / row_stride, 32, 512) / 2 * 2;
+    AlignedArray<float> expanded(kDecodeRows * row_stride);
+    AlignedArray<uint32_t> tile(depth_max / 2 * row_stride);
+    AlignedArray<float> acc(batch_chunk * row_stride);
+
+    for (int64_t span_begin = task_begin; span_begin < task_end; span_begin += span_max) {
+      const int64_t span_end = std::min(task_end, span_begin + span_max);
+      const int64_t span_width = (span_end - span_begin + kStripColumns - 1) / kStripColumns * kStripColumns;
+      const KeptRange range = kept_range(shape, span_begin, span_end);
+      for (int64_t batch_begin = 0; batch_begin < M; batch_begin += batch_chunk) {
+        const int64_t batch_rows = std::min(batch_chunk, M - batch_begin);
+        for (int64_t depth_begin = 0; depth_begin < out_features; depth_begin += depth_max) {
+          const int64_t depth = std::min(depth_max, out_features - depth_begin);
+          for (int64_t chunk_begin = 0; chunk_begin < depth; chunk_begin += kDecodeRows) {
+            const int64_t chunk_rows = std::min(kDecodeRows, depth - chunk_begin);
+            const int64_t first_row = depth_begin + chunk_begin;
+            const int64_t next_row = first_row + kDecodeRows;
+            prefetch_segments(values, positions, shape, next_row,
+                              std::max<int64_t>(0, std::min(kDecodeRows, out_features - next_row)), range);
+            uint32_t* tile_rows = tile.data() + chunk_begin / 2 * row_stride;
+            if (shape.n == 2 && shape.m == 4) {
+              expand_pairs24(values, positions, shape, first_row, chunk_rows, span_begin, span_width, tile_rows,
+                             row_stride);
+            } else {
+              kernels.expand_rows(values, positions, shape, group_base.data(), first_row, chunk_rows, range.first,
+                                  range.count, span_begin, span_width, expanded.data(), row_stride);
+              pair_rows_of_tile(expanded.data(), row_stride, chunk_rows, span_width, tile_rows, row_stride);
+            }
+          }
+          dpbf16_tile(avx512_simd::Dpbf16Tile{batch_rows, depth / 2, span_width,
+                                              grad_out + batch_begin * out_features + depth_begin, out_features, 2,
+                                              tile.data(), row_stride, acc.data(), row_stride, depth_begin > 0});
+        }
+        for (int64_t r = 0; r < batch_rows; ++r) {
+          float* acc_row = acc.data() + r * row_stride;
+          if (out_features == 0) std::fill_n(acc_row, span_end - span_begin, 0.0f);  // an empty sum
+          kernels.from_float(acc_row, grad_input + (batch_begin + r) * in_features + span_begin, span_end - span_begin);
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
                      const NMShape& shape, scalar_t* grad_input, const ParallelFor& parallel_for) {
@@ -2085,6 +2241,15 @@ void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values
     return;
   }
 
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<scalar_t, bfloat16>) {
+    // Odd out_features would leave the last pair of a grad_out row half outside it.
+    if (cpu_isa() == CpuIsa::avx512_bf16 && out_features % 2 == 0) {
+      grad_input_pairs(grad_out, M, values, positions, shape, grad_input, parallel_for);
+      return;
+    }
+  }
+#endif
   const int64_t strips_of_rows = (M + kStripRows - 1) / kStripRows;
   AlignedArray<float> grad_packed(strips_of_rows * out_features * kStripRows);
   pack_row_strips(kernels, grad_out, M, out_features, grad_packed.data(), parallel_for);

@@ -488,6 +488,29 @@ void test_non_increasing_24_codes() {
       }
     }
   }
+  // grad_input reads them the same way: dx[m][4g + c] = sum_o dy[m][o] * value (o, 2g + c), c < 2.
+  const NMShape even_rows{6, 64, 2, 4};  // grad_input's pair path needs even out_features
+  positions.resize(static_cast<size_t>(even_rows.out_features * even_rows.position_bytes()), 0x44);
+  values.resize(static_cast<size_t>(even_rows.out_features * kept), from_float<bfloat16>(1.0f));
+  std::vector<bfloat16> dy(static_cast<size_t>(M * even_rows.out_features));
+  for (size_t i = 0; i < dy.size(); ++i) dy[i] = from_float<bfloat16>(static_cast<float>(i % 3) - 1.0f);
+  std::vector<bfloat16> dx(static_cast<size_t>(M * K));
+  nm_linear_grad_input<bfloat16>(dy.data(), M, values.data(), positions.data(), even_rows, dx.data(), serial_for);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) {
+      float expected = 0.0f;
+      if (k % 4 < 2) {
+        for (int64_t o = 0; o < even_rows.out_features; ++o) {
+          expected += to_float(dy[m * even_rows.out_features + o]) * to_float(values[o * kept + k / 4 * 2 + k % 4]);
+        }
+      }
+      if (to_float(dx[m * K + k]) != to_float(from_float<bfloat16>(expected))) {
+        fail("grad_input bfloat16 2:4 with non-increasing codes: element (" + std::to_string(m) + ", " +
+             std::to_string(k) + ") is not the (0, 1) reading");
+        return;
+      }
+    }
+  }
 }
 
 int run_suite(const char* label) {
