@@ -42,7 +42,10 @@
 // ISA: the inner loops exist as portable C++, as AVX2 + FMA code (8-float ymm, for CPUs without
 // AVX-512) and as AVX-512 code, the vector sets compiled through target attributes (the library
 // itself is built without -march). The highest set the CPU supports runs, unless
-// SPARSEKERNELS_CPU_ISA caps it lower (isa.h).
+// SPARSEKERNELS_CPU_ISA caps it lower (isa.h). At the avx512_bf16 level (AVX512-BF16 without AMX)
+// bfloat16 also has VDPBF16PS kernels, which multiply pairs of bfloat16 at once: the 2:4 forward
+// (pair rows of the activations), grad_values for every n:m (pairs of batch rows) and grad_input
+// for even out_features (pair tiles of the weight); see the avx512_bf16 namespace.
 #include "nm.h"
 #include "isa.h"
 
