@@ -82,6 +82,9 @@ constexpr int64_t kMaxBlockRows = kLanes * kMaxBlockVectors;  // ... = 128 batch
 constexpr int64_t kTileFloats = 8192;                         // 32 KiB of L1 per activation panel
 constexpr int64_t kUnpackFloats = int64_t{1} << 16;           // 256 KiB of unpacked values per row block
 constexpr int64_t kSmallBatch = 8;                            // forward: GEMV path below this M
+// The 2:4 bfloat16 pair-row forward (avx512_bf16) costs the same up to 16 rows; the GEMV grows by
+// about 0.38 ms per row at 4096 x 4096 on one Zen 5 core, and the two cross between 6 and 7 rows.
+constexpr int64_t kPairForwardMinRows = 7;
 constexpr int64_t kActivationPassBytes = int64_t{4} << 20;    // forward: activations per sweep (L3)
 // Row-parallel loops hand each thread at least this many multiply-adds, so that small layers
 // (say 64x64 at M = 8) run serially instead of paying for a parallel region per call.
@@ -2019,6 +2022,15 @@ void forward_impl(const scalar_t* x, int64_t M, const scalar_t* values, const ui
   const std::vector<int32_t> group_base = make_group_base(shape);
   const int64_t kept = shape.kept_per_row();
 
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<scalar_t, bfloat16>) {
+    if (shape.n == 2 && shape.m == 4 && cpu_isa() == CpuIsa::avx512_bf16 && M >= kPairForwardMinRows) {
+      forward_pairs24(x, M, values, positions, shape, bias, y, parallel_for);
+      return;
+    }
+  }
+#endif
+
   if (M < kSmallBatch) {
     // x as fp32 rows for the GEMV (a few KiB per row).
     std::vector<float> x_converted;
@@ -2037,14 +2049,6 @@ void forward_impl(const scalar_t* x, int64_t M, const scalar_t* values, const ui
     return;
   }
 
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<scalar_t, bfloat16>) {
-    if (shape.n == 2 && shape.m == 4 && cpu_isa() == CpuIsa::avx512_bf16) {
-      forward_pairs24(x, M, values, positions, shape, bias, y, parallel_for);
-      return;
-    }
-  }
-#endif
   const BatchBlocks blocks{M};
   AlignedArray<float> x_packed(blocks.packed_size(in_features));
   pack_transposed(kernels, x, M, in_features, x_packed.data(), parallel_for);

@@ -534,10 +534,11 @@ int run_suite(const char* label) {
   test_pattern<float16>({3, 8}, extra_batches, seed++);
   test_pattern<float>({2, 4}, {300}, seed++, /*in_features=*/8196);  // three batch blocks, one per pass
   // The 2:4 bfloat16 forward on pair rows (avx512_bf16 level): one group, whole 16-group decode
-  // runs, panels of 16 and 80 groups, the smallest batch it takes (8), a second batch block, and
-  // batch blocks of about 6 MiB of pair rows each, one per pass. M = 80 is a batch block of 3
-  // batch-pair vectors for the bfloat16 grad_values of that level (1, 2 and 4 come with the others).
-  test_pattern<bfloat16>({2, 4}, {8, 17, 129}, seed++, /*in_features=*/4);
+  // runs, panels of 16 and 80 groups, the batches on either side of its threshold (6 takes the
+  // GEMV, 7 the pair rows), a second batch block, and batch blocks of about 6 MiB of pair rows
+  // each, one per pass. M = 80 is a batch block of 3 batch-pair vectors for the bfloat16
+  // grad_values of that level (1, 2 and 4 come with the others).
+  test_pattern<bfloat16>({2, 4}, {6, 7, 17, 129}, seed++, /*in_features=*/4);
   test_pattern<bfloat16>({2, 4}, {8, 16, 80, 129}, seed++, /*in_features=*/1024);
   test_pattern<bfloat16>({2, 4}, {300}, seed++, /*in_features=*/8196);
   for (const Pattern& pattern : other) {
