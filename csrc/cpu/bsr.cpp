@@ -574,6 +574,14 @@ SPARSEKERNELS_AVX512 void avx512_gemv(const GemvArgs<scalar_t>& args) {
 // multiply and VDPBF16PS: [depth/2][n] 32-bit words, word (p, n) holding (B[2p][n], B[2p + 1][n])
 // (the low half is the even depth). Each kept block is packed into it as [b/2][b] words.
 
+// 32 or 16 bfloat16 from src, zero-extended. A 16-value row is half a register: a masked 512-bit
+// load would do, but on Zen 5 it ran the bfloat16 b = 16 forward and grad_input 2-3x slower than
+// float32 (the masked-off half still costs); a 256-bit load does not touch it.
+SPARSEKERNELS_AVX512 inline __m512i load_32_or_16(const void* src, int64_t count) {
+  return count == 32 ? _mm512_loadu_si512(src)
+                     : _mm512_zextsi256_si512(_mm256_loadu_si256(static_cast<const __m256i*>(src)));
+}
+
 // Forward weights: depth is the stored column k, so word (k/2, n) is the pair (k, k + 1) of stored
 // row n, which is already one 32-bit word in memory: packing is a 32-bit transpose of the
 // [b][b/2] word matrix into [b/2][b].
@@ -583,11 +591,10 @@ SPARSEKERNELS_AVX512 void pack_pairs_transposed(const bfloat16* block, int64_t b
   for (int64_t n0 = 0; n0 < block_size; n0 += 16) {
     for (int64_t w0 = 0; w0 < words_per_row; w0 += 16) {
       const int64_t words = std::min<int64_t>(16, words_per_row - w0);  // 8 for 16 x 16 blocks
-      const __mmask16 mask = static_cast<__mmask16>((1u << words) - 1);
       __m512i rows[16];
       SPARSEKERNELS_UNROLL
       for (int i = 0; i < 16; ++i) {
-        rows[i] = _mm512_maskz_loadu_epi32(mask, src + ((n0 + i) * words_per_row + w0) * sizeof(uint32_t));
+        rows[i] = load_32_or_16(src + ((n0 + i) * words_per_row + w0) * sizeof(uint32_t), 2 * words);
       }
       transpose16x16_epi32(rows);
       for (int64_t j = 0; j < words; ++j) _mm512_storeu_si512(dst + (w0 + j) * block_size + n0, rows[j]);
@@ -613,10 +620,9 @@ SPARSEKERNELS_AVX512 void pack_row_pairs(const bfloat16* src, int64_t src_stride
     const bfloat16* odd = 2 * pair + 1 < rows ? even + src_stride : nullptr;
     uint32_t* dst_row = dst + pair * width;
     for (int64_t col = 0; col < width; col += 32) {
-      const int64_t count = std::min<int64_t>(32, width - col);
-      const __mmask32 mask = count == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << count) - 1);
-      const __m512i even_values = _mm512_maskz_loadu_epi16(mask, even + col);
-      const __m512i odd_values = odd != nullptr ? _mm512_maskz_loadu_epi16(mask, odd + col) : _mm512_setzero_si512();
+      const int64_t count = std::min<int64_t>(32, width - col);  // 32 or 16: width is a multiple of 16
+      const __m512i even_values = load_32_or_16(even + col, count);
+      const __m512i odd_values = odd != nullptr ? load_32_or_16(odd + col, count) : _mm512_setzero_si512();
       const __m512i first = _mm512_permutex2var_epi16(even_values, first_index, odd_values);
       const __m512i second = _mm512_permutex2var_epi16(even_values, second_index, odd_values);
       const int64_t first_words = std::min<int64_t>(16, count);

@@ -1529,8 +1529,9 @@ SPARSEKERNELS_AVX512_BF16 void decode_pair_rows(const uint8_t* positions, int64_
       for (int64_t i = 0; i < count; i += 16) {
         const int64_t g = first + i;
         const int64_t here = std::min<int64_t>(16, count - i);
-        const __mmask16 bytes_mask = static_cast<__mmask16>((1u << ((here + 1) / 2)) - 1);
-        const __m128i bytes = _mm_maskz_loadu_epi8(bytes_mask, row_bytes + g / 2);
+        const __m128i bytes =
+            here == 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row_bytes + g / 2))
+                       : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((here + 1) / 2)) - 1), row_bytes + g / 2);
         const __m512i codes = _mm512_and_si512(
             _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, duplicate_bytes)), nibble_shift),
             _mm512_set1_epi32(15));
@@ -1736,7 +1737,9 @@ SPARSEKERNELS_AVX512_BF16 inline void dense_row24(const bfloat16* values, const 
   }
   const int64_t groups = columns / 4;
   const uint8_t* row_positions = positions + o * position_bytes + c0 / 8;
-  const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((groups + 1) / 2)) - 1), row_positions);
+  const __m128i bytes =
+      groups == 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row_positions))
+                   : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((groups + 1) / 2)) - 1), row_positions);
   const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(bytes, low_nibbles),
                                           _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
   const __m128i group_masks = _mm_shuffle_epi8(mask_of_code, codes);
@@ -1746,9 +1749,10 @@ SPARSEKERNELS_AVX512_BF16 inline void dense_row24(const bfloat16* values, const 
   const uint64_t mask = static_cast<uint64_t>(_mm_cvtsi128_si64(packed));
   const bfloat16* row_values = values + o * kept + c0 / 2;
   const int64_t count = 2 * groups;
-  const __m512i low_values = _mm512_maskz_loadu_epi16(avx512::first_lanes(count), row_values);
-  const __m512i high_values =
-      _mm512_maskz_loadu_epi16(avx512::first_lanes(std::max<int64_t>(0, count - 16)), row_values + 16);
+  // 256-bit loads, zero-extended: a masked 512-bit load of 16 values costs much more on Zen 5.
+  const __m512i low_values = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi16(avx512::first_lanes(count), row_values));
+  const __m512i high_values = _mm512_zextsi256_si512(
+      _mm256_maskz_loadu_epi16(avx512::first_lanes(std::max<int64_t>(0, count - 16)), row_values + 16));
   low = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mask), low_values);
   high = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mask >> 32), high_values);
 }
