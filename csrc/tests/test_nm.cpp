@@ -323,9 +323,9 @@ std::string describe(const char* kernel, const char* dtype, const NMShape& shape
 // block of the forward's transposed activations large enough to need a pass of its own.
 template <typename T>
 void test_pattern(const Pattern& pattern, const std::vector<int64_t>& batch_sizes, uint64_t seed,
-                  int64_t in_features = 0) {
-  // 70 rows: ragged row chunks
-  const NMShape shape{70, in_features > 0 ? in_features : pick_in_features(pattern), pattern.n, pattern.m};
+                  int64_t in_features = 0, int64_t out_features = 70) {
+  // 70 rows by default: ragged row chunks
+  const NMShape shape{out_features, in_features > 0 ? in_features : pick_in_features(pattern), pattern.n, pattern.m};
   const int64_t N = shape.out_features, K = shape.in_features, kept = shape.kept_per_row();
   std::mt19937_64 rng(seed);
 
@@ -541,6 +541,9 @@ int run_suite(const char* label) {
   test_pattern<bfloat16>({2, 4}, {6, 7, 17, 129}, seed++, /*in_features=*/4);
   test_pattern<bfloat16>({2, 4}, {8, 16, 80, 129}, seed++, /*in_features=*/1024);
   test_pattern<bfloat16>({2, 4}, {300}, seed++, /*in_features=*/8196);
+  // 600 output rows: the pair-row forward's 256-row blocks (two whole, one partial) over spans of
+  // the 256 groups, two batch blocks open across the spans.
+  test_pattern<bfloat16>({2, 4}, {16, 129}, seed++, /*in_features=*/1024, /*out_features=*/600);
   for (const Pattern& pattern : other) {
     test_position_format(pattern, seed++);
     test_pattern<float>(pattern, {1, 3, 64, 140}, seed++);
