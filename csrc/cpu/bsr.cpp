@@ -235,6 +235,38 @@ struct LineProduct {
   }
 };
 
+// The parallel loops of the drivers, shared by every instruction set; a driver picks the chunk
+// size, the grain and the task. Each parallel body owns one Workspace.
+//
+// task(line, m_begin, m_end, workspace) for every line and every chunk of m_chunk rows of M, in
+// LineSchedule's balanced order.
+template <class Workspace, typename scalar_t, typename index_t, class Task>
+void for_each_line_task(const LineProduct<scalar_t, index_t>& product, int64_t M, int64_t m_chunk, int64_t grain,
+                        const ParallelFor& parallel_for, const Task& task) {
+  const LineSchedule<index_t> schedule(product.offsets, product.n_lines, ceil_div(M, m_chunk));
+  parallel_for(0, schedule.total_units(), grain, [&](int64_t begin, int64_t end) {
+    Workspace workspace;
+    schedule.for_each_task(begin, end, [&](int64_t chunk, int64_t line) {
+      const int64_t m_begin = chunk * m_chunk;
+      task(line, m_begin, std::min(M, m_begin + m_chunk), workspace);
+    });
+  });
+}
+
+// task(block, block_row, workspace) for every kept block, each reduced over all of M by one call.
+template <class Workspace, typename index_t, class Task>
+void for_each_kept_block(const BsrIndex<index_t>& index, int64_t M, const ParallelFor& parallel_for, const Task& task) {
+  const int64_t grain = parallel_grain(std::max<int64_t>(M, 1) * index.block_size * index.block_size);
+  parallel_for(0, index.nnz, grain, [&](int64_t begin, int64_t end) {
+    Workspace workspace;
+    int64_t block_row = block_row_of(index, begin);
+    for (int64_t block = begin; block < end; ++block) {
+      while (index.block_row_offsets[block_row + 1] <= block) ++block_row;
+      task(block, block_row, workspace);
+    }
+  });
+}
+
 // out[rows x width] (+)= lhs[rows x depth] @ rhs[depth x width], all float32. lhs is addressed
 // through two strides so that one kernel reads activations in place (row stride = leading
 // dimension, depth stride 1) and the packed dy slices of grad_values, whose rows are the output
@@ -1049,14 +1081,10 @@ void run_amx_line_product(const LineProduct<bfloat16, index_t>& product, int64_t
   // lines read them; at this speed that matters more than packing each block once per chunk
   // rather than once per call (longer chunks measured up to 15% slower).
   const int64_t m_chunk = choose_row_chunk(M, product.n_lines, 32, 128, 128);
-  const LineSchedule<index_t> schedule(product.offsets, product.n_lines, ceil_div(M, m_chunk));
-  parallel_for(0, schedule.total_units(), 1, [&](int64_t begin, int64_t end) {
-    AmxWorkspace workspace;
-    schedule.for_each_task(begin, end, [&](int64_t chunk, int64_t line) {
-      const int64_t m_begin = chunk * m_chunk;
-      amx_line_task(product, line, m_begin, std::min(M, m_begin + m_chunk), workspace);
-    });
-  });
+  for_each_line_task<AmxWorkspace>(product, M, m_chunk, 1, parallel_for,
+                                   [&](int64_t line, int64_t m_begin, int64_t m_end, AmxWorkspace& workspace) {
+                                     amx_line_task(product, line, m_begin, m_end, workspace);
+                                   });
 }
 
 // grad_values with AMX: dW[n][k] = sum over m of dy[m][n] x[m][k], with M as the depth.
@@ -1251,17 +1279,12 @@ SPARSEKERNELS_AVX512_BF16 void dpbf16_line_task(const LineProduct<bfloat16, inde
 template <typename index_t>
 void run_dpbf16_line_product(const LineProduct<bfloat16, index_t>& product, int64_t M, const ParallelFor& parallel_for) {
   // The chunking of run_fma_line_product: whole 6- and 12-row strips, accumulator in L2.
-  const int64_t block_size = product.block_size;
   const int64_t m_chunk = choose_row_chunk(M, product.n_lines, 12, 48, 256);
-  const LineSchedule<index_t> schedule(product.offsets, product.n_lines, ceil_div(M, m_chunk));
-  const int64_t grain = parallel_grain(m_chunk * block_size * block_size);
-  parallel_for(0, schedule.total_units(), grain, [&](int64_t begin, int64_t end) {
-    Dpbf16Workspace workspace;
-    schedule.for_each_task(begin, end, [&](int64_t chunk, int64_t line) {
-      const int64_t m_begin = chunk * m_chunk;
-      dpbf16_line_task(product, line, m_begin, std::min(M, m_begin + m_chunk), workspace);
-    });
-  });
+  const int64_t grain = parallel_grain(m_chunk * product.block_size * product.block_size);
+  for_each_line_task<Dpbf16Workspace>(product, M, m_chunk, grain, parallel_for,
+                                      [&](int64_t line, int64_t m_begin, int64_t m_end, Dpbf16Workspace& workspace) {
+                                        dpbf16_line_task(product, line, m_begin, m_end, workspace);
+                                      });
 }
 
 // grad_values of one kept block with M as the depth: per slice of kGradValuesRowStep rows, dy and
@@ -1294,16 +1317,11 @@ SPARSEKERNELS_AVX512_BF16 void dpbf16_grad_values_task(const bfloat16* grad_out,
 template <typename index_t>
 void run_dpbf16_grad_values(const bfloat16* grad_out, const bfloat16* x, int64_t M, const BsrIndex<index_t>& index,
                             bfloat16* grad_values, const ParallelFor& parallel_for) {
-  const int64_t block_size = index.block_size;
-  const int64_t grain = parallel_grain(std::max<int64_t>(M, 1) * block_size * block_size);
-  parallel_for(0, index.nnz, grain, [&](int64_t begin, int64_t end) {
-    Dpbf16Workspace workspace;
-    int64_t block_row = block_row_of(index, begin);
-    for (int64_t block = begin; block < end; ++block) {
-      while (index.block_row_offsets[block_row + 1] <= block) ++block_row;
-      dpbf16_grad_values_task(grad_out, x, M, index, block, block_row, grad_values, workspace);
-    }
-  });
+  for_each_kept_block<Dpbf16Workspace>(index, M, parallel_for,
+                                       [&](int64_t block, int64_t block_row, Dpbf16Workspace& workspace) {
+                                         dpbf16_grad_values_task(grad_out, x, M, index, block, block_row, grad_values,
+                                                                 workspace);
+                                       });
 }
 #endif  // SPARSEKERNELS_X86_KERNELS
 
@@ -1402,20 +1420,16 @@ void run_fma_line_product(const LineProduct<scalar_t, index_t>& product, int64_t
   // Chunks are multiples of 12 rows (whole strips of the 6- and 12-row micro-kernels) and at
   // most 256 rows, so the float32 accumulator of a 64-wide line (64 KiB) stays in L2.
   const int64_t m_chunk = gemv ? M : choose_row_chunk(M, product.n_lines, 12, 48, 256);
-  const LineSchedule<index_t> schedule(product.offsets, product.n_lines, ceil_div(M, m_chunk));
   const int64_t grain = parallel_grain(m_chunk * block_size * block_size);
-  parallel_for(0, schedule.total_units(), grain, [&](int64_t begin, int64_t end) {
-    FmaWorkspace<scalar_t> workspace;
-    schedule.for_each_task(begin, end, [&](int64_t chunk, int64_t line) {
-      const int64_t m_begin = chunk * m_chunk;
-      const int64_t m_end = std::min(M, m_begin + m_chunk);
-      if (gemv) {
-        gemv_line_task<Kernels>(product, line, m_begin, m_end, workspace);
-      } else {
-        fma_line_task<Kernels>(product, line, m_begin, m_end, workspace);
-      }
-    });
-  });
+  for_each_line_task<FmaWorkspace<scalar_t>>(
+      product, M, m_chunk, grain, parallel_for,
+      [&](int64_t line, int64_t m_begin, int64_t m_end, FmaWorkspace<scalar_t>& workspace) {
+        if (gemv) {
+          gemv_line_task<Kernels>(product, line, m_begin, m_end, workspace);
+        } else {
+          fma_line_task<Kernels>(product, line, m_begin, m_end, workspace);
+        }
+      });
 }
 
 template <typename scalar_t, typename index_t>
@@ -1477,17 +1491,10 @@ void grad_values_task(const scalar_t* grad_out, const scalar_t* x, int64_t M, co
 template <class Kernels, typename scalar_t, typename index_t>
 void run_grad_values(const scalar_t* grad_out, const scalar_t* x, int64_t M, const BsrIndex<index_t>& index,
                      scalar_t* grad_values, const ParallelFor& parallel_for) {
-  const int64_t block_size = index.block_size;
-  const int64_t grain = parallel_grain(std::max<int64_t>(M, 1) * block_size * block_size);
-  parallel_for(0, index.nnz, grain, [&](int64_t begin, int64_t end) {
-    FmaWorkspace<scalar_t> workspace;
-    const index_t* row_offsets = index.block_row_offsets;
-    int64_t block_row = block_row_of(index, begin);
-    for (int64_t block = begin; block < end; ++block) {
-      while (row_offsets[block_row + 1] <= block) ++block_row;
-      grad_values_task<Kernels>(grad_out, x, M, index, block, block_row, grad_values, workspace);
-    }
-  });
+  for_each_kept_block<FmaWorkspace<scalar_t>>(
+      index, M, parallel_for, [&](int64_t block, int64_t block_row, FmaWorkspace<scalar_t>& workspace) {
+        grad_values_task<Kernels>(grad_out, x, M, index, block, block_row, grad_values, workspace);
+      });
 }
 
 }  // namespace
