@@ -1611,10 +1611,10 @@ struct PairBlocks {
   int64_t first_row(int64_t block) const { return block * kMaxBlockRows; }
   int64_t rows(int64_t block) const { return std::min(kMaxBlockRows, batch - first_row(block)); }
   int vectors(int64_t block) const { return static_cast<int>((rows(block) + 2 * kLanes - 1) / (2 * kLanes)); }
-  int64_t words(int64_t block) const { return vectors(block) * kLanes; }
+  int64_t width(int64_t block) const { return vectors(block) * kLanes; }  // words per column
   int64_t offset(int64_t block, int64_t columns) const { return block * (kMaxBlockRows / 2) * columns; }
   int64_t packed_size(int64_t columns) const {
-    return count() == 0 ? 0 : offset(count() - 1, columns) + words(count() - 1) * columns;
+    return count() == 0 ? 0 : offset(count() - 1, columns) + width(count() - 1) * columns;
   }
 };
 constexpr int kMaxPairVectors = kMaxBlockVectors / 2;
@@ -1632,7 +1632,7 @@ SPARSEKERNELS_AVX512_BF16 void pack_batch_pairs_range(const bfloat16* source, in
     for (int64_t block = 0; block < blocks.count(); ++block) {
       const int64_t first_row = blocks.first_row(block);
       const int64_t block_rows = blocks.rows(block);
-      const int64_t words = blocks.words(block);
+      const int64_t words = blocks.width(block);
       uint32_t* destination = packed + blocks.offset(block, columns) + c0 * words;
       for (int64_t l0 = 0; l0 < words; l0 += kLanes) {
         __m512i pairs[16];
@@ -2357,46 +2357,33 @@ void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values
   });
 }
 
-#if defined(__x86_64__)
-// grad_values of the avx512_bf16 level (any n:m, bfloat16): grad_values_impl on batch-pair copies
-// of x and grad_out (see the avx512_bf16 kernels).
-void grad_values_pairs(const bfloat16* grad_out, const bfloat16* x, int64_t M, const uint8_t* positions,
-                       const NMShape& shape, bfloat16* grad_values, const ParallelFor& parallel_for) {
-  using namespace avx512_bf16;
-  const KernelSet<bfloat16>& kernels = avx512::kernels<bfloat16>;
+// The row-parallel loop of grad_values, on transposed copies of x and grad_out in either layout:
+// float32 batch lanes (BatchBlocks) or batch-row pairs (PairBlocks), with the panel kernel of that
+// layout for each block width. Rows go in blocks whose columns are unpacked once, panel-major;
+// batch blocks are summed in order (the first stores, later ones add).
+template <typename scalar_t, class Blocks, typename word_t, typename PanelFn>
+void grad_values_rows(const KernelSet<scalar_t>& kernels, const uint8_t* positions, const NMShape& shape,
+                      const int32_t* group_base, const Blocks& blocks, const word_t* x_packed,
+                      const word_t* grad_packed, int64_t panel, const PanelFn* panel_kernels, scalar_t* grad_values,
+                      const ParallelFor& parallel_for) {
   const int64_t out_features = shape.out_features;
   const int64_t in_features = shape.in_features;
   const int64_t kept = shape.kept_per_row();
-  const std::vector<int32_t> group_base = make_group_base(shape);
-  const PairBlocks blocks{M};
-  AlignedArray<uint32_t> x_packed(blocks.packed_size(in_features));
-  AlignedArray<uint32_t> grad_packed(blocks.packed_size(out_features));
-  const auto pack = [&](const bfloat16* source, int64_t columns, uint32_t* packed) {
-    const int64_t grain = std::max<int64_t>(64, kMinPackElementsPerTask / M);
-    parallel_for(0, columns, grain, [&](int64_t column_begin, int64_t column_end) {
-      pack_batch_pairs_range(source, M, columns, column_begin, column_end, packed);
-    });
-  };
-  pack(x, in_features, x_packed.data());
-  pack(grad_out, out_features, grad_packed.data());
-  const int64_t panel = panel_columns(blocks.vectors(0));  // 32 KiB of pair words per panel
   const int64_t block_rows_max = unpack_block_rows(shape);
-
-  parallel_for(0, out_features, row_grain(shape, M), [&](int64_t row_begin, int64_t row_end) {
-    UnpackedRows<bfloat16> unpacked(shape, panel, block_rows_max, /*with_values=*/false);
-    AlignedArray<float> partial(block_rows_max * kept);
+  parallel_for(0, out_features, row_grain(shape, blocks.batch), [&](int64_t row_begin, int64_t row_end) {
+    UnpackedRows<scalar_t> unpacked(shape, panel, block_rows_max, /*with_values=*/false);
+    AlignedArray<float> partial(block_rows_max * kept);  // panel-major, like the unpacked columns
     std::vector<float> output_row(static_cast<size_t>(kept));
     for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += block_rows_max) {
       const int64_t block_rows = std::min(block_rows_max, row_end - block_begin);
-      unpacked.unpack(kernels, nullptr, positions, group_base.data(), block_begin, block_rows);
+      unpacked.unpack(kernels, nullptr, positions, group_base, block_begin, block_rows);
       for (int64_t block = 0; block < blocks.count(); ++block) {
-        const GradValuesPairsPanelFn panel_kernel = kGradValuesPairsPanel[blocks.vectors(block)];
-        const uint32_t* grad_block =
-            grad_packed.data() + blocks.offset(block, out_features) + block_begin * blocks.words(block);
-        const uint32_t* activations = x_packed.data() + blocks.offset(block, in_features);
+        const PanelFn panel_kernel = panel_kernels[blocks.vectors(block)];
+        const word_t* grad_block = grad_packed + blocks.offset(block, out_features) + block_begin * blocks.width(block);
+        const word_t* activations = x_packed + blocks.offset(block, in_features);
         const int64_t panels = unpacked.panels();
         for (int64_t p = 0; p < panels; ++p) {
-          if (block == 0) {
+          if (block == 0) {  // stream in the positions of the next row block
             const int64_t next_begin = block_begin + block_rows;
             const int64_t next_rows = std::max<int64_t>(0, std::min(block_rows_max, row_end - next_begin));
             prefetch_part(positions + next_begin * shape.position_bytes(), next_rows * shape.position_bytes(), p, panels);
@@ -2414,6 +2401,32 @@ void grad_values_pairs(const bfloat16* grad_out, const bfloat16* x, int64_t M, c
       }
     }
   });
+}
+
+#if defined(__x86_64__)
+// grad_values of the avx512_bf16 level (any n:m, bfloat16): grad_values_impl on batch-pair copies
+// of x and grad_out (see the avx512_bf16 kernels).
+void grad_values_pairs(const bfloat16* grad_out, const bfloat16* x, int64_t M, const uint8_t* positions,
+                       const NMShape& shape, bfloat16* grad_values, const ParallelFor& parallel_for) {
+  using namespace avx512_bf16;
+  const KernelSet<bfloat16>& kernels = avx512::kernels<bfloat16>;
+  const int64_t out_features = shape.out_features;
+  const int64_t in_features = shape.in_features;
+  const std::vector<int32_t> group_base = make_group_base(shape);
+  const PairBlocks blocks{M};
+  AlignedArray<uint32_t> x_packed(blocks.packed_size(in_features));
+  AlignedArray<uint32_t> grad_packed(blocks.packed_size(out_features));
+  const auto pack = [&](const bfloat16* source, int64_t columns, uint32_t* packed) {
+    const int64_t grain = std::max<int64_t>(64, kMinPackElementsPerTask / M);
+    parallel_for(0, columns, grain, [&](int64_t column_begin, int64_t column_end) {
+      pack_batch_pairs_range(source, M, columns, column_begin, column_end, packed);
+    });
+  };
+  pack(x, in_features, x_packed.data());
+  pack(grad_out, out_features, grad_packed.data());
+  const int64_t panel = panel_columns(blocks.vectors(0));  // 32 KiB of pair words per panel
+  grad_values_rows(kernels, positions, shape, group_base.data(), blocks, x_packed.data(), grad_packed.data(), panel,
+                   kGradValuesPairsPanel, grad_values, parallel_for);
 }
 #endif
 
@@ -2444,41 +2457,8 @@ void grad_values_impl(const scalar_t* grad_out, const scalar_t* x, int64_t M, co
   AlignedArray<float> grad_packed(blocks.packed_size(out_features));
   pack_transposed(kernels, x, M, in_features, x_packed.data(), parallel_for);
   pack_transposed(kernels, grad_out, M, out_features, grad_packed.data(), parallel_for);
-  const int64_t panel = panel_columns(blocks.vectors(0));
-  const int64_t block_rows_max = unpack_block_rows(shape);
-
-  parallel_for(0, out_features, row_grain(shape, M), [&](int64_t row_begin, int64_t row_end) {
-    UnpackedRows<scalar_t> unpacked(shape, panel, block_rows_max, /*with_values=*/false);
-    AlignedArray<float> partial(block_rows_max * kept);  // panel-major, like the unpacked columns
-    std::vector<float> output_row(static_cast<size_t>(kept));
-    for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += block_rows_max) {
-      const int64_t block_rows = std::min(block_rows_max, row_end - block_begin);
-      unpacked.unpack(kernels, nullptr, positions, group_base.data(), block_begin, block_rows);
-      for (int64_t block = 0; block < blocks.count(); ++block) {
-        const GradValuesPanelFn panel_kernel = kernels.grad_values_panel[blocks.vectors(block)];
-        const float* grad_block = grad_packed.data() + blocks.offset(block, out_features) + block_begin * blocks.width(block);
-        const float* activations = x_packed.data() + blocks.offset(block, in_features);
-        // Batch blocks are summed in order: the first one stores, later ones add.
-        const int64_t panels = unpacked.panels();
-        for (int64_t p = 0; p < panels; ++p) {
-          if (block == 0) {  // stream in the positions of the next row block
-            const int64_t next_begin = block_begin + block_rows;
-            const int64_t next_rows = std::max<int64_t>(0, std::min(block_rows_max, row_end - next_begin));
-            prefetch_part(positions + next_begin * shape.position_bytes(), next_rows * shape.position_bytes(), p, panels);
-          }
-          panel_kernel(grad_block, unpacked.columns(p), unpacked.count(p), block_rows, activations,
-                       partial.data() + unpacked.offset(p), block > 0);
-        }
-      }
-      for (int64_t r = 0; r < block_rows; ++r) {
-        for (int64_t p = 0, first = 0; p < unpacked.panels(); first += unpacked.count(p), ++p) {
-          std::memcpy(output_row.data() + first, partial.data() + unpacked.offset(p) + r * unpacked.count(p),
-                      sizeof(float) * unpacked.count(p));
-        }
-        kernels.from_float(output_row.data(), grad_values + (block_begin + r) * kept, kept);
-      }
-    }
-  });
+  grad_values_rows(kernels, positions, shape, group_base.data(), blocks, x_packed.data(), grad_packed.data(),
+                   panel_columns(blocks.vectors(0)), kernels.grad_values_panel, grad_values, parallel_for);
 }
 
 }  // namespace
