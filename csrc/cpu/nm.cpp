@@ -1951,6 +1951,20 @@ int64_t row_grain(const NMShape& shape, int64_t M) {
   return std::max<int64_t>(16, kMinMultiplyAddsPerTask / work_per_row);
 }
 
+// The forward's accumulators of batch block `block`, acc[r][lane] (row stride blocks.width(block))
+// for the output rows [row_begin, row_begin + rows), transposed back into y with the bias added.
+// output_row is scratch for `rows` floats.
+template <typename scalar_t>
+void store_output_rows(const KernelSet<scalar_t>& kernels, const BatchBlocks& blocks, int64_t block, const float* acc,
+                       const float* bias_float, int64_t row_begin, int64_t rows, int64_t out_features,
+                       float* output_row, scalar_t* y) {
+  const int64_t width = blocks.width(block);
+  for (int64_t lane = 0; lane < blocks.rows(block); ++lane) {
+    for (int64_t r = 0; r < rows; ++r) output_row[r] = acc[r * width + lane] + bias_float[r];
+    kernels.from_float(output_row, y + (blocks.first_row(block) + lane) * out_features + row_begin, rows);
+  }
+}
+
 #if defined(__x86_64__)
 // The 2:4 bfloat16 forward of the avx512_bf16 level (see the avx512_bf16 kernels): the blocking
 // of forward_impl, on pair rows of the activations and with the values read in place.
@@ -2038,13 +2052,8 @@ void forward_pairs24(const bfloat16* x, int64_t M, const bfloat16* values, const
             }
           }
           for (int64_t block = open_begin; block < open_end; ++block) {
-            const int64_t width = blocks.width(block);
-            const float* block_acc = acc.data() + (block - open_begin) * task_rows * kMaxBlockRows;
-            for (int64_t lane = 0; lane < blocks.rows(block); ++lane) {
-              for (int64_t r = 0; r < block_rows; ++r) output_row[r] = block_acc[r * width + lane] + bias_float[r];
-              kernels.from_float(output_row.data(), y + (blocks.first_row(block) + lane) * out_features + block_begin,
-                                 block_rows);
-            }
+            store_output_rows(kernels, blocks, block, acc.data() + (block - open_begin) * task_rows * kMaxBlockRows,
+                              bias_float.data(), block_begin, block_rows, out_features, output_row.data(), y);
           }
         }
       }
@@ -2132,12 +2141,8 @@ void forward_impl(const scalar_t* x, int64_t M, const scalar_t* values, const ui
             panel_kernel(unpacked.values(p), unpacked.columns(p), unpacked.count(p), block_rows, activations,
                          acc.data());
           }
-          // Transpose the accumulators back into rows of y, adding the bias.
-          for (int64_t lane = 0; lane < blocks.rows(block); ++lane) {
-            for (int64_t r = 0; r < block_rows; ++r) output_row[r] = acc.data()[r * width + lane] + bias_float[r];
-            kernels.from_float(output_row.data(), y + (blocks.first_row(block) + lane) * out_features + block_begin,
-                               block_rows);
-          }
+          store_output_rows(kernels, blocks, block, acc.data(), bias_float.data(), block_begin, block_rows,
+                            out_features, output_row.data(), y);
         }
       }
     }
