@@ -106,15 +106,21 @@ constexpr int64_t kRowPadding = 16;
 // Batch rows are split into blocks of kMaxBlockRows; block b covers rows [128 b, 128 b + rows(b))
 // and occupies width(b) lanes (rows rounded up to whole vectors, padding lanes zero). In a
 // transposed copy of a [M x C] matrix, block b starts at b * 128 * C floats (earlier blocks are all
-// full width) and holds original column c at offset c * width(b).
+// full width) and holds original column c at offset c * width(b). With rows_per_lane = 2 (the
+// batch-pair copies of the avx512_bf16 grad_values) a 32-bit lane holds two batch rows, so a
+// vector covers 32 rows and a block 128 / 2 words per column.
 struct BatchBlocks {
   int64_t batch;
+  int64_t rows_per_lane = 1;
   int64_t count() const { return (batch + kMaxBlockRows - 1) / kMaxBlockRows; }
   int64_t first_row(int64_t block) const { return block * kMaxBlockRows; }
   int64_t rows(int64_t block) const { return std::min(kMaxBlockRows, batch - first_row(block)); }
-  int vectors(int64_t block) const { return static_cast<int>((rows(block) + kLanes - 1) / kLanes); }
+  int vectors(int64_t block) const {
+    const int64_t rows_per_vector = rows_per_lane * kLanes;
+    return static_cast<int>((rows(block) + rows_per_vector - 1) / rows_per_vector);
+  }
   int64_t width(int64_t block) const { return vectors(block) * kLanes; }
-  int64_t offset(int64_t block, int64_t columns) const { return block * kMaxBlockRows * columns; }
+  int64_t offset(int64_t block, int64_t columns) const { return block * (kMaxBlockRows / rows_per_lane) * columns; }
   int64_t packed_size(int64_t columns) const {
     return count() == 0 ? 0 : offset(count() - 1, columns) + width(count() - 1) * columns;
   }
@@ -1604,19 +1610,8 @@ constexpr ForwardPairsPanelFn kForwardPairsPanel[kMaxBlockVectors + 1] = SPARSEK
 // grad_values on batch pairs, for every n:m (bfloat16 at the avx512_bf16 level): the dot products
 // along the batch of grad_values_panel, with both operands copied as pairs of batch rows. Lane l
 // of a pair vector holds the 32-bit pair (v[2l][c], v[2l + 1][c]), so one VDPBF16PS multiplies 32
-// batch rows: batch blocks of 128 rows are 4 pair vectors (PairBlocks).
-struct PairBlocks {
-  int64_t batch;
-  int64_t count() const { return (batch + kMaxBlockRows - 1) / kMaxBlockRows; }
-  int64_t first_row(int64_t block) const { return block * kMaxBlockRows; }
-  int64_t rows(int64_t block) const { return std::min(kMaxBlockRows, batch - first_row(block)); }
-  int vectors(int64_t block) const { return static_cast<int>((rows(block) + 2 * kLanes - 1) / (2 * kLanes)); }
-  int64_t width(int64_t block) const { return vectors(block) * kLanes; }  // words per column
-  int64_t offset(int64_t block, int64_t columns) const { return block * (kMaxBlockRows / 2) * columns; }
-  int64_t packed_size(int64_t columns) const {
-    return count() == 0 ? 0 : offset(count() - 1, columns) + width(count() - 1) * columns;
-  }
-};
+// batch rows: batch blocks of 128 rows are 4 pair vectors (BatchBlocks with rows_per_lane = 2).
+constexpr int64_t kPairRowsPerLane = 2;
 constexpr int kMaxPairVectors = kMaxBlockVectors / 2;
 
 // Columns [column_begin, column_end) of source [rows x columns] into the batch-pair layout,
@@ -1624,7 +1619,7 @@ constexpr int kMaxPairVectors = kMaxBlockVectors / 2;
 // from two rows at a time and transposed into column order.
 SPARSEKERNELS_AVX512_BF16 void pack_batch_pairs_range(const bfloat16* source, int64_t rows, int64_t columns,
                                                       int64_t column_begin, int64_t column_end, uint32_t* packed) {
-  const PairBlocks blocks{rows};
+  const BatchBlocks blocks{rows, kPairRowsPerLane};
   const __m256i zero = _mm256_setzero_si256();
   for (int64_t c0 = column_begin; c0 < column_end; c0 += kLanes) {
     const int64_t width_here = std::min(kLanes, column_end - c0);
@@ -2363,12 +2358,12 @@ void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values
 }
 
 // The row-parallel loop of grad_values, on transposed copies of x and grad_out in either layout:
-// float32 batch lanes (BatchBlocks) or batch-row pairs (PairBlocks), with the panel kernel of that
-// layout for each block width. Rows go in blocks whose columns are unpacked once, panel-major;
+// float32 batch lanes or batch-row pairs (BatchBlocks::rows_per_lane 1 or 2), with the panel
+// kernel of that layout for each block width. Rows go in blocks whose columns are unpacked once, panel-major;
 // batch blocks are summed in order (the first stores, later ones add).
-template <typename scalar_t, class Blocks, typename word_t, typename PanelFn>
+template <typename scalar_t, typename word_t, typename PanelFn>
 void grad_values_rows(const KernelSet<scalar_t>& kernels, const uint8_t* positions, const NMShape& shape,
-                      const int32_t* group_base, const Blocks& blocks, const word_t* x_packed,
+                      const int32_t* group_base, const BatchBlocks& blocks, const word_t* x_packed,
                       const word_t* grad_packed, int64_t panel, const PanelFn* panel_kernels, scalar_t* grad_values,
                       const ParallelFor& parallel_for) {
   const int64_t out_features = shape.out_features;
@@ -2418,7 +2413,7 @@ void grad_values_pairs(const bfloat16* grad_out, const bfloat16* x, int64_t M, c
   const int64_t out_features = shape.out_features;
   const int64_t in_features = shape.in_features;
   const std::vector<int32_t> group_base = make_group_base(shape);
-  const PairBlocks blocks{M};
+  const BatchBlocks blocks{M, kPairRowsPerLane};
   AlignedArray<uint32_t> x_packed(blocks.packed_size(in_features));
   AlignedArray<uint32_t> grad_packed(blocks.packed_size(out_features));
   const auto pack = [&](const bfloat16* source, int64_t columns, uint32_t* packed) {
