@@ -4,8 +4,8 @@
                     [--layouts b64d0.1,2:4,...] [--dtype float32,bfloat16] [--m 1,16,256]
                     [--ops forward,grad_input,grad_weight,train_step] [--peers dense,torch_bsr,...]
                     [--backends triton,cuda]
-                    [--repeats N] [--warmup N] [--flush-caches] [--threads N] [--out DIR] [--no-progress]
-                    [--resume [--resume-anyway]]
+                    [--repeats N] [--warmup N] [--flush-caches] [--threads N] [--fresh-pages] [--out DIR]
+                    [--no-progress] [--resume [--resume-anyway]]
     python -m bench --suite e2e [--device ...] [--layouts b32d0.1,2:4] [--dtype float32] [--model small]
                     [--steps N] [--out DIR]
     python -m bench compare OLD.json NEW.json [--threshold 0.1]
@@ -43,6 +43,7 @@ from rich.markup import escape
 from . import compare, e2e
 from .cases import Case, Op, build_cases, dtype_name, layout_label, parse_dtype, parse_layout, parse_shape
 from .e2e import E2E_MODELS, E2E_SUITE
+from .allocator import steady_cpu_allocator
 from .environment import collect_environment
 from .implementations import (
     BASELINE,
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flush-caches", action="store_true",
                         help="CPU: flush the caches before every timed call (default: warm; see docs/benchmark.md)")
     parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads before running (CPU)")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="keep glibc's default malloc thresholds, so that every large output is freshly "
+                        "mapped and its page faults are timed (default: freed blocks are reused; see "
+                        "docs/benchmark.md)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument(
         "--resume",
@@ -301,6 +306,8 @@ def run(argv: Sequence[str]) -> int:
         parser.error("--resume-anyway only applies with --resume")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if not args.fresh_pages:
+        steady_cpu_allocator()
     console = wide_console()
     if args.suite == E2E_SUITE:
         if args.backends is not None:  # the e2e models run SparseLinear on the library's own choice

@@ -2,8 +2,9 @@
 
 CPU model (``/proc/cpuinfo``), core and thread counts, the load average when the run started (other
 work on the machine makes CPU timings noisy), the GPU with its driver and CUDA versions,
-the torch / triton / python versions, the sparsekernels backend that ran, the git commit (and
-whether the tree had local changes) and the UTC date. Anything unavailable is recorded as None.
+the torch / triton / python versions, how the C allocator treats large freed blocks
+(bench/allocator.py), the sparsekernels backend that ran, the git commit (and whether the tree had
+local changes) and the UTC date. Anything unavailable is recorded as None.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 
 import sparsekernels
 from sparsekernels.backend import resolve_backend
+
+from .allocator import allocator_setting
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,6 +78,7 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_isa": sparsekernels.cpu_isa(),
+        "cpu_allocator": allocator_setting(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "gpu": gpu_description(device),
         "python": platform.python_version(),

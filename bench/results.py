@@ -16,7 +16,8 @@ from .timing import Timing
 
 # The environment fields that make two runs' timings comparable: compare warns when they differ,
 # and --resume refuses to merge runs that differ in them (or in the git commit).
-ENVIRONMENT_FIELDS_THAT_MATTER = ("device", "cpu_model", "torch_threads", "cpu_isa", "gpu", "torch", "triton")
+ENVIRONMENT_FIELDS_THAT_MATTER = ("device", "cpu_model", "torch_threads", "cpu_isa", "cpu_allocator", "gpu", "torch",
+                                  "triton")
 
 
 class Status(str, Enum):

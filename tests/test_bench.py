@@ -11,6 +11,7 @@ import copy
 import csv
 import io
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from bench import cli, compare, e2e, implementations, plots, roofline, timing
+from bench import allocator, cli, compare, e2e, implementations, plots, roofline, timing
 from bench.cases import Op, build_cases, layout_label, parse_dtype, parse_layout, parse_shape
 from bench.implementations import Dense, Implementation, Sparsekernels
 from bench.metrics import bytes_needed, useful_flops
@@ -44,8 +45,8 @@ TINY_CELLS = {
 }
 OURS_CPU = "sparsekernels[cpu]"  # sparsekernels' column in a CPU run: one column per backend (--backends)
 ENVIRONMENT_KEYS = {
-    "date_utc", "device", "cpu_model", "cpu_count", "torch_threads", "cpu_isa", "gpu", "python", "torch", "triton",
-    "sparsekernels", "sparsekernels_backend", "git_commit",
+    "date_utc", "device", "cpu_model", "cpu_count", "torch_threads", "cpu_isa", "cpu_allocator", "gpu", "python",
+    "torch", "triton", "sparsekernels", "sparsekernels_backend", "git_commit",
 }  # fmt: skip
 
 
@@ -532,6 +533,49 @@ def test_flush_caches_option_reaches_the_timing_config(flags, flushed):
     parser = cli.build_parser()
     _, config, _ = cli._plan(parser.parse_args(["--device", "cpu", *flags]), parser, Console(file=io.StringIO()))
     assert config.flush_cpu_caches is flushed
+
+
+GLIBC = allocator._glibc() is not None
+# Allocates and touches a 64 MiB tensor 20 times and prints the minor page faults per allocation of
+# the last 10 (the first ones grow the heap: torch's 64-byte aligned blocks do not fit the hole one
+# freed block leaves, only the holes that several leave together).
+_FAULTS_PER_ALLOCATION = """
+import resource, sys, torch
+from bench import allocator
+if sys.argv[1] == "steady":
+    assert allocator.steady_cpu_allocator() == allocator.STEADY
+def allocate():
+    torch.empty(16 * 2**20).fill_(1.0)
+for _ in range(10):
+    allocate()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    allocate()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator setting is glibc's")
+def test_steady_allocator_reuses_freed_large_blocks_instead_of_faulting_in_fresh_pages():
+    def faults(setting: str) -> int:
+        completed = subprocess.run([sys.executable, "-c", _FAULTS_PER_ALLOCATION, setting], capture_output=True,
+                                   text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+        return int(completed.stdout.strip())
+
+    pages = 64 * 2**20 // 4096
+    assert faults("default") > pages // 2  # glibc maps 64 MiB afresh on every malloc
+    assert faults("steady") < pages // 100
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator setting is glibc's")
+def test_runs_record_the_allocator_setting_and_fresh_pages_keeps_the_default(tiny_run, tmp_path):
+    _, out = tiny_run
+    assert json.loads((out / "results.json").read_text())["environment"]["cpu_allocator"] == allocator.STEADY
+    one_cell = ["--device", "cpu", "--shapes", "32x32", "--m", "1", "--dtype", "float32", "--layouts", "2:4", "--ops",
+                "forward", "--peers", "dense", "--repeats", "1", "--warmup", "0", "--no-progress", "--no-plots"]
+    subprocess.run([sys.executable, "-m", "bench", *one_cell, "--fresh-pages", "--out", str(tmp_path)], check=True,
+                   capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    assert json.loads((tmp_path / "results.json").read_text())["environment"]["cpu_allocator"] == allocator.DEFAULT
 
 
 def test_cpu_cache_flush_reads_twice_the_last_level_cache(monkeypatch):
