@@ -10,9 +10,9 @@
 //   the window is at most 64 columns, gathers otherwise). x is a few KiB per row and stays in
 //   cache, so at M = 1 the kernel streams values + positions at memory bandwidth.
 //
-// * Forward, larger batches, and grad_values work on activations transposed into "batch lanes":
-//   a copy of x (and of grad_out) stored as [column][batch row], the batch cut into blocks of at
-//   most 128 rows padded with zeros to whole 16-lane vectors. A kept weight w at (o, k) then pairs
+// * Forward and grad_values for larger batches work on activations transposed into "batch
+//   lanes": a copy of x (and of grad_out) stored as [column][batch row], the batch cut into blocks
+//   of at most 128 rows padded with zeros to whole 16-lane vectors. A kept weight w at (o, k) then pairs
 //   with one contiguous row of that copy:
 //     forward      acc[o][m] += w * xT[k][m]               broadcast w, FMA into registers
 //     grad_values  g[o][j]    = sum_m dyT[o][m] * xT[k][m]  dot products along the batch
@@ -22,6 +22,12 @@
 //   one panel of transposed activations (about 32 KiB) stays in L1. For large batches the batch
 //   blocks go in passes of a few MiB of activations, so that they stay in the last-level cache
 //   while a task sweeps its rows.
+//
+// * grad_values for small batches (M <= 40; bfloat16 on batch pairs up to 48 at the avx512_bf16
+//   level), AVX-512 levels: the transpose of the small-batch forward. Each chunk of 16 kept values
+//   fetches its 16 activations per batch row from a panel of x kept in L1 (window permutes or
+//   gathers, as in the forward), FMAs them with the row's dy and stores 16 gradients, so the work
+//   grows with M instead of being padded to 16 (or 32) batch lanes.
 //
 // * grad_input (dX = dY W) is decompress-and-multiply: each task owns a panel of input columns,
 //   expands the kept weights of a block of output rows into a dense [rows x 128] fp32 tile and
@@ -82,6 +88,13 @@ constexpr int64_t kMaxBlockRows = kLanes * kMaxBlockVectors;  // ... = 128 batch
 constexpr int64_t kTileFloats = 8192;                         // 32 KiB of L1 per activation panel
 constexpr int64_t kUnpackFloats = int64_t{1} << 16;           // 256 KiB of unpacked values per row block
 constexpr int64_t kSmallBatch = 8;                            // forward: GEMV path below this M
+// grad_values: the small-batch kernels (no batch-lane copies) up to these M, at the AVX-512
+// levels, float32 lanes and (bfloat16, avx512_bf16) batch pairs. Measured at 4096 x 4096 2:4 on one
+// Zen 5 core, against the batch-lane kernels: float32 0.95 / 4.4 / 9.5 ms at M = 1 / 16 / 40
+// (6.6 / 6.8 / 10.4), pairs 2.3 / 6.6 ms at M = 16 / 48 (6.6 / 7.7), even at M = 64.
+constexpr int64_t kSmallGradBatch = 40;
+constexpr int64_t kSmallGradPairBatch = 48;
+constexpr int64_t kSmallGradBlockRows = 32;                   // weight rows per panel sweep
 // The 2:4 bfloat16 pair-row forward (avx512_bf16) costs the same up to 16 rows; the GEMV grows by
 // about 0.38 ms per row at 4096 x 4096 on one Zen 5 core, and the two cross between 6 and 7 rows.
 constexpr int64_t kPairForwardMinRows = 7;
@@ -606,6 +619,18 @@ SPARSEKERNELS_AVX512 void expand_rows(const scalar_t* values, const uint8_t* pos
 // gather. Permutes cost one shuffle per 16 values where a gather issues 16 loads.
 enum class Fetch { kWindow32, kWindow64, kGather };
 
+// The 16 activations of a full chunk from its window of 32 or 64 columns of one x row: index
+// holds each lane's column inside the window, upper the lanes whose column is 32 or more.
+template <Fetch kFetch>
+SPARSEKERNELS_AVX512 inline __m512 fetch_window(const float* window, __m512i index, __mmask16 upper) {
+  __m512 fetched = _mm512_permutex2var_ps(_mm512_loadu_ps(window), index, _mm512_loadu_ps(window + 16));
+  if constexpr (kFetch == Fetch::kWindow64) {
+    const __m512 high = _mm512_permutex2var_ps(_mm512_loadu_ps(window + 32), index, _mm512_loadu_ps(window + 48));
+    fetched = _mm512_mask_blend_ps(upper, fetched, high);
+  }
+  return fetched;
+}
+
 // Dot products of one output row with kRows rows of x (fp32, row stride in_features), added to
 // sums[0 .. kRows). Two accumulator sets (even / odd chunks) hide the FMA latency.
 template <typename scalar_t, int kBits, Fetch kFetch, int kRows>
@@ -635,12 +660,7 @@ SPARSEKERNELS_AVX512 inline void small_batch_dots(const float* x, int64_t in_fea
         const __mmask16 upper = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
 #pragma GCC unroll 4
         for (int r = 0; r < kRows; ++r) {
-          const float* window = x + r * in_features + chunk * kSpan;
-          __m512 fetched = _mm512_permutex2var_ps(_mm512_loadu_ps(window), index, _mm512_loadu_ps(window + 16));
-          if constexpr (kSpan == 64) {
-            const __m512 high = _mm512_permutex2var_ps(_mm512_loadu_ps(window + 32), index, _mm512_loadu_ps(window + 48));
-            fetched = _mm512_mask_blend_ps(upper, fetched, high);
-          }
+          const __m512 fetched = fetch_window<kFetch>(x + r * in_features + chunk * kSpan, index, upper);
           acc[half][r] = _mm512_fmadd_ps(weights, fetched, acc[half][r]);
         }
       }
@@ -733,6 +753,110 @@ SPARSEKERNELS_AVX512 void forward_small_batch(const float* x, int64_t M, const s
       return forward_small_batch_bits<scalar_t, 2>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
     default:
       return forward_small_batch_bits<scalar_t, 4>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
+  }
+}
+
+// grad_values for small batches, the transpose of the small-batch forward: for a chunk of 16 kept
+// values of row o, g[o][j] = sum_r dy[r][o] * x[r][column of j]. The chunk's positions are decoded
+// once, the activations fetched as in the forward (window permutes, or gathers for the last
+// partial chunk and for n not dividing 16), one FMA per batch row, and the 16 gradients stored:
+// no transposed copies, no padding lanes, no horizontal sums, which at M = 1 cost the batch-lane
+// kernels 16 times the multiply-adds. Covers the kept values [first_kept, first_kept + count) of
+// rows [first_row, first_row + rows), a panel of input columns whose x rows stay in L1 while the
+// rows read them; first_kept is a multiple of 16. x_panel holds the panel's columns from `origin`
+// of the M rows of x, fp32, row stride x_stride. grad_by_row is dy transposed, [out x M] fp32.
+template <typename scalar_t, int kBits, Fetch kFetch>
+SPARSEKERNELS_AVX512 void grad_values_small_batch_panel(const float* x_panel, int64_t x_stride, int64_t origin,
+                                                        int64_t M, const float* grad_by_row, const uint8_t* positions,
+                                                        const NMShape& shape, const int32_t* group_base,
+                                                        int64_t first_row, int64_t rows, int64_t first_kept,
+                                                        int64_t count, scalar_t* grad_values) {
+  constexpr int64_t kSpan = kFetch == Fetch::kWindow32 ? 32 : 64;  // window columns
+  const PositionDecoder<kBits> decoder;
+  const int64_t kept = shape.kept_per_row();
+  const __m512i origin_vector = _mm512_set1_epi32(static_cast<int32_t>(origin));
+  int32_t window_columns[kLanes];  // first column of each lane's group, relative to the window
+  for (int64_t lane = 0; lane < kLanes; ++lane) window_columns[lane] = static_cast<int32_t>(lane / shape.n * shape.m);
+  const __m512i window_base = _mm512_loadu_si512(window_columns);
+  const int64_t end = first_kept + count;
+  const int64_t windowed_end = kFetch == Fetch::kGather ? first_kept : first_kept + count / kLanes * kLanes;
+  for (int64_t o = first_row; o < first_row + rows; ++o) {
+    const uint8_t* row_bytes = positions + o * shape.position_bytes();
+    const float* grad = grad_by_row + o * M;
+    scalar_t* row_out = grad_values + o * kept;
+    int64_t first = first_kept;
+    for (; first < windowed_end; first += kLanes) {
+      const __m512i index = _mm512_add_epi32(window_base, decoder.decode(row_bytes + first * kBits / 8, kLanes));
+      const __mmask16 upper = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
+      const float* window = x_panel + (first / kLanes * kSpan - origin);
+      // Two accumulators, so that consecutive batch rows do not wait on one FMA chain.
+      __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+      int64_t r = 0;
+      for (; r + 2 <= M; r += 2) {
+        even = _mm512_fmadd_ps(_mm512_set1_ps(grad[r]), fetch_window<kFetch>(window + r * x_stride, index, upper), even);
+        odd = _mm512_fmadd_ps(_mm512_set1_ps(grad[r + 1]),
+                              fetch_window<kFetch>(window + (r + 1) * x_stride, index, upper), odd);
+      }
+      if (r < M) {
+        even = _mm512_fmadd_ps(_mm512_set1_ps(grad[r]), fetch_window<kFetch>(window + r * x_stride, index, upper), even);
+      }
+      store_from_float(row_out + first, _mm512_add_ps(even, odd), first_lanes(kLanes));
+    }
+    for (; first < end; first += kLanes) {
+      const int64_t chunk = std::min(kLanes, end - first);
+      const __mmask16 lanes = first_lanes(chunk);
+      const __m512i columns = _mm512_sub_epi32(
+          _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, group_base + first),
+                           decoder.decode(row_bytes + first * kBits / 8, chunk)),
+          origin_vector);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t r = 0; r < M; ++r) {
+        const __m512 gathered = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, columns, x_panel + r * x_stride, 4);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(grad[r]), gathered, acc);
+      }
+      store_from_float(row_out + first, acc, lanes);
+    }
+  }
+}
+
+template <typename scalar_t, int kBits>
+SPARSEKERNELS_AVX512 void grad_values_small_batch_bits(const float* x_panel, int64_t x_stride, int64_t origin,
+                                                       int64_t M, const float* grad_by_row, const uint8_t* positions,
+                                                       const NMShape& shape, const int32_t* group_base,
+                                                       int64_t first_row, int64_t rows, int64_t first_kept,
+                                                       int64_t count, scalar_t* grad_values) {
+  const int64_t window = kLanes % shape.n == 0 ? kLanes / shape.n * shape.m : 0;
+  if (window == 32) {
+    grad_values_small_batch_panel<scalar_t, kBits, Fetch::kWindow32>(x_panel, x_stride, origin, M, grad_by_row, positions,
+                                                                     shape, group_base, first_row, rows, first_kept,
+                                                                     count, grad_values);
+  } else if (window == 64) {
+    grad_values_small_batch_panel<scalar_t, kBits, Fetch::kWindow64>(x_panel, x_stride, origin, M, grad_by_row, positions,
+                                                                     shape, group_base, first_row, rows, first_kept,
+                                                                     count, grad_values);
+  } else {
+    grad_values_small_batch_panel<scalar_t, kBits, Fetch::kGather>(x_panel, x_stride, origin, M, grad_by_row, positions,
+                                                                   shape, group_base, first_row, rows, first_kept,
+                                                                   count, grad_values);
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX512 void grad_values_small_batch(const float* x_panel, int64_t x_stride, int64_t origin, int64_t M,
+                                                  const float* grad_by_row, const uint8_t* positions,
+                                                  const NMShape& shape, const int32_t* group_base, int64_t first_row,
+                                                  int64_t rows, int64_t first_kept, int64_t count,
+                                                  scalar_t* grad_values) {
+  switch (bits_per_position(shape.m)) {
+    case 1:
+      return grad_values_small_batch_bits<scalar_t, 1>(x_panel, x_stride, origin, M, grad_by_row, positions, shape,
+                                                       group_base, first_row, rows, first_kept, count, grad_values);
+    case 2:
+      return grad_values_small_batch_bits<scalar_t, 2>(x_panel, x_stride, origin, M, grad_by_row, positions, shape,
+                                                       group_base, first_row, rows, first_kept, count, grad_values);
+    default:
+      return grad_values_small_batch_bits<scalar_t, 4>(x_panel, x_stride, origin, M, grad_by_row, positions, shape,
+                                                       group_base, first_row, rows, first_kept, count, grad_values);
   }
 }
 
@@ -1693,6 +1817,111 @@ constexpr GradValuesPairsPanelFn kGradValuesPairsPanel[kMaxPairVectors + 1] = {
     nullptr, &grad_values_pairs_panel<1>, &grad_values_pairs_panel<2>, &grad_values_pairs_panel<3>,
     &grad_values_pairs_panel<4>};
 
+// The small-batch grad_values (avx512::grad_values_small_batch_panel) on pairs of batch rows:
+// x_pairs holds word (x[2q][c], x[2q + 1][c]) at row q, column c - origin (row stride x_stride),
+// grad_pairs the words (dy[2q][o], dy[2q + 1][o]) at o * pairs + q, so one VDPBF16PS takes two
+// batch rows of a chunk and the fetch of a window serves both.
+template <int kBits, avx512::Fetch kFetch>
+SPARSEKERNELS_AVX512_BF16 void grad_values_small_batch_pairs_panel(const uint32_t* x_pairs, int64_t x_stride,
+                                                                   int64_t origin, int64_t pairs,
+                                                                   const uint32_t* grad_pairs, const uint8_t* positions,
+                                                                   const NMShape& shape, const int32_t* group_base,
+                                                                   int64_t first_row, int64_t rows, int64_t first_kept,
+                                                                   int64_t count, bfloat16* grad_values) {
+  using avx512::Fetch;
+  constexpr int64_t kSpan = kFetch == Fetch::kWindow32 ? 32 : 64;  // window columns
+  const avx512::PositionDecoder<kBits> decoder;
+  const int64_t kept = shape.kept_per_row();
+  const __m512i origin_vector = _mm512_set1_epi32(static_cast<int32_t>(origin));
+  int32_t window_columns[kLanes];  // first column of each lane's group, relative to the window
+  for (int64_t lane = 0; lane < kLanes; ++lane) window_columns[lane] = static_cast<int32_t>(lane / shape.n * shape.m);
+  const __m512i window_base = _mm512_loadu_si512(window_columns);
+  const int64_t end = first_kept + count;
+  const int64_t windowed_end = kFetch == Fetch::kGather ? first_kept : first_kept + count / kLanes * kLanes;
+  for (int64_t o = first_row; o < first_row + rows; ++o) {
+    const uint8_t* row_bytes = positions + o * shape.position_bytes();
+    const uint32_t* grad = grad_pairs + o * pairs;
+    bfloat16* row_out = grad_values + o * kept;
+    int64_t first = first_kept;
+    for (; first < windowed_end; first += kLanes) {
+      const __m512i index = _mm512_add_epi32(window_base, decoder.decode(row_bytes + first * kBits / 8, kLanes));
+      const __mmask16 upper = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
+      // Words move through the float permutes unchanged (no arithmetic touches them).
+      const float* window = reinterpret_cast<const float*>(x_pairs) + (first / kLanes * kSpan - origin);
+      __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+      int64_t q = 0;
+      for (; q + 2 <= pairs; q += 2) {
+        const __m512 fetched_even = avx512::fetch_window<kFetch>(window + q * x_stride, index, upper);
+        const __m512 fetched_odd = avx512::fetch_window<kFetch>(window + (q + 1) * x_stride, index, upper);
+        even = _mm512_dpbf16_ps(even, (__m512bh)_mm512_castps_si512(fetched_even), (__m512bh)_mm512_set1_epi32(grad[q]));
+        odd = _mm512_dpbf16_ps(odd, (__m512bh)_mm512_castps_si512(fetched_odd), (__m512bh)_mm512_set1_epi32(grad[q + 1]));
+      }
+      if (q < pairs) {
+        const __m512 fetched = avx512::fetch_window<kFetch>(window + q * x_stride, index, upper);
+        even = _mm512_dpbf16_ps(even, (__m512bh)_mm512_castps_si512(fetched), (__m512bh)_mm512_set1_epi32(grad[q]));
+      }
+      avx512::store_from_float(row_out + first, _mm512_add_ps(even, odd), avx512::first_lanes(kLanes));
+    }
+    for (; first < end; first += kLanes) {
+      const int64_t chunk = std::min(kLanes, end - first);
+      const __mmask16 lanes = avx512::first_lanes(chunk);
+      const __m512i columns = _mm512_sub_epi32(
+          _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, group_base + first),
+                           decoder.decode(row_bytes + first * kBits / 8, chunk)),
+          origin_vector);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t q = 0; q < pairs; ++q) {
+        const __m512i gathered =
+            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, columns, x_pairs + q * x_stride, 4);
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)gathered, (__m512bh)_mm512_set1_epi32(grad[q]));
+      }
+      avx512::store_from_float(row_out + first, acc, lanes);
+    }
+  }
+}
+
+template <int kBits>
+SPARSEKERNELS_AVX512_BF16 void grad_values_small_batch_pairs_bits(const uint32_t* x_pairs, int64_t x_stride,
+                                                                  int64_t origin, int64_t pairs,
+                                                                  const uint32_t* grad_pairs, const uint8_t* positions,
+                                                                  const NMShape& shape, const int32_t* group_base,
+                                                                  int64_t first_row, int64_t rows, int64_t first_kept,
+                                                                  int64_t count, bfloat16* grad_values) {
+  using avx512::Fetch;
+  const int64_t window = kLanes % shape.n == 0 ? kLanes / shape.n * shape.m : 0;
+  if (window == 32) {
+    grad_values_small_batch_pairs_panel<kBits, Fetch::kWindow32>(x_pairs, x_stride, origin, pairs, grad_pairs, positions,
+                                                                 shape, group_base, first_row, rows, first_kept, count,
+                                                                 grad_values);
+  } else if (window == 64) {
+    grad_values_small_batch_pairs_panel<kBits, Fetch::kWindow64>(x_pairs, x_stride, origin, pairs, grad_pairs, positions,
+                                                                 shape, group_base, first_row, rows, first_kept, count,
+                                                                 grad_values);
+  } else {
+    grad_values_small_batch_pairs_panel<kBits, Fetch::kGather>(x_pairs, x_stride, origin, pairs, grad_pairs, positions,
+                                                               shape, group_base, first_row, rows, first_kept, count,
+                                                               grad_values);
+  }
+}
+
+SPARSEKERNELS_AVX512_BF16 void grad_values_small_batch_pairs(const uint32_t* x_pairs, int64_t x_stride, int64_t origin,
+                                                             int64_t pairs, const uint32_t* grad_pairs,
+                                                             const uint8_t* positions, const NMShape& shape,
+                                                             const int32_t* group_base, int64_t first_row, int64_t rows,
+                                                             int64_t first_kept, int64_t count, bfloat16* grad_values) {
+  switch (bits_per_position(shape.m)) {
+    case 1:
+      return grad_values_small_batch_pairs_bits<1>(x_pairs, x_stride, origin, pairs, grad_pairs, positions, shape,
+                                                   group_base, first_row, rows, first_kept, count, grad_values);
+    case 2:
+      return grad_values_small_batch_pairs_bits<2>(x_pairs, x_stride, origin, pairs, grad_pairs, positions, shape,
+                                                   group_base, first_row, rows, first_kept, count, grad_values);
+    default:
+      return grad_values_small_batch_pairs_bits<4>(x_pairs, x_stride, origin, pairs, grad_pairs, positions, shape,
+                                                   group_base, first_row, rows, first_kept, count, grad_values);
+  }
+}
+
 
 // grad_input on pair tiles (bfloat16 at the avx512_bf16 level, even out_features): the expanded
 // weight rows (2p, 2p + 1) of a span become pair words tile[p][c] = (W[2p][c], W[2p + 1][c]), and
@@ -2430,6 +2659,88 @@ void grad_values_pairs(const bfloat16* grad_out, const bfloat16* x, int64_t M, c
 }
 #endif
 
+#if defined(__x86_64__)
+// grad_values for M <= kSmallGradBatch at the AVX-512 levels (avx512::grad_values_small_batch,
+// and for bfloat16 at the avx512_bf16 level from two batch rows on its batch-pair twin). x is
+// copied panel by panel, as fp32 rows or as rows of batch-pair words, with a padded stride
+// (consecutive rows of x in one panel would otherwise sit 4 KiB multiples apart and share L1
+// sets); dy is transposed to [out x M] (fp32, or pair words). Both are a few KiB per batch row.
+// Each task then sweeps its weight rows in blocks, one panel of input columns at a time, the
+// panel's rows of x (about kTileFloats words) staying in L1.
+template <typename scalar_t>
+void grad_values_small_batch(const scalar_t* grad_out, const scalar_t* x, int64_t M, const uint8_t* positions,
+                             const NMShape& shape, scalar_t* grad_values, const ParallelFor& parallel_for) {
+  const KernelSet<scalar_t>& kernels = avx512::kernels<scalar_t>;
+  const int64_t out_features = shape.out_features;
+  const int64_t in_features = shape.in_features;
+  const std::vector<int32_t> group_base = make_group_base(shape);
+  bool use_pairs = false;
+  if constexpr (std::is_same_v<scalar_t, bfloat16>) use_pairs = M >= 2 && cpu_isa() == CpuIsa::avx512_bf16;
+  const int64_t lines = use_pairs ? (M + 1) / 2 : M;  // rows of words per panel
+  // Multiples of 64 columns keep every panel on whole window chunks (its first kept value a
+  // multiple of 16) for every n:m.
+  const int64_t panel = std::max<int64_t>(64, kTileFloats / lines / 64 * 64);
+  const int64_t x_stride = panel + kRowPadding;
+  const int64_t panels = (in_features + panel - 1) / panel;
+  AlignedArray<float> x_panels(panels * lines * x_stride);
+  std::vector<float> grad_by_row(static_cast<size_t>(out_features * lines));
+  if (use_pairs) {
+    if constexpr (std::is_same_v<scalar_t, bfloat16>) {
+      uint32_t* words = reinterpret_cast<uint32_t*>(x_panels.data());
+      const auto pair_word = [&](const bfloat16* rows, int64_t stride, int64_t q, int64_t i) {
+        const uint32_t odd = 2 * q + 1 < M ? rows[(2 * q + 1) * stride + i].bits : 0;
+        return static_cast<uint32_t>(rows[2 * q * stride + i].bits) | odd << 16;
+      };
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t origin = p * panel;
+        for (int64_t q = 0; q < lines; ++q) {
+          for (int64_t c = origin; c < std::min(in_features, origin + panel); ++c) {
+            words[(p * lines + q) * x_stride + c - origin] = pair_word(x, in_features, q, c);
+          }
+        }
+      }
+      uint32_t* grad_words = reinterpret_cast<uint32_t*>(grad_by_row.data());
+      for (int64_t o = 0; o < out_features; ++o) {
+        for (int64_t q = 0; q < lines; ++q) grad_words[o * lines + q] = pair_word(grad_out, out_features, q, o);
+      }
+    }
+  } else {
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t origin = p * panel;
+      for (int64_t r = 0; r < M; ++r) {
+        kernels.to_float(x + r * in_features + origin, x_panels.data() + (p * M + r) * x_stride,
+                         std::min(panel, in_features - origin));
+      }
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      for (int64_t o = 0; o < out_features; ++o) grad_by_row[o * M + r] = to_float(grad_out[r * out_features + o]);
+    }
+  }
+  parallel_for(0, out_features, row_grain(shape, M), [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += kSmallGradBlockRows) {
+      const int64_t block_rows = std::min(kSmallGradBlockRows, row_end - block_begin);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t origin = p * panel;
+        const KeptRange range = kept_range(shape, origin, std::min(in_features, origin + panel));
+        const float* x_panel = x_panels.data() + p * lines * x_stride;
+        if constexpr (std::is_same_v<scalar_t, bfloat16>) {
+          if (use_pairs) {
+            avx512_bf16::grad_values_small_batch_pairs(
+                reinterpret_cast<const uint32_t*>(x_panel), x_stride, origin, lines,
+                reinterpret_cast<const uint32_t*>(grad_by_row.data()), positions, shape, group_base.data(), block_begin,
+                block_rows, range.first, range.count, grad_values);
+            continue;
+          }
+        }
+        avx512::grad_values_small_batch(x_panel, x_stride, origin, M, grad_by_row.data(), positions, shape,
+                                        group_base.data(), block_begin, block_rows, range.first, range.count,
+                                        grad_values);
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void grad_values_impl(const scalar_t* grad_out, const scalar_t* x, int64_t M, const uint8_t* positions,
                       const NMShape& shape, scalar_t* grad_values, const ParallelFor& parallel_for) {
@@ -2442,6 +2753,11 @@ void grad_values_impl(const scalar_t* grad_out, const scalar_t* x, int64_t M, co
     return;
   }
 #if defined(__x86_64__)
+  const bool pairs = std::is_same_v<scalar_t, bfloat16> && cpu_isa() == CpuIsa::avx512_bf16;
+  if (cpu_isa() >= CpuIsa::avx512 && M <= (pairs ? kSmallGradPairBatch : kSmallGradBatch)) {
+    grad_values_small_batch(grad_out, x, M, positions, shape, grad_values, parallel_for);
+    return;
+  }
   if constexpr (std::is_same_v<scalar_t, bfloat16>) {
     if (cpu_isa() == CpuIsa::avx512_bf16) {
       grad_values_pairs(grad_out, x, M, positions, shape, grad_values, parallel_for);

@@ -519,8 +519,10 @@ int run_suite(const char* label) {
   const std::vector<Pattern> other = {{3, 4}, {1, 8}, {3, 8}, {7, 8}, {5, 16}, {15, 16}};
   const std::vector<int64_t> required_batches = {0, 1, 7, 64, 300};
   // Every batch-size code path: 2 and 3 (gather path), 4 (smallest panel path), 17, 129 (a second
-  // batch block of one row).
-  const std::vector<int64_t> extra_batches = {2, 3, 4, 17, 129};
+  // batch block of one row); 17 and 24 also take the small-batch grad_values over two panels of
+  // input columns (the last one partial); 40 and 41, 48 and 49 are either side of its thresholds
+  // (float32 lanes, bfloat16 batch pairs).
+  const std::vector<int64_t> extra_batches = {2, 3, 4, 17, 24, 40, 41, 48, 49, 129};
 
   uint64_t seed = 1;
   for (const Pattern& pattern : required) {
@@ -532,14 +534,19 @@ int run_suite(const char* label) {
   test_pattern<float>({2, 4}, extra_batches, seed++);
   test_pattern<bfloat16>({1, 16}, extra_batches, seed++);
   test_pattern<float16>({3, 8}, extra_batches, seed++);
+  // The small-batch grad_values over two panels with 64-column windows (16 kept values of 1:4 and
+  // 2:8 span 64 columns; the extra batches above cover 32-column windows and gathers).
+  test_pattern<float>({1, 4}, {17, 24}, seed++);
+  test_pattern<bfloat16>({2, 8}, {24}, seed++);
   test_pattern<float>({2, 4}, {300}, seed++, /*in_features=*/8196);  // three batch blocks, one per pass
   // The 2:4 bfloat16 forward on pair rows (avx512_bf16 level): one group, whole 16-group decode
   // runs, panels of 16 and 80 groups, the batches on either side of its threshold (6 takes the
   // GEMV, 7 the pair rows), a second batch block, and batch blocks of about 6 MiB of pair rows
-  // each, one per pass. M = 80 is a batch block of 3 batch-pair vectors for the bfloat16
-  // grad_values of that level (1, 2 and 4 come with the others).
+  // each, one per pass. For the bfloat16 grad_values of that level M = 48 takes the small-batch
+  // kernel on batch pairs over four panels of columns, M = 80 a batch block of 3 batch-pair
+  // vectors (129 and 300 bring blocks of 1, 2 and 4).
   test_pattern<bfloat16>({2, 4}, {6, 7, 17, 129}, seed++, /*in_features=*/4);
-  test_pattern<bfloat16>({2, 4}, {8, 16, 80, 129}, seed++, /*in_features=*/1024);
+  test_pattern<bfloat16>({2, 4}, {8, 16, 48, 80, 129}, seed++, /*in_features=*/1024);
   test_pattern<bfloat16>({2, 4}, {300}, seed++, /*in_features=*/8196);
   // 600 output rows: the pair-row forward's 256-row blocks (two whole, one partial) over spans of
   // the 256 groups, two batch blocks open across the spans.
