@@ -31,7 +31,10 @@
 //
 // * grad_input (dX = dY W) is decompress-and-multiply: each task owns a panel of input columns,
 //   expands the kept weights of a block of output rows into a dense [rows x 128] fp32 tile and
-//   runs a register-blocked GEMM micro-kernel (12 batch rows x 32 columns) over it.
+//   runs a register-blocked GEMM micro-kernel (12 batch rows x 32 columns) over it. At the AVX-512
+//   levels the patterns 1:2, 1:4, 2:4, 1:8, 2:8 and 4:8 expand through kept-column masks (a few
+//   byte shuffles per 64 columns, then VEXPANDPS / VPEXPANDW) instead of scattering each value;
+//   for M <= 2 there is no tile at all, the expanded rows feed register accumulators of dx.
 //   A dropped weight is a zero in that tile, so a NaN or Inf in grad_out would reach every input
 //   column through 0 * NaN. grad_out is therefore scanned first (a cheap O(M * out) pass); when it
 //   is not all finite (e.g. an fp16 loss-scale overflow), the tiles run on a copy with the
@@ -94,6 +97,12 @@ constexpr int64_t kSmallBatch = 8;                            // forward: GEMV p
 // (6.6 / 6.8 / 10.4), pairs 2.3 / 6.6 ms at M = 16 / 48 (6.6 / 7.7), even at M = 64.
 constexpr int64_t kSmallGradBatch = 40;
 constexpr int64_t kSmallGradPairBatch = 48;
+// grad_input: the tile-free kernel up to this M (AVX-512 levels, patterns with kept-column masks).
+// Measured at 4096 x 4096 on a 2-core Zen 5 (2 threads), against the tile: float32 2:4 at M = 1 / 2
+// 1.18 / 1.64 ms (2.78 / 2.89), even at 8; the avx512_bf16 2:4 pair tiles stay ahead from M = 2.
+constexpr int64_t kSmallGradInputBatch = 2;
+constexpr int64_t kSmallGradInputColumns = 512;  // input columns per task chunk (a multiple of 256)
+constexpr int64_t kSmallGradInputBlockRows = 32;  // weight rows per prefetch step
 constexpr int64_t kSmallGradBlockRows = 32;                   // weight rows per panel sweep
 // The 2:4 bfloat16 pair-row forward (avx512_bf16) costs the same up to 16 rows; the GEMV grows by
 // about 0.38 ms per row at 4096 x 4096 on one Zen 5 core, and the two cross between 6 and 7 rows.
@@ -417,6 +426,21 @@ SPARSEKERNELS_AVX512 inline __m512 load_as_float(const float16* source, __mmask1
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, source));
 }
 
+// The next min(16, available) values as fp32, zeros past them: a plain load when 16 are there (a
+// partially masked load costs much more on Zen 5), a masked one at the end of a row.
+template <typename scalar_t>
+SPARSEKERNELS_AVX512 inline __m512 load_up_to_16(const scalar_t* source, int64_t available) {
+  if (available < kLanes) return load_as_float(source, first_lanes(available));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_loadu_ps(source);
+  } else if constexpr (std::is_same_v<scalar_t, bfloat16>) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source)));
+  }
+}
+
 // Stores fp32 lanes rounded to the storage type, bit-identical to from_float() in common.h.
 SPARSEKERNELS_AVX512 inline void store_from_float(float* destination, __m512 value, __mmask16 lanes) {
   _mm512_mask_storeu_ps(destination, lanes, value);
@@ -569,6 +593,267 @@ SPARSEKERNELS_AVX512 void unpack_rows(const scalar_t* values, const uint8_t* pos
   }
 }
 
+// Kept-column masks. For the patterns below, the positions of a 64-column window (64 / m groups,
+// starting on a byte of the packed positions since windows start at multiples of 64) turn into
+// a 64-bit mask of its kept columns with a few byte shuffles, so that the expansions place the
+// kept values with VEXPANDPS / VPEXPANDW instead of scattering them one by one (scatters issue
+// one store per value, and are slow on AMD cores). Other patterns (odd n above 1, m = 16) scatter.
+constexpr bool has_kept_mask(int64_t n, int64_t m) {
+  return (m == 2 && n == 1) || (m == 4 && n <= 2) || (m == 8 && (n == 1 || n == 2 || n == 4));
+}
+
+// Bit k of kept_mask_of_bits1[b]: for the eight 1:2 groups of positions byte b, bits 2g + offset.
+struct OneOfTwoMasks {
+  uint16_t mask[256];
+  constexpr OneOfTwoMasks() : mask() {
+    for (int b = 0; b < 256; ++b) {
+      for (int g = 0; g < 8; ++g) mask[b] = static_cast<uint16_t>(mask[b] | (1u << (2 * g + ((b >> g) & 1))));
+    }
+  }
+};
+constexpr OneOfTwoMasks kOneOfTwoMasks{};
+
+// The kept columns of the first `groups` groups (1 .. 64 / m) of a window whose positions start at
+// `bytes`, bit c for column c of the window; reads only the bytes of those groups. A 2:4 code
+// whose offsets do not increase counts as offsets (0, 1), as in the 2:4 forward of the
+// avx512_bf16 level; an m = 8 code of 8 or more marks no column.
+template <int kN, int kM>
+SPARSEKERNELS_AVX512 inline uint64_t kept_mask64(const uint8_t* bytes, int64_t groups) {
+  static_assert(has_kept_mask(kN, kM), "no kept-column mask for this pattern");
+  constexpr int kBits = bits_per_position(kM);
+  constexpr int64_t kGroups = 64 / kM;
+  constexpr int64_t kBytes = kGroups * kN * kBits / 8;  // 4, 8 or 16
+  const int64_t needed = (groups * kN * kBits + 7) / 8;
+  uint64_t mask;
+  if constexpr (kM == 2) {
+    uint32_t word = 0;
+    std::memcpy(&word, bytes, static_cast<size_t>(needed));
+    mask = 0;
+    for (int b = 0; b < 4; ++b) mask |= static_cast<uint64_t>(kOneOfTwoMasks.mask[(word >> (8 * b)) & 0xff]) << (16 * b);
+  } else {
+    const __m128i loaded = needed == kBytes && kBytes == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))
+                           : needed == kBytes && kBytes == 8 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))
+                           : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << needed) - 1), bytes);
+    const __m128i low_nibbles = _mm_set1_epi8(0x0f);
+    const __m128i low = _mm_and_si128(loaded, low_nibbles);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(loaded, 4), low_nibbles);
+    const __m128i nibbles = _mm_unpacklo_epi8(low, high);  // the nibbles of bytes 0-7, in stream order
+    __m128i packed;
+    if constexpr (kM == 4 && kN == 2) {
+      // One nibble per group, code a | b << 2: its 4-bit mask; two groups per byte.
+      const __m128i mask_of_code = _mm_setr_epi8(3, 3, 3, 3, 3, 3, 3, 3, 5, 6, 3, 3, 9, 10, 12, 3);
+      const __m128i group_masks = _mm_shuffle_epi8(mask_of_code, nibbles);
+      packed = _mm_packus_epi16(_mm_maddubs_epi16(group_masks, _mm_set1_epi16(0x1001)), _mm_setzero_si128());
+    } else if constexpr (kM == 4) {
+      // One nibble per two groups (2-bit offsets a, b): one byte of mask, 1 << a | 16 << b.
+      alignas(16) uint8_t table[16];
+      for (int code = 0; code < 16; ++code) table[code] = static_cast<uint8_t>((1 << (code & 3)) | (16 << (code >> 2)));
+      packed = _mm_shuffle_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(table)), nibbles);
+    } else {
+      // m = 8: one nibble per kept value, one byte of mask per group: the sum of the one-hot
+      // bytes of its n values (distinct offsets, so the sum is their union).
+      const __m128i one_hot_table = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0);
+      const __m128i one_hot = _mm_shuffle_epi8(one_hot_table, nibbles);
+      if constexpr (kN == 1) {
+        packed = one_hot;
+      } else if constexpr (kN == 2) {
+        packed = _mm_packus_epi16(_mm_maddubs_epi16(one_hot, _mm_set1_epi8(1)), _mm_setzero_si128());
+      } else {
+        const __m128i one_hot_high = _mm_shuffle_epi8(one_hot_table, _mm_unpackhi_epi8(low, high));
+        const __m128i ones = _mm_set1_epi16(1);
+        const __m128i quads_low = _mm_madd_epi16(_mm_maddubs_epi16(one_hot, _mm_set1_epi8(1)), ones);
+        const __m128i quads_high = _mm_madd_epi16(_mm_maddubs_epi16(one_hot_high, _mm_set1_epi8(1)), ones);
+        packed = _mm_packus_epi16(_mm_packs_epi32(quads_low, quads_high), _mm_setzero_si128());
+      }
+    }
+    mask = static_cast<uint64_t>(_mm_cvtsi128_si64(packed));
+  }
+  return groups == kGroups ? mask : mask & ((uint64_t{1} << (groups * kM)) - 1);
+}
+
+// The kept values of one weight row for 16 columns, expanded: `source` points at the first one,
+// `lanes` marks the kept columns. kWithinTensor: at least 16 values follow `source` in the values
+// tensor (every row but the last), so a plain load serves; the lanes past the row are not used.
+// A run-time choice between a plain and a masked load would be merged into one masked load by the
+// compiler, hence the template parameter.
+template <bool kWithinTensor, typename scalar_t>
+SPARSEKERNELS_AVX512 inline __m512 expand_16(const scalar_t* source, const scalar_t* row_end, __mmask16 lanes) {
+  __m512 loaded = load_up_to_16(source, kWithinTensor ? kLanes : row_end - source);
+  // Keeps the compiler from folding the load into the expand: the memory form of VEXPANDPS is
+  // several times slower than a load and the register form on Zen 5.
+  __asm__("" : "+v"(loaded));
+  return _mm512_maskz_expand_ps(lanes, loaded);
+}
+
+// Expansion into the grad_input tile with kept-column masks: per 16 columns, VEXPANDPS places the
+// next popcount(mask) kept values, zeros elsewhere (the memory form of VEXPANDPS was no faster on
+// Zen 5). Columns past in_features get zeros.
+template <typename scalar_t, int kN, int kM>
+SPARSEKERNELS_AVX512 void expand_rows_masked(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                             int64_t first_row, int64_t rows, int64_t origin, int64_t width,
+                                             float* tile, int64_t tile_stride) {
+  constexpr int kBits = bits_per_position(kM);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row_values = values + (first_row + r) * shape.kept_per_row();
+    const scalar_t* row_end = row_values + shape.kept_per_row();
+    const uint8_t* row_bytes = positions + (first_row + r) * shape.position_bytes();
+    float* tile_row = tile + r * tile_stride;
+    for (int64_t c = 0; c < width; c += 64) {
+      const int64_t column = origin + c;
+      const int64_t groups = std::clamp<int64_t>((shape.in_features - column) / kM, 0, 64 / kM);
+      const int64_t first = column / kM * kN;  // kept index of the window's first value
+      uint64_t mask = groups > 0 ? kept_mask64<kN, kM>(row_bytes + first * kBits / 8, groups) : 0;
+      const scalar_t* source = row_values + std::min(first, shape.kept_per_row());
+      for (int64_t i = c; i < std::min(width, c + 64); i += kLanes, mask >>= kLanes) {
+        const __mmask16 lanes = static_cast<__mmask16>(mask);
+        const __m512 expanded = lanes == 0                             ? _mm512_setzero_ps()
+                                : first_row + r + 1 < shape.out_features ? expand_16<true>(source, row_end, lanes)
+                                                                         : expand_16<false>(source, row_end, lanes);
+        _mm512_store_ps(tile_row + i, expanded);
+        source += __builtin_popcount(lanes);
+      }
+    }
+  }
+}
+
+// expand_rows_masked for the patterns that have kept-column masks; false for the others.
+template <typename scalar_t>
+SPARSEKERNELS_AVX512 bool expand_rows_by_mask(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                              int64_t first_row, int64_t rows, int64_t origin, int64_t width,
+                                              float* tile, int64_t tile_stride) {
+#define SPARSEKERNELS_EXPAND_BY_MASK(kN, kM)                                                                 \
+  if (shape.n == kN && shape.m == kM) {                                                                     \
+    expand_rows_masked<scalar_t, kN, kM>(values, positions, shape, first_row, rows, origin, width, tile,    \
+                                         tile_stride);                                                      \
+    return true;                                                                                            \
+  }
+  SPARSEKERNELS_EXPAND_BY_MASK(1, 2)
+  SPARSEKERNELS_EXPAND_BY_MASK(1, 4)
+  SPARSEKERNELS_EXPAND_BY_MASK(2, 4)
+  SPARSEKERNELS_EXPAND_BY_MASK(1, 8)
+  SPARSEKERNELS_EXPAND_BY_MASK(2, 8)
+  SPARSEKERNELS_EXPAND_BY_MASK(4, 8)
+#undef SPARSEKERNELS_EXPAND_BY_MASK
+  return false;
+}
+
+// One weight row's contribution to the register accumulators of grad_input_rows_masked.
+template <bool kWithinTensor, typename scalar_t, int kN, int kM, int kRows, int kWindows>
+SPARSEKERNELS_AVX512 inline void accumulate_row_masked(const scalar_t* row_values, const uint8_t* row_bytes,
+                                                       int64_t kept, int64_t column, const int64_t* groups,
+                                                       const __m512* grad, __m512 (*sums)[4 * kWindows]) {
+  constexpr int kBits = bits_per_position(kM);
+#pragma GCC unroll 4
+  for (int w = 0; w < kWindows; ++w) {
+    const int64_t first = (column + 64 * w) / kM * kN;
+    uint64_t mask = groups[w] > 0 ? kept_mask64<kN, kM>(row_bytes + first * kBits / 8, groups[w]) : 0;
+    const scalar_t* source = row_values + std::min(first, kept);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __mmask16 lanes = static_cast<__mmask16>(mask >> (kLanes * q));
+      const __m512 weights = lanes == 0 ? _mm512_setzero_ps() : expand_16<kWithinTensor>(source, row_values + kept, lanes);
+      source += __builtin_popcount(lanes);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) sums[r][4 * w + q] = _mm512_fmadd_ps(grad[r], weights, sums[r][4 * w + q]);
+    }
+  }
+}
+
+// grad_input for small batches, without a tile: the expanded weight rows go straight into FMAs
+// on register accumulators. acc holds kRows batch rows of dx over kWindows windows of 64 columns
+// from `column` (4 x kWindows vectors per row, 16 in all); each weight row of [first_row,
+// first_row + rows) is expanded once per window and serves all kRows rows. grad_by_row is dy
+// transposed, [out x M] fp32 with M = kRows; acc rows are acc_stride floats apart, loaded before
+// and stored after the rows.
+template <typename scalar_t, int kN, int kM, int kRows, int kWindows>
+SPARSEKERNELS_AVX512 void grad_input_rows_masked(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
+                                                 const float* grad_by_row, int64_t M, int64_t first_row,
+                                                 int64_t rows, int64_t column, float* acc, int64_t acc_stride) {
+  constexpr int kVectors = 4 * kWindows;
+  const int64_t kept = shape.kept_per_row();
+  __m512 sums[kRows][kVectors];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) sums[r][v] = _mm512_load_ps(acc + r * acc_stride + v * kLanes);
+  }
+  int64_t groups[kWindows];
+  for (int w = 0; w < kWindows; ++w) {
+    groups[w] = std::clamp<int64_t>((shape.in_features - column - 64 * w) / kM, 0, 64 / kM);
+  }
+  for (int64_t o = first_row; o < first_row + rows; ++o) {
+    __m512 grad[kRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) grad[r] = _mm512_set1_ps(grad_by_row[o * M + r]);
+    const scalar_t* row_values = values + o * kept;
+    const uint8_t* row_bytes = positions + o * shape.position_bytes();
+    if (o + 1 < shape.out_features) {
+      accumulate_row_masked<true, scalar_t, kN, kM, kRows, kWindows>(row_values, row_bytes, kept, column, groups, grad,
+                                                                    sums);
+    } else {
+      accumulate_row_masked<false, scalar_t, kN, kM, kRows, kWindows>(row_values, row_bytes, kept, column, groups,
+                                                                     grad, sums);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) _mm512_store_ps(acc + r * acc_stride + v * kLanes, sums[r][v]);
+  }
+}
+
+// dx accumulators [M x columns] (row stride acc_stride, columns a multiple of 64 from `column`)
+// += dy rows x weight rows [first_row, first_row + rows), in register blocks of 1 x 256 or 2 x 128
+// (batch rows x columns) and 64-column blocks for the rest. M <= kSmallGradInputBatch (2).
+template <typename scalar_t, int kN, int kM>
+SPARSEKERNELS_AVX512 void grad_input_small_batch_masked(const scalar_t* values, const uint8_t* positions,
+                                                        const NMShape& shape, const float* grad_by_row, int64_t M,
+                                                        int64_t first_row, int64_t rows, int64_t column,
+                                                        int64_t columns, float* acc, int64_t acc_stride) {
+  int64_t c = 0;
+  if (M == 2) {
+    for (; c + 128 <= columns; c += 128) {
+      grad_input_rows_masked<scalar_t, kN, kM, 2, 2>(values, positions, shape, grad_by_row, M, first_row, rows,
+                                                     column + c, acc + c, acc_stride);
+    }
+    for (; c < columns; c += 64) {
+      grad_input_rows_masked<scalar_t, kN, kM, 2, 1>(values, positions, shape, grad_by_row, M, first_row, rows,
+                                                     column + c, acc + c, acc_stride);
+    }
+    return;
+  }
+  for (; c + 256 <= columns; c += 256) {
+    grad_input_rows_masked<scalar_t, kN, kM, 1, 4>(values, positions, shape, grad_by_row, M, first_row, rows,
+                                                   column + c, acc + c, acc_stride);
+  }
+  for (; c < columns; c += 64) {
+    grad_input_rows_masked<scalar_t, kN, kM, 1, 1>(values, positions, shape, grad_by_row, M, first_row, rows,
+                                                   column + c, acc + c, acc_stride);
+  }
+}
+
+// grad_input_small_batch_masked for the patterns with kept-column masks; false for the others.
+template <typename scalar_t>
+SPARSEKERNELS_AVX512 bool grad_input_small_batch(const scalar_t* values, const uint8_t* positions,
+                                                 const NMShape& shape, const float* grad_by_row, int64_t M,
+                                                 int64_t first_row, int64_t rows, int64_t column, int64_t columns,
+                                                 float* acc, int64_t acc_stride) {
+#define SPARSEKERNELS_GRAD_INPUT_BY_MASK(kN, kM)                                                              \
+  if (shape.n == kN && shape.m == kM) {                                                                      \
+    grad_input_small_batch_masked<scalar_t, kN, kM>(values, positions, shape, grad_by_row, M, first_row, rows, \
+                                                    column, columns, acc, acc_stride);                        \
+    return true;                                                                                             \
+  }
+  SPARSEKERNELS_GRAD_INPUT_BY_MASK(1, 2)
+  SPARSEKERNELS_GRAD_INPUT_BY_MASK(1, 4)
+  SPARSEKERNELS_GRAD_INPUT_BY_MASK(2, 4)
+  SPARSEKERNELS_GRAD_INPUT_BY_MASK(1, 8)
+  SPARSEKERNELS_GRAD_INPUT_BY_MASK(2, 8)
+  SPARSEKERNELS_GRAD_INPUT_BY_MASK(4, 8)
+#undef SPARSEKERNELS_GRAD_INPUT_BY_MASK
+  return false;
+}
+
 // Expansion into the grad_input tile: clear the row, decode 16 positions, scatter the 16 values
 // (the columns of one row are distinct, so lanes never clash). A row's slice of the tile is a
 // few KiB written just before, so the scattered stores hit L1.
@@ -599,6 +884,12 @@ SPARSEKERNELS_AVX512 void expand_rows(const scalar_t* values, const uint8_t* pos
                                       const int32_t* group_base, int64_t first_row, int64_t rows, int64_t first_kept,
                                       int64_t count, int64_t origin, int64_t width, float* tile,
                                       int64_t tile_stride) {
+  // Windows must start on a multiple of 64 columns; grad_input's spans start at multiples of
+  // kDensePanel.
+  if (origin % 64 == 0 && expand_rows_by_mask(values, positions, shape, first_row, rows, origin, width, tile,
+                                              tile_stride)) {
+    return;
+  }
   switch (bits_per_position(shape.m)) {
     case 1:
       return expand_rows_bits<scalar_t, 1>(values, positions, shape, group_base, first_row, rows, first_kept, count,
@@ -1944,52 +2235,54 @@ SPARSEKERNELS_AVX512_BF16 void pair_rows_of_tile(const float* expanded, int64_t 
 }
 
 
-// Row o of a 2:4 weight, the 64 columns from c0, as two registers of 32 bfloat16 (kept values in
-// place, zeros elsewhere and past in_features): the 16 group codes become a 64-bit mask of kept
-// columns (two bits per group; a code whose offsets do not increase counts as offsets (0, 1), as
-// in the 2:4 forward) and VPEXPANDW places the 32 kept values.
-SPARSEKERNELS_AVX512_BF16 inline void dense_row24(const bfloat16* values, const uint8_t* positions,
-                                                  const NMShape& shape, int64_t o, int64_t c0, __m512i& low,
-                                                  __m512i& high) {
-  const int64_t kept = shape.kept_per_row();
-  const int64_t position_bytes = shape.position_bytes();
-  const __m128i mask_of_code = _mm_setr_epi8(3, 3, 3, 3, 3, 3, 3, 3, 5, 6, 3, 3, 9, 10, 12, 3);  // code a | b << 2
-  const __m128i low_nibbles = _mm_set1_epi8(0x0f);
-  const __m128i nibble_weights = _mm_set1_epi16(0x1001);  // maddubs: byte 2k x 1 + byte 2k + 1 x 16
+// The first `count` of up to kFull (4, 8 or 16) bfloat16 values, zero-extended to a zmm: a plain
+// load of the whole run when it is all there (partially masked loads cost much more on Zen 5).
+template <int64_t kFull>
+SPARSEKERNELS_AVX512_BF16 inline __m512i load_kept_words(const bfloat16* source, int64_t count) {
+  if (count == kFull) {
+    if constexpr (kFull == 16) return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source)));
+    if constexpr (kFull == 8) return _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source)));
+    if constexpr (kFull == 4) return _mm512_zextsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(source)));
+  }
+  return _mm512_zextsi256_si512(_mm256_maskz_loadu_epi16(avx512::first_lanes(count), source));
+}
+
+// Row o of an n:m weight (a pattern with kept-column masks), the 64 columns from c0, as two
+// registers of 32 bfloat16 (kept values in place, zeros elsewhere and past in_features): the
+// window's kept-column mask (avx512::kept_mask64) and VPEXPANDW, which places the kept values of
+// each 32-column half (at most 16, since n / m <= 1/2).
+template <int kN, int kM>
+SPARSEKERNELS_AVX512_BF16 inline void dense_row(const bfloat16* values, const uint8_t* positions,
+                                                const NMShape& shape, int64_t o, int64_t c0, __m512i& low,
+                                                __m512i& high) {
+  constexpr int kBits = bits_per_position(kM);
+  constexpr int64_t kHalfKept = 32 / kM * kN;  // kept values per 32 columns
   const int64_t columns = std::clamp<int64_t>(shape.in_features - c0, 0, 64);
   if (columns == 0) {
     low = high = _mm512_setzero_si512();
     return;
   }
-  const int64_t groups = columns / 4;
-  const uint8_t* row_positions = positions + o * position_bytes + c0 / 8;
-  const __m128i bytes =
-      groups == 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row_positions))
-                   : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((groups + 1) / 2)) - 1), row_positions);
-  const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(bytes, low_nibbles),
-                                          _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
-  const __m128i group_masks = _mm_shuffle_epi8(mask_of_code, codes);
-  const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(group_masks, nibble_weights), _mm_setzero_si128());
-  // Past the last group (a half-used last byte's padding nibble, unread bytes) the mask may have
-  // bits, but the values there are loaded as zeros, so they expand to zeros.
-  const uint64_t mask = static_cast<uint64_t>(_mm_cvtsi128_si64(packed));
-  const bfloat16* row_values = values + o * kept + c0 / 2;
-  const int64_t count = 2 * groups;
-  // 256-bit loads, zero-extended: a masked 512-bit load of 16 values costs much more on Zen 5.
-  const __m512i low_values = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi16(avx512::first_lanes(count), row_values));
-  const __m512i high_values = _mm512_zextsi256_si512(
-      _mm256_maskz_loadu_epi16(avx512::first_lanes(std::max<int64_t>(0, count - 16)), row_values + 16));
+  const int64_t groups = columns / kM;
+  const int64_t first = c0 / kM * kN;
+  const uint64_t mask =
+      avx512::kept_mask64<kN, kM>(positions + o * shape.position_bytes() + first * kBits / 8, groups);
+  const bfloat16* row_values = values + o * shape.kept_per_row() + first;
+  const int64_t count = groups * kN;
+  const __m512i low_values = load_kept_words<kHalfKept>(row_values, std::min(count, kHalfKept));
+  const __m512i high_values =
+      load_kept_words<kHalfKept>(row_values + kHalfKept, std::clamp<int64_t>(count - kHalfKept, 0, kHalfKept));
   low = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mask), low_values);
   high = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mask >> 32), high_values);
 }
 
-// 2:4 weight rows [first_row, first_row + rows) straight into a pair tile, without the float32
-// expansion and its scatters (slow on AMD cores): dense_row24 for rows 2p and 2p + 1 (zeros for a
-// row past `rows`), interleaved into pair words. Columns [column_begin, column_begin + width) of
-// the weight, zero past in_features; width is a multiple of 32.
-SPARSEKERNELS_AVX512_BF16 void expand_pairs24(const bfloat16* values, const uint8_t* positions, const NMShape& shape,
-                                              int64_t first_row, int64_t rows, int64_t column_begin, int64_t width,
-                                              uint32_t* tile, int64_t tile_stride) {
+// Weight rows [first_row, first_row + rows) straight into a pair tile, without the float32
+// expansion: dense_row for rows 2p and 2p + 1 (zeros for a row past `rows`), interleaved into pair
+// words. Columns [column_begin, column_begin + width) of the weight, zero past in_features;
+// column_begin is a multiple of 64 and width of 32.
+template <int kN, int kM>
+SPARSEKERNELS_AVX512_BF16 void expand_pairs(const bfloat16* values, const uint8_t* positions, const NMShape& shape,
+                                            int64_t first_row, int64_t rows, int64_t column_begin, int64_t width,
+                                            uint32_t* tile, int64_t tile_stride) {
   alignas(64) uint16_t first_half[32], second_half[32];
   for (int i = 0; i < 32; ++i) {  // permutex2var: 0-31 the even row, 32-63 the odd row
     first_half[i] = static_cast<uint16_t>((i % 2 == 0 ? 0 : 32) + i / 2);
@@ -2003,8 +2296,8 @@ SPARSEKERNELS_AVX512_BF16 void expand_pairs24(const bfloat16* values, const uint
     uint32_t* tile_row = tile + p * tile_stride;
     for (int64_t c = 0; c < width; c += 64) {
       __m512i even_low, even_high, odd_low = _mm512_setzero_si512(), odd_high = _mm512_setzero_si512();
-      dense_row24(values, positions, shape, even_row, column_begin + c, even_low, even_high);
-      if (2 * p + 1 < rows) dense_row24(values, positions, shape, even_row + 1, column_begin + c, odd_low, odd_high);
+      dense_row<kN, kM>(values, positions, shape, even_row, column_begin + c, even_low, even_high);
+      if (2 * p + 1 < rows) dense_row<kN, kM>(values, positions, shape, even_row + 1, column_begin + c, odd_low, odd_high);
       _mm512_store_si512(tile_row + c, _mm512_permutex2var_epi16(even_low, first_index, odd_low));
       _mm512_store_si512(tile_row + c + 16, _mm512_permutex2var_epi16(even_low, second_index, odd_low));
       if (c + 32 < width) {
@@ -2013,6 +2306,26 @@ SPARSEKERNELS_AVX512_BF16 void expand_pairs24(const bfloat16* values, const uint
       }
     }
   }
+}
+
+// expand_pairs for the patterns with kept-column masks; false for the others.
+SPARSEKERNELS_AVX512_BF16 bool expand_pairs_by_mask(const bfloat16* values, const uint8_t* positions,
+                                                    const NMShape& shape, int64_t first_row, int64_t rows,
+                                                    int64_t column_begin, int64_t width, uint32_t* tile,
+                                                    int64_t tile_stride) {
+#define SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(kN, kM)                                                         \
+  if (shape.n == kN && shape.m == kM) {                                                                   \
+    expand_pairs<kN, kM>(values, positions, shape, first_row, rows, column_begin, width, tile, tile_stride); \
+    return true;                                                                                          \
+  }
+  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(1, 2)
+  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(1, 4)
+  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(2, 4)
+  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(1, 8)
+  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(2, 8)
+  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(4, 8)
+#undef SPARSEKERNELS_EXPAND_PAIRS_BY_MASK
+  return false;
 }
 
 }  // namespace avx512_bf16
@@ -2482,10 +2795,8 @@ void grad_input_pairs(const bfloat16* grad_out, int64_t M, const bfloat16* value
             prefetch_segments(values, positions, shape, next_row,
                               std::max<int64_t>(0, std::min(kDecodeRows, out_features - next_row)), range);
             uint32_t* tile_rows = tile.data() + chunk_begin / 2 * row_stride;
-            if (shape.n == 2 && shape.m == 4) {
-              expand_pairs24(values, positions, shape, first_row, chunk_rows, span_begin, span_width, tile_rows,
-                             row_stride);
-            } else {
+            if (!expand_pairs_by_mask(values, positions, shape, first_row, chunk_rows, span_begin, span_width,
+                                      tile_rows, row_stride)) {
               kernels.expand_rows(values, positions, shape, group_base.data(), first_row, chunk_rows, range.first,
                                   range.count, span_begin, span_width, expanded.data(), row_stride);
               pair_rows_of_tile(expanded.data(), row_stride, chunk_rows, span_width, tile_rows, row_stride);
@@ -2506,6 +2817,50 @@ void grad_input_pairs(const bfloat16* grad_out, int64_t M, const bfloat16* value
 }
 #endif
 
+#if defined(__x86_64__)
+// grad_input for M <= kSmallGradInputBatch at the AVX-512 levels, for the patterns with
+// kept-column masks (avx512::grad_input_small_batch): each task owns chunks of
+// kSmallGradInputColumns input columns, whose dx rows (fp32, in L1) it accumulates over every
+// weight row, block after block. No tile is written: at M = 1 the tile's stores and reloads cost
+// as much as the expansion itself.
+template <typename scalar_t>
+bool grad_input_small_batch(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
+                            const NMShape& shape, scalar_t* grad_input, const ParallelFor& parallel_for) {
+  if (!avx512::has_kept_mask(shape.n, shape.m)) return false;
+  const KernelSet<scalar_t>& kernels = avx512::kernels<scalar_t>;
+  const int64_t out_features = shape.out_features;
+  const int64_t in_features = shape.in_features;
+  std::vector<float> grad_by_row(static_cast<size_t>(out_features * M));
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t o = 0; o < out_features; ++o) grad_by_row[o * M + r] = to_float(grad_out[r * out_features + o]);
+  }
+  const int64_t chunks = (in_features + kSmallGradInputColumns - 1) / kSmallGradInputColumns;
+  const int64_t acc_stride = kSmallGradInputColumns + kRowPadding;
+  parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    AlignedArray<float> acc(M * acc_stride);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t column = chunk * kSmallGradInputColumns;
+      const int64_t width = std::min(kSmallGradInputColumns, in_features - column);
+      const int64_t columns = (width + 63) / 64 * 64;
+      const KeptRange range = kept_range(shape, column, column + width);
+      std::fill(acc.data(), acc.data() + M * acc_stride, 0.0f);
+      for (int64_t block = 0; block < out_features; block += kSmallGradInputBlockRows) {
+        const int64_t rows = std::min(kSmallGradInputBlockRows, out_features - block);
+        const int64_t next = block + rows;
+        prefetch_segments(values, positions, shape, next,
+                          std::max<int64_t>(0, std::min(kSmallGradInputBlockRows, out_features - next)), range);
+        avx512::grad_input_small_batch(values, positions, shape, grad_by_row.data(), M, block, rows, column, columns,
+                                       acc.data(), acc_stride);
+      }
+      for (int64_t r = 0; r < M; ++r) {
+        kernels.from_float(acc.data() + r * acc_stride, grad_input + r * in_features + column, width);
+      }
+    }
+  });
+  return true;
+}
+#endif
+
 template <typename scalar_t>
 void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values, const uint8_t* positions,
                      const NMShape& shape, scalar_t* grad_input, const ParallelFor& parallel_for) {
@@ -2522,6 +2877,12 @@ void grad_input_impl(const scalar_t* grad_out, int64_t M, const scalar_t* values
   }
 
 #if defined(__x86_64__)
+  const bool pair_tiles24 = std::is_same_v<scalar_t, bfloat16> && cpu_isa() == CpuIsa::avx512_bf16 &&
+                            shape.n == 2 && shape.m == 4 && out_features % 2 == 0;
+  if (M <= kSmallGradInputBatch && cpu_isa() >= CpuIsa::avx512 && !pair_tiles24 &&
+      grad_input_small_batch(grad_out, M, values, positions, shape, grad_input, parallel_for)) {
+    return;
+  }
   if constexpr (std::is_same_v<scalar_t, bfloat16>) {
     // Odd out_features would leave the last pair of a grad_out row half outside it.
     if (cpu_isa() == CpuIsa::avx512_bf16 && out_features % 2 == 0) {

@@ -513,6 +513,42 @@ void test_non_increasing_24_codes() {
   }
 }
 
+// The input gradient at the AVX-512 levels builds kept-column masks for every dtype (float32
+// here), on the tile path (M = 16) and without a tile (M = 1): it reads non-increasing 2:4 codes as
+// offsets (0, 1) too.
+void test_non_increasing_24_codes_grad_input_masks() {
+  if (sparsekernels::cpu::cpu_isa() < sparsekernels::cpu::CpuIsa::avx512) return;
+  const NMShape shape{5, 64, 2, 4};
+  const int64_t K = shape.in_features, kept = shape.kept_per_row();
+  std::vector<uint8_t> positions(static_cast<size_t>(shape.out_features * shape.position_bytes()), 0x44);
+  positions[0] = 0x00;                           // row 0, groups 0 and 1: offsets (0, 0)
+  positions[shape.position_bytes() - 1] = 0xFF;  // row 0, groups 14 and 15: offsets (3, 3)
+  positions[shape.position_bytes()] = 0x36;      // row 1, group 0: offsets (2, 1); group 1: (3, 0)
+  std::vector<float> values(static_cast<size_t>(shape.out_features * kept));
+  for (size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i % 5) - 2.0f;
+  for (const int64_t M : {int64_t{1}, int64_t{16}}) {
+    std::vector<float> dy(static_cast<size_t>(M * shape.out_features));
+    for (size_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<float>(i % 3) - 1.0f;
+    std::vector<float> dx(static_cast<size_t>(M * K));
+    nm_linear_grad_input<float>(dy.data(), M, values.data(), positions.data(), shape, dx.data(), serial_for);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) {
+        float expected = 0.0f;  // exact: small integers
+        if (k % 4 < 2) {
+          for (int64_t o = 0; o < shape.out_features; ++o) {
+            expected += dy[m * shape.out_features + o] * values[o * kept + k / 4 * 2 + k % 4];
+          }
+        }
+        if (dx[m * K + k] != expected) {
+          fail("grad_input float32 2:4 with non-increasing codes, M = " + std::to_string(M) + ": element (" +
+               std::to_string(m) + ", " + std::to_string(k) + ") is not the (0, 1) reading");
+          return;
+        }
+      }
+    }
+  }
+}
+
 int run_suite(const char* label) {
   const std::vector<Pattern> required = {{1, 2}, {2, 4}, {1, 4}, {2, 8}, {4, 8}, {1, 16}, {8, 16}};
   // n that do not divide 16 or positions_per_byte, n = m - 1.
@@ -538,6 +574,13 @@ int run_suite(const char* label) {
   // 2:8 span 64 columns; the extra batches above cover 32-column windows and gathers).
   test_pattern<float>({1, 4}, {17, 24}, seed++);
   test_pattern<bfloat16>({2, 8}, {24}, seed++);
+  // The tile-free grad_input (M <= 2, patterns with kept-column masks) over 576 columns: register
+  // blocks of 256 (M = 1) and 128 (M = 2) columns and a 64-column rest, two column chunks of tasks
+  // (the second 56 columns wide), float32 / bfloat16 / float16 values.
+  test_pattern<float>({4, 8}, {1, 2}, seed++, /*in_features=*/568);
+  test_pattern<float>({1, 2}, {2}, seed++, /*in_features=*/568);
+  test_pattern<bfloat16>({1, 4}, {1, 2}, seed++, /*in_features=*/568);
+  test_pattern<float16>({2, 8}, {2}, seed++, /*in_features=*/568);
   test_pattern<float>({2, 4}, {300}, seed++, /*in_features=*/8196);  // three batch blocks, one per pass
   // The 2:4 bfloat16 forward on pair rows (avx512_bf16 level): one group, whole 16-group decode
   // runs, panels of 16 and 80 groups, the batches on either side of its threshold (6 takes the
@@ -558,6 +601,7 @@ int run_suite(const char* label) {
   }
   test_degenerate_shapes();
   test_non_increasing_24_codes();
+  test_non_increasing_24_codes_grad_input_masks();
 
   if (failure_count == 0) {
     std::printf("test_nm [%s]: all checks passed\n", label);
