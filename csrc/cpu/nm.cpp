@@ -23,8 +23,9 @@
 //   blocks go in passes of a few MiB of activations, so that they stay in the last-level cache
 //   while a task sweeps its rows.
 //
-// * grad_values for small batches (M <= 40; bfloat16 on batch pairs up to 48 at the avx512_bf16
-//   level), AVX-512 levels: the transpose of the small-batch forward. Each chunk of 16 kept values
+// * grad_values for small batches (AVX-512 levels: M <= 40, bfloat16 on batch pairs up to 48 at
+//   the avx512_bf16 level; avx2: M <= 20, or 3 where the activations are gathered): the transpose
+//   of the small-batch forward. Each chunk of 16 kept values
 //   fetches its 16 activations per batch row from a panel of x kept in L1 (window permutes or
 //   gathers, as in the forward), FMAs them with the row's dy and stores 16 gradients, so the work
 //   grows with M instead of being padded to 16 (or 32) batch lanes.
@@ -97,6 +98,11 @@ constexpr int64_t kSmallBatch = 8;                            // forward: GEMV p
 // (6.6 / 6.8 / 10.4), pairs 2.3 / 6.6 ms at M = 16 / 48 (6.6 / 7.7), even at M = 64.
 constexpr int64_t kSmallGradBatch = 40;
 constexpr int64_t kSmallGradPairBatch = 48;
+// At the avx2 level: up to 20 rows when 8 kept values span a 16-column window (1:2, 2:4, 4:8:
+// 2:4 at M = 1 / 16, 1.8 / 8.0 ms against 10.6 / 10.1 for the batch lanes), up to 3 rows for the
+// patterns whose activations are gathered (AVX2 gathers: 1:4 at M = 3 / 4, 4.9 / 6.4 against 5.4).
+constexpr int64_t kSmallGradBatchAvx2Window = 20;
+constexpr int64_t kSmallGradBatchAvx2Gather = 3;
 // grad_input: the tile-free kernel up to this M (AVX-512 levels, patterns with kept-column masks).
 // Measured at 4096 x 4096 on a 2-core Zen 5 (2 threads), against the tile: float32 2:4 at M = 1 / 2
 // 1.18 / 1.64 ms (2.78 / 2.89), even at 8; the avx512_bf16 2:4 pair tiles stay ahead from M = 2.
@@ -1660,6 +1666,95 @@ SPARSEKERNELS_AVX2 void forward_small_batch(const float* x, int64_t M, const sca
   }
 }
 
+// grad_values for small batches (avx512::grad_values_small_batch_panel with 8 lanes): chunks of 8
+// kept values, activations fetched from a 16-column window with two permutes and a blend when 8
+// kept values span 16 columns (1:2, 2:4, 4:8), gathered otherwise; the last partial chunk scalar.
+template <typename scalar_t, int kBits, Fetch8 kFetch>
+SPARSEKERNELS_AVX2 void grad_values_small_batch_panel(const float* x_panel, int64_t x_stride, int64_t origin,
+                                                      int64_t M, const float* grad_by_row, const uint8_t* positions,
+                                                      const NMShape& shape, const int32_t* group_base,
+                                                      int64_t first_row, int64_t rows, int64_t first_kept,
+                                                      int64_t count, scalar_t* grad_values) {
+  const int64_t kept = shape.kept_per_row();
+  int32_t window_columns[kYmmLanes];  // first column of each lane's group, relative to the window
+  for (int64_t lane = 0; lane < kYmmLanes; ++lane) window_columns[lane] = static_cast<int32_t>(lane / shape.n * shape.m);
+  const __m256i window_base = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(window_columns));
+  const __m256i origin_vector = _mm256_set1_epi32(static_cast<int32_t>(origin));
+  const int64_t end = first_kept + count;
+  const int64_t full_end = first_kept + count / kYmmLanes * kYmmLanes;
+  for (int64_t o = first_row; o < first_row + rows; ++o) {
+    const uint8_t* row_bytes = positions + o * shape.position_bytes();
+    const float* grad = grad_by_row + o * M;
+    scalar_t* row_out = grad_values + o * kept;
+    int64_t first = first_kept;
+    for (; first < full_end; first += kYmmLanes) {
+      const __m256i offsets = decode8<kBits>(row_bytes + first * kBits / 8);
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+      if constexpr (kFetch == Fetch8::kGather) {
+        const __m256i columns = _mm256_sub_epi32(
+            _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_base + first)), offsets),
+            origin_vector);
+        for (int64_t r = 0; r < M; ++r) {
+          even = _mm256_fmadd_ps(_mm256_set1_ps(grad[r]), _mm256_i32gather_ps(x_panel + r * x_stride, columns, 4), even);
+        }
+      } else {
+        const __m256i index = _mm256_add_epi32(window_base, offsets);  // 0 .. 15 inside the window
+        const __m256 from_upper = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28));  // bit 3 -> sign
+        const float* window = x_panel + (first / kYmmLanes * 16 - origin);
+        const auto fetch = [&](int64_t r) SPARSEKERNELS_AVX2 {
+          const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(window + r * x_stride), index);
+          const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(window + r * x_stride + 8), index);
+          return _mm256_blendv_ps(low, high, from_upper);
+        };
+        int64_t r = 0;
+        for (; r + 2 <= M; r += 2) {
+          even = _mm256_fmadd_ps(_mm256_set1_ps(grad[r]), fetch(r), even);
+          odd = _mm256_fmadd_ps(_mm256_set1_ps(grad[r + 1]), fetch(r + 1), odd);
+        }
+        if (r < M) even = _mm256_fmadd_ps(_mm256_set1_ps(grad[r]), fetch(r), even);
+      }
+      avx2_simd::store8(row_out + first, _mm256_add_ps(even, odd));
+    }
+    for (; first < end; ++first) {  // the last count % 8 values
+      const int64_t column = group_base[first] + generic::position_at(row_bytes, kBits, first) - origin;
+      float sum = 0.0f;
+      for (int64_t r = 0; r < M; ++r) sum += grad[r] * x_panel[r * x_stride + column];
+      row_out[first] = from_float<scalar_t>(sum);
+    }
+  }
+}
+
+template <typename scalar_t>
+SPARSEKERNELS_AVX2 void grad_values_small_batch(const float* x_panel, int64_t x_stride, int64_t origin, int64_t M,
+                                                const float* grad_by_row, const uint8_t* positions,
+                                                const NMShape& shape, const int32_t* group_base, int64_t first_row,
+                                                int64_t rows, int64_t first_kept, int64_t count,
+                                                scalar_t* grad_values) {
+  const bool window16 = kYmmLanes % shape.n == 0 && kYmmLanes / shape.n * shape.m == 16;
+#define SPARSEKERNELS_SMALL_GRAD_VALUES(kBits)                                                                      \
+  if (window16) {                                                                                                   \
+    grad_values_small_batch_panel<scalar_t, kBits, Fetch8::kWindow16>(x_panel, x_stride, origin, M, grad_by_row,    \
+                                                                      positions, shape, group_base, first_row, rows, \
+                                                                      first_kept, count, grad_values);               \
+  } else {                                                                                                          \
+    grad_values_small_batch_panel<scalar_t, kBits, Fetch8::kGather>(x_panel, x_stride, origin, M, grad_by_row,      \
+                                                                    positions, shape, group_base, first_row, rows,   \
+                                                                    first_kept, count, grad_values);                 \
+  }
+  switch (bits_per_position(shape.m)) {
+    case 1:
+      SPARSEKERNELS_SMALL_GRAD_VALUES(1)
+      return;
+    case 2:
+      SPARSEKERNELS_SMALL_GRAD_VALUES(2)
+      return;
+    default:
+      SPARSEKERNELS_SMALL_GRAD_VALUES(4)
+      return;
+  }
+#undef SPARSEKERNELS_SMALL_GRAD_VALUES
+}
+
 // Forward panel over kChunk (1, 2 or 4) 16-lane vectors of the block: kSets accumulator sets of
 // 2 * kChunk ymm, one kept value each, keep 8 FMAs in flight (two FMA ports x 4 cycles). At
 // kChunk = 4 a single set of 8 ymm does it, so each kept value's broadcast and column load serve
@@ -3021,17 +3116,22 @@ void grad_values_pairs(const bfloat16* grad_out, const bfloat16* x, int64_t M, c
 #endif
 
 #if defined(__x86_64__)
-// grad_values for M <= kSmallGradBatch at the AVX-512 levels (avx512::grad_values_small_batch,
-// and for bfloat16 at the avx512_bf16 level from two batch rows on its batch-pair twin). x is
-// copied panel by panel, as fp32 rows or as rows of batch-pair words, with a padded stride
-// (consecutive rows of x in one panel would otherwise sit 4 KiB multiples apart and share L1
-// sets); dy is transposed to [out x M] (fp32, or pair words). Both are a few KiB per batch row.
-// Each task then sweeps its weight rows in blocks, one panel of input columns at a time, the
-// panel's rows of x (about kTileFloats words) staying in L1.
+// grad_values for small batches at the avx2 and AVX-512 levels (avx2:: / avx512::
+// grad_values_small_batch, and for bfloat16 at the avx512_bf16 level from two batch rows on its
+// batch-pair twin; the thresholds are with kSmallGradBatch). x is copied panel by panel, as fp32
+// rows or as rows of batch-pair words, with a padded stride (consecutive rows of x in one panel
+// would otherwise sit 4 KiB multiples apart and share L1 sets); dy is transposed to [out x M]
+// (fp32, or pair words). Both are a few KiB per batch row. Each task then sweeps its weight rows
+// in blocks, one panel of input columns at a time, the panel's rows of x (about kTileFloats
+// words) staying in L1.
 template <typename scalar_t>
 void grad_values_small_batch(const scalar_t* grad_out, const scalar_t* x, int64_t M, const uint8_t* positions,
                              const NMShape& shape, scalar_t* grad_values, const ParallelFor& parallel_for) {
-  const KernelSet<scalar_t>& kernels = avx512::kernels<scalar_t>;
+  const KernelSet<scalar_t>& kernels = kernels_for_this_cpu<scalar_t>();
+  using PanelFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, const uint8_t*, const NMShape&,
+                           const int32_t*, int64_t, int64_t, int64_t, int64_t, scalar_t*);
+  const PanelFn panel_kernel =
+      cpu_isa() >= CpuIsa::avx512 ? &avx512::grad_values_small_batch<scalar_t> : &avx2::grad_values_small_batch<scalar_t>;
   const int64_t out_features = shape.out_features;
   const int64_t in_features = shape.in_features;
   const std::vector<int32_t> group_base = make_group_base(shape);
@@ -3093,9 +3193,8 @@ void grad_values_small_batch(const scalar_t* grad_out, const scalar_t* x, int64_
             continue;
           }
         }
-        avx512::grad_values_small_batch(x_panel, x_stride, origin, M, grad_by_row.data(), positions, shape,
-                                        group_base.data(), block_begin, block_rows, range.first, range.count,
-                                        grad_values);
+        panel_kernel(x_panel, x_stride, origin, M, grad_by_row.data(), positions, shape, group_base.data(),
+                     block_begin, block_rows, range.first, range.count, grad_values);
       }
     }
   });
@@ -3115,7 +3214,13 @@ void grad_values_impl(const scalar_t* grad_out, const scalar_t* x, int64_t M, co
   }
 #if defined(__x86_64__)
   const bool pairs = std::is_same_v<scalar_t, bfloat16> && cpu_isa() == CpuIsa::avx512_bf16;
-  if (cpu_isa() >= CpuIsa::avx512 && M <= (pairs ? kSmallGradPairBatch : kSmallGradBatch)) {
+  const bool window16 = 8 % shape.n == 0 && 8 / shape.n * shape.m == 16;
+  const int64_t small_batch = pairs                         ? kSmallGradPairBatch
+                              : cpu_isa() >= CpuIsa::avx512 ? kSmallGradBatch
+                              : cpu_isa() == CpuIsa::avx2   ? (window16 ? kSmallGradBatchAvx2Window
+                                                                        : kSmallGradBatchAvx2Gather)
+                                                            : 0;
+  if (M <= small_batch) {
     grad_values_small_batch(grad_out, x, M, positions, shape, grad_values, parallel_for);
     return;
   }
