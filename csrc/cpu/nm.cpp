@@ -604,8 +604,12 @@ SPARSEKERNELS_AVX512 void unpack_rows(const scalar_t* values, const uint8_t* pos
 // a 64-bit mask of its kept columns with a few byte shuffles, so that the expansions place the
 // kept values with VEXPANDPS / VPEXPANDW instead of scattering them one by one (scatters issue
 // one store per value, and are slow on AMD cores). Other patterns (odd n above 1, m = 16) scatter.
+// The patterns with kept-column masks, as X(n, m) for each: the dispatchers below expand it.
+#define SPARSEKERNELS_FOR_EACH_MASKED_PATTERN(X) X(1, 2) X(1, 4) X(2, 4) X(1, 8) X(2, 8) X(4, 8)
 constexpr bool has_kept_mask(int64_t n, int64_t m) {
-  return (m == 2 && n == 1) || (m == 4 && n <= 2) || (m == 8 && (n == 1 || n == 2 || n == 4));
+#define SPARSEKERNELS_IS_PATTERN(kN, kM) || (n == kN && m == kM)
+  return false SPARSEKERNELS_FOR_EACH_MASKED_PATTERN(SPARSEKERNELS_IS_PATTERN);
+#undef SPARSEKERNELS_IS_PATTERN
 }
 
 // Bit k of kept_mask_of_bits1[b]: for the eight 1:2 groups of positions byte b, bits 2g + offset.
@@ -733,12 +737,7 @@ SPARSEKERNELS_AVX512 bool expand_rows_by_mask(const scalar_t* values, const uint
                                          tile_stride);                                                      \
     return true;                                                                                            \
   }
-  SPARSEKERNELS_EXPAND_BY_MASK(1, 2)
-  SPARSEKERNELS_EXPAND_BY_MASK(1, 4)
-  SPARSEKERNELS_EXPAND_BY_MASK(2, 4)
-  SPARSEKERNELS_EXPAND_BY_MASK(1, 8)
-  SPARSEKERNELS_EXPAND_BY_MASK(2, 8)
-  SPARSEKERNELS_EXPAND_BY_MASK(4, 8)
+  SPARSEKERNELS_FOR_EACH_MASKED_PATTERN(SPARSEKERNELS_EXPAND_BY_MASK)
 #undef SPARSEKERNELS_EXPAND_BY_MASK
   return false;
 }
@@ -850,12 +849,7 @@ SPARSEKERNELS_AVX512 bool grad_input_small_batch(const scalar_t* values, const u
                                                     column, columns, acc, acc_stride);                        \
     return true;                                                                                             \
   }
-  SPARSEKERNELS_GRAD_INPUT_BY_MASK(1, 2)
-  SPARSEKERNELS_GRAD_INPUT_BY_MASK(1, 4)
-  SPARSEKERNELS_GRAD_INPUT_BY_MASK(2, 4)
-  SPARSEKERNELS_GRAD_INPUT_BY_MASK(1, 8)
-  SPARSEKERNELS_GRAD_INPUT_BY_MASK(2, 8)
-  SPARSEKERNELS_GRAD_INPUT_BY_MASK(4, 8)
+  SPARSEKERNELS_FOR_EACH_MASKED_PATTERN(SPARSEKERNELS_GRAD_INPUT_BY_MASK)
 #undef SPARSEKERNELS_GRAD_INPUT_BY_MASK
   return false;
 }
@@ -915,6 +909,14 @@ SPARSEKERNELS_AVX512 void expand_rows(const scalar_t* values, const uint8_t* pos
 // from 32 floats; a 64-column window takes two and a blend on bit 5 of the index). Other patterns
 // gather. Permutes cost one shuffle per 16 values where a gather issues 16 loads.
 enum class Fetch { kWindow32, kWindow64, kGather };
+
+// For each lane of a chunk of 16 kept values, the first column of its group relative to the
+// chunk's window (lane / n * m).
+SPARSEKERNELS_AVX512 inline __m512i window_group_columns(const NMShape& shape) {
+  alignas(64) int32_t columns[kLanes];
+  for (int64_t lane = 0; lane < kLanes; ++lane) columns[lane] = static_cast<int32_t>(lane / shape.n * shape.m);
+  return _mm512_load_si512(columns);
+}
 
 // The 16 activations of a full chunk from its window of 32 or 64 columns of one x row: index
 // holds each lane's column inside the window, upper the lanes whose column is 32 or more.
@@ -990,9 +992,7 @@ SPARSEKERNELS_AVX512 void small_batch_rows(const float* x, int64_t M, const scal
   const PositionDecoder<kBits> decoder;
   const int64_t kept = shape.kept_per_row();
   const int64_t in_features = shape.in_features;
-  int32_t window_columns[kLanes];  // first column of each lane's group, relative to the window
-  for (int64_t lane = 0; lane < kLanes; ++lane) window_columns[lane] = static_cast<int32_t>(lane / shape.n * shape.m);
-  const __m512i window_base = _mm512_loadu_si512(window_columns);
+  const __m512i window_base = avx512::window_group_columns(shape);
   for (int64_t o = row_begin; o < row_end; ++o) {
     const scalar_t* row_values = values + o * kept;
     const uint8_t* row_bytes = positions + o * shape.position_bytes();
@@ -1072,9 +1072,7 @@ SPARSEKERNELS_AVX512 void grad_values_small_batch_panel(const float* x_panel, in
   const PositionDecoder<kBits> decoder;
   const int64_t kept = shape.kept_per_row();
   const __m512i origin_vector = _mm512_set1_epi32(static_cast<int32_t>(origin));
-  int32_t window_columns[kLanes];  // first column of each lane's group, relative to the window
-  for (int64_t lane = 0; lane < kLanes; ++lane) window_columns[lane] = static_cast<int32_t>(lane / shape.n * shape.m);
-  const __m512i window_base = _mm512_loadu_si512(window_columns);
+  const __m512i window_base = avx512::window_group_columns(shape);
   const int64_t end = first_kept + count;
   const int64_t windowed_end = kFetch == Fetch::kGather ? first_kept : first_kept + count / kLanes * kLanes;
   for (int64_t o = first_row; o < first_row + rows; ++o) {
@@ -2219,9 +2217,7 @@ SPARSEKERNELS_AVX512_BF16 void grad_values_small_batch_pairs_panel(const uint32_
   const avx512::PositionDecoder<kBits> decoder;
   const int64_t kept = shape.kept_per_row();
   const __m512i origin_vector = _mm512_set1_epi32(static_cast<int32_t>(origin));
-  int32_t window_columns[kLanes];  // first column of each lane's group, relative to the window
-  for (int64_t lane = 0; lane < kLanes; ++lane) window_columns[lane] = static_cast<int32_t>(lane / shape.n * shape.m);
-  const __m512i window_base = _mm512_loadu_si512(window_columns);
+  const __m512i window_base = avx512::window_group_columns(shape);
   const int64_t end = first_kept + count;
   const int64_t windowed_end = kFetch == Fetch::kGather ? first_kept : first_kept + count / kLanes * kLanes;
   for (int64_t o = first_row; o < first_row + rows; ++o) {
@@ -2413,12 +2409,7 @@ SPARSEKERNELS_AVX512_BF16 bool expand_pairs_by_mask(const bfloat16* values, cons
     expand_pairs<kN, kM>(values, positions, shape, first_row, rows, column_begin, width, tile, tile_stride); \
     return true;                                                                                          \
   }
-  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(1, 2)
-  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(1, 4)
-  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(2, 4)
-  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(1, 8)
-  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(2, 8)
-  SPARSEKERNELS_EXPAND_PAIRS_BY_MASK(4, 8)
+  SPARSEKERNELS_FOR_EACH_MASKED_PATTERN(SPARSEKERNELS_EXPAND_PAIRS_BY_MASK)
 #undef SPARSEKERNELS_EXPAND_PAIRS_BY_MASK
   return false;
 }
