@@ -12,8 +12,8 @@
 //
 // * Forward and grad_values for larger batches work on activations transposed into "batch
 //   lanes": a copy of x (and of grad_out) stored as [column][batch row], the batch cut into blocks
-//   of at most 128 rows padded with zeros to whole 16-lane vectors. A kept weight w at (o, k) then pairs
-//   with one contiguous row of that copy:
+//   of at most 128 rows padded with zeros to whole 16-lane vectors. A kept weight w at (o, k) then
+//   pairs with one contiguous row of that copy:
 //     forward      acc[o][m] += w * xT[k][m]               broadcast w, FMA into registers
 //     grad_values  g[o][j]    = sum_m dyT[o][m] * xT[k][m]  dot products along the batch
 //   so only kept values are multiplied (n/m of the FMAs of a dense GEMM). Output rows go in
@@ -612,7 +612,8 @@ constexpr bool has_kept_mask(int64_t n, int64_t m) {
 #undef SPARSEKERNELS_IS_PATTERN
 }
 
-// Bit k of kept_mask_of_bits1[b]: for the eight 1:2 groups of positions byte b, bits 2g + offset.
+// kOneOfTwoMasks.mask[b]: the kept columns of the eight 1:2 groups of positions byte b, bit 2 g +
+// the offset of group g.
 struct OneOfTwoMasks {
   uint16_t mask[256];
   constexpr OneOfTwoMasks() : mask() {
@@ -681,9 +682,16 @@ SPARSEKERNELS_AVX512 inline uint64_t kept_mask64(const uint8_t* bytes, int64_t g
   return groups == kGroups ? mask : mask & ((uint64_t{1} << (groups * kM)) - 1);
 }
 
+// Whether at least 16 values follow the end of weight row o in the values tensor, so that a
+// 16-value load from anywhere in the row stays inside the tensor (every row but the last few, or
+// the last one when rows hold at least 16 values).
+inline bool values_follow(const NMShape& shape, int64_t o) {
+  return (shape.out_features - 1 - o) * shape.kept_per_row() >= kLanes;
+}
+
 // The kept values of one weight row for 16 columns, expanded: `source` points at the first one,
 // `lanes` marks the kept columns. kWithinTensor: at least 16 values follow `source` in the values
-// tensor (every row but the last), so a plain load serves; the lanes past the row are not used.
+// tensor (values_follow), so a plain load serves; the lanes past the row are not used.
 // A run-time choice between a plain and a masked load would be merged into one masked load by the
 // compiler, hence the template parameter.
 template <bool kWithinTensor, typename scalar_t>
@@ -696,8 +704,7 @@ SPARSEKERNELS_AVX512 inline __m512 expand_16(const scalar_t* source, const scala
 }
 
 // Expansion into the grad_input tile with kept-column masks: per 16 columns, VEXPANDPS places the
-// next popcount(mask) kept values, zeros elsewhere (the memory form of VEXPANDPS was no faster on
-// Zen 5). Columns past in_features get zeros.
+// next popcount(mask) kept values, zeros elsewhere. Columns past in_features get zeros.
 template <typename scalar_t, int kN, int kM>
 SPARSEKERNELS_AVX512 void expand_rows_masked(const scalar_t* values, const uint8_t* positions, const NMShape& shape,
                                              int64_t first_row, int64_t rows, int64_t origin, int64_t width,
@@ -706,6 +713,7 @@ SPARSEKERNELS_AVX512 void expand_rows_masked(const scalar_t* values, const uint8
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row_values = values + (first_row + r) * shape.kept_per_row();
     const scalar_t* row_end = row_values + shape.kept_per_row();
+    const bool within = values_follow(shape, first_row + r);
     const uint8_t* row_bytes = positions + (first_row + r) * shape.position_bytes();
     float* tile_row = tile + r * tile_stride;
     for (int64_t c = 0; c < width; c += 64) {
@@ -716,9 +724,9 @@ SPARSEKERNELS_AVX512 void expand_rows_masked(const scalar_t* values, const uint8
       const scalar_t* source = row_values + std::min(first, shape.kept_per_row());
       for (int64_t i = c; i < std::min(width, c + 64); i += kLanes, mask >>= kLanes) {
         const __mmask16 lanes = static_cast<__mmask16>(mask);
-        const __m512 expanded = lanes == 0                             ? _mm512_setzero_ps()
-                                : first_row + r + 1 < shape.out_features ? expand_16<true>(source, row_end, lanes)
-                                                                         : expand_16<false>(source, row_end, lanes);
+        const __m512 expanded = lanes == 0 ? _mm512_setzero_ps()
+                                : within    ? expand_16<true>(source, row_end, lanes)
+                                            : expand_16<false>(source, row_end, lanes);
         _mm512_store_ps(tile_row + i, expanded);
         source += __builtin_popcount(lanes);
       }
@@ -792,7 +800,7 @@ SPARSEKERNELS_AVX512 void grad_input_rows_masked(const scalar_t* values, const u
     for (int r = 0; r < kRows; ++r) grad[r] = _mm512_set1_ps(grad_by_row[o * M + r]);
     const scalar_t* row_values = values + o * kept;
     const uint8_t* row_bytes = positions + o * shape.position_bytes();
-    if (o + 1 < shape.out_features) {
+    if (values_follow(shape, o)) {
       accumulate_row_masked<true, scalar_t, kN, kM, kRows, kWindows>(row_values, row_bytes, kept, column, groups, grad,
                                                                     sums);
     } else {
