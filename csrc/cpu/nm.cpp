@@ -182,6 +182,24 @@ std::vector<int32_t> make_group_base(const NMShape& shape) {
   return base;
 }
 
+// Columns spanned by a chunk of `lanes` consecutive kept values (lanes / n whole groups) when n
+// divides lanes, else 0: the small-batch kernels fetch such a chunk's activations from one window
+// of that many columns (16 lanes at the AVX-512 levels, 8 at avx2).
+inline int64_t chunk_window_columns(const NMShape& shape, int64_t lanes) {
+  return lanes % shape.n == 0 ? lanes / shape.n * shape.m : 0;
+}
+
+// grad_out [M x out] as float32 [out x M], for the small-batch kernels: the M values of dy that
+// one weight row multiplies sit together.
+template <typename scalar_t>
+std::vector<float> transposed_to_float(const scalar_t* grad_out, int64_t M, int64_t out_features) {
+  std::vector<float> transposed(static_cast<size_t>(out_features * M));
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t o = 0; o < out_features; ++o) transposed[o * M + r] = to_float(grad_out[r * out_features + o]);
+  }
+  return transposed;
+}
+
 // 64-byte aligned scratch, so full-vector loads never straddle cache lines.
 template <typename T>
 class AlignedArray {
@@ -1036,7 +1054,7 @@ SPARSEKERNELS_AVX512 void forward_small_batch_bits(const float* x, int64_t M, co
                                                    const uint8_t* positions, const NMShape& shape,
                                                    const int32_t* group_base, const scalar_t* bias, scalar_t* y,
                                                    int64_t row_begin, int64_t row_end) {
-  const int64_t window = kLanes % shape.n == 0 ? kLanes / shape.n * shape.m : 0;
+  const int64_t window = chunk_window_columns(shape, kLanes);
   if (window == 32) {
     small_batch_rows<scalar_t, kBits, Fetch::kWindow32>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
   } else if (window == 64) {
@@ -1128,7 +1146,7 @@ SPARSEKERNELS_AVX512 void grad_values_small_batch_bits(const float* x_panel, int
                                                        const NMShape& shape, const int32_t* group_base,
                                                        int64_t first_row, int64_t rows, int64_t first_kept,
                                                        int64_t count, scalar_t* grad_values) {
-  const int64_t window = kLanes % shape.n == 0 ? kLanes / shape.n * shape.m : 0;
+  const int64_t window = chunk_window_columns(shape, kLanes);
   if (window == 32) {
     grad_values_small_batch_panel<scalar_t, kBits, Fetch::kWindow32>(x_panel, x_stride, origin, M, grad_by_row, positions,
                                                                      shape, group_base, first_row, rows, first_kept,
@@ -1649,7 +1667,7 @@ SPARSEKERNELS_AVX2 void forward_small_batch_bits(const float* x, int64_t M, cons
                                                  const uint8_t* positions, const NMShape& shape,
                                                  const int32_t* group_base, const scalar_t* bias, scalar_t* y,
                                                  int64_t row_begin, int64_t row_end) {
-  const bool window16 = kYmmLanes % shape.n == 0 && kYmmLanes / shape.n * shape.m == 16;
+  const bool window16 = chunk_window_columns(shape, kYmmLanes) == 16;
   if (window16) {
     small_batch_rows<scalar_t, kBits, Fetch8::kWindow16>(x, M, values, positions, shape, group_base, bias, y, row_begin, row_end);
   } else {
@@ -1736,7 +1754,7 @@ SPARSEKERNELS_AVX2 void grad_values_small_batch(const float* x_panel, int64_t x_
                                                 const NMShape& shape, const int32_t* group_base, int64_t first_row,
                                                 int64_t rows, int64_t first_kept, int64_t count,
                                                 scalar_t* grad_values) {
-  const bool window16 = kYmmLanes % shape.n == 0 && kYmmLanes / shape.n * shape.m == 16;
+  const bool window16 = chunk_window_columns(shape, kYmmLanes) == 16;
 #define SPARSEKERNELS_SMALL_GRAD_VALUES(kBits)                                                                      \
   if (window16) {                                                                                                   \
     grad_values_small_batch_panel<scalar_t, kBits, Fetch8::kWindow16>(x_panel, x_stride, origin, M, grad_by_row,    \
@@ -2278,7 +2296,7 @@ SPARSEKERNELS_AVX512_BF16 void grad_values_small_batch_pairs_bits(const uint32_t
                                                                   int64_t first_row, int64_t rows, int64_t first_kept,
                                                                   int64_t count, bfloat16* grad_values) {
   using avx512::Fetch;
-  const int64_t window = kLanes % shape.n == 0 ? kLanes / shape.n * shape.m : 0;
+  const int64_t window = chunk_window_columns(shape, kLanes);
   if (window == 32) {
     grad_values_small_batch_pairs_panel<kBits, Fetch::kWindow32>(x_pairs, x_stride, origin, pairs, grad_pairs, positions,
                                                                  shape, group_base, first_row, rows, first_kept, count,
@@ -2924,10 +2942,7 @@ bool grad_input_small_batch(const scalar_t* grad_out, int64_t M, const scalar_t*
   const KernelSet<scalar_t>& kernels = avx512::kernels<scalar_t>;
   const int64_t out_features = shape.out_features;
   const int64_t in_features = shape.in_features;
-  std::vector<float> grad_by_row(static_cast<size_t>(out_features * M));
-  for (int64_t r = 0; r < M; ++r) {
-    for (int64_t o = 0; o < out_features; ++o) grad_by_row[o * M + r] = to_float(grad_out[r * out_features + o]);
-  }
+  const std::vector<float> grad_by_row = transposed_to_float(grad_out, M, out_features);
   const int64_t chunks = (in_features + kSmallGradInputColumns - 1) / kSmallGradInputColumns;
   const int64_t acc_stride = kSmallGradInputColumns + kRowPadding;
   parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -3172,9 +3187,7 @@ void grad_values_small_batch(const scalar_t* grad_out, const scalar_t* x, int64_
                          std::min(panel, in_features - origin));
       }
     }
-    for (int64_t r = 0; r < M; ++r) {
-      for (int64_t o = 0; o < out_features; ++o) grad_by_row[o * M + r] = to_float(grad_out[r * out_features + o]);
-    }
+    grad_by_row = transposed_to_float(grad_out, M, out_features);
   }
   parallel_for(0, out_features, row_grain(shape, M), [&](int64_t row_begin, int64_t row_end) {
     for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += kSmallGradBlockRows) {
@@ -3213,7 +3226,7 @@ void grad_values_impl(const scalar_t* grad_out, const scalar_t* x, int64_t M, co
   }
 #if defined(__x86_64__)
   const bool pairs = std::is_same_v<scalar_t, bfloat16> && cpu_isa() == CpuIsa::avx512_bf16;
-  const bool window16 = 8 % shape.n == 0 && 8 / shape.n * shape.m == 16;
+  const bool window16 = chunk_window_columns(shape, avx2_simd::kLanes) == 16;  // the avx2 kernels' fetch
   const int64_t small_batch = pairs                         ? kSmallGradPairBatch
                               : cpu_isa() >= CpuIsa::avx512 ? kSmallGradBatch
                               : cpu_isa() == CpuIsa::avx2   ? (window16 ? kSmallGradBatchAvx2Window
